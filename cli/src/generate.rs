@@ -1,0 +1,118 @@
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use switchyard_engine::generate::{self, GenerateOptions, GenerateRequest, SamplingParams};
+use switchyard_engine::model::{AttentionMode, DeepseekModel, LoadOptions};
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// Checkpoint directory (Hugging Face layout).
+    #[arg(long, env = "SWITCHYARD_MODEL")]
+    model: PathBuf,
+    /// Prompt as comma-separated token ids, e.g. `1,17,42`.
+    #[arg(long, value_delimiter = ',', required = true)]
+    prompt_ids: Vec<u32>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print one JSON object (`token_ids`, `finish_reason`, timings) instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Write the logits at every prompt position to this safetensors file (tensor `logits`, f32,
+    /// `[prompt_len, vocab]`).
+    #[arg(long)]
+    dump_logits: Option<PathBuf>,
+}
+
+/// How tokens are picked.
+#[derive(clap::Args, Debug)]
+pub struct SamplingArgs {
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 16)]
+    max_new_tokens: usize,
+    /// Softmax temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Sampling seed; the same seed gives the same tokens.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Do not stop at the model's end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Also stop at these token ids.
+    #[arg(long, value_delimiter = ',')]
+    stop_token_ids: Vec<u32>,
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let load_start = Instant::now();
+    let model = DeepseekModel::load(&args.model, &LoadOptions::default())
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let load_s = load_start.elapsed().as_secs_f64();
+    let s = &args.sampling;
+    let request = GenerateRequest {
+        prompt: args.prompt_ids.clone(),
+        max_new_tokens: s.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            seed: s.seed,
+        },
+        ignore_eos: s.ignore_eos,
+        stop_token_ids: s.stop_token_ids.clone(),
+    };
+    let start = Instant::now();
+    let options = GenerateOptions {
+        prompt_logits: args.dump_logits.is_some(),
+        attention: AttentionMode::Auto,
+    };
+    let mut outputs = generate::generate(&model, std::slice::from_ref(&request), options)?;
+    let gen_s = start.elapsed().as_secs_f64();
+    let Some(out) = outputs.pop() else {
+        bail!("generation returned no output")
+    };
+    if let (Some(path), Some(logits)) = (&args.dump_logits, &out.prompt_logits) {
+        let data: Vec<u8> = logits
+            .as_f32()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let view = safetensors::tensor::TensorView::new(
+            safetensors::Dtype::F32,
+            logits.shape().to_vec(),
+            &data,
+        )?;
+        let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+        safetensors::serialize_to_file([("logits", view)], Some(meta), path)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if args.json {
+        let json = serde_json::json!({
+            "prompt_ids": request.prompt,
+            "token_ids": out.token_ids,
+            "finish_reason": out.finish_reason.as_str(),
+            "load_seconds": load_s,
+            "generate_seconds": gen_s,
+        });
+        println!("{json}");
+    } else {
+        let ids: Vec<String> = out.token_ids.iter().map(u32::to_string).collect();
+        println!("{}", ids.join(","));
+        eprintln!(
+            "{} tokens in {:.3}s ({}), model loaded in {:.2}s",
+            out.token_ids.len(),
+            gen_s,
+            out.finish_reason.as_str(),
+            load_s
+        );
+    }
+    Ok(())
+}

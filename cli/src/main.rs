@@ -1,0 +1,79 @@
+//! `switchyard`: the one binary. Each subcommand is a thin shell over the library crates.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod generate;
+mod synth;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Serve DeepSeek-V3-class MoE models across many machines"
+)]
+struct Cli {
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags every command shares.
+#[derive(clap::Args, Debug)]
+struct RuntimeArgs {
+    /// Compute threads (default: all cores). Decode is memory-bound; more threads than cores
+    /// only adds contention.
+    #[arg(long, env = "SWITCHYARD_THREADS", global = true)]
+    threads: Option<usize>,
+    /// Log filter, e.g. `info` or `switchyard_engine=debug`. Logs go to stderr.
+    #[arg(long, env = "SWITCHYARD_LOG", default_value = "warn", global = true)]
+    log: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write a random-weight checkpoint of a built-in preset in the Hugging Face layout.
+    Synth(synth::SynthArgs),
+    /// Generate tokens from a checkpoint in this process.
+    Generate(generate::GenerateArgs),
+    /// Measure prefill and decode throughput and peak memory.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.runtime.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    if let Some(threads) = cli.runtime.threads {
+        if threads == 0 {
+            eprintln!("error: `--threads` must be >= 1, got 0");
+            return ExitCode::from(2);
+        }
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+        {
+            eprintln!("error: cannot start {threads} compute threads: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let result = match cli.command {
+        Command::Synth(args) => synth::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

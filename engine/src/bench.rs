@@ -1,0 +1,149 @@
+//! The single-process speed benchmark behind `switchyard bench`: prefill and decode throughput
+//! per batch size, and peak memory.
+
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use serde::Serialize;
+
+use crate::error::{EngineError, Result};
+use crate::model::{DeepseekModel, ForwardOptions, KvCache, LogitsFor, SeqInput};
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub batch_sizes: Vec<usize>,
+    pub prompt_len: usize,
+    pub gen_len: usize,
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    pub batch: usize,
+    pub prompt_len: usize,
+    pub gen_len: usize,
+    /// Prompt tokens per second over the batch's prefill pass.
+    pub prefill_tok_s: f64,
+    pub prefill_ms: f64,
+    /// Generated tokens per second over all sequences of the batch.
+    pub decode_tok_s: f64,
+    /// Mean time of one decode step (one token for every sequence).
+    pub decode_step_ms: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub threads: usize,
+    pub weights_bytes: usize,
+    pub rows: Vec<BenchRow>,
+    /// Peak resident memory of the process (VmHWM), when the OS reports it.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Peak resident set size of this process, from `/proc/self/status` (Linux).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Runs prefill then `gen_len` greedy decode steps for each batch size, on random prompts.
+pub fn run(model: &DeepseekModel, options: &BenchOptions) -> Result<BenchReport> {
+    let c = model.config();
+    if options.prompt_len == 0 {
+        return Err(EngineError::input("prompt_len", "must be >= 1, got 0"));
+    }
+    if options.prompt_len + options.gen_len > c.max_position_embeddings {
+        return Err(EngineError::input(
+            "gen_len",
+            format!(
+                "prompt_len + gen_len must be <= max_position_embeddings ({}), got {}",
+                c.max_position_embeddings,
+                options.prompt_len + options.gen_len
+            ),
+        ));
+    }
+    if let Some(&b) = options.batch_sizes.iter().find(|&&b| b == 0) {
+        return Err(EngineError::input(
+            "batch",
+            format!("batch sizes must be >= 1, got {b}"),
+        ));
+    }
+    let mut rng = StdRng::seed_from_u64(options.seed);
+    let mut rows = Vec::new();
+    for &batch in &options.batch_sizes {
+        let prompts: Vec<Vec<u32>> = (0..batch)
+            .map(|_| {
+                (0..options.prompt_len)
+                    .map(|_| rng.random_range(0..c.vocab_size as u32))
+                    .collect()
+            })
+            .collect();
+        let mut caches: Vec<KvCache> = (0..batch)
+            .map(|_| model.new_cache(options.prompt_len + options.gen_len))
+            .collect();
+        let fwd = ForwardOptions {
+            logits: LogitsFor::Last,
+            ..Default::default()
+        };
+
+        let start = Instant::now();
+        let mut inputs: Vec<SeqInput<'_>> = prompts
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(p, cache)| SeqInput { tokens: p, cache })
+            .collect();
+        let out = model.forward(&mut inputs, &fwd)?;
+        let prefill = start.elapsed().as_secs_f64();
+        drop(inputs);
+
+        let vocab = c.vocab_size;
+        let mut next: Vec<[u32; 1]> = out
+            .logits
+            .as_f32()?
+            .chunks_exact(vocab)
+            .map(|row| [crate::generate::argmax(row) as u32])
+            .collect();
+        let start = Instant::now();
+        for _ in 0..options.gen_len {
+            let mut inputs: Vec<SeqInput<'_>> = next
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(t, cache)| SeqInput { tokens: t, cache })
+                .collect();
+            let out = model.forward(&mut inputs, &fwd)?;
+            drop(inputs);
+            for (n, row) in next
+                .iter_mut()
+                .zip(out.logits.as_f32()?.chunks_exact(vocab))
+            {
+                n[0] = crate::generate::argmax(row) as u32;
+            }
+        }
+        let decode = start.elapsed().as_secs_f64();
+        rows.push(BenchRow {
+            batch,
+            prompt_len: options.prompt_len,
+            gen_len: options.gen_len,
+            prefill_tok_s: (batch * options.prompt_len) as f64 / prefill,
+            prefill_ms: prefill * 1e3,
+            decode_tok_s: if options.gen_len == 0 {
+                0.0
+            } else {
+                (batch * options.gen_len) as f64 / decode
+            },
+            decode_step_ms: if options.gen_len == 0 {
+                0.0
+            } else {
+                decode * 1e3 / options.gen_len as f64
+            },
+        });
+    }
+    Ok(BenchReport {
+        threads: rayon::current_num_threads(),
+        weights_bytes: model.size_in_bytes(),
+        rows,
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}

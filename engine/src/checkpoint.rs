@@ -1,0 +1,437 @@
+//! Reading Hugging Face safetensors checkpoints: one file or sharded with
+//! `model.safetensors.index.json`, memory-mapped, opened lazily.
+//!
+//! A shard is mapped the first time one of its tensors is asked for, so a process that loads a
+//! subset (an expert worker holding experts 0–7 of layers 3–5) never opens, let alone reads, the
+//! shards it does not need; within a shard only the pages of the requested tensors are touched.
+//! FP8 e4m3 weights are dequantised with their block `*_scale_inv` tensors here.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use half::bf16;
+use memmap2::Mmap;
+use serde::Deserialize;
+
+use crate::dtype::{self, DType};
+use crate::error::{EngineError, Result};
+use crate::tensor::Tensor;
+
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Precision a weight is kept in once loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    Bf16,
+}
+
+/// Where one tensor lives and what it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub file: String,
+}
+
+/// A tensor found in an opened shard: the shard, dtype, shape and byte range.
+type Located = (Arc<Shard>, DType, Vec<usize>, std::ops::Range<usize>);
+
+struct Shard {
+    mmap: Mmap,
+    /// name → (dtype, shape, byte range in the mmap)
+    tensors: HashMap<String, (DType, Vec<usize>, std::ops::Range<usize>)>,
+}
+
+/// An opened checkpoint directory.
+pub struct Checkpoint {
+    dir: PathBuf,
+    /// tensor name → shard file name
+    weight_map: HashMap<String, String>,
+    shards: Mutex<HashMap<String, Arc<Shard>>>,
+    fp8_block: [usize; 2],
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("dir", &self.dir)
+            .field("tensors", &self.weight_map.len())
+            .finish()
+    }
+}
+
+#[derive(Deserialize)]
+struct IndexFile {
+    weight_map: HashMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct QuantConfigFile {
+    quantization_config: Option<QuantConfig>,
+}
+
+#[derive(Deserialize)]
+struct QuantConfig {
+    weight_block_size: Option<[usize; 2]>,
+}
+
+impl Checkpoint {
+    /// Opens `dir`: reads the index if there is one (mapping no shard yet), else the single file.
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        let index_path = dir.join(INDEX_FILE);
+        let single_path = dir.join(SINGLE_FILE);
+        let mut checkpoint = Checkpoint {
+            dir: dir.to_path_buf(),
+            weight_map: HashMap::new(),
+            shards: Mutex::new(HashMap::new()),
+            fp8_block: [128, 128],
+        };
+        if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path)
+                .map_err(|e| EngineError::io(&index_path, e))?;
+            let index: IndexFile =
+                serde_json::from_str(&text).map_err(|e| EngineError::Checkpoint {
+                    path: index_path.clone(),
+                    reason: format!("invalid index: {e}"),
+                })?;
+            for file in index.weight_map.values() {
+                if file.contains('/') || file.contains("..") {
+                    return Err(EngineError::Checkpoint {
+                        path: index_path,
+                        reason: format!("shard name {file:?} must be a plain file name"),
+                    });
+                }
+            }
+            checkpoint.weight_map = index.weight_map;
+        } else if single_path.exists() {
+            let shard = checkpoint.open_shard(SINGLE_FILE)?;
+            checkpoint.weight_map = shard
+                .tensors
+                .keys()
+                .map(|k| (k.clone(), SINGLE_FILE.to_string()))
+                .collect();
+        } else {
+            return Err(EngineError::Checkpoint {
+                path: dir.to_path_buf(),
+                reason: format!("neither {SINGLE_FILE} nor {INDEX_FILE} found"),
+            });
+        }
+        let config_path = dir.join("config.json");
+        if let Ok(text) = std::fs::read_to_string(&config_path)
+            && let Ok(q) = serde_json::from_str::<QuantConfigFile>(&text)
+            && let Some(block) = q.quantization_config.and_then(|q| q.weight_block_size)
+        {
+            if block[0] == 0 || block[1] == 0 {
+                return Err(EngineError::config(
+                    "quantization_config.weight_block_size",
+                    format!("must be positive, got {block:?}"),
+                ));
+            }
+            checkpoint.fp8_block = block;
+        }
+        Ok(checkpoint)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.weight_map.contains_key(name)
+    }
+
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.weight_map.keys().map(String::as_str)
+    }
+
+    /// Number of shard files mapped so far (tests use it to show a subset load stays narrow).
+    pub fn shards_opened(&self) -> usize {
+        self.shards.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    fn open_shard(&self, file: &str) -> Result<Arc<Shard>> {
+        if let Some(shard) = self.shards.lock().ok().and_then(|s| s.get(file).cloned()) {
+            return Ok(shard);
+        }
+        let path = self.dir.join(file);
+        let handle = File::open(&path).map_err(|e| EngineError::io(&path, e))?;
+        // SAFETY: checkpoint files are treated as immutable while mapped; a concurrent writer
+        // would be an operator error, as with every mmap-based loader.
+        let mmap = unsafe { Mmap::map(&handle) }.map_err(|e| EngineError::io(&path, e))?;
+        let st =
+            safetensors::SafeTensors::deserialize(&mmap).map_err(|e| EngineError::Checkpoint {
+                path: path.clone(),
+                reason: format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+            })?;
+        let base = mmap.as_ptr() as usize;
+        let mut tensors = HashMap::new();
+        for (name, view) in st.tensors() {
+            let dtype = DType::from_safetensors(view.dtype()).ok_or_else(|| {
+                EngineError::TensorMismatch {
+                    name: name.clone(),
+                    expected: "dtype f32, bf16, f16 or fp8-e4m3".into(),
+                    found: format!("{:?}", view.dtype()),
+                }
+            })?;
+            let start = view.data().as_ptr() as usize - base;
+            let range = start..start + view.data().len();
+            tensors.insert(name, (dtype, view.shape().to_vec(), range));
+        }
+        drop(st);
+        let shard = Arc::new(Shard { mmap, tensors });
+        if let Ok(mut shards) = self.shards.lock() {
+            shards.insert(file.to_string(), shard.clone());
+        }
+        Ok(shard)
+    }
+
+    fn locate(&self, name: &str) -> Result<Located> {
+        let file = self
+            .weight_map
+            .get(name)
+            .ok_or_else(|| EngineError::MissingTensor {
+                name: name.to_string(),
+                dir: self.dir.clone(),
+            })?;
+        let shard = self.open_shard(file).map_err(|e| EngineError::Checkpoint {
+            path: self.dir.join(file),
+            reason: format!("cannot read tensor `{name}`: {e}"),
+        })?;
+        let (dtype, shape, range) =
+            shard
+                .tensors
+                .get(name)
+                .cloned()
+                .ok_or_else(|| EngineError::Checkpoint {
+                    path: self.dir.join(file),
+                    reason: format!("the index places tensor `{name}` here but the file lacks it"),
+                })?;
+        Ok((shard, dtype, shape, range))
+    }
+
+    pub fn info(&self, name: &str) -> Result<TensorInfo> {
+        let (_, dtype, shape, _) = self.locate(name)?;
+        Ok(TensorInfo {
+            dtype,
+            shape,
+            file: self.weight_map.get(name).cloned().unwrap_or_default(),
+        })
+    }
+
+    /// Loads `name`, checking its shape, into `precision`. FP8 weights are dequantised with
+    /// `{name}_scale_inv`.
+    pub fn load(&self, name: &str, shape: &[usize], precision: Precision) -> Result<Tensor> {
+        let (shard, dtype, found_shape, range) = self.locate(name)?;
+        if found_shape != shape {
+            return Err(EngineError::TensorMismatch {
+                name: name.to_string(),
+                expected: format!("shape {shape:?}"),
+                found: format!("shape {found_shape:?}"),
+            });
+        }
+        let bytes = &shard.mmap[range];
+        if dtype == DType::F8E4M3 {
+            return self.load_fp8(name, shape, bytes, precision);
+        }
+        match precision {
+            Precision::F32 => {
+                let mut data = Vec::with_capacity(bytes.len() / dtype.size_in_bytes());
+                dtype::decode_to_f32(dtype, bytes, &mut data);
+                Tensor::from_f32(shape, data)
+            }
+            Precision::Bf16 => {
+                let mut data = Vec::with_capacity(bytes.len() / dtype.size_in_bytes());
+                dtype::decode_to_bf16(dtype, bytes, &mut data);
+                Tensor::from_bf16(shape, data)
+            }
+        }
+    }
+
+    /// Loads a weight in the precision it is stored in: f32 stays f32, everything else becomes
+    /// bf16 (what the decode kernels stream fastest).
+    pub fn load_weight(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let (_, dtype, _, _) = self.locate(name)?;
+        let precision = if dtype == DType::F32 {
+            Precision::F32
+        } else {
+            Precision::Bf16
+        };
+        self.load(name, shape, precision)
+    }
+
+    fn load_fp8(
+        &self,
+        name: &str,
+        shape: &[usize],
+        bytes: &[u8],
+        precision: Precision,
+    ) -> Result<Tensor> {
+        let [rows, cols] = shape else {
+            return Err(EngineError::TensorMismatch {
+                name: name.to_string(),
+                expected: "a rank-2 fp8 weight".into(),
+                found: format!("shape {shape:?}"),
+            });
+        };
+        let scale_name = format!("{name}_scale_inv");
+        let [br, bc] = self.fp8_block;
+        let scale_shape = [rows.div_ceil(br), cols.div_ceil(bc)];
+        let scales = self.load(&scale_name, &scale_shape, Precision::F32)?;
+        let scales = scales.as_f32()?;
+        let mut out = vec![0.0f32; rows * cols];
+        for r in 0..*rows {
+            let srow = &scales[(r / br) * scale_shape[1]..(r / br + 1) * scale_shape[1]];
+            let row = &bytes[r * cols..(r + 1) * cols];
+            for (c, (&b, o)) in row
+                .iter()
+                .zip(&mut out[r * cols..(r + 1) * cols])
+                .enumerate()
+            {
+                *o = dtype::f8e4m3_to_f32(b) * srow[c / bc];
+            }
+        }
+        match precision {
+            Precision::F32 => Tensor::from_f32(shape, out),
+            Precision::Bf16 => {
+                Tensor::from_bf16(shape, out.into_iter().map(bf16::from_f32).collect())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn write(path: &Path, tensors: Vec<(&str, DType, Vec<usize>, Vec<u8>)>) {
+        let views: BTreeMap<String, safetensors::tensor::TensorView<'_>> = tensors
+            .iter()
+            .map(|(n, d, s, b)| {
+                (
+                    n.to_string(),
+                    safetensors::tensor::TensorView::new(d.to_safetensors(), s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, path).unwrap();
+    }
+
+    fn f32_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn fp8_dequantises_with_partial_edge_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        // A 130 x 3 weight with 128 x 2 blocks: scale shape [2, 2], edge blocks partial in both
+        // dimensions.
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"quantization_config": {"weight_block_size": [128, 2]}}"#,
+        )
+        .unwrap();
+        let (rows, cols) = (130usize, 3usize);
+        let codes: Vec<u8> = (0..rows * cols)
+            .map(|i| [0x38u8, 0x40, 0xb8, 0x3c][i % 4])
+            .collect();
+        let scales = [0.5f32, 2.0, 4.0, 8.0];
+        write(
+            &dir.path().join(SINGLE_FILE),
+            vec![
+                ("w.weight", DType::F8E4M3, vec![rows, cols], codes.clone()),
+                (
+                    "w.weight_scale_inv",
+                    DType::F32,
+                    vec![2, 2],
+                    f32_bytes(&scales),
+                ),
+            ],
+        );
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let t = ck.load("w.weight", &[rows, cols], Precision::F32).unwrap();
+        let data = t.as_f32().unwrap();
+        // Hand-computed: 0x38 = 1.0, 0x40 = 2.0, 0xb8 = -1.0, 0x3c = 1.5.
+        let value = |i: usize| [1.0f32, 2.0, -1.0, 1.5][i % 4];
+        for (r, c, block) in [(0, 0, 0), (0, 2, 1), (127, 1, 0), (128, 0, 2), (129, 2, 3)] {
+            let i = r * cols + c;
+            assert_eq!(data[i], value(i) * scales[block], "({r}, {c})");
+        }
+    }
+
+    #[test]
+    fn missing_tensor_wrong_shape_and_missing_scale_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            &dir.path().join(SINGLE_FILE),
+            vec![
+                ("a", DType::F32, vec![2, 2], f32_bytes(&[1., 2., 3., 4.])),
+                ("q.weight", DType::F8E4M3, vec![2, 2], vec![0x38; 4]),
+            ],
+        );
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let err = ck
+            .load("b", &[2, 2], Precision::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`b`") && err.contains("missing"), "{err}");
+        let err = ck.load("a", &[4], Precision::F32).unwrap_err().to_string();
+        assert!(
+            err.contains("`a`") && err.contains("[4]") && err.contains("[2, 2]"),
+            "{err}"
+        );
+        let err = ck
+            .load("q.weight", &[2, 2], Precision::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("q.weight_scale_inv"), "{err}");
+    }
+
+    #[test]
+    fn truncated_file_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SINGLE_FILE);
+        write(
+            &path,
+            vec![("a", DType::F32, vec![64], f32_bytes(&[1.0; 64]))],
+        );
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+        let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("truncated or corrupt"), "{err}");
+        std::fs::write(&path, b"garbage").unwrap();
+        assert!(Checkpoint::open(dir.path()).is_err());
+    }
+
+    #[test]
+    fn sharded_checkpoint_opens_only_the_shards_it_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            &dir.path().join("a.safetensors"),
+            vec![("x", DType::F32, vec![1], f32_bytes(&[1.0]))],
+        );
+        write(
+            &dir.path().join("b.safetensors"),
+            vec![("y", DType::Bf16, vec![1], vec![0x80, 0x3f])],
+        );
+        std::fs::write(
+            dir.path().join(INDEX_FILE),
+            r#"{"metadata": {}, "weight_map": {"x": "a.safetensors", "y": "b.safetensors", "z": "gone.safetensors"}}"#,
+        )
+        .unwrap();
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(ck.shards_opened(), 0);
+        let y = ck.load("y", &[1], Precision::F32).unwrap();
+        assert_eq!(y.as_f32().unwrap(), &[1.0]);
+        assert_eq!(ck.shards_opened(), 1);
+        let err = ck.load("z", &[1], Precision::F32).unwrap_err().to_string();
+        assert!(
+            err.contains("`z`") && err.contains("gone.safetensors"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,578 @@
+//! `out = x · Wᵀ` for row-major activations and `[out_features, in_features]` weights.
+//!
+//! Decode is memory-bound: every weight byte is read once per step, so the kernels stream
+//! weight rows in their stored precision and widen in registers. With AVX512-BF16 the
+//! activations are rounded to bf16 once per call and `vdpbf16ps` does two multiply-adds per
+//! lane; with AVX-512 only, bf16 weights are widened with a shift and fed to f32 FMAs. Tiles are
+//! 4 activation rows × 4 weight rows so that a prefill reuses each loaded weight vector 4 times.
+
+use std::cell::RefCell;
+
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::error::{EngineError, Result};
+use crate::tensor::{CpuStorage, Tensor};
+
+/// Below this many multiply-adds a GEMM runs on the calling thread: splitting it costs more
+/// than it saves.
+const PARALLEL_MIN_MACS: usize = 1 << 16;
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes a disjoint set of output columns; see `matmul_t`.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+thread_local! {
+    static BF16_SCRATCH: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Isa {
+    Avx512Bf16,
+    Avx512,
+    Portable,
+}
+
+fn isa() -> Isa {
+    use std::sync::OnceLock;
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let base = is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl");
+            if base && is_x86_feature_detected!("avx512bf16") {
+                return Isa::Avx512Bf16;
+            }
+            if base {
+                return Isa::Avx512;
+            }
+        }
+        Isa::Portable
+    })
+}
+
+/// `out[m, n] = Σ_k x[m, k] · w[n, k]`; `x` is `[m, k]` f32, `w` is `[n, k]` f32 or bf16.
+pub fn matmul_t(x: &[f32], m: usize, w: &Tensor, out: &mut [f32]) -> Result<()> {
+    let (n, k) = w.dims2()?;
+    if x.len() != m * k || out.len() != m * n {
+        return Err(EngineError::Shape(format!(
+            "matmul: x has {} elements for [{m}, {k}], out has {} for [{m}, {n}]",
+            x.len(),
+            out.len()
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    match w.cpu_storage() {
+        CpuStorage::F32(wd) => run_split(m, n, k, out, |n0, n1, o| {
+            gemm_f32(x, m, k, wd, n0, n1, n, o)
+        }),
+        CpuStorage::Bf16(wd) => {
+            // SAFETY: bf16 is a transparent u16.
+            let wbits: &[u16] =
+                unsafe { std::slice::from_raw_parts(wd.as_ptr().cast::<u16>(), wd.len()) };
+            if isa() == Isa::Avx512Bf16 {
+                BF16_SCRATCH.with(|scratch| {
+                    let mut xb = scratch.borrow_mut();
+                    xb.clear();
+                    xb.extend(x.iter().map(|&v| bf16::from_f32(v).to_bits()));
+                    let xb = &xb[..];
+                    run_split(m, n, k, out, |n0, n1, o| {
+                        gemm_bf16_dp(xb, m, k, wbits, n0, n1, n, o)
+                    });
+                });
+            } else {
+                run_split(m, n, k, out, |n0, n1, o| {
+                    gemm_bf16_widen(x, m, k, wbits, n0, n1, n, o)
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Splits the output columns across the thread pool when the GEMM is big enough.
+fn run_split(
+    m: usize,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    kernel: impl Fn(usize, usize, OutPtr) + Sync,
+) {
+    let ptr = OutPtr(out.as_mut_ptr());
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || m * n * k < PARALLEL_MIN_MACS || n < 8 {
+        kernel(0, n, ptr);
+        return;
+    }
+    // A few chunks per thread balance uneven progress without much scheduling overhead.
+    let chunks = (threads * 2).min(n / 4).max(1);
+    let per = n.div_ceil(chunks).next_multiple_of(4);
+    (0..n.div_ceil(per)).into_par_iter().for_each(|c| {
+        let n0 = c * per;
+        let n1 = (n0 + per).min(n);
+        kernel(n0, n1, ptr);
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(x: &[f32], m: usize, k: usize, w: &[f32], n0: usize, n1: usize, ldo: usize, o: OutPtr) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() != Isa::Portable {
+        // SAFETY: the CPU has AVX-512F/BW/VL (checked by `isa`); slices are in bounds
+        // (checked by `matmul_t`); tasks write disjoint columns.
+        unsafe { avx512::gemm_f32(x, m, k, w, n0, n1, ldo, o.0) };
+        return;
+    }
+    for i in 0..m {
+        let xr = &x[i * k..(i + 1) * k];
+        for j in n0..n1 {
+            let wr = &w[j * k..(j + 1) * k];
+            let v = dot_f32(xr, wr);
+            // SAFETY: i < m, j < n; this task owns column range n0..n1.
+            unsafe { *o.0.add(i * ldo + j) = v };
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_bf16_widen(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[u16],
+    n0: usize,
+    n1: usize,
+    ldo: usize,
+    o: OutPtr,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() != Isa::Portable {
+        // SAFETY: as in `gemm_f32`.
+        unsafe { avx512::gemm_bf16_widen(x, m, k, w, n0, n1, ldo, o.0) };
+        return;
+    }
+    for i in 0..m {
+        let xr = &x[i * k..(i + 1) * k];
+        for j in n0..n1 {
+            let wr = &w[j * k..(j + 1) * k];
+            let mut acc = 0.0f32;
+            for (a, &b) in xr.iter().zip(wr) {
+                acc += a * crate::dtype::bf16_bits_to_f32(b);
+            }
+            // SAFETY: as above.
+            unsafe { *o.0.add(i * ldo + j) = acc };
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_bf16_dp(
+    x: &[u16],
+    m: usize,
+    k: usize,
+    w: &[u16],
+    n0: usize,
+    n1: usize,
+    ldo: usize,
+    o: OutPtr,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: only called when `isa()` found AVX512-BF16; bounds as in `gemm_f32`.
+        unsafe { avx512::gemm_bf16_dp(x, m, k, w, n0, n1, ldo, o.0) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, m, k, w, n0, n1, ldo, o);
+        unreachable!("AVX512-BF16 is only detected on x86_64");
+    }
+}
+
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    // Eight partial sums let the compiler vectorise without reassociation flags.
+    let mut acc = [0.0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+/// `out[m, n] += Σ_k x[m, k] · w[k, n]` where `w` is given as `k` rows of length `n`
+/// (rows of a weight matrix used without transposing, as the absorbed MLA query needs).
+pub fn matmul_nn_rows(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &Tensor,
+    row0: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    let (rows, n) = w.dims2()?;
+    if row0 + k > rows || x.len() != m * k || out.len() != m * n {
+        return Err(EngineError::Shape(format!(
+            "matmul_nn_rows: rows {row0}..{} of [{rows}, {n}] with x [{m}, {k}] ({} elements), out {} elements",
+            row0 + k,
+            x.len(),
+            out.len()
+        )));
+    }
+    match w.cpu_storage() {
+        CpuStorage::F32(wd) => {
+            for i in 0..m {
+                let o = &mut out[i * n..(i + 1) * n];
+                for r in 0..k {
+                    let a = x[i * k + r];
+                    let wr = &wd[(row0 + r) * n..(row0 + r + 1) * n];
+                    for (oj, &wj) in o.iter_mut().zip(wr) {
+                        *oj += a * wj;
+                    }
+                }
+            }
+        }
+        CpuStorage::Bf16(wd) => {
+            for i in 0..m {
+                let o = &mut out[i * n..(i + 1) * n];
+                for r in 0..k {
+                    let a = x[i * k + r];
+                    let wr = &wd[(row0 + r) * n..(row0 + r + 1) * n];
+                    for (oj, &wj) in o.iter_mut().zip(wr) {
+                        *oj += a * f32::from(wj);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    const MR: usize = 4;
+    const NR: usize = 4;
+
+    #[inline(always)]
+    fn tail_mask16(rem: usize) -> __mmask16 {
+        if rem >= 16 {
+            0xffff
+        } else {
+            ((1u32 << rem) - 1) as __mmask16
+        }
+    }
+
+    #[inline(always)]
+    fn tail_mask32(rem: usize) -> __mmask32 {
+        if rem >= 32 {
+            0xffff_ffff
+        } else {
+            ((1u64 << rem) - 1) as __mmask32
+        }
+    }
+
+    macro_rules! tiled {
+        ($name:ident, $xt:ty, $tile:ident, $features:literal) => {
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            pub(super) unsafe fn $name(
+                x: &[$xt],
+                m: usize,
+                k: usize,
+                w: &[<$tile as Tile>::W],
+                n0: usize,
+                n1: usize,
+                ldo: usize,
+                out: *mut f32,
+            ) {
+                let mut j = n0;
+                while j < n1 {
+                    let nr = (n1 - j).min(NR);
+                    let mut i = 0;
+                    while i < m {
+                        let mr = (m - i).min(MR);
+                        // SAFETY: rows i..i+mr of x and j..j+nr of w are in bounds; the
+                        // caller owns output columns n0..n1.
+                        unsafe {
+                            match (mr, nr) {
+                                (4, 4) => $tile::run::<4, 4>(x, k, w, i, j, ldo, out),
+                                (4, 3) => $tile::run::<4, 3>(x, k, w, i, j, ldo, out),
+                                (4, 2) => $tile::run::<4, 2>(x, k, w, i, j, ldo, out),
+                                (4, 1) => $tile::run::<4, 1>(x, k, w, i, j, ldo, out),
+                                (3, 4) => $tile::run::<3, 4>(x, k, w, i, j, ldo, out),
+                                (3, 3) => $tile::run::<3, 3>(x, k, w, i, j, ldo, out),
+                                (3, 2) => $tile::run::<3, 2>(x, k, w, i, j, ldo, out),
+                                (3, 1) => $tile::run::<3, 1>(x, k, w, i, j, ldo, out),
+                                (2, 4) => $tile::run::<2, 4>(x, k, w, i, j, ldo, out),
+                                (2, 3) => $tile::run::<2, 3>(x, k, w, i, j, ldo, out),
+                                (2, 2) => $tile::run::<2, 2>(x, k, w, i, j, ldo, out),
+                                (2, 1) => $tile::run::<2, 1>(x, k, w, i, j, ldo, out),
+                                (1, 4) => $tile::run::<1, 4>(x, k, w, i, j, ldo, out),
+                                (1, 3) => $tile::run::<1, 3>(x, k, w, i, j, ldo, out),
+                                (1, 2) => $tile::run::<1, 2>(x, k, w, i, j, ldo, out),
+                                _ => $tile::run::<1, 1>(x, k, w, i, j, ldo, out),
+                            }
+                        }
+                        i += mr;
+                    }
+                    j += nr;
+                }
+            }
+        };
+    }
+
+    pub(super) trait Tile {
+        type W;
+    }
+
+    /// f32 activations × f32 weights, 16 lanes of FMA.
+    pub(super) struct F32Tile;
+    impl Tile for F32Tile {
+        type W = f32;
+    }
+    impl F32Tile {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn run<const M: usize, const N: usize>(
+            x: &[f32],
+            k: usize,
+            w: &[f32],
+            i: usize,
+            j: usize,
+            ldo: usize,
+            out: *mut f32,
+        ) {
+            let mut acc = [[_mm512_setzero_ps(); N]; M];
+            let mut p = 0;
+            while p < k {
+                let mask = tail_mask16(k - p);
+                let mut wv = [_mm512_setzero_ps(); N];
+                for (c, v) in wv.iter_mut().enumerate() {
+                    // SAFETY: masked load stays within row j + c.
+                    *v = unsafe { _mm512_maskz_loadu_ps(mask, w.as_ptr().add((j + c) * k + p)) };
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    // SAFETY: masked load stays within row i + r.
+                    let xv =
+                        unsafe { _mm512_maskz_loadu_ps(mask, x.as_ptr().add((i + r) * k + p)) };
+                    for (c, a) in row.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(xv, wv[c], *a);
+                    }
+                }
+                p += 16;
+            }
+            for (r, row) in acc.iter().enumerate() {
+                for (c, a) in row.iter().enumerate() {
+                    // SAFETY: (i + r, j + c) is inside the output.
+                    unsafe { *out.add((i + r) * ldo + j + c) = _mm512_reduce_add_ps(*a) };
+                }
+            }
+        }
+    }
+
+    /// f32 activations × bf16 weights widened in registers, 16 lanes of FMA.
+    pub(super) struct WidenTile;
+    impl Tile for WidenTile {
+        type W = u16;
+    }
+    impl WidenTile {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn run<const M: usize, const N: usize>(
+            x: &[f32],
+            k: usize,
+            w: &[u16],
+            i: usize,
+            j: usize,
+            ldo: usize,
+            out: *mut f32,
+        ) {
+            let mut acc = [[_mm512_setzero_ps(); N]; M];
+            let mut p = 0;
+            while p < k {
+                let rem = k - p;
+                let mask = tail_mask16(rem);
+                let mut wv = [_mm512_setzero_ps(); N];
+                for (c, v) in wv.iter_mut().enumerate() {
+                    // SAFETY: masked load stays within row j + c.
+                    let raw = unsafe {
+                        _mm256_maskz_loadu_epi16(mask, w.as_ptr().add((j + c) * k + p).cast())
+                    };
+                    *v = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)));
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    // SAFETY: masked load stays within row i + r.
+                    let xv =
+                        unsafe { _mm512_maskz_loadu_ps(mask, x.as_ptr().add((i + r) * k + p)) };
+                    for (c, a) in row.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(xv, wv[c], *a);
+                    }
+                }
+                p += 16;
+            }
+            for (r, row) in acc.iter().enumerate() {
+                for (c, a) in row.iter().enumerate() {
+                    // SAFETY: (i + r, j + c) is inside the output.
+                    unsafe { *out.add((i + r) * ldo + j + c) = _mm512_reduce_add_ps(*a) };
+                }
+            }
+        }
+    }
+
+    /// bf16 activations × bf16 weights with `vdpbf16ps`: 32 k-elements per instruction.
+    pub(super) struct DpTile;
+    impl Tile for DpTile {
+        type W = u16;
+    }
+    impl DpTile {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn run<const M: usize, const N: usize>(
+            x: &[u16],
+            k: usize,
+            w: &[u16],
+            i: usize,
+            j: usize,
+            ldo: usize,
+            out: *mut f32,
+        ) {
+            let mut acc = [[_mm512_setzero_ps(); N]; M];
+            let mut p = 0;
+            while p < k {
+                let mask = tail_mask32(k - p);
+                let mut wv = [_mm512_setzero_si512(); N];
+                for (c, v) in wv.iter_mut().enumerate() {
+                    // SAFETY: masked load stays within row j + c.
+                    *v = unsafe {
+                        _mm512_maskz_loadu_epi16(mask, w.as_ptr().add((j + c) * k + p).cast())
+                    };
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    // SAFETY: masked load stays within row i + r.
+                    let xv = unsafe {
+                        _mm512_maskz_loadu_epi16(mask, x.as_ptr().add((i + r) * k + p).cast())
+                    };
+                    let xv: __m512bh = unsafe { std::mem::transmute(xv) };
+                    for (c, a) in row.iter_mut().enumerate() {
+                        // SAFETY: same-size bit reinterpretation.
+                        let wb: __m512bh = unsafe { std::mem::transmute(wv[c]) };
+                        *a = _mm512_dpbf16_ps(*a, xv, wb);
+                    }
+                }
+                p += 32;
+            }
+            for (r, row) in acc.iter().enumerate() {
+                for (c, a) in row.iter().enumerate() {
+                    // SAFETY: (i + r, j + c) is inside the output.
+                    unsafe { *out.add((i + r) * ldo + j + c) = _mm512_reduce_add_ps(*a) };
+                }
+            }
+        }
+    }
+
+    tiled!(gemm_f32, f32, F32Tile, "avx512f,avx512bw,avx512vl");
+    tiled!(gemm_bf16_widen, f32, WidenTile, "avx512f,avx512bw,avx512vl");
+    tiled!(
+        gemm_bf16_dp,
+        u16,
+        DpTile,
+        "avx512f,avx512bw,avx512vl,avx512bf16"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    fn pseudo(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).max(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn f32_matmul_matches_reference_on_ragged_shapes() {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (1, 7, 33),
+            (3, 5, 17),
+            (4, 4, 16),
+            (5, 9, 100),
+            (13, 70, 300),
+        ] {
+            let x = pseudo(m * k, 1);
+            let w = pseudo(n * k, 2);
+            let wt = Tensor::from_f32(&[n, k], w.clone()).unwrap();
+            let mut out = vec![0.0; m * n];
+            matmul_t(&x, m, &wt, &mut out).unwrap();
+            let r = reference(&x, m, k, &w, n);
+            for (a, b) in out.iter().zip(&r) {
+                assert!((a - b).abs() < 1e-4, "{m}x{n}x{k}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_matmul_matches_reference_within_bf16_rounding() {
+        for &(m, n, k) in &[(1, 3, 31), (2, 9, 64), (6, 33, 129), (16, 64, 1024)] {
+            let x = pseudo(m * k, 3);
+            let w = pseudo(n * k, 4);
+            let wt = Tensor::from_f32(&[n, k], w.clone()).unwrap().to_bf16();
+            let wr: Vec<f32> = wt.to_f32().as_f32().unwrap().to_vec();
+            let mut out = vec![0.0; m * n];
+            matmul_t(&x, m, &wt, &mut out).unwrap();
+            let r = reference(&x, m, k, &wr, n);
+            for (a, b) in out.iter().zip(&r) {
+                // Activations may be rounded to bf16 too: relative error ~2^-8 per term.
+                let tol = 2e-2 * (k as f32).sqrt();
+                assert!((a - b).abs() < tol, "{m}x{n}x{k}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_rejects_mismatched_shapes() {
+        let w = Tensor::from_f32(&[2, 3], vec![0.0; 6]).unwrap();
+        let mut out = vec![0.0; 2];
+        assert!(matmul_t(&[0.0; 4], 1, &w, &mut out).is_err());
+    }
+
+    #[test]
+    fn matmul_nn_rows_uses_the_requested_rows() {
+        // w = [[1, 2], [3, 4], [5, 6]]; rows 1..3 times x = [1, 1] -> [8, 10].
+        let w = Tensor::from_f32(&[3, 2], vec![1., 2., 3., 4., 5., 6.]).unwrap();
+        let mut out = vec![0.0; 2];
+        matmul_nn_rows(&[1.0, 1.0], 1, 2, &w, 1, &mut out).unwrap();
+        assert_eq!(out, vec![8.0, 10.0]);
+    }
+}

@@ -1,0 +1,10 @@
+//! CPU compute: the GEMM kernels and the element-wise ops the model layers call.
+//!
+//! Hot paths are hand-written with AVX-512 (bf16 dot products where the CPU has them) behind
+//! runtime feature detection, with portable fallbacks that compute the same thing. Threads come
+//! from rayon's global pool, sized by the caller (`--threads`).
+
+pub mod matmul;
+pub mod ops;
+
+pub use matmul::{matmul_nn_rows, matmul_t};

@@ -1,0 +1,64 @@
+//! The engine's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("invalid config: `{field}` {reason}")]
+    Config { field: String, reason: String },
+
+    #[error("i/o error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+
+    #[error("tensor `{name}` is missing from the checkpoint in {dir}")]
+    MissingTensor { name: String, dir: PathBuf },
+
+    #[error("tensor `{name}`: expected {expected}, found {found}")]
+    TensorMismatch {
+        name: String,
+        expected: String,
+        found: String,
+    },
+
+    #[error("shape error: {0}")]
+    Shape(String),
+
+    #[error("invalid input: `{field}` {reason}")]
+    InvalidInput { field: String, reason: String },
+
+    #[error("{0}")]
+    Synth(String),
+}
+
+impl EngineError {
+    pub(crate) fn config(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        EngineError::Config {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn input(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        EngineError::InvalidInput {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        EngineError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

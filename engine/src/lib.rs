@@ -1,0 +1,20 @@
+//! `switchyard-engine`: tensors and compute backends, checkpoint loading, model configuration,
+//! the model layers, and single-process generation.
+//!
+//! The router, the expert workers and the command line build on this crate; it knows nothing of
+//! networks. Today the CPU backend is the only one; [`tensor::Device`] is where CUDA joins.
+
+pub mod bench;
+pub mod checkpoint;
+pub mod config;
+pub mod cpu;
+pub mod dtype;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod synth;
+pub mod tensor;
+
+pub use config::ModelConfig;
+pub use error::{EngineError, Result};
+pub use tensor::{Device, Tensor};

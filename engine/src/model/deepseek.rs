@@ -1,0 +1,394 @@
+//! The whole decoder: embeddings, layers, final norm and LM head, over a batch of sequences.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::model::attention::{AttentionMode, MlaAttention, SeqSpan};
+use crate::model::cache::{KvCache, LayerKv};
+use crate::model::experts::RoutedExperts;
+use crate::model::gate::{Gate, Routing};
+use crate::model::linear::{Linear, RmsNorm};
+use crate::model::mlp::Mlp;
+use crate::model::moe::{ExpertExecutor, Moe};
+use crate::model::rope::Rope;
+use crate::tensor::{CpuStorage, Tensor};
+
+/// Which routed experts a process loads.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum ExpertSelection {
+    /// Every expert of every MoE layer (single-process inference).
+    #[default]
+    All,
+    /// None: they live on expert workers.
+    None,
+    /// Only these experts of these layers.
+    Only(BTreeMap<usize, BTreeSet<u32>>),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    pub experts: ExpertSelection,
+}
+
+/// One sequence of a batch: its new tokens and its cache.
+#[derive(Debug)]
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+/// Which positions get logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LogitsFor {
+    /// The last new token of each sequence: `[sequences, vocab]`.
+    #[default]
+    Last,
+    /// Every new token: `[tokens, vocab]`.
+    All,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ForwardOptions {
+    pub logits: LogitsFor,
+    pub attention: AttentionMode,
+    /// Keep each MoE layer's routing in the output.
+    pub record_routing: bool,
+}
+
+#[derive(Debug)]
+pub struct ForwardOutput {
+    pub logits: Tensor,
+    /// `(layer, routing)` per MoE layer when asked for.
+    pub routing: Vec<(usize, Routing)>,
+}
+
+#[derive(Debug)]
+enum Ffn {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    input_norm: RmsNorm,
+    attn: MlaAttention,
+    post_norm: RmsNorm,
+    ffn: Ffn,
+}
+
+#[derive(Debug)]
+pub struct DeepseekModel {
+    config: ModelConfig,
+    /// `[vocab, hidden]`
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+}
+
+impl DeepseekModel {
+    /// Loads the model from a checkpoint directory.
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<DeepseekModel> {
+        let config = ModelConfig::from_dir(dir)?;
+        let ck = Checkpoint::open(dir)?;
+        DeepseekModel::new(config, &ck, options)
+    }
+
+    pub fn new(
+        config: ModelConfig,
+        ck: &Checkpoint,
+        options: &LoadOptions,
+    ) -> Result<DeepseekModel> {
+        let h = config.hidden_size;
+        let rope = Arc::new(Rope::new(&config.rope, config.attention.qk_rope_head_dim));
+        let embed = ck.load_weight("model.embed_tokens.weight", &[config.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let ffn = match (&config.moe, config.is_moe_layer(l)) {
+                (Some(moe), true) => {
+                    let chosen: BTreeSet<u32> = match &options.experts {
+                        ExpertSelection::All => (0..moe.n_routed_experts as u32).collect(),
+                        ExpertSelection::None => BTreeSet::new(),
+                        ExpertSelection::Only(map) => map.get(&l).cloned().unwrap_or_default(),
+                    };
+                    if let Some(&bad) = chosen.iter().find(|&&e| e as usize >= moe.n_routed_experts)
+                    {
+                        return Err(EngineError::input(
+                            "experts",
+                            format!(
+                                "expert {bad} of layer {l} is out of range (the model has {})",
+                                moe.n_routed_experts
+                            ),
+                        ));
+                    }
+                    let shared = if moe.n_shared_experts > 0 {
+                        Some(Mlp::new(
+                            ck,
+                            &format!("{p}.mlp.shared_experts"),
+                            h,
+                            moe.moe_intermediate_size * moe.n_shared_experts,
+                        )?)
+                    } else {
+                        None
+                    };
+                    Ffn::Moe(Moe {
+                        gate: Gate::new(moe, ck, &format!("{p}.mlp.gate"), h)?,
+                        experts: RoutedExperts::load(
+                            ck,
+                            &format!("{p}.mlp"),
+                            l,
+                            &chosen,
+                            h,
+                            moe.moe_intermediate_size,
+                        )?,
+                        shared,
+                    })
+                }
+                _ => Ffn::Dense(Mlp::new(
+                    ck,
+                    &format!("{p}.mlp"),
+                    h,
+                    config.intermediate_size,
+                )?),
+            };
+            layers.push(DecoderLayer {
+                input_norm: RmsNorm::load(
+                    ck,
+                    &format!("{p}.input_layernorm.weight"),
+                    h,
+                    config.rms_norm_eps,
+                )?,
+                attn: MlaAttention::new(&config, ck, &format!("{p}.self_attn"), rope.clone())?,
+                post_norm: RmsNorm::load(
+                    ck,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    h,
+                    config.rms_norm_eps,
+                )?,
+                ffn,
+            });
+        }
+        let lm_head = if config.tie_word_embeddings {
+            Linear::new(embed.clone())?
+        } else {
+            Linear::load(ck, "lm_head.weight", config.vocab_size, h)?
+        };
+        Ok(DeepseekModel {
+            norm: RmsNorm::load(ck, "model.norm.weight", h, config.rms_norm_eps)?,
+            config,
+            embed,
+            layers,
+            lm_head,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// An empty cache with room for `capacity` tokens.
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        let a = &self.config.attention;
+        KvCache::with_capacity(
+            self.layers.len(),
+            capacity,
+            a.kv_lora_rank,
+            a.qk_rope_head_dim,
+        )
+    }
+
+    /// Bytes of weights held (routed experts included where loaded).
+    pub fn size_in_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.attn.size_in_bytes()
+                    + match &l.ffn {
+                        Ffn::Dense(m) => m.size_in_bytes(),
+                        Ffn::Moe(m) => {
+                            m.experts.size_in_bytes()
+                                + m.shared.as_ref().map_or(0, Mlp::size_in_bytes)
+                        }
+                    }
+            })
+            .sum();
+        layers
+            + self.embed.size_in_bytes()
+            + if self.config.tie_word_embeddings {
+                0
+            } else {
+                self.lm_head.size_in_bytes()
+            }
+    }
+
+    /// Bytes of routed-expert weights held.
+    pub fn routed_expert_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match &l.ffn {
+                Ffn::Moe(m) => m.experts.size_in_bytes(),
+                Ffn::Dense(_) => 0,
+            })
+            .sum()
+    }
+
+    /// Runs a batch with this process's own experts.
+    pub fn forward(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        options: &ForwardOptions,
+    ) -> Result<ForwardOutput> {
+        self.forward_with(seqs, options, self)
+    }
+
+    /// Runs a batch; routed experts go to `executor`.
+    pub fn forward_with(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        options: &ForwardOptions,
+        executor: &dyn ExpertExecutor,
+    ) -> Result<ForwardOutput> {
+        let h = self.config.hidden_size;
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut tokens = 0;
+        for (i, s) in seqs.iter().enumerate() {
+            if s.tokens.is_empty() {
+                return Err(EngineError::input(
+                    format!("sequences[{i}].tokens"),
+                    "must not be empty",
+                ));
+            }
+            if let Some(&bad) = s
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.config.vocab_size)
+            {
+                return Err(EngineError::input(
+                    format!("sequences[{i}].tokens"),
+                    format!(
+                        "token id must be < vocab_size ({}), got {bad}",
+                        self.config.vocab_size
+                    ),
+                ));
+            }
+            let end = s.cache.len() + s.tokens.len();
+            if end > self.config.max_position_embeddings {
+                return Err(EngineError::input(
+                    format!("sequences[{i}].tokens"),
+                    format!(
+                        "context must be <= max_position_embeddings ({}), got {end}",
+                        self.config.max_position_embeddings
+                    ),
+                ));
+            }
+            if s.cache.layers.len() != self.layers.len() {
+                return Err(EngineError::input(
+                    format!("sequences[{i}].cache"),
+                    format!(
+                        "has {} layers, the model {}",
+                        s.cache.layers.len(),
+                        self.layers.len()
+                    ),
+                ));
+            }
+            spans.push(SeqSpan {
+                start: tokens,
+                len: s.tokens.len(),
+                pos0: s.cache.len(),
+            });
+            tokens += s.tokens.len();
+        }
+        // [tokens, hidden]
+        let mut x =
+            self.embed_tokens(seqs.iter().flat_map(|s| s.tokens.iter().copied()), tokens)?;
+        let mut routing = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let normed = layer.input_norm.forward(&x)?;
+            let mut caches: Vec<&mut LayerKv> =
+                seqs.iter_mut().map(|s| &mut s.cache.layers[l]).collect();
+            let attn = layer
+                .attn
+                .forward(&normed, &spans, &mut caches, options.attention)?;
+            add_inplace(&mut x, &attn)?;
+            let normed = layer.post_norm.forward(&x)?;
+            let ffn = match &layer.ffn {
+                Ffn::Dense(m) => m.forward(&normed)?,
+                Ffn::Moe(m) => {
+                    let (out, r) = m.forward(l, &normed, executor)?;
+                    if options.record_routing {
+                        routing.push((l, r));
+                    }
+                    out
+                }
+            };
+            add_inplace(&mut x, &ffn)?;
+        }
+        for s in seqs.iter_mut() {
+            s.cache.commit(s.tokens.len());
+        }
+        let x = match options.logits {
+            LogitsFor::All => x,
+            LogitsFor::Last => {
+                let xd = x.as_f32()?;
+                let mut last = Vec::with_capacity(spans.len() * h);
+                for s in &spans {
+                    let r = s.start + s.len - 1;
+                    last.extend_from_slice(&xd[r * h..(r + 1) * h]);
+                }
+                Tensor::from_f32(&[spans.len(), h], last)?
+            }
+        };
+        let normed = self.norm.forward(&x)?;
+        Ok(ForwardOutput {
+            logits: self.lm_head.forward(&normed)?,
+            routing,
+        })
+    }
+
+    fn embed_tokens(&self, ids: impl Iterator<Item = u32>, tokens: usize) -> Result<Tensor> {
+        let h = self.config.hidden_size;
+        let mut out = Vec::with_capacity(tokens * h);
+        match self.embed.cpu_storage() {
+            CpuStorage::F32(e) => {
+                for id in ids {
+                    out.extend_from_slice(&e[id as usize * h..(id as usize + 1) * h]);
+                }
+            }
+            CpuStorage::Bf16(e) => {
+                for id in ids {
+                    out.extend(
+                        e[id as usize * h..(id as usize + 1) * h]
+                            .iter()
+                            .map(|v| f32::from(*v)),
+                    );
+                }
+            }
+        }
+        Tensor::from_f32(&[tokens, h], out)
+    }
+}
+
+fn add_inplace(x: &mut Tensor, y: &Tensor) -> Result<()> {
+    for (a, b) in x.as_f32_mut()?.iter_mut().zip(y.as_f32()?) {
+        *a += b;
+    }
+    Ok(())
+}
+
+impl ExpertExecutor for DeepseekModel {
+    fn run(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<Tensor> {
+        match self.layers.get(layer).map(|l| &l.ffn) {
+            Some(Ffn::Moe(m)) => m.experts.forward(x, routing),
+            _ => Err(EngineError::input(
+                "layer",
+                format!("layer {layer} is not an MoE layer"),
+            )),
+        }
+    }
+}

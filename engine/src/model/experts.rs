@@ -1,0 +1,146 @@
+//! Routed experts as a grouped computation.
+//!
+//! This layer does not carry the gate: it consumes a [`Routing`] and returns the weighted sum
+//! of the chosen experts per token. Rows are gathered per expert, each expert runs one GEMM
+//! over all of its rows, and results are scatter-added with their routing weights — never a
+//! per-token loop over experts.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rayon::prelude::*;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{EngineError, Result};
+use crate::model::gate::Routing;
+use crate::model::mlp::Mlp;
+use crate::tensor::Tensor;
+
+/// The experts of one MoE layer that this process holds.
+#[derive(Debug, Default)]
+pub struct RoutedExperts {
+    layer: usize,
+    experts: BTreeMap<u32, Mlp>,
+}
+
+/// Rows of the batch routed to one expert, with their weights.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ExpertGroup {
+    pub expert: u32,
+    pub rows: Vec<u32>,
+    pub weights: Vec<f32>,
+}
+
+/// Groups routing by expert, in expert order. Each group's rows are in token order.
+pub fn group_by_expert(routing: &Routing) -> Vec<ExpertGroup> {
+    let mut groups: BTreeMap<u32, ExpertGroup> = BTreeMap::new();
+    for t in 0..routing.tokens() {
+        for (e, w) in routing.token(t) {
+            let g = groups.entry(e).or_insert_with(|| ExpertGroup {
+                expert: e,
+                ..Default::default()
+            });
+            g.rows.push(t as u32);
+            g.weights.push(w);
+        }
+    }
+    groups.into_values().collect()
+}
+
+impl RoutedExperts {
+    /// Loads `experts` of `layer` from `{prefix}.experts.{e}`.
+    pub fn load(
+        ck: &Checkpoint,
+        prefix: &str,
+        layer: usize,
+        experts: &BTreeSet<u32>,
+        hidden: usize,
+        intermediate: usize,
+    ) -> Result<RoutedExperts> {
+        let loaded = experts
+            .par_iter()
+            .map(|&e| {
+                Ok((
+                    e,
+                    Mlp::new(ck, &format!("{prefix}.experts.{e}"), hidden, intermediate)?,
+                ))
+            })
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        Ok(RoutedExperts {
+            layer,
+            experts: loaded,
+        })
+    }
+
+    pub fn holds(&self, expert: u32) -> bool {
+        self.experts.contains_key(&expert)
+    }
+
+    pub fn expert_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.experts.keys().copied()
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        self.experts.values().map(Mlp::size_in_bytes).sum()
+    }
+
+    /// `x: [tokens, hidden]` with routing → `[tokens, hidden]`: Σ weight × expert(x) per token.
+    pub fn forward(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
+        let (tokens, _) = x.dims2()?;
+        if routing.tokens() != tokens {
+            return Err(EngineError::Shape(format!(
+                "routing covers {} tokens, activations have {tokens}",
+                routing.tokens()
+            )));
+        }
+        self.forward_groups(x, &group_by_expert(routing))
+    }
+
+    /// Runs pre-grouped rows (what an expert worker receives) → `[tokens, hidden]`.
+    pub fn forward_groups(&self, x: &Tensor, groups: &[ExpertGroup]) -> Result<Tensor> {
+        let (tokens, hidden) = x.dims2()?;
+        let xd = x.as_f32()?;
+        for g in groups {
+            if !self.holds(g.expert) {
+                return Err(EngineError::input(
+                    "expert",
+                    format!(
+                        "expert {} of layer {} is not held here",
+                        g.expert, self.layer
+                    ),
+                ));
+            }
+            if let Some(&r) = g.rows.iter().find(|&&r| r as usize >= tokens) {
+                return Err(EngineError::input(
+                    "rows",
+                    format!("row {r} out of range for {tokens} tokens"),
+                ));
+            }
+        }
+        let partials: Vec<(usize, Tensor)> = groups
+            .par_iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let mlp = &self.experts[&g.expert];
+                // [rows, hidden]
+                let mut gathered = Vec::with_capacity(g.rows.len() * hidden);
+                for &r in &g.rows {
+                    gathered.extend_from_slice(&xd[r as usize * hidden..(r as usize + 1) * hidden]);
+                }
+                let y = mlp.forward(&Tensor::from_f32(&[g.rows.len(), hidden], gathered)?)?;
+                Ok((i, y))
+            })
+            .collect::<Result<_>>()?;
+        let mut out = Tensor::zeros(&[tokens, hidden]);
+        let od = out.as_f32_mut()?;
+        // Scatter-add in expert order so results do not depend on thread timing.
+        for (i, y) in partials {
+            let g = &groups[i];
+            let yd = y.as_f32()?;
+            for (j, (&r, &w)) in g.rows.iter().zip(&g.weights).enumerate() {
+                let o = &mut od[r as usize * hidden..(r as usize + 1) * hidden];
+                crate::cpu::ops::axpy(o, w, &yd[j * hidden..(j + 1) * hidden]);
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,46 @@
+//! The MoE block of one layer: gate, routed experts (wherever they run), shared experts.
+
+use crate::error::Result;
+use crate::model::experts::RoutedExperts;
+use crate::model::gate::{Gate, Routing};
+use crate::model::mlp::Mlp;
+use crate::tensor::Tensor;
+
+/// Runs the routed experts of a layer for a batch. The engine's in-process experts implement
+/// it; the router's dispatcher implements it with remote expert workers.
+pub trait ExpertExecutor: Sync {
+    /// `x: [tokens, hidden]` → `[tokens, hidden]`, Σ weight × expert(x) over each token's
+    /// routed experts.
+    fn run(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<Tensor>;
+}
+
+#[derive(Debug)]
+pub struct Moe {
+    pub gate: Gate,
+    /// Routed experts held by this process (empty when they live on workers).
+    pub experts: RoutedExperts,
+    pub shared: Option<Mlp>,
+}
+
+impl Moe {
+    /// `x: [tokens, hidden] → ([tokens, hidden], routing)`.
+    pub fn forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        executor: &dyn ExpertExecutor,
+    ) -> Result<(Tensor, Routing)> {
+        let routing = self.gate.forward(x)?;
+        let (routed, shared) = rayon::join(
+            || executor.run(layer, x, &routing),
+            || self.shared.as_ref().map(|s| s.forward(x)).transpose(),
+        );
+        let mut out = routed?;
+        if let Some(shared) = shared? {
+            for (o, s) in out.as_f32_mut()?.iter_mut().zip(shared.as_f32()?) {
+                *o += s;
+            }
+        }
+        Ok((out, routing))
+    }
+}

@@ -1,0 +1,144 @@
+//! Rotary position embedding in DeepSeek's interleaved-pair layout, with YaRN.
+//!
+//! Pairs `(x[2i], x[2i+1])` rotate by `pos · inv_freq[i]`. transformers de-interleaves q and k
+//! before rotating; since both get the same permutation, attention scores are identical.
+
+use crate::config::{RopeConfig, RopeScaling, YarnConfig, yarn_get_mscale};
+
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f32>,
+    /// Scale applied to cos and sin (YaRN's attention factor; 1 otherwise).
+    attention_factor: f32,
+}
+
+impl Rope {
+    pub fn new(config: &RopeConfig, dim: usize) -> Rope {
+        let base = config.theta;
+        // Frequencies in f32 as the reference computes them.
+        let pos_freqs: Vec<f64> = (0..dim / 2)
+            .map(|i| (base as f32).powf((2 * i) as f32 / dim as f32) as f64)
+            .collect();
+        match &config.scaling {
+            RopeScaling::None => Rope {
+                inv_freq: pos_freqs.iter().map(|p| (1.0 / p) as f32).collect(),
+                attention_factor: 1.0,
+            },
+            RopeScaling::Yarn(y) => yarn(y, base, dim, &pos_freqs),
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.inv_freq.len() * 2
+    }
+
+    /// Rotates `x` (length `dim`) in place for position `pos`.
+    pub fn apply(&self, x: &mut [f32], pos: usize) {
+        let p = pos as f32;
+        for (i, &f) in self.inv_freq.iter().enumerate() {
+            let angle = p * f;
+            let (s, c) = angle.sin_cos();
+            let (c, s) = (c * self.attention_factor, s * self.attention_factor);
+            let (a, b) = (x[2 * i], x[2 * i + 1]);
+            x[2 * i] = a * c - b * s;
+            x[2 * i + 1] = b * c + a * s;
+        }
+    }
+}
+
+fn yarn(y: &YarnConfig, base: f64, dim: usize, pos_freqs: &[f64]) -> Rope {
+    let attention_factor = y.attention_factor.unwrap_or_else(|| {
+        if y.mscale != 0.0 && y.mscale_all_dim != 0.0 {
+            yarn_get_mscale(y.factor, y.mscale) / yarn_get_mscale(y.factor, y.mscale_all_dim)
+        } else {
+            yarn_get_mscale(y.factor, 1.0)
+        }
+    });
+    let correction_dim = |rotations: f64| {
+        (dim as f64
+            * (y.original_max_position_embeddings as f64
+                / (rotations * 2.0 * std::f64::consts::PI))
+                .ln())
+            / (2.0 * base.ln())
+    };
+    let low = correction_dim(y.beta_fast).floor().max(0.0);
+    let high = correction_dim(y.beta_slow).ceil().min(dim as f64 - 1.0);
+    let high = if low == high { high + 0.001 } else { high };
+    let inv_freq = pos_freqs
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| {
+            let ramp =
+                (((i as f32 - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0)) as f64;
+            let extrapolation_factor = 1.0 - ramp;
+            let extrapolation = (1.0 / p as f32) as f64;
+            let interpolation = (1.0 / (y.factor as f32 * p as f32)) as f64;
+            (interpolation * (1.0 - extrapolation_factor) + extrapolation * extrapolation_factor)
+                as f32
+        })
+        .collect();
+    Rope {
+        inv_freq,
+        attention_factor: attention_factor as f32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_preserves_norm_and_relative_positions() {
+        let rope = Rope::new(
+            &RopeConfig {
+                theta: 10000.0,
+                scaling: RopeScaling::None,
+            },
+            8,
+        );
+        let q0: Vec<f32> = (0..8).map(|i| i as f32 * 0.3 - 1.0).collect();
+        let k0: Vec<f32> = (0..8).map(|i| 1.0 - i as f32 * 0.2).collect();
+        let dot_at = |pq: usize, pk: usize| {
+            let (mut q, mut k) = (q0.clone(), k0.clone());
+            rope.apply(&mut q, pq);
+            rope.apply(&mut k, pk);
+            q.iter().zip(&k).map(|(a, b)| a * b).sum::<f32>()
+        };
+        // Scores depend only on the distance between positions.
+        assert!((dot_at(5, 3) - dot_at(12, 10)).abs() < 1e-4);
+        let mut q = q0.clone();
+        rope.apply(&mut q, 7);
+        let n = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+        assert!((n(&q) - n(&q0)).abs() < 1e-4);
+    }
+
+    #[test]
+    fn yarn_interpolates_low_frequencies_and_keeps_high_ones() {
+        let plain = Rope::new(
+            &RopeConfig {
+                theta: 10000.0,
+                scaling: RopeScaling::None,
+            },
+            64,
+        );
+        let yarn = Rope::new(
+            &RopeConfig {
+                theta: 10000.0,
+                scaling: RopeScaling::Yarn(YarnConfig {
+                    factor: 40.0,
+                    original_max_position_embeddings: 4096,
+                    beta_fast: 32.0,
+                    beta_slow: 1.0,
+                    mscale: 1.0,
+                    mscale_all_dim: 1.0,
+                    attention_factor: None,
+                }),
+            },
+            64,
+        );
+        assert_eq!(yarn.inv_freq[0], plain.inv_freq[0]);
+        let last = plain.inv_freq.len() - 1;
+        assert!((yarn.inv_freq[last] * 40.0 - plain.inv_freq[last]).abs() < 1e-9);
+        assert_eq!(yarn.attention_factor, 1.0);
+    }
+}

@@ -1,0 +1,641 @@
+//! Random-weight checkpoints in the real Hugging Face layout (`switchyard synth`).
+//!
+//! Weights cannot be downloaded here, so every test and benchmark runs on checkpoints written
+//! by this module: `config.json`, `generation_config.json` and safetensors (sharded with an
+//! index past `shard_bytes`) with the exact tensor names of DeepSeek-V3 on the Hub — the very
+//! files the loader reads for a real model. Tensors are generated lazily while being written,
+//! so memory stays at one tensor whatever the checkpoint size, and each tensor's values depend
+//! only on the seed and its name.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand_distr::{Distribution, StandardNormal};
+use serde_json::{Value, json};
+
+use crate::config::ModelConfig;
+use crate::dtype::{self, DType, F8E4M3_MAX};
+use crate::error::{EngineError, Result};
+
+/// Built-in model shapes.
+pub const PRESETS: &[&str] = &["tiny", "mini", "deepseek-v3"];
+
+/// Element type of the written weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SynthDType {
+    F32,
+    Bf16,
+    /// DeepSeek-V3's layout: linear weights in FP8 e4m3 with 128×128 block `weight_scale_inv`;
+    /// embeddings, norms, gate and LM head in bf16.
+    Fp8,
+}
+
+impl std::str::FromStr for SynthDType {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(SynthDType::F32),
+            "bf16" => Ok(SynthDType::Bf16),
+            "fp8" => Ok(SynthDType::Fp8),
+            other => Err(format!("must be one of f32, bf16, fp8; got {other:?}")),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SynthOptions {
+    pub preset: String,
+    pub dtype: SynthDType,
+    pub seed: u64,
+    /// Override `num_hidden_layers`.
+    pub layers: Option<usize>,
+    /// Override `n_routed_experts`.
+    pub experts: Option<usize>,
+    /// Refuse to write more than this many bytes.
+    pub max_bytes: u64,
+    /// Start a new shard past this many bytes.
+    pub shard_bytes: u64,
+}
+
+impl Default for SynthOptions {
+    fn default() -> Self {
+        SynthOptions {
+            preset: "tiny".into(),
+            dtype: SynthDType::Bf16,
+            seed: 0,
+            layers: None,
+            experts: None,
+            max_bytes: 32 << 30,
+            shard_bytes: 4 << 30,
+        }
+    }
+}
+
+/// What was written.
+#[derive(Clone, Debug)]
+pub struct SynthSummary {
+    pub parameters: u64,
+    pub bytes: u64,
+    pub files: Vec<PathBuf>,
+}
+
+/// The `config.json` of a preset, in DeepSeek's original schema.
+pub fn preset_config(name: &str) -> Result<Value> {
+    let base = json!({
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": false,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "moe_layer_freq": 1,
+        "n_shared_experts": 1,
+        "norm_topk_prob": true,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "routed_scaling_factor": 2.5,
+        "use_cache": true,
+        "torch_dtype": "bfloat16",
+    });
+    let specific = match name {
+        "tiny" => json!({
+            "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+            "moe_intermediate_size": 32, "num_hidden_layers": 3, "first_k_dense_replace": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 16,
+            "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2, "q_lora_rank": 32,
+            "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+            "max_position_embeddings": 4096, "rope_scaling": null,
+        }),
+        "mini" => json!({
+            "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
+            "moe_intermediate_size": 512, "num_hidden_layers": 8, "first_k_dense_replace": 1,
+            "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64,
+            "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "q_lora_rank": 384,
+            "kv_lora_rank": 128, "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64,
+            "max_position_embeddings": 163840,
+            "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        }),
+        "deepseek-v3" => json!({
+            "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+            "moe_intermediate_size": 2048, "num_hidden_layers": 61, "first_k_dense_replace": 3,
+            "num_attention_heads": 128, "num_key_value_heads": 128, "n_routed_experts": 256,
+            "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "q_lora_rank": 1536,
+            "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+            "max_position_embeddings": 163840,
+            "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        }),
+        other => {
+            return Err(EngineError::input(
+                "preset",
+                format!("must be one of {}; got {other:?}", PRESETS.join(", ")),
+            ));
+        }
+    };
+    let mut config = base;
+    if let (Some(c), Some(s)) = (config.as_object_mut(), specific.as_object()) {
+        c.extend(s.clone());
+    }
+    Ok(config)
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Init {
+    /// N(0, 1/fan_in): keeps activations at unit scale through each linear.
+    Linear { fan_in: usize },
+    /// Embeddings: N(0, 1).
+    Embedding,
+    /// Norm scales: uniform in [0.8, 1.2].
+    Norm,
+    /// `e_score_correction_bias`: uniform in [0, 0.1] — nonzero, so selection ≠ weighting.
+    RoutingBias,
+}
+
+#[derive(Clone, Debug)]
+struct Spec {
+    name: String,
+    shape: Vec<usize>,
+    init: Init,
+    /// Written as FP8 with block scales when the checkpoint is FP8.
+    quantizable: bool,
+}
+
+fn specs(c: &ModelConfig) -> Vec<Spec> {
+    let h = c.hidden_size;
+    let a = &c.attention;
+    let heads = c.num_attention_heads;
+    let mut out = Vec::new();
+    let linear =
+        |out: &mut Vec<Spec>, name: String, rows: usize, cols: usize, quantizable: bool| {
+            out.push(Spec {
+                name,
+                shape: vec![rows, cols],
+                init: Init::Linear { fan_in: cols },
+                quantizable,
+            });
+        };
+    let norm = |out: &mut Vec<Spec>, name: String, dim: usize| {
+        out.push(Spec {
+            name,
+            shape: vec![dim],
+            init: Init::Norm,
+            quantizable: false,
+        });
+    };
+    out.push(Spec {
+        name: "model.embed_tokens.weight".into(),
+        shape: vec![c.vocab_size, h],
+        init: Init::Embedding,
+        quantizable: false,
+    });
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        norm(&mut out, format!("{p}.input_layernorm.weight"), h);
+        let s = format!("{p}.self_attn");
+        match a.q_lora_rank {
+            Some(r) => {
+                linear(&mut out, format!("{s}.q_a_proj.weight"), r, h, true);
+                norm(&mut out, format!("{s}.q_a_layernorm.weight"), r);
+                linear(
+                    &mut out,
+                    format!("{s}.q_b_proj.weight"),
+                    heads * a.qk_head_dim(),
+                    r,
+                    true,
+                );
+            }
+            None => linear(
+                &mut out,
+                format!("{s}.q_proj.weight"),
+                heads * a.qk_head_dim(),
+                h,
+                true,
+            ),
+        }
+        linear(
+            &mut out,
+            format!("{s}.kv_a_proj_with_mqa.weight"),
+            a.kv_lora_rank + a.qk_rope_head_dim,
+            h,
+            true,
+        );
+        norm(
+            &mut out,
+            format!("{s}.kv_a_layernorm.weight"),
+            a.kv_lora_rank,
+        );
+        linear(
+            &mut out,
+            format!("{s}.kv_b_proj.weight"),
+            heads * (a.qk_nope_head_dim + a.v_head_dim),
+            a.kv_lora_rank,
+            true,
+        );
+        linear(
+            &mut out,
+            format!("{s}.o_proj.weight"),
+            h,
+            heads * a.v_head_dim,
+            true,
+        );
+        norm(&mut out, format!("{p}.post_attention_layernorm.weight"), h);
+        let mlp = |out: &mut Vec<Spec>, prefix: String, inter: usize| {
+            out.push(Spec {
+                name: format!("{prefix}.gate_proj.weight"),
+                shape: vec![inter, h],
+                init: Init::Linear { fan_in: h },
+                quantizable: true,
+            });
+            out.push(Spec {
+                name: format!("{prefix}.up_proj.weight"),
+                shape: vec![inter, h],
+                init: Init::Linear { fan_in: h },
+                quantizable: true,
+            });
+            out.push(Spec {
+                name: format!("{prefix}.down_proj.weight"),
+                shape: vec![h, inter],
+                init: Init::Linear { fan_in: inter },
+                quantizable: true,
+            });
+        };
+        match (&c.moe, c.is_moe_layer(l)) {
+            (Some(m), true) => {
+                linear(
+                    &mut out,
+                    format!("{p}.mlp.gate.weight"),
+                    m.n_routed_experts,
+                    h,
+                    false,
+                );
+                if m.topk_method == crate::config::TopkMethod::NoAuxTc {
+                    out.push(Spec {
+                        name: format!("{p}.mlp.gate.e_score_correction_bias"),
+                        shape: vec![m.n_routed_experts],
+                        init: Init::RoutingBias,
+                        quantizable: false,
+                    });
+                }
+                for e in 0..m.n_routed_experts {
+                    mlp(
+                        &mut out,
+                        format!("{p}.mlp.experts.{e}"),
+                        m.moe_intermediate_size,
+                    );
+                }
+                if m.n_shared_experts > 0 {
+                    mlp(
+                        &mut out,
+                        format!("{p}.mlp.shared_experts"),
+                        m.moe_intermediate_size * m.n_shared_experts,
+                    );
+                }
+            }
+            _ => mlp(&mut out, format!("{p}.mlp"), c.intermediate_size),
+        }
+    }
+    norm(&mut out, "model.norm.weight".into(), h);
+    if !c.tie_word_embeddings {
+        linear(&mut out, "lm_head.weight".into(), c.vocab_size, h, false);
+    }
+    out
+}
+
+fn name_seed(seed: u64, name: &str) -> u64 {
+    // FNV-1a: stable across runs and platforms.
+    let mut h: u64 = 0xcbf29ce484222325 ^ seed.wrapping_mul(0x9e3779b97f4a7c15);
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+fn generate(spec: &Spec, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(name_seed(seed, &spec.name));
+    let n: usize = spec.shape.iter().product();
+    match spec.init {
+        Init::Linear { fan_in } => {
+            let std = (1.0 / fan_in as f64).sqrt() as f32;
+            (0..n)
+                .map(|_| Distribution::<f32>::sample(&StandardNormal, &mut rng) * std)
+                .collect()
+        }
+        Init::Embedding => (0..n)
+            .map(|_| Distribution::<f32>::sample(&StandardNormal, &mut rng))
+            .collect(),
+        Init::Norm => (0..n).map(|_| rng.random_range(0.8f32..1.2)).collect(),
+        Init::RoutingBias => (0..n).map(|_| rng.random_range(0.0f32..0.1)).collect(),
+    }
+}
+
+/// Block-quantises a `[rows, cols]` matrix: FP8 codes and `[⌈rows/128⌉, ⌈cols/128⌉]` scales
+/// (`weight_scale_inv`, the factor that dequantises).
+pub fn quantize_fp8_blocks(
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+    block: usize,
+) -> (Vec<u8>, Vec<f32>) {
+    let (br, bc) = (rows.div_ceil(block), cols.div_ceil(block));
+    let mut scales = vec![0.0f32; br * bc];
+    for r in 0..rows {
+        for c in 0..cols {
+            let s = &mut scales[(r / block) * bc + c / block];
+            *s = s.max(data[r * cols + c].abs());
+        }
+    }
+    for s in scales.iter_mut() {
+        *s = if *s > 0.0 { *s / F8E4M3_MAX } else { 1.0 };
+    }
+    let codes = (0..rows * cols)
+        .map(|i| {
+            let (r, c) = (i / cols, i % cols);
+            dtype::f32_to_f8e4m3(data[i] / scales[(r / block) * bc + c / block])
+        })
+        .collect();
+    (codes, scales)
+}
+
+const FP8_BLOCK: usize = 128;
+
+/// A tensor whose bytes are generated when the writer asks for them.
+struct LazyTensor {
+    spec: Spec,
+    /// What to produce from the spec's values.
+    part: Part,
+    dtype: DType,
+    shape: Vec<usize>,
+    seed: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Values,
+    Fp8Codes,
+    Fp8Scales,
+}
+
+impl LazyTensor {
+    fn byte_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size_in_bytes()
+    }
+}
+
+impl safetensors::View for &LazyTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype.to_safetensors()
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        let values = generate(&self.spec, self.seed);
+        let bytes = match self.part {
+            Part::Values => match self.dtype {
+                DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                _ => values
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
+                    .collect(),
+            },
+            Part::Fp8Codes | Part::Fp8Scales => {
+                let (rows, cols) = (self.spec.shape[0], self.spec.shape[1]);
+                let (codes, scales) = quantize_fp8_blocks(&values, rows, cols, FP8_BLOCK);
+                if self.part == Part::Fp8Codes {
+                    codes
+                } else {
+                    scales.iter().flat_map(|v| v.to_le_bytes()).collect()
+                }
+            }
+        };
+        Cow::Owned(bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.byte_len()
+    }
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+/// Writes a complete random checkpoint of `options.preset` into `out`.
+pub fn synth(out: &Path, options: &SynthOptions) -> Result<SynthSummary> {
+    let mut config = preset_config(&options.preset)?;
+    if let Some(obj) = config.as_object_mut() {
+        if let Some(layers) = options.layers {
+            obj.insert("num_hidden_layers".into(), json!(layers));
+        }
+        if let Some(experts) = options.experts {
+            obj.insert("n_routed_experts".into(), json!(experts));
+        }
+        match options.dtype {
+            SynthDType::F32 => {
+                obj.insert("torch_dtype".into(), json!("float32"));
+            }
+            SynthDType::Bf16 => {}
+            SynthDType::Fp8 => {
+                obj.insert(
+                    "quantization_config".into(),
+                    json!({"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                        "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}),
+                );
+            }
+        }
+    }
+    let parsed = ModelConfig::from_json_str(&config.to_string())?;
+    let mut tensors = Vec::new();
+    for spec in specs(&parsed) {
+        let fp8 = options.dtype == SynthDType::Fp8 && spec.quantizable;
+        let shape = spec.shape.clone();
+        if fp8 {
+            let scale_shape = vec![shape[0].div_ceil(FP8_BLOCK), shape[1].div_ceil(FP8_BLOCK)];
+            let scale_name = format!("{}_scale_inv", spec.name);
+            tensors.push((
+                spec.name.clone(),
+                LazyTensor {
+                    spec: spec.clone(),
+                    part: Part::Fp8Codes,
+                    dtype: DType::F8E4M3,
+                    shape,
+                    seed: options.seed,
+                },
+            ));
+            tensors.push((
+                scale_name,
+                LazyTensor {
+                    spec,
+                    part: Part::Fp8Scales,
+                    dtype: DType::F32,
+                    shape: scale_shape,
+                    seed: options.seed,
+                },
+            ));
+        } else {
+            let dtype = match (options.dtype, spec.init) {
+                (SynthDType::F32, _) | (_, Init::RoutingBias) => DType::F32,
+                _ => DType::Bf16,
+            };
+            tensors.push((
+                spec.name.clone(),
+                LazyTensor {
+                    spec,
+                    part: Part::Values,
+                    dtype,
+                    shape,
+                    seed: options.seed,
+                },
+            ));
+        }
+    }
+    let total: u64 = tensors.iter().map(|(_, t)| t.byte_len() as u64).sum();
+    if total > options.max_bytes {
+        return Err(EngineError::Synth(format!(
+            "preset {:?} with {} layers and {} routed experts is {} parameters, {} on disk, over the {} limit; \
+             shrink it with --layers N and/or --experts N (or raise --max-bytes)",
+            options.preset,
+            parsed.num_hidden_layers,
+            parsed.moe.as_ref().map_or(0, |m| m.n_routed_experts),
+            parsed.parameter_count(),
+            human_bytes(total),
+            human_bytes(options.max_bytes),
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(|e| EngineError::io(out, e))?;
+    let write_json = |name: &str, value: &Value| -> Result<PathBuf> {
+        let path = out.join(name);
+        let text =
+            serde_json::to_string_pretty(value).map_err(|e| EngineError::Synth(e.to_string()))?;
+        std::fs::write(&path, text).map_err(|e| EngineError::io(&path, e))?;
+        Ok(path)
+    };
+    let mut files = vec![
+        write_json("config.json", &config)?,
+        write_json(
+            "generation_config.json",
+            &json!({"bos_token_id": parsed.bos_token_id, "eos_token_id": parsed.eos_token_ids.first(), "do_sample": false}),
+        )?,
+    ];
+    // Split into shards by size, keeping order.
+    let mut shards: Vec<Vec<&(String, LazyTensor)>> = vec![Vec::new()];
+    let mut current = 0u64;
+    for t in &tensors {
+        let len = t.1.byte_len() as u64;
+        if current > 0 && current + len > options.shard_bytes {
+            shards.push(Vec::new());
+            current = 0;
+        }
+        current += len;
+        if let Some(last) = shards.last_mut() {
+            last.push(t);
+        }
+    }
+    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    if shards.len() == 1 {
+        let path = out.join(crate::checkpoint::SINGLE_FILE);
+        safetensors::serialize_to_file(
+            tensors.iter().map(|(n, t)| (n.clone(), t)),
+            Some(metadata),
+            &path,
+        )
+        .map_err(|e| EngineError::Synth(format!("writing {}: {e}", path.display())))?;
+        files.push(path);
+    } else {
+        let n = shards.len();
+        let mut weight_map = serde_json::Map::new();
+        for (i, shard) in shards.iter().enumerate() {
+            let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+            let path = out.join(&file);
+            safetensors::serialize_to_file(
+                shard.iter().map(|(n, t)| (n.clone(), t)),
+                Some(metadata.clone()),
+                &path,
+            )
+            .map_err(|e| EngineError::Synth(format!("writing {}: {e}", path.display())))?;
+            for (name, _) in shard {
+                weight_map.insert(name.clone(), json!(file));
+            }
+            files.push(path);
+        }
+        files.push(write_json(
+            crate::checkpoint::INDEX_FILE,
+            &json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
+        )?);
+    }
+    Ok(SynthSummary {
+        parameters: parsed.parameter_count(),
+        bytes: total,
+        files,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mini_preset_has_the_benchmark_shape() {
+        let c = ModelConfig::from_json_str(&preset_config("mini").unwrap().to_string()).unwrap();
+        let params = c.parameter_count() as f64 / 1e6;
+        assert!((params - 810.0).abs() < 5.0, "{params} M");
+        assert_eq!(c.moe_layers().len(), 7);
+    }
+
+    #[test]
+    fn full_deepseek_v3_refuses_with_a_size_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = synth(
+            dir.path(),
+            &SynthOptions {
+                preset: "deepseek-v3".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--layers") && err.contains("TiB"), "{err}");
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+            "nothing written"
+        );
+    }
+
+    #[test]
+    fn unknown_preset_names_the_choices() {
+        let err = preset_config("huge").unwrap_err().to_string();
+        assert!(
+            err.contains("preset") && err.contains("tiny") && err.contains("huge"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn fp8_block_quantisation_round_trips_within_e4m3_precision() {
+        let data: Vec<f32> = (0..300 * 130)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let (codes, scales) = quantize_fp8_blocks(&data, 300, 130, 128);
+        assert_eq!(scales.len(), 3 * 2);
+        for (i, &v) in data.iter().enumerate() {
+            let (r, c) = (i / 130, i % 130);
+            let back = dtype::f8e4m3_to_f32(codes[i]) * scales[(r / 128) * 2 + c / 128];
+            assert!((back - v).abs() <= v.abs() / 16.0 + 1e-6, "{v} -> {back}");
+        }
+    }
+}

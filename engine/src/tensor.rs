@@ -1,0 +1,276 @@
+//! The device-aware tensor type that weights and activations travel in.
+//!
+//! A [`Tensor`] is a shape, an element type and a storage that lives on a [`Device`]. Only the
+//! CPU exists today; the CUDA backend adds a device-memory storage variant behind the `cuda`
+//! feature, so model code that goes through [`Tensor`] and the op functions never sees raw
+//! host vectors. Activations are f32; weights are f32 or bf16 (FP8 checkpoints are dequantised
+//! to bf16 when loaded).
+
+use std::fmt;
+
+use half::bf16;
+
+use crate::dtype::DType;
+use crate::error::{EngineError, Result};
+
+/// Where a tensor's storage lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+        }
+    }
+}
+
+/// Host storage, one variant per element type the compute layer handles.
+#[derive(Clone)]
+pub enum CpuStorage {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+}
+
+impl fmt::Debug for CpuStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CpuStorage::F32(v) => write!(f, "F32(len={})", v.len()),
+            CpuStorage::Bf16(v) => write!(f, "Bf16(len={})", v.len()),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum Storage {
+    Cpu(CpuStorage),
+}
+
+/// A dense row-major tensor.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    storage: Storage,
+}
+
+impl Tensor {
+    pub fn from_f32(shape: &[usize], data: Vec<f32>) -> Result<Tensor> {
+        check_len(shape, data.len())?;
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Cpu(CpuStorage::F32(data)),
+        })
+    }
+
+    pub fn from_bf16(shape: &[usize], data: Vec<bf16>) -> Result<Tensor> {
+        check_len(shape, data.len())?;
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Cpu(CpuStorage::Bf16(data)),
+        })
+    }
+
+    pub fn zeros(shape: &[usize]) -> Tensor {
+        Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Cpu(CpuStorage::F32(vec![0.0; shape.iter().product()])),
+        }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn device(&self) -> Device {
+        match self.storage {
+            Storage::Cpu(_) => Device::Cpu,
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match &self.storage {
+            Storage::Cpu(CpuStorage::F32(_)) => DType::F32,
+            Storage::Cpu(CpuStorage::Bf16(_)) => DType::Bf16,
+        }
+    }
+
+    pub fn elem_count(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        self.elem_count() * self.dtype().size_in_bytes()
+    }
+
+    /// `(rows, cols)` of a rank-2 tensor.
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        match self.shape[..] {
+            [r, c] => Ok((r, c)),
+            _ => Err(EngineError::Shape(format!(
+                "expected a rank-2 tensor, got shape {:?}",
+                self.shape
+            ))),
+        }
+    }
+
+    pub fn cpu_storage(&self) -> &CpuStorage {
+        match &self.storage {
+            Storage::Cpu(s) => s,
+        }
+    }
+
+    /// The f32 elements; an error for other element types.
+    pub fn as_f32(&self) -> Result<&[f32]> {
+        match self.cpu_storage() {
+            CpuStorage::F32(v) => Ok(v),
+            CpuStorage::Bf16(_) => Err(EngineError::Shape(format!(
+                "expected f32 storage, got {}",
+                self.dtype()
+            ))),
+        }
+    }
+
+    pub fn as_f32_mut(&mut self) -> Result<&mut [f32]> {
+        let dtype = self.dtype();
+        match &mut self.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
+            Storage::Cpu(_) => Err(EngineError::Shape(format!(
+                "expected f32 storage, got {dtype}"
+            ))),
+        }
+    }
+
+    /// Consumes the tensor and returns its elements widened to f32.
+    pub fn into_f32_vec(self) -> Vec<f32> {
+        match self.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => v,
+            Storage::Cpu(CpuStorage::Bf16(v)) => v.into_iter().map(f32::from).collect(),
+        }
+    }
+
+    /// Returns a copy with elements widened to f32.
+    pub fn to_f32(&self) -> Tensor {
+        Tensor {
+            shape: self.shape.clone(),
+            storage: Storage::Cpu(CpuStorage::F32(self.clone().into_f32_vec())),
+        }
+    }
+
+    /// Returns a copy rounded to bf16.
+    pub fn to_bf16(&self) -> Tensor {
+        let data = match self.cpu_storage() {
+            CpuStorage::F32(v) => v.iter().map(|&x| bf16::from_f32(x)).collect(),
+            CpuStorage::Bf16(v) => v.clone(),
+        };
+        Tensor {
+            shape: self.shape.clone(),
+            storage: Storage::Cpu(CpuStorage::Bf16(data)),
+        }
+    }
+
+    /// Rows `start..end` of the leading dimension, copied.
+    pub fn narrow_rows(&self, start: usize, end: usize) -> Result<Tensor> {
+        let rows = self.shape.first().copied().unwrap_or(0);
+        if start > end || end > rows {
+            return Err(EngineError::Shape(format!(
+                "row range {start}..{end} out of bounds for shape {:?}",
+                self.shape
+            )));
+        }
+        let row: usize = self.shape[1..].iter().product();
+        let mut shape = self.shape.clone();
+        shape[0] = end - start;
+        let storage = match self.cpu_storage() {
+            CpuStorage::F32(v) => CpuStorage::F32(v[start * row..end * row].to_vec()),
+            CpuStorage::Bf16(v) => CpuStorage::Bf16(v[start * row..end * row].to_vec()),
+        };
+        Ok(Tensor {
+            shape,
+            storage: Storage::Cpu(storage),
+        })
+    }
+
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
+        check_len(shape, self.elem_count())?;
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+}
+
+fn check_len(shape: &[usize], len: usize) -> Result<()> {
+    let expected: usize = shape.iter().product();
+    if expected != len {
+        return Err(EngineError::Shape(format!(
+            "shape {shape:?} needs {expected} elements, got {len}"
+        )));
+    }
+    Ok(())
+}
+
+/// Concatenates rank-2 tensors of one dtype and width along rows.
+pub fn concat_rows(parts: &[&Tensor]) -> Result<Tensor> {
+    let first = parts
+        .first()
+        .ok_or_else(|| EngineError::Shape("concat_rows of no tensors".into()))?;
+    let (_, cols) = first.dims2()?;
+    let mut rows = 0;
+    for p in parts {
+        let (r, c) = p.dims2()?;
+        if c != cols || p.dtype() != first.dtype() {
+            return Err(EngineError::Shape(format!(
+                "concat_rows: [{r}, {c}] {} does not match [_, {cols}] {}",
+                p.dtype(),
+                first.dtype()
+            )));
+        }
+        rows += r;
+    }
+    match first.cpu_storage() {
+        CpuStorage::F32(_) => {
+            let mut data = Vec::with_capacity(rows * cols);
+            for p in parts {
+                data.extend_from_slice(p.as_f32()?);
+            }
+            Tensor::from_f32(&[rows, cols], data)
+        }
+        CpuStorage::Bf16(_) => {
+            let mut data = Vec::with_capacity(rows * cols);
+            for p in parts {
+                if let CpuStorage::Bf16(v) = p.cpu_storage() {
+                    data.extend_from_slice(v);
+                }
+            }
+            Tensor::from_bf16(&[rows, cols], data)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_rejects_data_that_does_not_fill_its_shape() {
+        assert!(Tensor::from_f32(&[2, 3], vec![0.0; 5]).is_err());
+        assert!(Tensor::from_f32(&[2, 3], vec![0.0; 6]).is_ok());
+    }
+
+    #[test]
+    fn narrow_rows_copies_the_requested_rows() {
+        let t = Tensor::from_f32(&[3, 2], vec![0., 1., 2., 3., 4., 5.]).unwrap();
+        let n = t.narrow_rows(1, 3).unwrap();
+        assert_eq!(n.shape(), &[2, 2]);
+        assert_eq!(n.as_f32().unwrap(), &[2., 3., 4., 5.]);
+        assert!(t.narrow_rows(2, 4).is_err());
+    }
+
+    #[test]
+    fn bf16_round_trip_keeps_shape_and_widens() {
+        let t = Tensor::from_f32(&[2], vec![1.5, -2.0]).unwrap().to_bf16();
+        assert_eq!(t.dtype(), DType::Bf16);
+        assert_eq!(t.to_f32().as_f32().unwrap(), &[1.5, -2.0]);
+    }
+}

@@ -1,0 +1,179 @@
+//! Bytes ↔ f32 activations, with the shape and dtype carried beside the bytes.
+
+use half::bf16;
+
+/// Element type on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireDType {
+    F32,
+    Bf16,
+}
+
+impl WireDType {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            WireDType::F32 => 4,
+            WireDType::Bf16 => 2,
+        }
+    }
+}
+
+/// A tensor as it travels: shape, dtype, little-endian bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WireTensor {
+    pub shape: Vec<u64>,
+    pub dtype: WireDType,
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CodecError {
+    #[error("tensor `{field}`: shape {shape:?} needs {expected} bytes of {dtype:?}, got {found}")]
+    Length {
+        field: String,
+        shape: Vec<u64>,
+        dtype: WireDType,
+        expected: u64,
+        found: u64,
+    },
+    #[error("tensor `{field}`: {bytes} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        field: String,
+        bytes: u64,
+        limit: u64,
+    },
+    #[error("tensor `{field}`: expected shape {expected}, got {found:?}")]
+    Shape {
+        field: String,
+        expected: String,
+        found: Vec<u64>,
+    },
+}
+
+/// Encodes `values` (row-major, `shape`) as `dtype`; bf16 rounds to nearest even.
+pub fn encode(values: &[f32], shape: &[usize], dtype: WireDType) -> WireTensor {
+    let data = match dtype {
+        WireDType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        WireDType::Bf16 => values
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_bits().to_le_bytes())
+            .collect(),
+    };
+    WireTensor {
+        shape: shape.iter().map(|&d| d as u64).collect(),
+        dtype,
+        data,
+    }
+}
+
+/// Decodes a wire tensor named `field` into f32, checking its length against its shape and its
+/// size against `max_bytes`.
+pub fn decode(field: &str, t: &WireTensor, max_bytes: u64) -> Result<Vec<f32>, CodecError> {
+    let found = t.data.len() as u64;
+    if found > max_bytes {
+        return Err(CodecError::TooLarge {
+            field: field.into(),
+            bytes: found,
+            limit: max_bytes,
+        });
+    }
+    let expected = t
+        .shape
+        .iter()
+        .try_fold(t.dtype.size_in_bytes() as u64, |acc, &d| acc.checked_mul(d));
+    if expected != Some(found) {
+        return Err(CodecError::Length {
+            field: field.into(),
+            shape: t.shape.clone(),
+            dtype: t.dtype,
+            expected: expected.unwrap_or(u64::MAX),
+            found,
+        });
+    }
+    Ok(match t.dtype {
+        WireDType::F32 => t
+            .data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        WireDType::Bf16 => t
+            .data
+            .chunks_exact(2)
+            .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+    })
+}
+
+/// Checks that `t` is `[rows, width]` for some `rows`; returns `rows`.
+pub fn expect_rows(field: &str, t: &WireTensor, width: usize) -> Result<usize, CodecError> {
+    match t.shape[..] {
+        [rows, w] if w == width as u64 => Ok(rows as usize),
+        _ => Err(CodecError::Shape {
+            field: field.into(),
+            expected: format!("[rows, {width}]"),
+            found: t.shape.clone(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f32_round_trips_exactly() {
+        let v = vec![1.0, -2.5, 3.25e-7, f32::MAX];
+        let t = encode(&v, &[2, 2], WireDType::F32);
+        assert_eq!(t.data.len(), 16);
+        assert_eq!(decode("x", &t, 1 << 20).unwrap(), v);
+    }
+
+    #[test]
+    fn bf16_round_trips_within_rounding() {
+        let v: Vec<f32> = (0..64).map(|i| i as f32 * 0.173 - 5.0).collect();
+        let t = encode(&v, &[4, 16], WireDType::Bf16);
+        assert_eq!(t.data.len(), 128);
+        for (a, b) in decode("x", &t, 1 << 20).unwrap().iter().zip(&v) {
+            assert!((a - b).abs() <= b.abs() / 256.0 + 1e-6);
+        }
+    }
+
+    #[test]
+    fn wrong_length_names_field_shape_and_sizes() {
+        let mut t = encode(&[1.0; 6], &[2, 3], WireDType::Bf16);
+        t.data.pop();
+        let err = decode("hidden", &t, 1 << 20).unwrap_err().to_string();
+        assert!(
+            err.contains("hidden")
+                && err.contains("[2, 3]")
+                && err.contains("12")
+                && err.contains("11"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn oversized_and_overflowing_shapes_are_rejected() {
+        let t = encode(&[0.0; 8], &[8], WireDType::F32);
+        assert!(matches!(
+            decode("x", &t, 16),
+            Err(CodecError::TooLarge { .. })
+        ));
+        let t = WireTensor {
+            shape: vec![u64::MAX, 4],
+            dtype: WireDType::F32,
+            data: vec![],
+        };
+        assert!(matches!(
+            decode("x", &t, 16),
+            Err(CodecError::Length { .. })
+        ));
+    }
+
+    #[test]
+    fn expect_rows_checks_width() {
+        let t = encode(&[0.0; 8], &[2, 4], WireDType::F32);
+        assert_eq!(expect_rows("x", &t, 4).unwrap(), 2);
+        assert!(expect_rows("x", &t, 3).is_err());
+    }
+}
