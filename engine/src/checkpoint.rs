@@ -136,8 +136,39 @@ impl Checkpoint {
         Ok(checkpoint)
     }
 
+    /// Opens a single safetensors file that is not a model directory (e.g. a logits dump).
+    pub fn open_file(path: &Path) -> Result<Checkpoint> {
+        let (dir, file) = match (path.parent(), path.file_name().and_then(|f| f.to_str())) {
+            (Some(d), Some(f)) => (d, f.to_string()),
+            _ => {
+                return Err(EngineError::Checkpoint {
+                    path: path.to_path_buf(),
+                    reason: "not a file path".into(),
+                });
+            }
+        };
+        let mut checkpoint = Checkpoint {
+            dir: dir.to_path_buf(),
+            weight_map: HashMap::new(),
+            shards: Mutex::new(HashMap::new()),
+            fp8_block: [128, 128],
+        };
+        let shard = checkpoint.open_shard(&file)?;
+        checkpoint.weight_map = shard
+            .tensors
+            .keys()
+            .map(|k| (k.clone(), file.clone()))
+            .collect();
+        Ok(checkpoint)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The shard file that holds `name`, from the index alone (no file is opened).
+    pub fn file_of(&self, name: &str) -> Option<&str> {
+        self.weight_map.get(name).map(String::as_str)
     }
 
     pub fn contains(&self, name: &str) -> bool {

@@ -1,0 +1,185 @@
+//! The command-line contract, through the real binary.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn switchyard(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .env("SWITCHYARD_THREADS", "2")
+        .output()
+        .expect("the switchyard binary runs")
+}
+
+fn synth_tiny(dir: &Path, dtype: &str) {
+    let out = switchyard(&[
+        "synth",
+        "--preset",
+        "tiny",
+        "--out",
+        dir.to_str().expect("temp paths are UTF-8"),
+        "--dtype",
+        dtype,
+        "--seed",
+        "4",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn generate_json_prints_the_generated_token_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), "bf16");
+    let model = dir.path().to_str().unwrap();
+    let args = [
+        "generate",
+        "--model",
+        model,
+        "--prompt-ids",
+        "1,17,42",
+        "--max-new-tokens",
+        "16",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    ];
+    let out = switchyard(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    let ids = json["token_ids"].as_array().unwrap();
+    assert_eq!(ids.len(), 16);
+    assert!(ids.iter().all(|t| t.as_u64().unwrap() < 512));
+    assert_eq!(json["finish_reason"], "length");
+    // Greedy is deterministic across processes.
+    let again: serde_json::Value = serde_json::from_slice(&switchyard(&args).stdout).unwrap();
+    assert_eq!(again["token_ids"], json["token_ids"]);
+}
+
+#[test]
+fn dump_logits_writes_prompt_logits_as_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), "f32");
+    let dump = dir.path().join("logits.safetensors");
+    let out = switchyard(&[
+        "generate",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--prompt-ids",
+        "1,17,42,7",
+        "--max-new-tokens",
+        "2",
+        "--ignore-eos",
+        "--json",
+        "--dump-logits",
+        dump.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&dump).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let logits = st.tensor("logits").unwrap();
+    assert_eq!(logits.dtype(), safetensors::Dtype::F32);
+    assert_eq!(logits.shape(), &[4, 512]);
+    // The last prompt position's argmax is the first generated token.
+    let last: Vec<f32> = logits.data()[3 * 512 * 4..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let argmax = (0..512)
+        .max_by(|&a, &b| last[a].total_cmp(&last[b]).then(b.cmp(&a)))
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["token_ids"][0].as_u64().unwrap(), argmax as u64);
+}
+
+#[test]
+fn bad_input_is_a_clear_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), "bf16");
+    let model = dir.path().to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["generate", "--model", model, "--prompt-ids", "1,9999"],
+            "vocab_size (512), got 9999",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                model,
+                "--prompt-ids",
+                "1",
+                "--temperature",
+                "-1",
+            ],
+            "temperature",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                "/nonexistent/model",
+                "--prompt-ids",
+                "1",
+            ],
+            "/nonexistent/model",
+        ),
+        (
+            &["synth", "--preset", "deepseek-v3", "--out", model],
+            "--layers",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = switchyard(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn bench_reports_throughput_and_memory_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), "bf16");
+    let out = switchyard(&[
+        "bench",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--batch",
+        "1,3",
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "4",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = json["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1]["batch"], 3);
+    assert!(
+        rows.iter()
+            .all(|r| r["decode_tok_s"].as_f64().unwrap() > 0.0
+                && r["prefill_tok_s"].as_f64().unwrap() > 0.0)
+    );
+    assert!(json["peak_rss_bytes"].as_u64().unwrap() > 0);
+}

@@ -1,0 +1,243 @@
+//! Synthesised checkpoints through the real loader: sharding, subsets, dtypes, determinism.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use switchyard_engine::checkpoint::{Checkpoint, Precision};
+use switchyard_engine::model::experts::RoutedExperts;
+use switchyard_engine::model::{
+    DeepseekModel, ExpertSelection, ForwardOptions, LoadOptions, LogitsFor, SeqInput,
+};
+use switchyard_engine::synth::{self, SynthDType, SynthOptions};
+
+fn synth_tiny(dir: &Path, dtype: SynthDType, seed: u64, shard_bytes: u64) {
+    synth::synth(
+        dir,
+        &SynthOptions {
+            preset: "tiny".into(),
+            dtype,
+            seed,
+            shard_bytes,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+}
+
+fn logits(dir: &Path, prompt: &[u32]) -> Vec<f32> {
+    let model = DeepseekModel::load(dir, &LoadOptions::default()).unwrap();
+    let mut cache = model.new_cache(prompt.len());
+    model
+        .forward(
+            &mut [SeqInput {
+                tokens: prompt,
+                cache: &mut cache,
+            }],
+            &ForwardOptions {
+                logits: LogitsFor::All,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .logits
+        .into_f32_vec()
+}
+
+const PROMPT: &[u32] = &[1, 17, 42, 99, 3, 250];
+
+#[test]
+fn sharded_checkpoint_gives_the_same_model_as_one_file() {
+    let one = tempfile::tempdir().unwrap();
+    let many = tempfile::tempdir().unwrap();
+    synth_tiny(one.path(), SynthDType::F32, 5, u64::MAX);
+    synth_tiny(many.path(), SynthDType::F32, 5, 64 << 10);
+    assert!(one.path().join("model.safetensors").exists());
+    assert!(many.path().join("model.safetensors.index.json").exists());
+    let shards = std::fs::read_dir(many.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("model-")
+        })
+        .count();
+    assert!(shards > 3, "{shards} shards");
+    assert_eq!(logits(one.path(), PROMPT), logits(many.path(), PROMPT));
+}
+
+#[test]
+fn seed_decides_the_weights() {
+    let (a, b, c) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    synth_tiny(a.path(), SynthDType::Bf16, 1, u64::MAX);
+    synth_tiny(b.path(), SynthDType::Bf16, 1, u64::MAX);
+    synth_tiny(c.path(), SynthDType::Bf16, 2, u64::MAX);
+    let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert_eq!(bytes(a.path()), bytes(b.path()));
+    assert_ne!(bytes(a.path()), bytes(c.path()));
+}
+
+#[test]
+fn fp8_checkpoint_loads_and_tracks_bf16() {
+    let bf = tempfile::tempdir().unwrap();
+    let fp8 = tempfile::tempdir().unwrap();
+    synth_tiny(bf.path(), SynthDType::Bf16, 3, u64::MAX);
+    synth_tiny(fp8.path(), SynthDType::Fp8, 3, u64::MAX);
+    let ck = Checkpoint::open(fp8.path()).unwrap();
+    let info = ck
+        .info("model.layers.1.mlp.experts.0.gate_proj.weight")
+        .unwrap();
+    assert_eq!(info.dtype, switchyard_engine::dtype::DType::F8E4M3);
+    assert!(ck.contains("model.layers.1.mlp.experts.0.gate_proj.weight_scale_inv"));
+    // Dequantised weights are the bf16 weights to within e4m3's 3 mantissa bits.
+    let name = "model.layers.1.mlp.experts.0.gate_proj.weight";
+    let exact = Checkpoint::open(bf.path())
+        .unwrap()
+        .load(name, &[32, 64], Precision::F32)
+        .unwrap()
+        .into_f32_vec();
+    let dequant = ck
+        .load(name, &[32, 64], Precision::F32)
+        .unwrap()
+        .into_f32_vec();
+    let amax = exact.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for (x, q) in exact.iter().zip(&dequant) {
+        // Half a step of the coarsest binade, or of the subnormal range near zero.
+        assert!(
+            (x - q).abs() <= (x.abs() / 16.0).max(amax / 448.0 * 2f32.powi(-9)) + 1e-6,
+            "{x} vs {q}"
+        );
+    }
+    let (a, b) = (logits(bf.path(), PROMPT), logits(fp8.path(), PROMPT));
+    let mean = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32;
+    // ~3% error per weight compounds over the layers: well below the unit logit spread.
+    assert!(mean > 0.0 && mean < 0.5, "fp8 vs bf16 mean |Δ| = {mean}");
+}
+
+#[test]
+fn loading_an_expert_subset_reads_only_its_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    // ~12 KiB per expert tensor in f32: tiny shards, so experts spread over many files.
+    synth_tiny(dir.path(), SynthDType::F32, 0, 32 << 10);
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let experts: BTreeSet<u32> = (0..4).collect();
+    let loaded = RoutedExperts::load(&ck, "model.layers.2.mlp", 2, &experts, 64, 32).unwrap();
+    assert_eq!(loaded.expert_ids().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    assert_eq!(loaded.size_in_bytes(), 4 * 3 * 64 * 32 * 4);
+    let opened = ck.shards_opened();
+    let mut files = BTreeSet::new();
+    for e in 0..4 {
+        for p in ["gate_proj", "up_proj", "down_proj"] {
+            files.insert(
+                ck.file_of(&format!("model.layers.2.mlp.experts.{e}.{p}.weight"))
+                    .unwrap(),
+            );
+        }
+    }
+    let total = ck
+        .tensor_names()
+        .filter_map(|n| ck.file_of(n))
+        .collect::<BTreeSet<_>>()
+        .len();
+    assert_eq!(opened, files.len());
+    assert!(files.len() < total / 2, "{} of {total} shards", files.len());
+}
+
+#[test]
+fn model_loads_only_the_selected_experts() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), SynthDType::Bf16, 0, u64::MAX);
+    let full = DeepseekModel::load(dir.path(), &LoadOptions::default()).unwrap();
+    let none = DeepseekModel::load(
+        dir.path(),
+        &LoadOptions {
+            experts: ExpertSelection::None,
+        },
+    )
+    .unwrap();
+    let some = DeepseekModel::load(
+        dir.path(),
+        &LoadOptions {
+            experts: ExpertSelection::Only(BTreeMap::from([
+                (1, (0..8).collect()),
+                (2, [3].into()),
+            ])),
+        },
+    )
+    .unwrap();
+    let per_expert = 3 * 64 * 32 * 2; // three bf16 matrices of 64 x 32
+    assert_eq!(full.routed_expert_bytes(), 2 * 16 * per_expert);
+    assert_eq!(none.routed_expert_bytes(), 0);
+    assert_eq!(some.routed_expert_bytes(), 9 * per_expert);
+    let err = DeepseekModel::load(
+        dir.path(),
+        &LoadOptions {
+            experts: ExpertSelection::Only(BTreeMap::from([(1, [16].into())])),
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("expert 16") && err.contains("layer 1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_inputs_are_errors_that_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), SynthDType::Bf16, 0, u64::MAX);
+    let model = DeepseekModel::load(dir.path(), &LoadOptions::default()).unwrap();
+    let mut cache = model.new_cache(4);
+    let err = model
+        .forward(
+            &mut [SeqInput {
+                tokens: &[1, 512],
+                cache: &mut cache,
+            }],
+            &ForwardOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tokens") && err.contains("512") && err.contains("vocab_size"),
+        "{err}"
+    );
+    let err = model
+        .forward(
+            &mut [SeqInput {
+                tokens: &[],
+                cache: &mut cache,
+            }],
+            &ForwardOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("empty"), "{err}");
+    assert_eq!(cache.len(), 0, "a failed step commits nothing");
+}
+
+#[test]
+fn missing_or_misshapen_tensors_fail_loading_with_names() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), SynthDType::Bf16, 0, u64::MAX);
+    let config = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("\"kv_lora_rank\": 32", "\"kv_lora_rank\": 40"),
+    )
+    .unwrap();
+    let err = DeepseekModel::load(dir.path(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("kv_b_proj") && err.contains("[128, 40]") && err.contains("[128, 32]"),
+        "{err}"
+    );
+}
