@@ -1,5 +1,8 @@
 //! The command-line contract, through the real binary.
 
+// Test helpers panic on failure by design: that is how a test fails.
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::process::{Command, Output};
 

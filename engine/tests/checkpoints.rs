@@ -1,5 +1,8 @@
 //! Synthesised checkpoints through the real loader: sharding, subsets, dtypes, determinism.
 
+// Test helpers panic on failure by design: that is how a test fails.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 

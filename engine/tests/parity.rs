@@ -1,6 +1,9 @@
 //! The engine against Hugging Face `transformers` (fixtures from `tools/make_parity_fixtures.py`):
 //! prompt logits, greedy ids, and each MoE layer's chosen experts.
 
+// Test helpers panic on failure by design: that is how a test fails.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
