@@ -28,6 +28,9 @@ struct Reference {
     expert_weights: BTreeMap<String, Vec<Vec<f32>>>,
 }
 
+/// Per MoE layer, each token's `(expert, weight)` pairs sorted by expert id, concatenated.
+type LayerRouting = BTreeMap<usize, Vec<(u32, f32)>>;
+
 fn fixture_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures/parity")
@@ -50,7 +53,7 @@ fn prompt_logits(
     model: &DeepseekModel,
     prompt: &[u32],
     mode: AttentionMode,
-) -> (Vec<f32>, BTreeMap<usize, Vec<(u32, f32)>>) {
+) -> (Vec<f32>, LayerRouting) {
     let mut cache = model.new_cache(prompt.len());
     let out = model
         .forward(
