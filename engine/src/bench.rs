@@ -141,7 +141,7 @@ pub fn run(model: &DeepseekModel, options: &BenchOptions) -> Result<BenchReport>
         });
     }
     Ok(BenchReport {
-        threads: rayon::current_num_threads(),
+        threads: crate::cpu::pool::global().threads(),
         weights_bytes: model.size_in_bytes(),
         rows,
         peak_rss_bytes: peak_rss_bytes(),

@@ -9,7 +9,6 @@
 use std::cell::RefCell;
 
 use half::bf16;
-use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
 use crate::tensor::{CpuStorage, Tensor};
@@ -105,15 +104,16 @@ fn run_split(
     kernel: impl Fn(usize, usize, OutPtr) + Sync,
 ) {
     let ptr = OutPtr(out.as_mut_ptr());
-    let threads = rayon::current_num_threads();
+    let pool = super::pool::global();
+    let threads = pool.threads();
     if threads <= 1 || m * n * k < PARALLEL_MIN_MACS || n < 8 {
         kernel(0, n, ptr);
         return;
     }
-    // A few chunks per thread balance uneven progress without much scheduling overhead.
-    let chunks = (threads * 2).min(n / 4).max(1);
+    // A few chunks per thread balance uneven progress; chunks stay whole 4-row tiles.
+    let chunks = (threads * 4).min(n / 4).max(1);
     let per = n.div_ceil(chunks).next_multiple_of(4);
-    (0..n.div_ceil(per)).into_par_iter().for_each(|c| {
+    pool.run(n.div_ceil(per), &|c| {
         let n0 = c * per;
         let n1 = (n0 + per).min(n);
         kernel(n0, n1, ptr);
@@ -264,6 +264,7 @@ mod avx512 {
 
     const MR: usize = 4;
     const NR: usize = 4;
+    const PREFETCH_ROWS: usize = 8;
 
     #[inline(always)]
     fn tail_mask16(rem: usize) -> __mmask16 {
@@ -449,11 +450,17 @@ mod avx512 {
             out: *mut f32,
         ) {
             let mut acc = [[_mm512_setzero_ps(); N]; M];
+            // Rows are short (a few KiB), so the hardware prefetcher keeps restarting; fetch the
+            // rows a couple of tiles ahead. Prefetching past the end is harmless.
+            let ahead = w.as_ptr().wrapping_add((j + PREFETCH_ROWS) * k);
             let mut p = 0;
             while p < k {
                 let mask = tail_mask32(k - p);
                 let mut wv = [_mm512_setzero_si512(); N];
                 for (c, v) in wv.iter_mut().enumerate() {
+                    if M == 1 {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(c * k + p).cast());
+                    }
                     // SAFETY: masked load stays within row j + c.
                     *v = unsafe {
                         _mm512_maskz_loadu_epi16(mask, w.as_ptr().add((j + c) * k + p).cast())

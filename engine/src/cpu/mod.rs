@@ -2,9 +2,10 @@
 //!
 //! Hot paths are hand-written with AVX-512 (bf16 dot products where the CPU has them) behind
 //! runtime feature detection, with portable fallbacks that compute the same thing. Threads come
-//! from rayon's global pool, sized by the caller (`--threads`).
+//! from [`pool`], sized by the caller (`--threads`).
 
 pub mod matmul;
 pub mod ops;
+pub mod pool;
 
 pub use matmul::{matmul_nn_rows, matmul_t};

@@ -7,8 +7,6 @@
 
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::cpu::{self, ops};
@@ -41,6 +39,24 @@ pub struct SeqSpan {
     pub start: usize,
     pub len: usize,
     pub pos0: usize,
+}
+
+/// The attention output, written by several tasks at once, each to its own (row, head) slices.
+#[derive(Clone, Copy)]
+struct SharedRows(*mut f32);
+
+// SAFETY: tasks write disjoint element ranges (see `MlaAttention::forward`).
+unsafe impl Send for SharedRows {}
+unsafe impl Sync for SharedRows {}
+
+impl SharedRows {
+    /// # Safety
+    /// `start..start + len` must be in bounds and written by no other task.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        // SAFETY: guaranteed by the caller.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
 }
 
 #[derive(Debug)]
@@ -184,28 +200,50 @@ impl MlaAttention {
             }
         }
         let q = &*qd;
+        let width = self.heads * self.v_dim;
         // [tokens, heads * v]
-        let mut attn = vec![0.0f32; tokens * self.heads * self.v_dim];
-        let mut outputs: Vec<(usize, Vec<f32>)> = spans
-            .par_iter()
-            .zip(caches.par_iter())
+        let mut attn = vec![0.0f32; tokens * width];
+        let out = SharedRows(attn.as_mut_ptr());
+        let caches: Vec<&LayerKv> = caches.iter().map(|c| &**c).collect();
+        // The expanded form reads each sequence's latents as one matrix.
+        let latents: Vec<Option<Tensor>> = spans
+            .iter()
+            .zip(&caches)
             .map(|(span, cache)| {
                 let expanded = match mode {
                     AttentionMode::Auto => span.len > 1,
                     AttentionMode::Expanded => true,
                     AttentionMode::Absorbed => false,
                 };
-                let out = if expanded {
-                    self.attend_expanded(q, span, cache)
-                } else {
-                    self.attend_absorbed(q, span, cache)
-                };
-                out.map(|o| (span.start, o))
+                let ctx = span.pos0 + span.len;
+                expanded
+                    .then(|| {
+                        Tensor::from_f32(
+                            &[ctx, self.kv_lora],
+                            cache.latent[..ctx * self.kv_lora].to_vec(),
+                        )
+                    })
+                    .transpose()
             })
             .collect::<Result<_>>()?;
-        let width = self.heads * self.v_dim;
-        for (start, out) in outputs.drain(..) {
-            attn[start * width..start * width + out.len()].copy_from_slice(&out);
+        let failure = std::sync::Mutex::new(None);
+        // One task per (sequence, head): heads are independent and write disjoint columns.
+        crate::cpu::pool::global().run(spans.len() * self.heads, &|task| {
+            let (s, head) = (task / self.heads, task % self.heads);
+            let result = match &latents[s] {
+                Some(latent) => {
+                    self.attend_expanded(q, &spans[s], caches[s], latent, head, out, width)
+                }
+                None => self.attend_absorbed(q, &spans[s], caches[s], head, out, width),
+            };
+            if let Err(e) = result
+                && let Ok(mut f) = failure.lock()
+            {
+                f.get_or_insert(e);
+            }
+        });
+        if let Some(e) = failure.into_inner().ok().flatten() {
+            return Err(e);
         }
         self.o.forward(&Tensor::from_f32(&[tokens, width], attn)?)
     }
@@ -216,78 +254,87 @@ impl MlaAttention {
         (&q[off..off + self.nope], &q[off + self.nope..off + qk])
     }
 
-    /// Per-head keys and values expanded from the latents: returns `[span.len, heads * v]`.
-    fn attend_expanded(&self, q: &[f32], span: &SeqSpan, cache: &LayerKv) -> Result<Vec<f32>> {
+    /// One head over one sequence with per-head keys and values expanded from the latents
+    /// (`latent: [ctx, kv_lora]`). Writes `out[row, head * v..]` for the span's rows.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_expanded(
+        &self,
+        q: &[f32],
+        span: &SeqSpan,
+        cache: &LayerKv,
+        latent: &Tensor,
+        head: usize,
+        out: SharedRows,
+        width: usize,
+    ) -> Result<()> {
         let ctx = span.pos0 + span.len;
-        let latent = Tensor::from_f32(
-            &[ctx, self.kv_lora],
-            cache.latent[..ctx * self.kv_lora].to_vec(),
-        )?;
-        let width = self.heads * self.v_dim;
-        let mut out = vec![0.0f32; span.len * width];
+        // [ctx, nope] and [ctx, v]
+        let mut k_nope = vec![0.0f32; ctx * self.nope];
+        cpu::matmul_t(latent.as_f32()?, ctx, &self.w_uk[head], &mut k_nope)?;
+        let mut v = vec![0.0f32; ctx * self.v_dim];
+        cpu::matmul_t(latent.as_f32()?, ctx, &self.w_uv[head], &mut v)?;
         let mut scores = vec![0.0f32; ctx];
-        for head in 0..self.heads {
-            // [ctx, nope] and [ctx, v]
-            let mut k_nope = vec![0.0f32; ctx * self.nope];
-            cpu::matmul_t(latent.as_f32()?, ctx, &self.w_uk[head], &mut k_nope)?;
-            let mut v = vec![0.0f32; ctx * self.v_dim];
-            cpu::matmul_t(latent.as_f32()?, ctx, &self.w_uv[head], &mut v)?;
-            for t in 0..span.len {
-                let (qn, qr) = self.q_row(q, span.start + t, head);
-                let visible = span.pos0 + t + 1;
-                for (l, s) in scores[..visible].iter_mut().enumerate() {
-                    let kr = &cache.k_rope[l * self.rope_dim..(l + 1) * self.rope_dim];
-                    *s = (ops::dot(qn, &k_nope[l * self.nope..(l + 1) * self.nope])
-                        + ops::dot(qr, kr))
-                        * self.scale;
-                }
-                ops::softmax_inplace(&mut scores[..visible]);
-                let o =
-                    &mut out[t * width + head * self.v_dim..t * width + (head + 1) * self.v_dim];
-                for (l, &p) in scores[..visible].iter().enumerate() {
-                    ops::axpy(o, p, &v[l * self.v_dim..(l + 1) * self.v_dim]);
-                }
+        for t in 0..span.len {
+            let row = span.start + t;
+            let (qn, qr) = self.q_row(q, row, head);
+            let visible = span.pos0 + t + 1;
+            for (l, s) in scores[..visible].iter_mut().enumerate() {
+                let kr = &cache.k_rope[l * self.rope_dim..(l + 1) * self.rope_dim];
+                *s = (ops::dot(qn, &k_nope[l * self.nope..(l + 1) * self.nope]) + ops::dot(qr, kr))
+                    * self.scale;
+            }
+            ops::softmax_inplace(&mut scores[..visible]);
+            // SAFETY: this task alone writes columns head*v..(head+1)*v of the span's rows.
+            let o = unsafe { out.slice(row * width + head * self.v_dim, self.v_dim) };
+            for (l, &p) in scores[..visible].iter().enumerate() {
+                ops::axpy(o, p, &v[l * self.v_dim..(l + 1) * self.v_dim]);
             }
         }
-        Ok(out)
+        Ok(())
     }
 
-    /// Weight-absorbed attention over the latents: returns `[span.len, heads * v]`.
-    fn attend_absorbed(&self, q: &[f32], span: &SeqSpan, cache: &LayerKv) -> Result<Vec<f32>> {
+    /// One head over one sequence, weight-absorbed: attention runs over the latents directly.
+    /// Writes `out[row, head * v..]` for the span's rows.
+    fn attend_absorbed(
+        &self,
+        q: &[f32],
+        span: &SeqSpan,
+        cache: &LayerKv,
+        head: usize,
+        out: SharedRows,
+        width: usize,
+    ) -> Result<()> {
         let ctx = span.pos0 + span.len;
-        let width = self.heads * self.v_dim;
-        let mut out = vec![0.0f32; span.len * width];
         let mut scores = vec![0.0f32; ctx];
         let mut q_abs = vec![0.0f32; self.kv_lora];
         let mut o_lat = vec![0.0f32; self.kv_lora];
         for t in 0..span.len {
+            let row = span.start + t;
             let visible = span.pos0 + t + 1;
-            for head in 0..self.heads {
-                let (qn, qr) = self.q_row(q, span.start + t, head);
-                // q_abs = W_UKᵀ q_nope: [kv_lora]
-                q_abs.fill(0.0);
-                cpu::matmul_nn_rows(qn, 1, self.nope, &self.w_uk[head], 0, &mut q_abs)?;
-                for (l, s) in scores[..visible].iter_mut().enumerate() {
-                    let c = &cache.latent[l * self.kv_lora..(l + 1) * self.kv_lora];
-                    let kr = &cache.k_rope[l * self.rope_dim..(l + 1) * self.rope_dim];
-                    *s = (ops::dot(&q_abs, c) + ops::dot(qr, kr)) * self.scale;
-                }
-                ops::softmax_inplace(&mut scores[..visible]);
-                o_lat.fill(0.0);
-                for (l, &p) in scores[..visible].iter().enumerate() {
-                    ops::axpy(
-                        &mut o_lat,
-                        p,
-                        &cache.latent[l * self.kv_lora..(l + 1) * self.kv_lora],
-                    );
-                }
-                // out_h = W_UV o_lat: [v]
-                let o =
-                    &mut out[t * width + head * self.v_dim..t * width + (head + 1) * self.v_dim];
-                cpu::matmul_t(&o_lat, 1, &self.w_uv[head], o)?;
+            let (qn, qr) = self.q_row(q, row, head);
+            // q_abs = W_UKᵀ q_nope: [kv_lora]
+            q_abs.fill(0.0);
+            cpu::matmul_nn_rows(qn, 1, self.nope, &self.w_uk[head], 0, &mut q_abs)?;
+            for (l, s) in scores[..visible].iter_mut().enumerate() {
+                let c = &cache.latent[l * self.kv_lora..(l + 1) * self.kv_lora];
+                let kr = &cache.k_rope[l * self.rope_dim..(l + 1) * self.rope_dim];
+                *s = (ops::dot(&q_abs, c) + ops::dot(qr, kr)) * self.scale;
             }
+            ops::softmax_inplace(&mut scores[..visible]);
+            o_lat.fill(0.0);
+            for (l, &p) in scores[..visible].iter().enumerate() {
+                ops::axpy(
+                    &mut o_lat,
+                    p,
+                    &cache.latent[l * self.kv_lora..(l + 1) * self.kv_lora],
+                );
+            }
+            // out_h = W_UV o_lat: [v]
+            // SAFETY: this task alone writes columns head*v..(head+1)*v of the span's rows.
+            let o = unsafe { out.slice(row * width + head * self.v_dim, self.v_dim) };
+            cpu::matmul_t(&o_lat, 1, &self.w_uv[head], o)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Bytes of weights held.

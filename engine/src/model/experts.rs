@@ -116,8 +116,9 @@ impl RoutedExperts {
                 ));
             }
         }
+        // Experts run one after another; each GEMM is split over the compute pool.
         let partials: Vec<(usize, Tensor)> = groups
-            .par_iter()
+            .iter()
             .enumerate()
             .map(|(i, g)| {
                 let mlp = &self.experts[&g.expert];

@@ -31,12 +31,10 @@ impl Moe {
         executor: &dyn ExpertExecutor,
     ) -> Result<(Tensor, Routing)> {
         let routing = self.gate.forward(x)?;
-        let (routed, shared) = rayon::join(
-            || executor.run(layer, x, &routing),
-            || self.shared.as_ref().map(|s| s.forward(x)).transpose(),
-        );
-        let mut out = routed?;
-        if let Some(shared) = shared? {
+        // In-process, both halves are GEMMs on the same compute pool, so they run in turn.
+        // Overlapping the shared expert with remote expert calls belongs to the dispatcher.
+        let mut out = executor.run(layer, x, &routing)?;
+        if let Some(shared) = self.shared.as_ref().map(|s| s.forward(x)).transpose()? {
             for (o, s) in out.as_f32_mut()?.iter_mut().zip(shared.as_f32()?) {
                 *o += s;
             }

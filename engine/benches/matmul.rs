@@ -1,0 +1,71 @@
+//! GEMM kernel throughput (`cargo bench -p switchyard-engine --bench matmul`).
+//!
+//! Decode shapes are memory-bound: the figure that matters is weight bytes streamed per second,
+//! compared in the same run against a plain streaming read of the same bytes (the roofline).
+
+use std::time::Instant;
+
+use switchyard_engine::Tensor;
+use switchyard_engine::cpu::matmul_t;
+
+fn stream_read_gbs(bytes: &[u16], reps: usize) -> f64 {
+    use rayon::prelude::*;
+    let start = Instant::now();
+    let mut total = 0u64;
+    for _ in 0..reps {
+        total = total.wrapping_add(
+            bytes
+                .par_chunks(bytes.len() / rayon::current_num_threads().max(1))
+                .map(|c| {
+                    let mut acc = [0u64; 16];
+                    for ch in c.chunks_exact(16) {
+                        for (a, &v) in acc.iter_mut().zip(ch) {
+                            *a = a.wrapping_add(v as u64);
+                        }
+                    }
+                    acc.iter().sum::<u64>()
+                })
+                .sum::<u64>(),
+        );
+    }
+    std::hint::black_box(total);
+    (bytes.len() * 2 * reps) as f64 / start.elapsed().as_secs_f64() / 1e9
+}
+
+fn main() {
+    // Many distinct weights so each call streams from DRAM, as in decode (321 MB per token).
+    let (n, k) = (1024, 1024);
+    let copies = 192; // 384 MiB of bf16
+    let weights: Vec<Tensor> = (0..copies)
+        .map(|c| {
+            let data: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 31 + c) % 97) as f32 / 97.0 - 0.5)
+                .collect();
+            Tensor::from_f32(&[n, k], data).unwrap().to_bf16()
+        })
+        .collect();
+    let flat: Vec<u16> = vec![1u16; n * k * copies];
+    let roofline = stream_read_gbs(&flat, 3);
+    println!("threads: {}", rayon::current_num_threads());
+    println!("streaming read (roofline): {roofline:.1} GB/s");
+    for m in [1usize, 2, 4, 8, 16, 64] {
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 / 13.0).collect();
+        let mut out = vec![0.0f32; m * n];
+        let reps = 3;
+        let start = Instant::now();
+        for _ in 0..reps {
+            for w in &weights {
+                matmul_t(&x, m, w, &mut out).unwrap();
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let calls = (reps * copies) as f64;
+        let gbs = (n * k * 2) as f64 * calls / secs / 1e9;
+        let gflops = 2.0 * (m * n * k) as f64 * calls / secs / 1e9;
+        println!(
+            "m={m:>3} n={n} k={k} bf16: {:>7.1} us/call, {gbs:>5.1} GB/s ({:.0}% of roofline), {gflops:>6.1} GFLOP/s",
+            secs / calls * 1e6,
+            gbs / roofline * 100.0
+        );
+    }
+}
