@@ -3,33 +3,32 @@
 //! Decode shapes are memory-bound: the figure that matters is weight bytes streamed per second,
 //! compared in the same run against a plain streaming read of the same bytes (the roofline).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use switchyard_engine::Tensor;
 use switchyard_engine::cpu::matmul_t;
 
-fn stream_read_gbs(bytes: &[u16], reps: usize) -> f64 {
-    use rayon::prelude::*;
+fn stream_read_gbs(words: &[u64], reps: usize) -> f64 {
+    let pool = switchyard_engine::cpu::pool::global();
+    let chunks = pool.threads() * 8;
+    let per = words.len().div_ceil(chunks);
+    let sums: Vec<AtomicU64> = (0..chunks).map(|_| AtomicU64::new(0)).collect();
     let start = Instant::now();
-    let mut total = 0u64;
     for _ in 0..reps {
-        total = total.wrapping_add(
-            bytes
-                .par_chunks(bytes.len() / rayon::current_num_threads().max(1))
-                .map(|c| {
-                    let mut acc = [0u64; 16];
-                    for ch in c.chunks_exact(16) {
-                        for (a, &v) in acc.iter_mut().zip(ch) {
-                            *a = a.wrapping_add(v as u64);
-                        }
-                    }
-                    acc.iter().sum::<u64>()
-                })
-                .sum::<u64>(),
-        );
+        pool.run(chunks, &|c| {
+            let part = &words[(c * per).min(words.len())..((c + 1) * per).min(words.len())];
+            let mut acc = [0u64; 8];
+            for ch in part.chunks_exact(8) {
+                for (a, &v) in acc.iter_mut().zip(ch) {
+                    *a = a.wrapping_add(v);
+                }
+            }
+            sums[c].fetch_add(acc.iter().sum::<u64>(), Ordering::Relaxed);
+        });
     }
-    std::hint::black_box(total);
-    (bytes.len() * 2 * reps) as f64 / start.elapsed().as_secs_f64() / 1e9
+    std::hint::black_box(&sums);
+    (words.len() * 8 * reps) as f64 / start.elapsed().as_secs_f64() / 1e9
 }
 
 fn main() {
@@ -41,10 +40,10 @@ fn main() {
             let data: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 31 + c) % 97) as f32 / 97.0 - 0.5)
                 .collect();
-            Tensor::from_f32(&[n, k], data).unwrap().to_bf16()
+            Tensor::from_f32(&[n, k], data).expect("shape matches data").to_bf16()
         })
         .collect();
-    let flat: Vec<u16> = vec![1u16; n * k * copies];
+    let flat: Vec<u64> = vec![1u64; n * k * copies / 4];
     let roofline = stream_read_gbs(&flat, 3);
     println!("threads: {}", rayon::current_num_threads());
     println!("streaming read (roofline): {roofline:.1} GB/s");
@@ -55,7 +54,7 @@ fn main() {
         let start = Instant::now();
         for _ in 0..reps {
             for w in &weights {
-                matmul_t(&x, m, w, &mut out).unwrap();
+                matmul_t(&x, m, w, &mut out).expect("shapes match");
             }
         }
         let secs = start.elapsed().as_secs_f64();
