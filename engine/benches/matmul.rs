@@ -40,31 +40,40 @@ fn main() {
             let data: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 31 + c) % 97) as f32 / 97.0 - 0.5)
                 .collect();
-            Tensor::from_f32(&[n, k], data).expect("shape matches data").to_bf16()
+            Tensor::from_f32(&[n, k], data)
+                .expect("shape matches data")
+                .to_bf16()
         })
         .collect();
     let flat: Vec<u64> = vec![1u64; n * k * copies / 4];
     let roofline = stream_read_gbs(&flat, 3);
     println!("threads: {}", rayon::current_num_threads());
     println!("streaming read (roofline): {roofline:.1} GB/s");
-    for m in [1usize, 2, 4, 8, 16, 64] {
-        let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 / 13.0).collect();
-        let mut out = vec![0.0f32; m * n];
-        let reps = 3;
-        let start = Instant::now();
-        for _ in 0..reps {
-            for w in &weights {
-                matmul_t(&x, m, w, &mut out).expect("shapes match");
+    println!("amx: {}", switchyard_engine::cpu::matmul::amx_available());
+    let packed: Vec<Tensor> = weights
+        .iter()
+        .map(|w| w.clone().pack_for_matmul())
+        .collect();
+    for (layout, weights) in [("row-major", &weights), ("packed", &packed)] {
+        for m in [1usize, 2, 4, 8, 16, 64, 128] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 / 13.0).collect();
+            let mut out = vec![0.0f32; m * n];
+            let reps = 3;
+            let start = Instant::now();
+            for _ in 0..reps {
+                for w in weights.iter() {
+                    matmul_t(&x, m, w, &mut out).expect("shapes match");
+                }
             }
+            let secs = start.elapsed().as_secs_f64();
+            let calls = (reps * copies) as f64;
+            let gbs = (n * k * 2) as f64 * calls / secs / 1e9;
+            let gflops = 2.0 * (m * n * k) as f64 * calls / secs / 1e9;
+            println!(
+                "{layout:>9} m={m:>3} n={n} k={k} bf16: {:>7.1} us/call, {gbs:>5.1} GB/s ({:.0}% of roofline), {gflops:>6.1} GFLOP/s",
+                secs / calls * 1e6,
+                gbs / roofline * 100.0
+            );
         }
-        let secs = start.elapsed().as_secs_f64();
-        let calls = (reps * copies) as f64;
-        let gbs = (n * k * 2) as f64 * calls / secs / 1e9;
-        let gflops = 2.0 * (m * n * k) as f64 * calls / secs / 1e9;
-        println!(
-            "m={m:>3} n={n} k={k} bf16: {:>7.1} us/call, {gbs:>5.1} GB/s ({:.0}% of roofline), {gflops:>6.1} GFLOP/s",
-            secs / calls * 1e6,
-            gbs / roofline * 100.0
-        );
     }
 }

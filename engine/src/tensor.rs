@@ -10,6 +10,7 @@ use std::fmt;
 
 use half::bf16;
 
+use crate::cpu::packed::PackedBf16;
 use crate::dtype::DType;
 use crate::error::{EngineError, Result};
 
@@ -33,6 +34,8 @@ impl fmt::Display for Device {
 pub enum CpuStorage {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
+    /// bf16 weights in the blocked layout of [`crate::cpu::packed`]; logically `[n, k]`.
+    Bf16Packed(PackedBf16),
 }
 
 impl fmt::Debug for CpuStorage {
@@ -40,6 +43,7 @@ impl fmt::Debug for CpuStorage {
         match self {
             CpuStorage::F32(v) => write!(f, "F32(len={})", v.len()),
             CpuStorage::Bf16(v) => write!(f, "Bf16(len={})", v.len()),
+            CpuStorage::Bf16Packed(p) => write!(f, "{p:?}"),
         }
     }
 }
@@ -93,7 +97,7 @@ impl Tensor {
     pub fn dtype(&self) -> DType {
         match &self.storage {
             Storage::Cpu(CpuStorage::F32(_)) => DType::F32,
-            Storage::Cpu(CpuStorage::Bf16(_)) => DType::Bf16,
+            Storage::Cpu(CpuStorage::Bf16(_) | CpuStorage::Bf16Packed(_)) => DType::Bf16,
         }
     }
 
@@ -126,7 +130,7 @@ impl Tensor {
     pub fn as_f32(&self) -> Result<&[f32]> {
         match self.cpu_storage() {
             CpuStorage::F32(v) => Ok(v),
-            CpuStorage::Bf16(_) => Err(EngineError::Shape(format!(
+            CpuStorage::Bf16(_) | CpuStorage::Bf16Packed(_) => Err(EngineError::Shape(format!(
                 "expected f32 storage, got {}",
                 self.dtype()
             ))),
@@ -143,11 +147,47 @@ impl Tensor {
         }
     }
 
+    /// Row-major bf16 elements; an error for other storage.
+    pub fn bf16_slice(&self) -> Result<&[bf16]> {
+        match self.cpu_storage() {
+            CpuStorage::Bf16(v) => Ok(v),
+            _ => Err(EngineError::Shape(format!(
+                "expected row-major bf16 storage, got {:?}",
+                self.cpu_storage()
+            ))),
+        }
+    }
+
+    /// Re-lays a bf16 weight `[n, k]` in the blocked layout of the fast GEMM kernels, when this
+    /// CPU has them; otherwise returns it unchanged. Use for weights that only feed `matmul_t`.
+    pub fn pack_for_matmul(self) -> Tensor {
+        if !crate::cpu::matmul::packed_kernels_available() {
+            return self;
+        }
+        match (&self.storage, &self.shape[..]) {
+            (Storage::Cpu(CpuStorage::Bf16(v)), &[n, k]) => {
+                // SAFETY: bf16 is a transparent u16.
+                let bits: &[u16] =
+                    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) };
+                Tensor {
+                    storage: Storage::Cpu(CpuStorage::Bf16Packed(PackedBf16::pack(bits, n, k))),
+                    shape: self.shape.clone(),
+                }
+            }
+            _ => self,
+        }
+    }
+
     /// Consumes the tensor and returns its elements widened to f32.
     pub fn into_f32_vec(self) -> Vec<f32> {
         match self.storage {
             Storage::Cpu(CpuStorage::F32(v)) => v,
             Storage::Cpu(CpuStorage::Bf16(v)) => v.into_iter().map(f32::from).collect(),
+            Storage::Cpu(CpuStorage::Bf16Packed(p)) => p
+                .unpack()
+                .into_iter()
+                .map(|b| bf16::from_bits(b).to_f32())
+                .collect(),
         }
     }
 
@@ -164,6 +204,7 @@ impl Tensor {
         let data = match self.cpu_storage() {
             CpuStorage::F32(v) => v.iter().map(|&x| bf16::from_f32(x)).collect(),
             CpuStorage::Bf16(v) => v.clone(),
+            CpuStorage::Bf16Packed(p) => p.unpack().into_iter().map(bf16::from_bits).collect(),
         };
         Tensor {
             shape: self.shape.clone(),
@@ -186,6 +227,7 @@ impl Tensor {
         let storage = match self.cpu_storage() {
             CpuStorage::F32(v) => CpuStorage::F32(v[start * row..end * row].to_vec()),
             CpuStorage::Bf16(v) => CpuStorage::Bf16(v[start * row..end * row].to_vec()),
+            CpuStorage::Bf16Packed(_) => return self.to_bf16().narrow_rows(start, end),
         };
         Ok(Tensor {
             shape,
@@ -236,11 +278,12 @@ pub fn concat_rows(parts: &[&Tensor]) -> Result<Tensor> {
             }
             Tensor::from_f32(&[rows, cols], data)
         }
-        CpuStorage::Bf16(_) => {
+        CpuStorage::Bf16(_) | CpuStorage::Bf16Packed(_) => {
             let mut data = Vec::with_capacity(rows * cols);
             for p in parts {
-                if let CpuStorage::Bf16(v) = p.cpu_storage() {
-                    data.extend_from_slice(v);
+                match p.cpu_storage() {
+                    CpuStorage::Bf16(v) => data.extend_from_slice(v),
+                    _ => data.extend_from_slice(p.to_bf16().bf16_slice()?),
                 }
             }
             Tensor::from_bf16(&[rows, cols], data)

@@ -10,6 +10,7 @@ use std::cell::RefCell;
 
 use half::bf16;
 
+use crate::cpu::packed::PackedBf16;
 use crate::error::{EngineError, Result};
 use crate::tensor::{CpuStorage, Tensor};
 
@@ -22,6 +23,13 @@ struct OutPtr(*mut f32);
 // SAFETY: every task writes a disjoint set of output columns; see `matmul_t`.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    // A method, so closures capture the whole (Sync) wrapper rather than its raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 thread_local! {
     static BF16_SCRATCH: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
@@ -54,6 +62,77 @@ fn isa() -> Isa {
     })
 }
 
+/// Whether [`Tensor::pack_for_matmul`] layouts have kernels on this CPU (AVX512-BF16).
+pub fn packed_kernels_available() -> bool {
+    isa() == Isa::Avx512Bf16
+}
+
+/// Whether AMX tiles are usable (CPU support, and the kernel granted this process the tile
+/// state). Batches of [`AMX_MIN_ROWS`] rows or more then run on the tile units.
+pub fn amx_available() -> bool {
+    use std::sync::OnceLock;
+    static AMX: OnceLock<bool> = OnceLock::new();
+    *AMX.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            packed_kernels_available()
+                && std::env::var_os("SWITCHYARD_NO_AMX").is_none()
+                && amx::request()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// Rows from which a packed GEMM uses AMX tiles: a tile pass costs the same for 1 or 16 rows,
+/// so below this the AVX512-BF16 kernel wins.
+pub const AMX_MIN_ROWS: usize = 2;
+
+/// `x: [m, k]` f32 times a packed bf16 weight.
+fn matmul_packed(x: &[f32], m: usize, w: &PackedBf16, out: &mut [f32]) {
+    let (n, k, kp) = (w.n(), w.k(), w.k_padded());
+    let use_amx = m >= AMX_MIN_ROWS && amx_available();
+    // Activations as bf16, each row padded with zeros to the packed width (and, for AMX, the
+    // rows padded to whole 16-row tiles).
+    let rows = if use_amx { m.next_multiple_of(16) } else { m };
+    BF16_SCRATCH.with(|scratch| {
+        let mut xb = scratch.borrow_mut();
+        xb.clear();
+        xb.resize(rows * kp, 0);
+        for (dst, src) in xb.chunks_exact_mut(kp).zip(x.chunks_exact(k)) {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = bf16::from_f32(v).to_bits();
+            }
+        }
+        let xb = &xb[..];
+        let ptr = OutPtr(out.as_mut_ptr());
+        let blocks = w.row_blocks();
+        let pool = super::pool::global();
+        let tasks = if m * n * k < PARALLEL_MIN_MACS {
+            1
+        } else {
+            (pool.threads() * 4).min(blocks.div_ceil(2))
+        };
+        // Whole pairs of row blocks per task (the AMX kernel works on pairs).
+        let per = blocks.div_ceil(tasks.max(1)).next_multiple_of(2);
+        pool.run(blocks.div_ceil(per), &|t| {
+            let (b0, b1) = (t * per, ((t + 1) * per).min(blocks));
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX512-BF16 (and AMX when chosen) are present; `xb` holds `rows` padded
+            // rows; this task owns output columns of blocks b0..b1.
+            unsafe {
+                if use_amx {
+                    amx::gemm_packed(xb, m, kp, w, b0, b1, n, ptr.get());
+                } else {
+                    packed_avx512::gemm(xb, m, kp, w, b0, b1, n, ptr.get());
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (t, b0, b1, xb, ptr);
+        });
+    });
+}
+
 /// `out[m, n] = Σ_k x[m, k] · w[n, k]`; `x` is `[m, k]` f32, `w` is `[n, k]` f32 or bf16.
 pub fn matmul_t(x: &[f32], m: usize, w: &Tensor, out: &mut [f32]) -> Result<()> {
     let (n, k) = w.dims2()?;
@@ -71,6 +150,7 @@ pub fn matmul_t(x: &[f32], m: usize, w: &Tensor, out: &mut [f32]) -> Result<()> 
         CpuStorage::F32(wd) => run_split(m, n, k, out, |n0, n1, o| {
             gemm_f32(x, m, k, wd, n0, n1, n, o)
         }),
+        CpuStorage::Bf16Packed(pw) => matmul_packed(x, m, pw, out),
         CpuStorage::Bf16(wd) => {
             // SAFETY: bf16 is a transparent u16.
             let wbits: &[u16] =
@@ -230,6 +310,11 @@ pub fn matmul_nn_rows(
         )));
     }
     match w.cpu_storage() {
+        CpuStorage::Bf16Packed(_) => {
+            return Err(EngineError::Shape(
+                "matmul_nn_rows needs a row-major weight, got a packed one".into(),
+            ));
+        }
         CpuStorage::F32(wd) => {
             for i in 0..m {
                 let o = &mut out[i * n..(i + 1) * n];
@@ -499,6 +584,225 @@ mod avx512 {
     );
 }
 
+#[cfg(target_arch = "x86_64")]
+mod packed_avx512 {
+    use std::arch::x86_64::*;
+
+    use crate::cpu::packed::{BLOCK_K, BLOCK_N, PackedBf16};
+
+    /// Row blocks `b0..b1` of a packed weight times up to 4 activation rows at a time.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm(
+        x: &[u16],
+        m: usize,
+        kp: usize,
+        w: &PackedBf16,
+        b0: usize,
+        b1: usize,
+        n: usize,
+        out: *mut f32,
+    ) {
+        let mut i = 0;
+        while i < m {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                match m - i {
+                    1 => rows::<1>(x, i, kp, w, b0, b1, n, out),
+                    2 => rows::<2>(x, i, kp, w, b0, b1, n, out),
+                    3 => rows::<3>(x, i, kp, w, b0, b1, n, out),
+                    _ => rows::<4>(x, i, kp, w, b0, b1, n, out),
+                }
+            }
+            i += 4;
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows<const M: usize>(
+        x: &[u16],
+        i: usize,
+        kp: usize,
+        w: &PackedBf16,
+        b0: usize,
+        b1: usize,
+        n: usize,
+        out: *mut f32,
+    ) {
+        let kbs = kp / BLOCK_K;
+        for nb in b0..b1 {
+            // Two accumulators per row (even / odd pairs) hide the dot-product latency.
+            let mut acc = [[_mm512_setzero_ps(); 2]; M];
+            // SAFETY: block nb's kbs blocks lie inside the packed data.
+            let base = unsafe { w.data.as_ptr().add(nb * kbs * BLOCK_K * BLOCK_N) };
+            for kb in 0..kbs {
+                for kk in 0..BLOCK_K / 2 {
+                    // SAFETY: 64-byte block row kk of block (nb, kb).
+                    let wv = unsafe {
+                        _mm512_loadu_si512(base.add((kb * BLOCK_K / 2 + kk) * 2 * BLOCK_N).cast())
+                    };
+                    let wv: __m512bh = unsafe { std::mem::transmute(wv) };
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        // SAFETY: the pair (2kk, 2kk+1) of slice kb of row i + r is inside x.
+                        let pair = unsafe {
+                            x.as_ptr()
+                                .add((i + r) * kp + kb * BLOCK_K + 2 * kk)
+                                .cast::<i32>()
+                                .read_unaligned()
+                        };
+                        let xv: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(pair)) };
+                        a[kk & 1] = _mm512_dpbf16_ps(a[kk & 1], xv, wv);
+                    }
+                }
+            }
+            let cols = (n - nb * BLOCK_N).min(BLOCK_N);
+            let mask: __mmask16 = if cols == 16 {
+                0xffff
+            } else {
+                ((1u32 << cols) - 1) as __mmask16
+            };
+            for (r, a) in acc.iter().enumerate() {
+                // SAFETY: masked store of the valid columns of row i + r.
+                unsafe {
+                    _mm512_mask_storeu_ps(
+                        out.add((i + r) * n + nb * BLOCK_N),
+                        mask,
+                        _mm512_add_ps(a[0], a[1]),
+                    )
+                };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use std::arch::asm;
+
+    use crate::cpu::packed::{BLOCK_K, BLOCK_N, PackedBf16};
+
+    /// Asks Linux for permission to use the AMX tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM,
+    /// XFEATURE_XTILEDATA)`); without it the first tile instruction faults.
+    pub(super) fn request() -> bool {
+        // CPUID.(7,0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE.
+        let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+        if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+            return false;
+        }
+        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+        const XFEATURE_XTILEDATA: i64 = 18;
+        let ret: i64;
+        // SAFETY: a plain Linux syscall (158 = arch_prctl) with integer arguments.
+        unsafe {
+            asm!("syscall", inlateout("rax") 158i64 => ret, in("rdi") ARCH_REQ_XCOMP_PERM,
+                in("rsi") XFEATURE_XTILEDATA, lateout("rcx") _, lateout("r11") _, options(nostack));
+        }
+        ret == 0
+    }
+
+    #[repr(C, align(64))]
+    struct TileConfig([u8; 64]);
+
+    /// Every tile 16 rows × 64 bytes.
+    fn config() -> TileConfig {
+        let mut c = TileConfig([0; 64]);
+        c.0[0] = 1; // palette 1
+        for t in 0..8 {
+            c.0[16 + 2 * t] = 64;
+            c.0[48 + t] = 16;
+        }
+        c
+    }
+
+    /// Row blocks `b0..b1` (an even count, or running to the end) of a packed weight times all
+    /// `m` activation rows, 16 rows × 32 outputs per tile pass.
+    ///
+    /// # Safety
+    /// AMX must be granted; `x` holds `m` rounded up to 16 rows of `kp` bf16.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm_packed(
+        x: &[u16],
+        m: usize,
+        kp: usize,
+        w: &PackedBf16,
+        b0: usize,
+        b1: usize,
+        n: usize,
+        out: *mut f32,
+    ) {
+        let cfg = config();
+        let kbs = kp / BLOCK_K;
+        let block_bytes = BLOCK_K * BLOCK_N * 2;
+        let mut c = [0f32; 2 * BLOCK_N * 16];
+        // SAFETY: a valid palette-1 configuration.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack)) };
+        for mt in 0..m.div_ceil(16) {
+            let mut nb = b0;
+            while nb < b1 {
+                // An odd last block pairs with itself; its second result is dropped.
+                let nb2 = if nb + 1 < b1 { nb + 1 } else { nb };
+                // SAFETY: pointers stay inside x and the packed data (kbs blocks each).
+                unsafe {
+                    let a = x.as_ptr().add(mt * 16 * kp);
+                    let w0 = w.data.as_ptr().add(nb * kbs * BLOCK_K * BLOCK_N);
+                    let w1 = w.data.as_ptr().add(nb2 * kbs * BLOCK_K * BLOCK_N);
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "2:",
+                        "tileloadd tmm4, [{a} + {astride}*1]",
+                        "tileloadd tmm6, [{w0} + {wstride}*1]",
+                        "tileloadd tmm7, [{w1} + {wstride}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "add {a}, 64",
+                        "add {w0}, {bb}",
+                        "add {w1}, {bb}",
+                        "dec {cnt}",
+                        "jnz 2b",
+                        "tilestored [{c0} + {cstride}*1], tmm0",
+                        "tilestored [{c1} + {cstride}*1], tmm1",
+                        a = inout(reg) a => _,
+                        w0 = inout(reg) w0 => _,
+                        w1 = inout(reg) w1 => _,
+                        cnt = inout(reg) kbs => _,
+                        astride = in(reg) kp * 2,
+                        wstride = in(reg) 64usize,
+                        bb = in(reg) block_bytes,
+                        c0 = in(reg) c.as_mut_ptr(),
+                        c1 = in(reg) c.as_mut_ptr().add(BLOCK_N * 16),
+                        cstride = in(reg) 64usize,
+                        options(nostack),
+                    );
+                }
+                for (t, blk) in
+                    [nb, nb2]
+                        .into_iter()
+                        .enumerate()
+                        .take(if nb2 != nb { 2 } else { 1 })
+                {
+                    let cols = (n - blk * BLOCK_N).min(BLOCK_N);
+                    for r in 0..16.min(m - mt * 16) {
+                        let src = &c[t * 256 + r * 16..t * 256 + r * 16 + cols];
+                        // SAFETY: row mt*16 + r < m, columns of block blk < n.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                src.as_ptr(),
+                                out.add((mt * 16 + r) * n + blk * BLOCK_N),
+                                cols,
+                            );
+                        }
+                    }
+                }
+                nb = nb2 + 1;
+            }
+        }
+        // SAFETY: releases this thread's tile state.
+        unsafe { asm!("tilerelease", options(nostack)) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -563,6 +867,35 @@ mod tests {
                 // Activations may be rounded to bf16 too: relative error ~2^-8 per term.
                 let tol = 2e-2 * (k as f32).sqrt();
                 assert!((a - b).abs() < tol, "{m}x{n}x{k}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn packed_matmul_matches_row_major_for_every_batch_size() {
+        // Small batches take the AVX512-BF16 kernel, larger ones AMX tiles where present.
+        for &(m, n, k) in &[
+            (1, 17, 40),
+            (3, 16, 32),
+            (4, 40, 64),
+            (8, 33, 96),
+            (19, 48, 100),
+            (40, 64, 1024),
+        ] {
+            let x = pseudo(m * k, 5);
+            let w = Tensor::from_f32(&[n, k], pseudo(n * k, 6))
+                .unwrap()
+                .to_bf16();
+            let packed = w.clone().pack_for_matmul();
+            let mut a = vec![0.0; m * n];
+            let mut b = vec![0.0; m * n];
+            matmul_t(&x, m, &w, &mut a).unwrap();
+            matmul_t(&x, m, &packed, &mut b).unwrap();
+            for (p, q) in a.iter().zip(&b) {
+                assert!(
+                    (p - q).abs() < 1e-3 * (k as f32).sqrt(),
+                    "{m}x{n}x{k}: {p} vs {q}"
+                );
             }
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod matmul;
 pub mod ops;
+pub mod packed;
 pub mod pool;
 
 pub use matmul::{matmul_nn_rows, matmul_t};

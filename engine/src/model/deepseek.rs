@@ -355,6 +355,11 @@ impl DeepseekModel {
         let h = self.config.hidden_size;
         let mut out = Vec::with_capacity(tokens * h);
         match self.embed.cpu_storage() {
+            CpuStorage::Bf16Packed(_) => {
+                return Err(EngineError::Shape(
+                    "the embedding table must be row-major".into(),
+                ));
+            }
             CpuStorage::F32(e) => {
                 for id in ids {
                     out.extend_from_slice(&e[id as usize * h..(id as usize + 1) * h]);

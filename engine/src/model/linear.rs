@@ -14,7 +14,9 @@ pub struct Linear {
 impl Linear {
     pub fn new(weight: Tensor) -> Result<Linear> {
         weight.dims2()?;
-        Ok(Linear { weight })
+        Ok(Linear {
+            weight: weight.pack_for_matmul(),
+        })
     }
 
     pub fn load(
@@ -24,13 +26,6 @@ impl Linear {
         in_features: usize,
     ) -> Result<Linear> {
         Linear::new(ck.load_weight(name, &[out_features, in_features])?)
-    }
-
-    /// Stacks the rows of several weights with the same input size (e.g. gate and up
-    /// projections) so one GEMM computes them all.
-    pub fn stack(parts: &[Linear]) -> Result<Linear> {
-        let tensors: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
-        Linear::new(crate::tensor::concat_rows(&tensors)?)
     }
 
     pub fn out_features(&self) -> usize {

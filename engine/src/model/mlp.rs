@@ -17,20 +17,13 @@ pub struct Mlp {
 impl Mlp {
     /// Loads `{prefix}.gate_proj`, `.up_proj`, `.down_proj`.
     pub fn new(ck: &Checkpoint, prefix: &str, hidden: usize, intermediate: usize) -> Result<Mlp> {
-        let gate = Linear::load(
-            ck,
+        let gate = ck.load_weight(
             &format!("{prefix}.gate_proj.weight"),
-            intermediate,
-            hidden,
+            &[intermediate, hidden],
         )?;
-        let up = Linear::load(
-            ck,
-            &format!("{prefix}.up_proj.weight"),
-            intermediate,
-            hidden,
-        )?;
+        let up = ck.load_weight(&format!("{prefix}.up_proj.weight"), &[intermediate, hidden])?;
         Ok(Mlp {
-            gate_up: Linear::stack(&[gate, up])?,
+            gate_up: Linear::new(crate::tensor::concat_rows(&[&gate, &up])?)?,
             down: Linear::load(
                 ck,
                 &format!("{prefix}.down_proj.weight"),
