@@ -590,6 +590,9 @@ mod packed_avx512 {
 
     use crate::cpu::packed::{BLOCK_K, BLOCK_N, PackedBf16};
 
+    /// How far ahead (in bf16 elements) each weight stream is prefetched.
+    const PREFETCH_ELEMS: usize = 1024;
+
     /// Row blocks `b0..b1` of a packed weight times up to 4 activation rows at a time.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
@@ -605,74 +608,95 @@ mod packed_avx512 {
     ) {
         let mut i = 0;
         while i < m {
-            // SAFETY: forwarded from the caller.
-            unsafe {
-                match m - i {
-                    1 => rows::<1>(x, i, kp, w, b0, b1, n, out),
-                    2 => rows::<2>(x, i, kp, w, b0, b1, n, out),
-                    3 => rows::<3>(x, i, kp, w, b0, b1, n, out),
-                    _ => rows::<4>(x, i, kp, w, b0, b1, n, out),
+            let mr = (m - i).min(4);
+            let mut nb = b0;
+            // Several row blocks at once: each is its own sequential memory stream, and one
+            // stream per core leaves DRAM bandwidth unused.
+            while nb < b1 {
+                let left = b1 - nb;
+                // SAFETY: forwarded from the caller; blocks nb..nb+NB are < b1.
+                unsafe {
+                    let step = match (mr, left) {
+                        (1, 4..) => rows::<1, 4>(x, i, kp, w, nb, n, out),
+                        (2, 4..) => rows::<2, 4>(x, i, kp, w, nb, n, out),
+                        (3, 2..) => rows::<3, 2>(x, i, kp, w, nb, n, out),
+                        (4, 2..) => rows::<4, 2>(x, i, kp, w, nb, n, out),
+                        (1, _) => rows::<1, 1>(x, i, kp, w, nb, n, out),
+                        (2, _) => rows::<2, 1>(x, i, kp, w, nb, n, out),
+                        (3, _) => rows::<3, 1>(x, i, kp, w, nb, n, out),
+                        _ => rows::<4, 1>(x, i, kp, w, nb, n, out),
+                    };
+                    nb += step;
                 }
             }
-            i += 4;
+            i += mr;
         }
     }
 
+    /// Rows `i..i+M` times row blocks `nb..nb+NB`; returns NB.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn rows<const M: usize>(
+    unsafe fn rows<const M: usize, const NB: usize>(
         x: &[u16],
         i: usize,
         kp: usize,
         w: &PackedBf16,
-        b0: usize,
-        b1: usize,
+        nb: usize,
         n: usize,
         out: *mut f32,
-    ) {
+    ) -> usize {
         let kbs = kp / BLOCK_K;
-        for nb in b0..b1 {
-            // Two accumulators per row (even / odd pairs) hide the dot-product latency.
-            let mut acc = [[_mm512_setzero_ps(); 2]; M];
-            // SAFETY: block nb's kbs blocks lie inside the packed data.
-            let base = unsafe { w.data.as_ptr().add(nb * kbs * BLOCK_K * BLOCK_N) };
-            for kb in 0..kbs {
-                for kk in 0..BLOCK_K / 2 {
-                    // SAFETY: 64-byte block row kk of block (nb, kb).
-                    let wv = unsafe {
-                        _mm512_loadu_si512(base.add((kb * BLOCK_K / 2 + kk) * 2 * BLOCK_N).cast())
+        let stride = kbs * BLOCK_K * BLOCK_N;
+        // Two accumulators per (row, block) (even / odd pairs) hide the dot-product latency.
+        let mut acc = [[[_mm512_setzero_ps(); 2]; NB]; M];
+        // SAFETY: blocks nb..nb+NB lie inside the packed data.
+        let base = unsafe { w.data.as_ptr().add(nb * stride) };
+        for kb in 0..kbs {
+            for kk in 0..BLOCK_K / 2 {
+                let mut wv = [unsafe { std::mem::zeroed::<__m512bh>() }; NB];
+                for (b, v) in wv.iter_mut().enumerate() {
+                    let at = b * stride + (kb * BLOCK_K / 2 + kk) * 2 * BLOCK_N;
+                    // Short streams keep the hardware prefetcher cold; run ahead of it.
+                    _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(at + PREFETCH_ELEMS).cast());
+                    // SAFETY: 64-byte row kk of block (nb + b, kb).
+                    let raw = unsafe { _mm512_loadu_si512(base.add(at).cast()) };
+                    *v = unsafe { std::mem::transmute::<__m512i, __m512bh>(raw) };
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    // SAFETY: the pair (2kk, 2kk+1) of slice kb of row i + r is inside x.
+                    let pair = unsafe {
+                        x.as_ptr()
+                            .add((i + r) * kp + kb * BLOCK_K + 2 * kk)
+                            .cast::<i32>()
+                            .read_unaligned()
                     };
-                    let wv: __m512bh = unsafe { std::mem::transmute(wv) };
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        // SAFETY: the pair (2kk, 2kk+1) of slice kb of row i + r is inside x.
-                        let pair = unsafe {
-                            x.as_ptr()
-                                .add((i + r) * kp + kb * BLOCK_K + 2 * kk)
-                                .cast::<i32>()
-                                .read_unaligned()
-                        };
-                        let xv: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(pair)) };
-                        a[kk & 1] = _mm512_dpbf16_ps(a[kk & 1], xv, wv);
+                    let xv: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(pair)) };
+                    for (b, a) in row.iter_mut().enumerate() {
+                        a[kk & 1] = _mm512_dpbf16_ps(a[kk & 1], xv, wv[b]);
                     }
                 }
             }
-            let cols = (n - nb * BLOCK_N).min(BLOCK_N);
+        }
+        for b in 0..NB {
+            let blk = nb + b;
+            let cols = (n - blk * BLOCK_N).min(BLOCK_N);
             let mask: __mmask16 = if cols == 16 {
                 0xffff
             } else {
                 ((1u32 << cols) - 1) as __mmask16
             };
-            for (r, a) in acc.iter().enumerate() {
+            for (r, row) in acc.iter().enumerate() {
                 // SAFETY: masked store of the valid columns of row i + r.
                 unsafe {
                     _mm512_mask_storeu_ps(
-                        out.add((i + r) * n + nb * BLOCK_N),
+                        out.add((i + r) * n + blk * BLOCK_N),
                         mask,
-                        _mm512_add_ps(a[0], a[1]),
+                        _mm512_add_ps(row[b][0], row[b][1]),
                     )
                 };
             }
         }
+        NB
     }
 }
 
