@@ -67,6 +67,8 @@ pub struct MlaAttention {
     /// Per head: W_UK `[nope, kv_lora]` and W_UV `[v, kv_lora]`, split out of `kv_b_proj`.
     w_uk: Vec<Tensor>,
     w_uv: Vec<Tensor>,
+    /// W_UV widened to f32, the left operand of the expanded form's `Vᵀ = W_UV · latentᵀ`.
+    w_uv_f32: Vec<Vec<f32>>,
     o: Linear,
     rope: Arc<Rope>,
     heads: usize,
@@ -118,8 +120,10 @@ impl MlaAttention {
             w_uk.push(kv_b.narrow_rows(r0, r0 + a.qk_nope_head_dim)?);
             w_uv.push(kv_b.narrow_rows(r0 + a.qk_nope_head_dim, r0 + per_head)?);
         }
+        let w_uv_f32 = w_uv.iter().map(|t| t.to_f32().into_f32_vec()).collect();
         Ok(MlaAttention {
             q,
+            w_uv_f32,
             kv_a: Linear::load(
                 ck,
                 &format!("{prefix}.kv_a_proj_with_mqa.weight"),
@@ -268,27 +272,47 @@ impl MlaAttention {
         width: usize,
     ) -> Result<()> {
         let ctx = span.pos0 + span.len;
-        // [ctx, nope] and [ctx, v]
+        let qk = self.nope + self.rope_dim;
+        let lat = latent.as_f32()?;
+        // Keys of this head: [ctx, nope + rope], the expanded no-rope part beside the shared key.
         let mut k_nope = vec![0.0f32; ctx * self.nope];
-        cpu::matmul_t(latent.as_f32()?, ctx, &self.w_uk[head], &mut k_nope)?;
-        let mut v = vec![0.0f32; ctx * self.v_dim];
-        cpu::matmul_t(latent.as_f32()?, ctx, &self.w_uv[head], &mut v)?;
-        let mut scores = vec![0.0f32; ctx];
+        cpu::matmul_t(lat, ctx, &self.w_uk[head], &mut k_nope)?;
+        let mut keys = Vec::with_capacity(ctx * qk);
+        for l in 0..ctx {
+            keys.extend_from_slice(&k_nope[l * self.nope..(l + 1) * self.nope]);
+            keys.extend_from_slice(&cache.k_rope[l * self.rope_dim..(l + 1) * self.rope_dim]);
+        }
+        let keys = Tensor::from_f32(&[ctx, qk], keys)?;
+        // Queries of this head: [len, nope + rope]
+        let mut queries = Vec::with_capacity(span.len * qk);
+        for t in 0..span.len {
+            let (qn, qr) = self.q_row(q, span.start + t, head);
+            queries.extend_from_slice(qn);
+            queries.extend_from_slice(qr);
+        }
+        // [len, ctx]
+        let mut scores = vec![0.0f32; span.len * ctx];
+        cpu::matmul_t(&queries, span.len, &keys, &mut scores)?;
+        for (t, row) in scores.chunks_exact_mut(ctx).enumerate() {
+            let visible = span.pos0 + t + 1;
+            for s in row[..visible].iter_mut() {
+                *s *= self.scale;
+            }
+            ops::softmax_inplace(&mut row[..visible]);
+            row[visible..].fill(0.0);
+        }
+        // Values transposed, Vᵀ = W_UV · latentᵀ: [v, ctx]
+        let mut v_t = vec![0.0f32; self.v_dim * ctx];
+        cpu::matmul_t(&self.w_uv_f32[head], self.v_dim, latent, &mut v_t)?;
+        let v_t = Tensor::from_f32(&[self.v_dim, ctx], v_t)?;
+        // [len, v]
+        let mut o = vec![0.0f32; span.len * self.v_dim];
+        cpu::matmul_t(&scores, span.len, &v_t, &mut o)?;
         for t in 0..span.len {
             let row = span.start + t;
-            let (qn, qr) = self.q_row(q, row, head);
-            let visible = span.pos0 + t + 1;
-            for (l, s) in scores[..visible].iter_mut().enumerate() {
-                let kr = &cache.k_rope[l * self.rope_dim..(l + 1) * self.rope_dim];
-                *s = (ops::dot(qn, &k_nope[l * self.nope..(l + 1) * self.nope]) + ops::dot(qr, kr))
-                    * self.scale;
-            }
-            ops::softmax_inplace(&mut scores[..visible]);
             // SAFETY: this task alone writes columns head*v..(head+1)*v of the span's rows.
-            let o = unsafe { out.slice(row * width + head * self.v_dim, self.v_dim) };
-            for (l, &p) in scores[..visible].iter().enumerate() {
-                ops::axpy(o, p, &v[l * self.v_dim..(l + 1) * self.v_dim]);
-            }
+            let dst = unsafe { out.slice(row * width + head * self.v_dim, self.v_dim) };
+            dst.copy_from_slice(&o[t * self.v_dim..(t + 1) * self.v_dim]);
         }
         Ok(())
     }

@@ -116,21 +116,36 @@ impl RoutedExperts {
                 ));
             }
         }
-        // Experts run one after another; each GEMM is split over the compute pool.
-        let partials: Vec<(usize, Tensor)> = groups
-            .iter()
+        // One task per expert: each runs its whole MLP on one thread, so the gather, the
+        // activation and both GEMMs of different experts proceed side by side with no
+        // synchronisation between them. A single big group still splits its GEMMs.
+        let run_expert = |g: &ExpertGroup| -> Result<Tensor> {
+            let mlp = &self.experts[&g.expert];
+            // [rows, hidden]
+            let mut gathered = Vec::with_capacity(g.rows.len() * hidden);
+            for &r in &g.rows {
+                gathered.extend_from_slice(&xd[r as usize * hidden..(r as usize + 1) * hidden]);
+            }
+            mlp.forward(&Tensor::from_f32(&[g.rows.len(), hidden], gathered)?)
+        };
+        let results: Vec<std::sync::Mutex<Option<Result<Tensor>>>> =
+            groups.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        crate::cpu::pool::global().run(groups.len(), &|i| {
+            let y = run_expert(&groups[i]);
+            if let Ok(mut slot) = results[i].lock() {
+                *slot = Some(y);
+            }
+        });
+        let partials = results
+            .into_iter()
             .enumerate()
-            .map(|(i, g)| {
-                let mlp = &self.experts[&g.expert];
-                // [rows, hidden]
-                let mut gathered = Vec::with_capacity(g.rows.len() * hidden);
-                for &r in &g.rows {
-                    gathered.extend_from_slice(&xd[r as usize * hidden..(r as usize + 1) * hidden]);
-                }
-                let y = mlp.forward(&Tensor::from_f32(&[g.rows.len(), hidden], gathered)?)?;
+            .map(|(i, slot)| {
+                let y = slot.into_inner().ok().flatten().ok_or_else(|| {
+                    EngineError::Shape(format!("expert group {i} produced no output"))
+                })??;
                 Ok((i, y))
             })
-            .collect::<Result<_>>()?;
+            .collect::<Result<Vec<_>>>()?;
         let mut out = Tensor::zeros(&[tokens, hidden]);
         let od = out.as_f32_mut()?;
         // Scatter-add in expert order so results do not depend on thread timing.
