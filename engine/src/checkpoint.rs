@@ -79,6 +79,23 @@ struct QuantConfig {
     weight_block_size: Option<[usize; 2]>,
 }
 
+impl Shard {
+    /// Drops a copied-out byte range from this process's resident set, so that a loaded model
+    /// is not counted twice (heap copy + mapped file pages) in peak memory. The pages stay in
+    /// the page cache and fault back in if read again.
+    fn release(&self, range: std::ops::Range<usize>) {
+        // SAFETY: the mapping is a read-only view of a file; dropping its pages cannot change
+        // what a later read sees (it re-faults the same file bytes).
+        let _ = unsafe {
+            self.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                range.start,
+                range.len(),
+            )
+        };
+    }
+}
+
 impl Checkpoint {
     /// Opens `dir`: reads the index if there is one (mapping no shard yet), else the single file.
     pub fn open(dir: &Path) -> Result<Checkpoint> {
@@ -264,22 +281,25 @@ impl Checkpoint {
                 found: format!("shape {found_shape:?}"),
             });
         }
-        let bytes = &shard.mmap[range];
-        if dtype == DType::F8E4M3 {
-            return self.load_fp8(name, shape, bytes, precision);
-        }
-        match precision {
-            Precision::F32 => {
-                let mut data = Vec::with_capacity(bytes.len() / dtype.size_in_bytes());
-                dtype::decode_to_f32(dtype, bytes, &mut data);
-                Tensor::from_f32(shape, data)
+        let bytes = &shard.mmap[range.clone()];
+        let tensor = if dtype == DType::F8E4M3 {
+            self.load_fp8(name, shape, bytes, precision)
+        } else {
+            match precision {
+                Precision::F32 => {
+                    let mut data = Vec::with_capacity(bytes.len() / dtype.size_in_bytes());
+                    dtype::decode_to_f32(dtype, bytes, &mut data);
+                    Tensor::from_f32(shape, data)
+                }
+                Precision::Bf16 => {
+                    let mut data = Vec::with_capacity(bytes.len() / dtype.size_in_bytes());
+                    dtype::decode_to_bf16(dtype, bytes, &mut data);
+                    Tensor::from_bf16(shape, data)
+                }
             }
-            Precision::Bf16 => {
-                let mut data = Vec::with_capacity(bytes.len() / dtype.size_in_bytes());
-                dtype::decode_to_bf16(dtype, bytes, &mut data);
-                Tensor::from_bf16(shape, data)
-            }
-        }
+        };
+        shard.release(range);
+        tensor
     }
 
     /// Loads a weight in the precision it is stored in: f32 stays f32, everything else becomes
