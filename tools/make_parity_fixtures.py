@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Parity fixtures for switchyard-engine, made with transformers' own DeepseekV3ForCausalLM.
+"""Parity fixtures for switchyard-engine, made with transformers' own DeepseekV3ForCausalLM
+(and DeepseekV2ForCausalLM for the softmax-gated V2 family).
 
 For each tiny random config this writes a checkpoint in the Hugging Face layout DeepSeek-V3
 ships with (one tensor per routed expert: `mlp.experts.{e}.gate_proj.weight`, ...) and the
@@ -23,7 +24,13 @@ import os
 
 import torch
 from safetensors.torch import save_file
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config,
+                          DeepseekV3ForCausalLM)
+
+ARCHS = {
+    "v3": (DeepseekV3Config, DeepseekV3ForCausalLM),
+    "v2": (DeepseekV2Config, DeepseekV2ForCausalLM),
+}
 
 # Three shapes that between them cover: q_lora_rank and direct q_proj, plain RoPE and YaRN,
 # group-limited routing with different limits and none, with and without leading dense layers,
@@ -72,6 +79,36 @@ CONFIGS = {
         ),
         schema="deepseek",
         seed=3,
+    ),
+    # DeepSeek-V2 family: softmax gate, no correction bias, no renormalisation.
+    "v2_softmax_group_limited": dict(
+        arch="v2",
+        config=dict(
+            vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+            num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4,
+            num_key_value_heads=4, n_routed_experts=16, num_experts_per_tok=3, n_group=4,
+            topk_group=2, topk_method="group_limited_greedy", n_shared_experts=2,
+            q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+            v_head_dim=16, routed_scaling_factor=1.5, norm_topk_prob=False,
+            max_position_embeddings=2048,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        ),
+        schema="deepseek",
+        seed=4,
+    ),
+    "v2_lite_greedy": dict(
+        arch="v2",
+        config=dict(
+            vocab_size=256, hidden_size=48, intermediate_size=96, moe_intermediate_size=16,
+            num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2,
+            num_key_value_heads=2, n_routed_experts=8, num_experts_per_tok=2, n_group=1,
+            topk_group=1, topk_method="greedy", n_shared_experts=1, q_lora_rank=None,
+            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+            routed_scaling_factor=1.0, norm_topk_prob=False, max_position_embeddings=2048,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        ),
+        schema="transformers5",
+        seed=5,
     ),
 }
 
@@ -139,10 +176,11 @@ def deepseek_schema(config_dict):
 def make(name, spec, out_dir):
     torch.manual_seed(spec["seed"])
     generator = torch.Generator().manual_seed(spec["seed"])
-    config = DeepseekV3Config(**spec["config"], bos_token_id=0, eos_token_id=1,
-                              tie_word_embeddings=False)
+    config_cls, model_cls = ARCHS[spec.get("arch", "v3")]
+    config = config_cls(**spec["config"], bos_token_id=0, eos_token_id=1,
+                        tie_word_embeddings=False)
     config._attn_implementation = "eager"
-    model = DeepseekV3ForCausalLM(config).to(torch.float32).eval()
+    model = model_cls(config).to(torch.float32).eval()
     init_weights(model, generator)
 
     prompt = torch.randint(2, config.vocab_size, (1, PROMPT_LEN), generator=generator)
@@ -194,7 +232,7 @@ def make(name, spec, out_dir):
     with open(os.path.join(d, "reference.json"), "w") as f:
         json.dump({
             "source": f"transformers {__import__('transformers').__version__}, torch {torch.__version__}, "
-                      "DeepseekV3ForCausalLM, eager attention, float32",
+                      f"{model_cls.__name__}, eager attention, float32",
             "prompt_ids": prompt[0].tolist(),
             "greedy_ids": greedy,
             "min_greedy_margin": min(margins),

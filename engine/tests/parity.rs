@@ -18,6 +18,8 @@ const FIXTURES: &[&str] = &[
     "qlora_yarn_groups",
     "qproj_plain_nogroups",
     "qlora_yarn_two_dense_deepseek_schema",
+    "v2_softmax_group_limited",
+    "v2_lite_greedy",
 ];
 
 #[derive(Deserialize)]
