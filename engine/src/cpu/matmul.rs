@@ -90,8 +90,11 @@ pub const AMX_MIN_ROWS: usize = 2;
 
 /// `x: [m, k]` f32 times a packed bf16 weight.
 fn matmul_packed(x: &[f32], m: usize, w: &PackedBf16, out: &mut [f32]) {
+    matmul_packed_with(x, m, w, out, m >= AMX_MIN_ROWS && amx_available());
+}
+
+fn matmul_packed_with(x: &[f32], m: usize, w: &PackedBf16, out: &mut [f32], use_amx: bool) {
     let (n, k, kp) = (w.n(), w.k(), w.k_padded());
-    let use_amx = m >= AMX_MIN_ROWS && amx_available();
     // Activations as bf16, each row padded with zeros to the packed width (and, for AMX, the
     // rows padded to whole 16-row tiles).
     let rows = if use_amx { m.next_multiple_of(16) } else { m };
@@ -148,7 +151,7 @@ pub fn matmul_t(x: &[f32], m: usize, w: &Tensor, out: &mut [f32]) -> Result<()> 
     }
     match w.cpu_storage() {
         CpuStorage::F32(wd) => run_split(m, n, k, out, |n0, n1, o| {
-            gemm_f32(x, m, k, wd, n0, n1, n, o)
+            gemm_f32(isa(), x, m, k, wd, n0, n1, n, o)
         }),
         CpuStorage::Bf16Packed(pw) => matmul_packed(x, m, pw, out),
         CpuStorage::Bf16(wd) => {
@@ -167,7 +170,7 @@ pub fn matmul_t(x: &[f32], m: usize, w: &Tensor, out: &mut [f32]) -> Result<()> 
                 });
             } else {
                 run_split(m, n, k, out, |n0, n1, o| {
-                    gemm_bf16_widen(x, m, k, wbits, n0, n1, n, o)
+                    gemm_bf16_widen(isa(), x, m, k, wbits, n0, n1, n, o)
                 });
             }
         }
@@ -201,9 +204,19 @@ fn run_split(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn gemm_f32(x: &[f32], m: usize, k: usize, w: &[f32], n0: usize, n1: usize, ldo: usize, o: OutPtr) {
+fn gemm_f32(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n0: usize,
+    n1: usize,
+    ldo: usize,
+    o: OutPtr,
+) {
     #[cfg(target_arch = "x86_64")]
-    if isa() != Isa::Portable {
+    if isa != Isa::Portable {
         // SAFETY: the CPU has AVX-512F/BW/VL (checked by `isa`); slices are in bounds
         // (checked by `matmul_t`); tasks write disjoint columns.
         unsafe { avx512::gemm_f32(x, m, k, w, n0, n1, ldo, o.0) };
@@ -213,7 +226,7 @@ fn gemm_f32(x: &[f32], m: usize, k: usize, w: &[f32], n0: usize, n1: usize, ldo:
         let xr = &x[i * k..(i + 1) * k];
         for j in n0..n1 {
             let wr = &w[j * k..(j + 1) * k];
-            let v = dot_f32(xr, wr);
+            let v = super::ops::dot(xr, wr);
             // SAFETY: i < m, j < n; this task owns column range n0..n1.
             unsafe { *o.0.add(i * ldo + j) = v };
         }
@@ -222,6 +235,7 @@ fn gemm_f32(x: &[f32], m: usize, k: usize, w: &[f32], n0: usize, n1: usize, ldo:
 
 #[allow(clippy::too_many_arguments)]
 fn gemm_bf16_widen(
+    isa: Isa,
     x: &[f32],
     m: usize,
     k: usize,
@@ -232,7 +246,7 @@ fn gemm_bf16_widen(
     o: OutPtr,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if isa() != Isa::Portable {
+    if isa != Isa::Portable {
         // SAFETY: as in `gemm_f32`.
         unsafe { avx512::gemm_bf16_widen(x, m, k, w, n0, n1, ldo, o.0) };
         return;
@@ -272,22 +286,6 @@ fn gemm_bf16_dp(
         let _ = (x, m, k, w, n0, n1, ldo, o);
         unreachable!("AVX512-BF16 is only detected on x86_64");
     }
-}
-
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    // Eight partial sums let the compiler vectorise without reassociation flags.
-    let mut acc = [0.0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
-    }
-    s
 }
 
 /// `out[m, n] += Σ_k x[m, k] · w[k, n]` where `w` is given as `k` rows of length `n`
@@ -370,7 +368,7 @@ mod avx512 {
     }
 
     macro_rules! tiled {
-        ($name:ident, $xt:ty, $tile:ident, $features:literal) => {
+        ($name:ident, $xt:ty, $tile:ty, $features:literal) => {
             #[target_feature(enable = $features)]
             #[allow(clippy::too_many_arguments)]
             pub(super) unsafe fn $name(
@@ -393,22 +391,22 @@ mod avx512 {
                         // caller owns output columns n0..n1.
                         unsafe {
                             match (mr, nr) {
-                                (4, 4) => $tile::run::<4, 4>(x, k, w, i, j, ldo, out),
-                                (4, 3) => $tile::run::<4, 3>(x, k, w, i, j, ldo, out),
-                                (4, 2) => $tile::run::<4, 2>(x, k, w, i, j, ldo, out),
-                                (4, 1) => $tile::run::<4, 1>(x, k, w, i, j, ldo, out),
-                                (3, 4) => $tile::run::<3, 4>(x, k, w, i, j, ldo, out),
-                                (3, 3) => $tile::run::<3, 3>(x, k, w, i, j, ldo, out),
-                                (3, 2) => $tile::run::<3, 2>(x, k, w, i, j, ldo, out),
-                                (3, 1) => $tile::run::<3, 1>(x, k, w, i, j, ldo, out),
-                                (2, 4) => $tile::run::<2, 4>(x, k, w, i, j, ldo, out),
-                                (2, 3) => $tile::run::<2, 3>(x, k, w, i, j, ldo, out),
-                                (2, 2) => $tile::run::<2, 2>(x, k, w, i, j, ldo, out),
-                                (2, 1) => $tile::run::<2, 1>(x, k, w, i, j, ldo, out),
-                                (1, 4) => $tile::run::<1, 4>(x, k, w, i, j, ldo, out),
-                                (1, 3) => $tile::run::<1, 3>(x, k, w, i, j, ldo, out),
-                                (1, 2) => $tile::run::<1, 2>(x, k, w, i, j, ldo, out),
-                                _ => $tile::run::<1, 1>(x, k, w, i, j, ldo, out),
+                                (4, 4) => <$tile>::run::<4, 4>(x, k, w, i, j, ldo, out),
+                                (4, 3) => <$tile>::run::<4, 3>(x, k, w, i, j, ldo, out),
+                                (4, 2) => <$tile>::run::<4, 2>(x, k, w, i, j, ldo, out),
+                                (4, 1) => <$tile>::run::<4, 1>(x, k, w, i, j, ldo, out),
+                                (3, 4) => <$tile>::run::<3, 4>(x, k, w, i, j, ldo, out),
+                                (3, 3) => <$tile>::run::<3, 3>(x, k, w, i, j, ldo, out),
+                                (3, 2) => <$tile>::run::<3, 2>(x, k, w, i, j, ldo, out),
+                                (3, 1) => <$tile>::run::<3, 1>(x, k, w, i, j, ldo, out),
+                                (2, 4) => <$tile>::run::<2, 4>(x, k, w, i, j, ldo, out),
+                                (2, 3) => <$tile>::run::<2, 3>(x, k, w, i, j, ldo, out),
+                                (2, 2) => <$tile>::run::<2, 2>(x, k, w, i, j, ldo, out),
+                                (2, 1) => <$tile>::run::<2, 1>(x, k, w, i, j, ldo, out),
+                                (1, 4) => <$tile>::run::<1, 4>(x, k, w, i, j, ldo, out),
+                                (1, 3) => <$tile>::run::<1, 3>(x, k, w, i, j, ldo, out),
+                                (1, 2) => <$tile>::run::<1, 2>(x, k, w, i, j, ldo, out),
+                                _ => <$tile>::run::<1, 1>(x, k, w, i, j, ldo, out),
                             }
                         }
                         i += mr;
@@ -423,18 +421,47 @@ mod avx512 {
         type W;
     }
 
-    /// f32 activations × f32 weights, 16 lanes of FMA.
-    pub(super) struct F32Tile;
-    impl Tile for F32Tile {
-        type W = f32;
+    /// A weight element type the FMA tile can widen to 16 f32 lanes.
+    pub(super) trait Widen: Sized {
+        /// Loads up to 16 elements (`mask`) at `ptr` as f32.
+        ///
+        /// # Safety
+        /// The masked elements must be readable.
+        unsafe fn load16(ptr: *const Self, mask: __mmask16) -> __m512;
     }
-    impl F32Tile {
+
+    impl Widen for f32 {
+        #[inline(always)]
+        unsafe fn load16(ptr: *const f32, mask: __mmask16) -> __m512 {
+            // SAFETY: forwarded from the caller; AVX-512F is enabled by every caller.
+            unsafe { _mm512_maskz_loadu_ps(mask, ptr) }
+        }
+    }
+
+    impl Widen for u16 {
+        /// bf16 bits: widening is a 16-bit shift into the high half of each f32.
+        #[inline(always)]
+        unsafe fn load16(ptr: *const u16, mask: __mmask16) -> __m512 {
+            // SAFETY: forwarded from the caller; AVX-512BW/VL are enabled by every caller.
+            unsafe {
+                let raw = _mm256_maskz_loadu_epi16(mask, ptr.cast());
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+            }
+        }
+    }
+
+    /// f32 activations × f32 or bf16 weights (widened in registers), 16 lanes of FMA.
+    pub(super) struct FmaTile<W>(std::marker::PhantomData<W>);
+    impl<W> Tile for FmaTile<W> {
+        type W = W;
+    }
+    impl<W: Widen> FmaTile<W> {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         #[allow(clippy::too_many_arguments)]
         unsafe fn run<const M: usize, const N: usize>(
             x: &[f32],
             k: usize,
-            w: &[f32],
+            w: &[W],
             i: usize,
             j: usize,
             ldo: usize,
@@ -447,56 +474,7 @@ mod avx512 {
                 let mut wv = [_mm512_setzero_ps(); N];
                 for (c, v) in wv.iter_mut().enumerate() {
                     // SAFETY: masked load stays within row j + c.
-                    *v = unsafe { _mm512_maskz_loadu_ps(mask, w.as_ptr().add((j + c) * k + p)) };
-                }
-                for (r, row) in acc.iter_mut().enumerate() {
-                    // SAFETY: masked load stays within row i + r.
-                    let xv =
-                        unsafe { _mm512_maskz_loadu_ps(mask, x.as_ptr().add((i + r) * k + p)) };
-                    for (c, a) in row.iter_mut().enumerate() {
-                        *a = _mm512_fmadd_ps(xv, wv[c], *a);
-                    }
-                }
-                p += 16;
-            }
-            for (r, row) in acc.iter().enumerate() {
-                for (c, a) in row.iter().enumerate() {
-                    // SAFETY: (i + r, j + c) is inside the output.
-                    unsafe { *out.add((i + r) * ldo + j + c) = _mm512_reduce_add_ps(*a) };
-                }
-            }
-        }
-    }
-
-    /// f32 activations × bf16 weights widened in registers, 16 lanes of FMA.
-    pub(super) struct WidenTile;
-    impl Tile for WidenTile {
-        type W = u16;
-    }
-    impl WidenTile {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn run<const M: usize, const N: usize>(
-            x: &[f32],
-            k: usize,
-            w: &[u16],
-            i: usize,
-            j: usize,
-            ldo: usize,
-            out: *mut f32,
-        ) {
-            let mut acc = [[_mm512_setzero_ps(); N]; M];
-            let mut p = 0;
-            while p < k {
-                let rem = k - p;
-                let mask = tail_mask16(rem);
-                let mut wv = [_mm512_setzero_ps(); N];
-                for (c, v) in wv.iter_mut().enumerate() {
-                    // SAFETY: masked load stays within row j + c.
-                    let raw = unsafe {
-                        _mm256_maskz_loadu_epi16(mask, w.as_ptr().add((j + c) * k + p).cast())
-                    };
-                    *v = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)));
+                    *v = unsafe { W::load16(w.as_ptr().add((j + c) * k + p), mask) };
                 }
                 for (r, row) in acc.iter_mut().enumerate() {
                     // SAFETY: masked load stays within row i + r.
@@ -574,8 +552,13 @@ mod avx512 {
         }
     }
 
-    tiled!(gemm_f32, f32, F32Tile, "avx512f,avx512bw,avx512vl");
-    tiled!(gemm_bf16_widen, f32, WidenTile, "avx512f,avx512bw,avx512vl");
+    tiled!(gemm_f32, f32, FmaTile<f32>, "avx512f,avx512bw,avx512vl");
+    tiled!(
+        gemm_bf16_widen,
+        f32,
+        FmaTile<u16>,
+        "avx512f,avx512bw,avx512vl"
+    );
     tiled!(
         gemm_bf16_dp,
         u16,
@@ -920,6 +903,54 @@ mod tests {
                     (p - q).abs() < 1e-3 * (k as f32).sqrt(),
                     "{m}x{n}x{k}: {p} vs {q}"
                 );
+            }
+            // Both packed kernels on every shape, whichever the dispatcher would pick.
+            let CpuStorage::Bf16Packed(pw) = packed.cpu_storage() else {
+                continue; // no AVX512-BF16 here: nothing was packed
+            };
+            let mut paths = vec![false];
+            if amx_available() {
+                paths.push(true);
+            }
+            for amx in paths {
+                let mut c = vec![0.0; m * n];
+                matmul_packed_with(&x, m, pw, &mut c, amx);
+                for (p, q) in a.iter().zip(&c) {
+                    assert!(
+                        (p - q).abs() < 1e-3 * (k as f32).sqrt(),
+                        "amx={amx} {m}x{n}x{k}: {p} vs {q}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The kernels this CPU does not pick by itself (the AVX-512 widening one and the portable
+    /// loops), run directly so they are checked here too.
+    #[test]
+    fn fallback_kernels_match_reference() {
+        let mut isas = vec![Isa::Portable];
+        if isa() != Isa::Portable {
+            isas.push(Isa::Avx512);
+        }
+        for &(m, n, k) in &[(1, 5, 33), (6, 9, 100)] {
+            let x = pseudo(m * k, 7);
+            let wf = pseudo(n * k, 8);
+            let wb: Vec<u16> = wf.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+            let wr: Vec<f32> = wb
+                .iter()
+                .map(|&b| crate::dtype::bf16_bits_to_f32(b))
+                .collect();
+            for &isa in &isas {
+                let mut out = vec![0.0; m * n];
+                gemm_f32(isa, &x, m, k, &wf, 0, n, n, OutPtr(out.as_mut_ptr()));
+                for (a, b) in out.iter().zip(&reference(&x, m, k, &wf, n)) {
+                    assert!((a - b).abs() < 1e-4, "{isa:?} f32 {m}x{n}x{k}: {a} vs {b}");
+                }
+                gemm_bf16_widen(isa, &x, m, k, &wb, 0, n, n, OutPtr(out.as_mut_ptr()));
+                for (a, b) in out.iter().zip(&reference(&x, m, k, &wr, n)) {
+                    assert!((a - b).abs() < 1e-4, "{isa:?} bf16 {m}x{n}x{k}: {a} vs {b}");
+                }
             }
         }
     }
