@@ -443,6 +443,57 @@ mod tests {
     }
 
     #[test]
+    fn f16_and_bf16_tensors_decode_to_the_same_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let values = [1.5f32, -0.25, 3.0, 0.0];
+        let f16: Vec<u8> = values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let bf16: Vec<u8> = values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        write(
+            &dir.path().join(SINGLE_FILE),
+            vec![
+                ("h", DType::F16, vec![4], f16),
+                ("b", DType::Bf16, vec![4], bf16),
+            ],
+        );
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        for name in ["h", "b"] {
+            assert_eq!(
+                ck.load(name, &[4], Precision::F32)
+                    .unwrap()
+                    .as_f32()
+                    .unwrap(),
+                &values
+            );
+            let as_bf16 = ck.load(name, &[4], Precision::Bf16).unwrap();
+            assert_eq!(as_bf16.to_f32().as_f32().unwrap(), &values);
+        }
+        let err = ck
+            .load("h", &[2, 2], Precision::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`h`"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_dtype_names_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let views = std::collections::BTreeMap::from([(
+            "ids".to_string(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1], &[0u8; 8])
+                .unwrap(),
+        )]);
+        safetensors::serialize_to_file(views, None, &dir.path().join(SINGLE_FILE)).unwrap();
+        let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("`ids`") && err.contains("I64"), "{err}");
+    }
+
+    #[test]
     fn truncated_file_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(SINGLE_FILE);
