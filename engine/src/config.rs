@@ -152,6 +152,19 @@ impl ModelConfig {
             .collect()
     }
 
+    /// A short fingerprint of the model's shape, so a router can refuse a worker serving a
+    /// different model.
+    pub fn identity(&self) -> String {
+        format!(
+            "{}/h{}/l{}/e{}/v{}",
+            self.arch.model_type(),
+            self.hidden_size,
+            self.num_hidden_layers,
+            self.moe.as_ref().map_or(0, |m| m.n_routed_experts),
+            self.vocab_size
+        )
+    }
+
     /// Softmax scale of attention scores, including YaRN's mscale² correction.
     pub fn softmax_scale(&self) -> f32 {
         let mut scale = (self.attention.qk_head_dim() as f64).powf(-0.5);

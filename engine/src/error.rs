@@ -36,6 +36,11 @@ pub enum EngineError {
 
     #[error("{0}")]
     Synth(String),
+
+    /// An [`ExpertExecutor`](crate::model::ExpertExecutor) outside this crate failed (e.g. a
+    /// remote expert worker); the message names where and why.
+    #[error("expert execution failed: {0}")]
+    Executor(String),
 }
 
 impl EngineError {

@@ -4,7 +4,9 @@
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::error::{EngineError, Result};
-use crate::model::{AttentionMode, DeepseekModel, ForwardOptions, KvCache, LogitsFor, SeqInput};
+use crate::model::{
+    AttentionMode, DeepseekModel, ExpertExecutor, ForwardOptions, KvCache, LogitsFor, SeqInput,
+};
 use crate::tensor::Tensor;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -182,11 +184,21 @@ pub fn argmax(values: &[f32]) -> usize {
     best
 }
 
-/// Generates for every request as one batch.
+/// Generates for every request as one batch, with this process's own experts.
 pub fn generate(
     model: &DeepseekModel,
     requests: &[GenerateRequest],
     options: GenerateOptions,
+) -> Result<Vec<GenerateOutput>> {
+    generate_with(model, requests, options, model)
+}
+
+/// Generates for every request as one batch; routed experts go to `experts`.
+pub fn generate_with(
+    model: &DeepseekModel,
+    requests: &[GenerateRequest],
+    options: GenerateOptions,
+    experts: &dyn ExpertExecutor,
 ) -> Result<Vec<GenerateOutput>> {
     for r in requests {
         validate(model, r)?;
@@ -230,7 +242,7 @@ pub fn generate(
             cache,
         })
         .collect();
-    let out = model.forward(&mut inputs, &fwd)?;
+    let out = model.forward_with(&mut inputs, &fwd, experts)?;
     drop(inputs);
     let logits = out.logits.as_f32()?;
     let mut next: Vec<u32> = Vec::with_capacity(requests.len());
@@ -297,7 +309,7 @@ pub fn generate(
             rest = tail;
             offset = i + 1;
         }
-        let out = model.forward(&mut inputs, &decode)?;
+        let out = model.forward_with(&mut inputs, &decode, experts)?;
         let logits = out.logits.as_f32()?;
         for (j, &i) in active.iter().enumerate() {
             next[i] = samplers[i].sample(&logits[j * vocab..(j + 1) * vocab]);

@@ -1,6 +1,16 @@
 //! `switchyard-expert-worker`: the process that holds a subset of the routed experts.
 //!
-//! It loads only its experts' tensors from the checkpoint (memory-mapped), serves batched
-//! expert calls from routers (one grouped GEMM per expert, combined per token before replying),
-//! and reports its load. The expert math it runs is `switchyard-engine`'s `RoutedExperts`; the
-//! gRPC service arrives with the data-plane issue, so this crate holds no code yet.
+//! It loads only its experts' tensors from the checkpoint (memory-mapped shards, opened only
+//! where they hold its experts), serves batched expert calls from any number of routers — each
+//! call one MoE layer's rows for this worker, combined per row before replying — and counts the
+//! tokens each expert saw and the time spent computing. [`ExpertWorker`] is the logic, testable
+//! without sockets; [`service`] puts it behind gRPC.
+
+pub mod error;
+pub mod service;
+pub mod spec;
+pub mod worker;
+
+pub use error::WorkerError;
+pub use spec::ExpertSpec;
+pub use worker::{ExpertWorker, WorkerStats};

@@ -2,28 +2,14 @@
 
 use half::bf16;
 
-/// Element type on the wire.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WireDType {
-    F32,
-    Bf16,
-}
+use crate::v1::{Dtype, Tensor};
 
-impl WireDType {
-    pub fn size_in_bytes(self) -> usize {
-        match self {
-            WireDType::F32 => 4,
-            WireDType::Bf16 => 2,
-        }
+fn dtype_size(dtype: Dtype) -> Option<usize> {
+    match dtype {
+        Dtype::F32 => Some(4),
+        Dtype::Bf16 => Some(2),
+        Dtype::Unspecified => None,
     }
-}
-
-/// A tensor as it travels: shape, dtype, little-endian bytes.
-#[derive(Clone, Debug, PartialEq)]
-pub struct WireTensor {
-    pub shape: Vec<u64>,
-    pub dtype: WireDType,
-    pub data: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -32,10 +18,12 @@ pub enum CodecError {
     Length {
         field: String,
         shape: Vec<u64>,
-        dtype: WireDType,
+        dtype: Dtype,
         expected: u64,
         found: u64,
     },
+    #[error("tensor `{field}`: dtype must be DTYPE_F32 or DTYPE_BF16, got {value}")]
+    Dtype { field: String, value: i32 },
     #[error("tensor `{field}`: {bytes} bytes exceeds the limit of {limit}")]
     TooLarge {
         field: String,
@@ -51,24 +39,31 @@ pub enum CodecError {
 }
 
 /// Encodes `values` (row-major, `shape`) as `dtype`; bf16 rounds to nearest even.
-pub fn encode(values: &[f32], shape: &[usize], dtype: WireDType) -> WireTensor {
-    let data = match dtype {
-        WireDType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        WireDType::Bf16 => values
-            .iter()
-            .flat_map(|v| bf16::from_f32(*v).to_bits().to_le_bytes())
-            .collect(),
+/// `dtype` `Unspecified` encodes as f32.
+pub fn encode(values: &[f32], shape: &[usize], dtype: Dtype) -> Tensor {
+    let (data, dtype) = match dtype {
+        Dtype::F32 | Dtype::Unspecified => (
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Dtype::F32,
+        ),
+        Dtype::Bf16 => (
+            values
+                .iter()
+                .flat_map(|v| bf16::from_f32(*v).to_bits().to_le_bytes())
+                .collect(),
+            Dtype::Bf16,
+        ),
     };
-    WireTensor {
+    Tensor {
         shape: shape.iter().map(|&d| d as u64).collect(),
-        dtype,
+        dtype: dtype as i32,
         data,
     }
 }
 
 /// Decodes a wire tensor named `field` into f32, checking its length against its shape and its
 /// size against `max_bytes`.
-pub fn decode(field: &str, t: &WireTensor, max_bytes: u64) -> Result<Vec<f32>, CodecError> {
+pub fn decode(field: &str, t: &Tensor, max_bytes: u64) -> Result<Vec<f32>, CodecError> {
     let found = t.data.len() as u64;
     if found > max_bytes {
         return Err(CodecError::TooLarge {
@@ -77,26 +72,33 @@ pub fn decode(field: &str, t: &WireTensor, max_bytes: u64) -> Result<Vec<f32>, C
             limit: max_bytes,
         });
     }
+    let dtype = Dtype::try_from(t.dtype).unwrap_or(Dtype::Unspecified);
+    let Some(size) = dtype_size(dtype) else {
+        return Err(CodecError::Dtype {
+            field: field.into(),
+            value: t.dtype,
+        });
+    };
     let expected = t
         .shape
         .iter()
-        .try_fold(t.dtype.size_in_bytes() as u64, |acc, &d| acc.checked_mul(d));
+        .try_fold(size as u64, |acc, &d| acc.checked_mul(d));
     if expected != Some(found) {
         return Err(CodecError::Length {
             field: field.into(),
             shape: t.shape.clone(),
-            dtype: t.dtype,
+            dtype,
             expected: expected.unwrap_or(u64::MAX),
             found,
         });
     }
-    Ok(match t.dtype {
-        WireDType::F32 => t
+    Ok(match dtype {
+        Dtype::F32 | Dtype::Unspecified => t
             .data
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),
-        WireDType::Bf16 => t
+        Dtype::Bf16 => t
             .data
             .chunks_exact(2)
             .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
@@ -105,7 +107,7 @@ pub fn decode(field: &str, t: &WireTensor, max_bytes: u64) -> Result<Vec<f32>, C
 }
 
 /// Checks that `t` is `[rows, width]` for some `rows`; returns `rows`.
-pub fn expect_rows(field: &str, t: &WireTensor, width: usize) -> Result<usize, CodecError> {
+pub fn expect_rows(field: &str, t: &Tensor, width: usize) -> Result<usize, CodecError> {
     match t.shape[..] {
         [rows, w] if w == width as u64 => Ok(rows as usize),
         _ => Err(CodecError::Shape {
@@ -123,7 +125,7 @@ mod tests {
     #[test]
     fn f32_round_trips_exactly() {
         let v = vec![1.0, -2.5, 3.25e-7, f32::MAX];
-        let t = encode(&v, &[2, 2], WireDType::F32);
+        let t = encode(&v, &[2, 2], Dtype::F32);
         assert_eq!(t.data.len(), 16);
         assert_eq!(decode("x", &t, 1 << 20).unwrap(), v);
     }
@@ -131,7 +133,7 @@ mod tests {
     #[test]
     fn bf16_round_trips_within_rounding() {
         let v: Vec<f32> = (0..64).map(|i| i as f32 * 0.173 - 5.0).collect();
-        let t = encode(&v, &[4, 16], WireDType::Bf16);
+        let t = encode(&v, &[4, 16], Dtype::Bf16);
         assert_eq!(t.data.len(), 128);
         for (a, b) in decode("x", &t, 1 << 20).unwrap().iter().zip(&v) {
             assert!((a - b).abs() <= b.abs() / 256.0 + 1e-6);
@@ -140,7 +142,7 @@ mod tests {
 
     #[test]
     fn wrong_length_names_field_shape_and_sizes() {
-        let mut t = encode(&[1.0; 6], &[2, 3], WireDType::Bf16);
+        let mut t = encode(&[1.0; 6], &[2, 3], Dtype::Bf16);
         t.data.pop();
         let err = decode("hidden", &t, 1 << 20).unwrap_err().to_string();
         assert!(
@@ -154,14 +156,14 @@ mod tests {
 
     #[test]
     fn oversized_and_overflowing_shapes_are_rejected() {
-        let t = encode(&[0.0; 8], &[8], WireDType::F32);
+        let t = encode(&[0.0; 8], &[8], Dtype::F32);
         assert!(matches!(
             decode("x", &t, 16),
             Err(CodecError::TooLarge { .. })
         ));
-        let t = WireTensor {
+        let t = Tensor {
             shape: vec![u64::MAX, 4],
-            dtype: WireDType::F32,
+            dtype: Dtype::F32 as i32,
             data: vec![],
         };
         assert!(matches!(
@@ -171,8 +173,16 @@ mod tests {
     }
 
     #[test]
+    fn unknown_dtype_is_named() {
+        let mut t = encode(&[0.0; 2], &[2], Dtype::F32);
+        t.dtype = 7;
+        let err = decode("hidden", &t, 64).unwrap_err().to_string();
+        assert!(err.contains("hidden") && err.contains('7'), "{err}");
+    }
+
+    #[test]
     fn expect_rows_checks_width() {
-        let t = encode(&[0.0; 8], &[2, 4], WireDType::F32);
+        let t = encode(&[0.0; 8], &[2, 4], Dtype::F32);
         assert_eq!(expect_rows("x", &t, 4).unwrap(), 2);
         assert!(expect_rows("x", &t, 3).is_err());
     }

@@ -1,9 +1,16 @@
-//! `switchyard-proto`: the wire protocol, package `switchyard.v1`.
+//! `switchyard-proto`: the wire protocol, package `switchyard.v1`, and the tensor codec.
 //!
-//! It will hold the `.proto` files and their generated code (with the data-plane issue); today
-//! it holds the tensor wire codec every service will use: hidden states travel as raw
-//! little-endian bf16 or f32 bytes with an explicit shape and dtype, never as `repeated float`.
+//! The `.proto` files live in `proto/switchyard/v1/`; the generated messages and services are
+//! re-exported from [`v1`]. Hidden states travel as raw little-endian bf16 or f32 bytes with an
+//! explicit shape and dtype, never as `repeated float`: [`codec`] turns them into f32 rows and
+//! back, checking lengths, shapes and size limits.
 
 pub mod codec;
 
-pub use codec::{CodecError, WireDType, WireTensor};
+/// Generated code for package `switchyard.v1`.
+#[allow(clippy::all, missing_debug_implementations, rust_2018_idioms)]
+pub mod v1 {
+    tonic::include_proto!("switchyard.v1");
+}
+
+pub use codec::CodecError;

@@ -1,8 +1,25 @@
 //! `switchyard-router`: the node that serves clients.
 //!
-//! It owns the client APIs (gRPC and OpenAI-compatible HTTP), request validation, the
-//! continuous-batching scheduler, the latent KV cache, attention execution, and the dispatch of
-//! each MoE layer's routed-expert work to expert workers behind a `Dispatch` trait. The model
-//! math it runs comes from `switchyard-engine`; until the data-plane issue lands, the engine's
-//! in-process [`ExpertExecutor`](https://docs.rs/switchyard-engine) is the only dispatcher and
-//! this crate holds no code.
+//! It runs everything that is not a routed expert (the engine's model with no routed experts
+//! loaded) and hands each MoE layer's routed-expert work to expert workers. The pieces:
+//!
+//! - [`placement`]: which worker serves which expert of which layer (pure, built from what the
+//!   workers report);
+//! - [`dispatch`]: turns one layer's routing into one request per worker — each token's row
+//!   once per worker however many of its experts that worker holds — sends them concurrently
+//!   behind the [`dispatch::Transport`] trait, and adds the partial sums;
+//! - [`grpc`]: the gRPC transport, a client per worker with TCP_NODELAY and deadlines;
+//! - [`remote`]: connects a pool of workers and checks they serve this model.
+//!
+//! Client APIs, validation and the scheduler arrive with the serving-API issue.
+
+pub mod dispatch;
+pub mod error;
+pub mod grpc;
+pub mod placement;
+pub mod remote;
+
+pub use dispatch::{Dispatcher, Transport, WorkerId};
+pub use error::RouterError;
+pub use placement::Placement;
+pub use remote::RemoteExperts;

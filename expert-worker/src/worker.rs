@@ -1,0 +1,249 @@
+//! The expert worker's logic: what it holds, validating a call, running it, counting load.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use switchyard_engine::checkpoint::Checkpoint;
+use switchyard_engine::model::ExpertSelection;
+use switchyard_engine::model::experts::{ExpertGroup, RoutedExperts};
+use switchyard_engine::{ModelConfig, Tensor};
+use switchyard_proto::codec;
+use switchyard_proto::v1::{self, Dtype, ForwardRequest, InfoResponse, LayerExperts};
+
+use crate::error::WorkerError;
+use crate::spec::ExpertSpec;
+
+/// Default cap on one call's hidden-state bytes (64 MiB: 4,681 rows of DeepSeek-V3 in bf16).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Load counters, per (layer, expert) and overall.
+#[derive(Debug)]
+pub struct WorkerStats {
+    experts: usize,
+    /// `[num_layers * experts]`: rows each expert ran.
+    tokens: Vec<AtomicU64>,
+    pub calls: AtomicU64,
+    pub rows: AtomicU64,
+    pub busy_nanos: AtomicU64,
+}
+
+impl WorkerStats {
+    fn new(layers: usize, experts: usize) -> Self {
+        WorkerStats {
+            experts,
+            tokens: (0..layers * experts).map(|_| AtomicU64::new(0)).collect(),
+            calls: AtomicU64::new(0),
+            rows: AtomicU64::new(0),
+            busy_nanos: AtomicU64::new(0),
+        }
+    }
+
+    /// Rows expert `expert` of `layer` has run since start.
+    pub fn tokens(&self, layer: usize, expert: u32) -> u64 {
+        self.tokens
+            .get(layer * self.experts + expert as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}
+
+/// A loaded expert worker.
+#[derive(Debug)]
+pub struct ExpertWorker {
+    model: String,
+    hidden: usize,
+    n_experts: usize,
+    layers: BTreeMap<usize, RoutedExperts>,
+    max_message_bytes: usize,
+    pub stats: WorkerStats,
+}
+
+impl ExpertWorker {
+    /// Loads the experts `spec` names from the checkpoint in `dir`, and nothing else.
+    pub fn load(dir: &Path, spec: &ExpertSpec) -> Result<ExpertWorker, WorkerError> {
+        let config = ModelConfig::from_dir(dir)?;
+        let ExpertSelection::Only(selection) = spec.resolve(&config)? else {
+            return Err(WorkerError::Spec(
+                "a worker needs an explicit expert set".into(),
+            ));
+        };
+        let moe = config
+            .moe
+            .as_ref()
+            .ok_or_else(|| WorkerError::Spec("the model has no routed experts".into()))?;
+        let ck = Checkpoint::open(dir)?;
+        let mut layers = BTreeMap::new();
+        for (layer, experts) in selection.iter().filter(|(_, e)| !e.is_empty()) {
+            let loaded = RoutedExperts::load(
+                &ck,
+                &format!("model.layers.{layer}.mlp"),
+                *layer,
+                experts,
+                config.hidden_size,
+                moe.moe_intermediate_size,
+            )?;
+            layers.insert(*layer, loaded);
+        }
+        Ok(ExpertWorker {
+            model: config.identity(),
+            hidden: config.hidden_size,
+            n_experts: moe.n_routed_experts,
+            stats: WorkerStats::new(config.num_hidden_layers, moe.n_routed_experts),
+            layers,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        })
+    }
+
+    pub fn with_max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
+        self
+    }
+
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.hidden
+    }
+
+    /// Bytes of expert weights resident.
+    pub fn expert_bytes(&self) -> usize {
+        self.layers.values().map(RoutedExperts::size_in_bytes).sum()
+    }
+
+    pub fn info(&self) -> InfoResponse {
+        InfoResponse {
+            layers: self
+                .layers
+                .iter()
+                .map(|(&layer, e)| LayerExperts {
+                    layer: layer as u32,
+                    experts: e.expert_ids().collect(),
+                })
+                .collect(),
+            hidden_size: self.hidden as u32,
+            dtype: "bf16".into(),
+            device: "cpu".into(),
+            expert_bytes: self.expert_bytes() as u64,
+            model: self.model.clone(),
+        }
+    }
+
+    /// Runs one call: Σ weight × expert(row) for every row, over this worker's experts.
+    pub fn forward(&self, req: &ForwardRequest) -> Result<v1::Tensor, WorkerError> {
+        let start = Instant::now();
+        let layer = req.layer as usize;
+        let experts = self.layers.get(&layer).ok_or_else(|| {
+            WorkerError::NotHeld(format!(
+                "layer {layer} is not held by this worker (it holds layers {:?})",
+                self.layers.keys().collect::<Vec<_>>()
+            ))
+        })?;
+        let hidden = req
+            .hidden
+            .as_ref()
+            .ok_or_else(|| WorkerError::invalid("hidden", "is required"))?;
+        let rows = codec::expect_rows("hidden", hidden, self.hidden)?;
+        let x = codec::decode("hidden", hidden, self.max_message_bytes as u64)?;
+        let groups = self.groups(req, rows, experts)?;
+        let out = experts.forward_groups(&Tensor::from_f32(&[rows, self.hidden], x)?, &groups)?;
+        let reply_dtype = match Dtype::try_from(req.reply_dtype).unwrap_or(Dtype::Unspecified) {
+            Dtype::Unspecified => Dtype::try_from(hidden.dtype).unwrap_or(Dtype::F32),
+            d => d,
+        };
+        let encoded = codec::encode(out.as_f32()?, &[rows, self.hidden], reply_dtype);
+        for g in &groups {
+            if let Some(c) = self
+                .stats
+                .tokens
+                .get(layer * self.n_experts + g.expert as usize)
+            {
+                c.fetch_add(g.rows.len() as u64, Ordering::Relaxed);
+            }
+        }
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        self.stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
+        self.stats
+            .busy_nanos
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(encoded)
+    }
+
+    /// Validates the flattened routing and groups it by expert.
+    fn groups(
+        &self,
+        req: &ForwardRequest,
+        rows: usize,
+        experts: &RoutedExperts,
+    ) -> Result<Vec<ExpertGroup>, WorkerError> {
+        let offsets = &req.offsets;
+        if offsets.len() != rows + 1 {
+            return Err(WorkerError::invalid(
+                "offsets",
+                format!(
+                    "must have rows + 1 = {} entries, got {}",
+                    rows + 1,
+                    offsets.len()
+                ),
+            ));
+        }
+        if req.expert_ids.len() != req.weights.len() {
+            return Err(WorkerError::invalid(
+                "weights",
+                format!(
+                    "must have one entry per expert id ({}), got {}",
+                    req.expert_ids.len(),
+                    req.weights.len()
+                ),
+            ));
+        }
+        if offsets[0] != 0
+            || offsets.windows(2).any(|w| w[0] > w[1])
+            || offsets[rows] as usize != req.expert_ids.len()
+        {
+            return Err(WorkerError::invalid(
+                "offsets",
+                format!(
+                    "must start at 0, never decrease and end at the number of pairs ({}), got {offsets:?}",
+                    req.expert_ids.len()
+                ),
+            ));
+        }
+        let mut groups: BTreeMap<u32, ExpertGroup> = BTreeMap::new();
+        for r in 0..rows {
+            for p in offsets[r] as usize..offsets[r + 1] as usize {
+                let (e, w) = (req.expert_ids[p], req.weights[p]);
+                if !w.is_finite() {
+                    return Err(WorkerError::invalid(
+                        "weights",
+                        format!("must be finite, got {w} for row {r}"),
+                    ));
+                }
+                if e as usize >= self.n_experts {
+                    return Err(WorkerError::invalid(
+                        "expert_ids",
+                        format!(
+                            "must be < {} (the model's routed experts), got {e}",
+                            self.n_experts
+                        ),
+                    ));
+                }
+                if !experts.holds(e) {
+                    return Err(WorkerError::NotHeld(format!(
+                        "expert {e} of layer {} is not held by this worker",
+                        req.layer
+                    )));
+                }
+                let g = groups.entry(e).or_insert_with(|| ExpertGroup {
+                    expert: e,
+                    ..Default::default()
+                });
+                g.rows.push(r as u32);
+                g.weights.push(w);
+            }
+        }
+        Ok(groups.into_values().collect())
+    }
+}

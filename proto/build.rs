@@ -1,0 +1,11 @@
+//! Generates the `switchyard.v1` messages and services. protoc comes from the
+//! `protoc-bin-vendored` crate, so building needs nothing installed beyond cargo.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // SAFETY: build scripts are single-threaded; prost-build reads PROTOC when it runs.
+    unsafe { std::env::set_var("PROTOC", protoc) };
+    println!("cargo:rerun-if-changed=switchyard/v1");
+    tonic_prost_build::configure().compile_protos(&["switchyard/v1/expert.proto"], &["."])?;
+    Ok(())
+}

@@ -1,0 +1,330 @@
+//! Expert dispatch: one MoE layer's routed-expert work, out to the workers and back.
+//!
+//! [`plan_calls`] is the pure part: each worker gets one request carrying the hidden row of every
+//! token that chose any of its experts — once, however many of its experts the token chose —
+//! with that token's `(expert, weight)` pairs for the worker. [`Dispatcher`] sends the requests
+//! concurrently through a [`Transport`] and adds the workers' combined rows. It implements the
+//! engine's [`ExpertExecutor`], so the model runs unchanged with its experts elsewhere.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use switchyard_engine::model::{ExpertExecutor, Routing};
+use switchyard_engine::{EngineError, Tensor};
+use switchyard_proto::codec;
+use switchyard_proto::v1::{self, Dtype, ForwardRequest};
+
+use crate::error::RouterError;
+use crate::placement::Placement;
+
+/// A worker's index in the router's pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkerId(pub u32);
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "w{}", self.0)
+    }
+}
+
+pub type ForwardFuture = Pin<Box<dyn Future<Output = Result<v1::Tensor, RouterError>> + Send>>;
+
+/// How requests reach workers: gRPC in production ([`crate::grpc`]), in-memory in tests.
+pub trait Transport: Send + Sync {
+    fn forward(&self, worker: WorkerId, request: ForwardRequest) -> ForwardFuture;
+}
+
+/// One worker's share of a layer: the batch rows it got, and the request carrying them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerCall {
+    pub worker: WorkerId,
+    /// Batch row of each request row.
+    pub rows: Vec<u32>,
+    pub request: ForwardRequest,
+}
+
+/// Splits one layer's routing into one call per worker (pure).
+pub fn plan_calls(
+    layer: usize,
+    x: &[f32],
+    hidden: usize,
+    routing: &Routing,
+    placement: &Placement,
+    dtype: Dtype,
+) -> Result<Vec<WorkerCall>, RouterError> {
+    #[derive(Default)]
+    struct Builder {
+        rows: Vec<u32>,
+        offsets: Vec<u32>,
+        ids: Vec<u32>,
+        weights: Vec<f32>,
+    }
+    let mut builders: BTreeMap<WorkerId, Builder> = BTreeMap::new();
+    for t in 0..routing.tokens() {
+        for (e, w) in routing.token(t) {
+            let worker = placement.worker(layer, e).ok_or_else(|| {
+                RouterError::Placement(format!("expert {e} of layer {layer} has no worker"))
+            })?;
+            let b = builders.entry(worker).or_insert_with(|| Builder {
+                offsets: vec![0],
+                ..Default::default()
+            });
+            if b.rows.last() != Some(&(t as u32)) {
+                b.rows.push(t as u32);
+                b.offsets.push(b.ids.len() as u32);
+            }
+            b.ids.push(e);
+            b.weights.push(w);
+            if let Some(end) = b.offsets.last_mut() {
+                *end = b.ids.len() as u32;
+            }
+        }
+    }
+    Ok(builders
+        .into_iter()
+        .map(|(worker, b)| {
+            let mut rows_data = Vec::with_capacity(b.rows.len() * hidden);
+            for &r in &b.rows {
+                rows_data.extend_from_slice(&x[r as usize * hidden..(r as usize + 1) * hidden]);
+            }
+            WorkerCall {
+                worker,
+                request: ForwardRequest {
+                    layer: layer as u32,
+                    hidden: Some(codec::encode(&rows_data, &[b.rows.len(), hidden], dtype)),
+                    offsets: b.offsets,
+                    expert_ids: b.ids,
+                    weights: b.weights,
+                    reply_dtype: dtype as i32,
+                },
+                rows: b.rows,
+            }
+        })
+        .collect())
+}
+
+/// What crossed the wire, per worker.
+#[derive(Debug, Default)]
+pub struct WireStats {
+    pub calls: AtomicU64,
+    pub rows: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+}
+
+#[derive(Clone, Debug)]
+pub struct DispatchOptions {
+    /// Hidden states on the wire: bf16 halves the bytes; f32 is exact.
+    pub wire_dtype: Dtype,
+    /// Deadline of each worker call.
+    pub deadline: Duration,
+    /// Largest reply accepted, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for DispatchOptions {
+    fn default() -> Self {
+        DispatchOptions {
+            wire_dtype: Dtype::Bf16,
+            deadline: Duration::from_secs(10),
+            max_message_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Runs routed experts on remote workers.
+pub struct Dispatcher {
+    placement: Placement,
+    transport: Arc<dyn Transport>,
+    runtime: tokio::runtime::Handle,
+    hidden: usize,
+    options: DispatchOptions,
+    stats: BTreeMap<WorkerId, WireStats>,
+}
+
+impl fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("workers", &self.stats.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Dispatcher {
+    /// `runtime` drives the transport's futures; `run` may be called from any thread that is
+    /// not one of that runtime's async workers.
+    pub fn new(
+        placement: Placement,
+        transport: Arc<dyn Transport>,
+        runtime: tokio::runtime::Handle,
+        hidden: usize,
+        workers: &[WorkerId],
+        options: DispatchOptions,
+    ) -> Dispatcher {
+        Dispatcher {
+            placement,
+            transport,
+            runtime,
+            hidden,
+            options,
+            stats: workers.iter().map(|&w| (w, WireStats::default())).collect(),
+        }
+    }
+
+    pub fn stats(&self, worker: WorkerId) -> Option<&WireStats> {
+        self.stats.get(&worker)
+    }
+
+    /// Sends one layer's calls concurrently and sums the replies: `[tokens, hidden]`.
+    pub fn dispatch(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        routing: &Routing,
+    ) -> Result<Tensor, RouterError> {
+        let (tokens, hidden) = x.dims2()?;
+        let calls = plan_calls(
+            layer,
+            x.as_f32()?,
+            hidden,
+            routing,
+            &self.placement,
+            self.options.wire_dtype,
+        )?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut pending = Vec::with_capacity(calls.len());
+        for (i, call) in calls.into_iter().enumerate() {
+            if let Some(s) = self.stats.get(&call.worker) {
+                s.calls.fetch_add(1, Ordering::Relaxed);
+                s.rows.fetch_add(call.rows.len() as u64, Ordering::Relaxed);
+                let bytes = call.request.hidden.as_ref().map_or(0, |h| h.data.len());
+                s.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+            }
+            let fut = self.transport.forward(call.worker, call.request);
+            let tx = tx.clone();
+            // Spawned, and waited on through a plain channel, so callers need no async context.
+            self.runtime.spawn(async move {
+                let _ = tx.send((i, fut.await));
+            });
+            pending.push((call.worker, call.rows));
+        }
+        drop(tx);
+        let mut out = Tensor::zeros(&[tokens, hidden]);
+        let od = out.as_f32_mut()?;
+        // The transport enforces the deadline per call; this is only a backstop.
+        let backstop = self.options.deadline + Duration::from_secs(5);
+        for _ in 0..pending.len() {
+            let (i, result) = rx.recv_timeout(backstop).map_err(|_| {
+                RouterError::Runtime(format!(
+                    "layer {layer}: a worker call outlived its deadline"
+                ))
+            })?;
+            let (worker, rows) = &pending[i];
+            let reply = result?;
+            if let Some(s) = self.stats.get(worker) {
+                s.bytes_received
+                    .fetch_add(reply.data.len() as u64, Ordering::Relaxed);
+            }
+            let n = codec::expect_rows("output", &reply, self.hidden)?;
+            if n != rows.len() {
+                return Err(RouterError::Runtime(format!(
+                    "worker {worker} returned {n} rows for layer {layer}, expected {}",
+                    rows.len()
+                )));
+            }
+            let values = codec::decode("output", &reply, self.options.max_message_bytes as u64)?;
+            for (j, &r) in rows.iter().enumerate() {
+                let dst = &mut od[r as usize * hidden..(r as usize + 1) * hidden];
+                for (d, v) in dst.iter_mut().zip(&values[j * hidden..(j + 1) * hidden]) {
+                    *d += v;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl ExpertExecutor for Dispatcher {
+    fn run(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        routing: &Routing,
+    ) -> switchyard_engine::Result<Tensor> {
+        self.dispatch(layer, x, routing)
+            .map_err(|e| EngineError::Executor(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_proto::v1::{InfoResponse, LayerExperts};
+
+    fn placement(split: &[(u32, std::ops::Range<u32>)]) -> Placement {
+        let json = switchyard_engine::synth::preset_config("tiny").unwrap();
+        let config = switchyard_engine::ModelConfig::from_json_str(&json.to_string()).unwrap();
+        let workers: Vec<_> = split
+            .iter()
+            .map(|(w, r)| {
+                (
+                    WorkerId(*w),
+                    InfoResponse {
+                        layers: config
+                            .moe_layers()
+                            .iter()
+                            .map(|&l| LayerExperts {
+                                layer: l as u32,
+                                experts: r.clone().collect(),
+                            })
+                            .collect(),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        Placement::from_workers(&config, &workers).unwrap()
+    }
+
+    #[test]
+    fn a_token_goes_to_a_worker_once_however_many_of_its_experts_it_chose() {
+        let p = placement(&[(0, 0..8), (1, 8..16)]);
+        // Token 0 chose 4 experts all on worker 0; token 1 split 2 + 2; token 2 all on worker 1.
+        let routing = Routing {
+            k: 4,
+            ids: vec![0, 1, 2, 3, 4, 5, 9, 10, 12, 13, 14, 15],
+            weights: (0..12).map(|i| i as f32).collect(),
+        };
+        let hidden = 2;
+        let x: Vec<f32> = (0..6).map(|v| v as f32).collect();
+        let calls = plan_calls(1, &x, hidden, &routing, &p, Dtype::F32).unwrap();
+        assert_eq!(calls.len(), 2);
+        let (w0, w1) = (&calls[0], &calls[1]);
+        assert_eq!((w0.worker, w0.rows.clone()), (WorkerId(0), vec![0, 1]));
+        assert_eq!((w1.worker, w1.rows.clone()), (WorkerId(1), vec![1, 2]));
+        assert_eq!(w0.request.offsets, vec![0, 4, 6]);
+        assert_eq!(w0.request.expert_ids, vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(w1.request.offsets, vec![0, 2, 6]);
+        assert_eq!(w1.request.weights, vec![6.0, 7.0, 8.0, 9.0, 10.0, 11.0]);
+        let rows = codec::decode("h", w1.request.hidden.as_ref().unwrap(), 1 << 20).unwrap();
+        assert_eq!(rows, vec![2.0, 3.0, 4.0, 5.0]);
+    }
+
+    #[test]
+    fn workers_with_no_chosen_expert_get_no_call() {
+        let p = placement(&[(0, 0..8), (1, 8..16)]);
+        let routing = Routing {
+            k: 2,
+            ids: vec![0, 1],
+            weights: vec![0.5, 0.5],
+        };
+        let calls = plan_calls(2, &[1.0, 2.0], 2, &routing, &p, Dtype::Bf16).unwrap();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].worker, WorkerId(0));
+    }
+}

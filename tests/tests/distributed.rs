@@ -1,0 +1,183 @@
+//! Router + expert workers over gRPC give what the single-process engine gives.
+
+// Test helpers panic on failure by design: that is how a test fails.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use switchyard_engine::generate::{self, GenerateOptions, GenerateRequest};
+use switchyard_engine::model::{
+    DeepseekModel, ExpertSelection, ForwardOptions, LoadOptions, LogitsFor, SeqInput,
+};
+use switchyard_engine::synth::{self, SynthDType, SynthOptions};
+use switchyard_proto::v1::Dtype;
+use switchyard_router::dispatch::DispatchOptions;
+use switchyard_router::{RemoteExperts, WorkerId};
+use switchyard_tests::Sandbox;
+
+const PROMPT: &[u32] = &[1, 17, 42, 99, 3, 250, 7, 7, 311];
+
+fn tiny_f32(dir: &Path) {
+    synth::synth(
+        dir,
+        &SynthOptions {
+            preset: "tiny".into(),
+            dtype: SynthDType::F32,
+            seed: 11,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+}
+
+fn logits(
+    model: &DeepseekModel,
+    experts: Option<&RemoteExperts>,
+) -> (Vec<f32>, Vec<(usize, switchyard_engine::model::Routing)>) {
+    let mut cache = model.new_cache(PROMPT.len());
+    let opts = ForwardOptions {
+        logits: LogitsFor::All,
+        record_routing: true,
+        ..Default::default()
+    };
+    let mut seqs = [SeqInput {
+        tokens: PROMPT,
+        cache: &mut cache,
+    }];
+    let out = match experts {
+        Some(e) => model.forward_with(&mut seqs, &opts, e),
+        None => model.forward(&mut seqs, &opts),
+    }
+    .unwrap();
+    (out.logits.into_f32_vec(), out.routing)
+}
+
+fn greedy(model: &DeepseekModel, experts: Option<&RemoteExperts>) -> Vec<u32> {
+    let req = GenerateRequest {
+        prompt: PROMPT.to_vec(),
+        max_new_tokens: 12,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let out = match experts {
+        Some(e) => generate::generate_with(
+            model,
+            std::slice::from_ref(&req),
+            GenerateOptions::default(),
+            e,
+        ),
+        None => generate::generate(
+            model,
+            std::slice::from_ref(&req),
+            GenerateOptions::default(),
+        ),
+    }
+    .unwrap();
+    out[0].token_ids.clone()
+}
+
+#[test]
+fn router_with_1_2_and_4_workers_matches_the_single_process_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_f32(dir.path());
+    let local = DeepseekModel::load(dir.path(), &LoadOptions::default()).unwrap();
+    let (want_logits, _) = logits(&local, None);
+    let want_tokens = greedy(&local, None);
+    let router = DeepseekModel::load(
+        dir.path(),
+        &LoadOptions {
+            experts: ExpertSelection::None,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        router.routed_expert_bytes(),
+        0,
+        "the router holds no routed experts"
+    );
+
+    let splits: [&[&str]; 4] = [
+        // One worker: every token's experts on it.
+        &["all"],
+        &["0-7", "8-15"],
+        &["0-3", "4-7", "8-11", "12-15"],
+        // Interleaved, so each token's experts spread over all four workers.
+        &["0,4,8,12", "1,5,9,13", "2,6,10,14", "3,7,11,15"],
+    ];
+    for specs in splits {
+        let sandbox = Sandbox::start(dir.path(), specs);
+        let remote = RemoteExperts::connect(
+            router.config(),
+            &sandbox.addrs(),
+            DispatchOptions {
+                wire_dtype: Dtype::F32,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let (got, _) = logits(&router, Some(&remote));
+        let diff = got
+            .iter()
+            .zip(&want_logits)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff <= 1e-5, "{specs:?}: max |Δ logits| = {diff:e}");
+        assert_eq!(greedy(&router, Some(&remote)), want_tokens, "{specs:?}");
+    }
+}
+
+#[test]
+fn a_token_crosses_the_wire_once_per_worker_per_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_f32(dir.path());
+    let router = DeepseekModel::load(
+        dir.path(),
+        &LoadOptions {
+            experts: ExpertSelection::None,
+        },
+    )
+    .unwrap();
+    let specs = ["0-7", "8-15"];
+    let sandbox = Sandbox::start(dir.path(), &specs);
+    let remote = RemoteExperts::connect(
+        router.config(),
+        &sandbox.addrs(),
+        DispatchOptions::default(),
+    )
+    .unwrap();
+    let (_, routing) = logits(&router, Some(&remote));
+    // Expected rows per worker: per layer, tokens with at least one expert on that worker.
+    for (w, range) in [(0u32, 0..8u32), (1, 8..16)] {
+        let expected: u64 = routing
+            .iter()
+            .map(|(_, r)| {
+                (0..r.tokens())
+                    .filter(|&t| r.token(t).any(|(e, _)| range.contains(&e)))
+                    .count() as u64
+            })
+            .sum();
+        let chosen: u64 = routing
+            .iter()
+            .map(|(_, r)| r.ids.iter().filter(|e| range.contains(e)).count() as u64)
+            .sum();
+        let sent = remote
+            .dispatcher()
+            .stats(WorkerId(w))
+            .unwrap()
+            .rows
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let served = sandbox.workers[w as usize]
+            .worker
+            .stats
+            .rows
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(sent, expected, "worker {w}");
+        assert_eq!(served, expected, "worker {w}");
+        // Top-4 routing over two workers: some tokens pick several experts on one worker, so
+        // deduplication saves rows.
+        assert!(
+            chosen > expected,
+            "worker {w}: {chosen} pairs, {expected} rows"
+        );
+    }
+}
