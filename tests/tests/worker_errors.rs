@@ -1,0 +1,80 @@
+//! Bad calls to an expert worker get the right status code, and the worker keeps serving.
+
+// Test helpers panic on failure by design: that is how a test fails.
+#![allow(clippy::unwrap_used)]
+
+use switchyard_engine::synth::{self, SynthDType, SynthOptions};
+use switchyard_proto::codec;
+use switchyard_proto::v1::expert_service_client::ExpertServiceClient;
+use switchyard_proto::v1::{Dtype, ForwardRequest, InfoRequest};
+use switchyard_tests::Sandbox;
+use tonic::Code;
+
+fn valid(layer: u32, rows: usize, hidden: usize) -> ForwardRequest {
+    let x: Vec<f32> = (0..rows * hidden).map(|i| (i % 7) as f32 * 0.1).collect();
+    ForwardRequest {
+        layer,
+        hidden: Some(codec::encode(&x, &[rows, hidden], Dtype::Bf16)),
+        offsets: (0..=rows as u32).collect(),
+        expert_ids: vec![2; rows],
+        weights: vec![0.5; rows],
+        reply_dtype: Dtype::Bf16 as i32,
+    }
+}
+
+#[test]
+fn bad_requests_get_their_status_and_the_worker_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    synth::synth(dir.path(), &SynthOptions { preset: "tiny".into(), dtype: SynthDType::Bf16, ..Default::default() }).unwrap();
+    // Holds experts 0-7 of the MoE layers (1 and 2); at most 1 KiB of hidden rows per call.
+    let sandbox = Sandbox::start_with(dir.path(), &["0-7"], |w| w.with_max_message_bytes(1024));
+    let addr = format!("http://{}", sandbox.addrs()[0]);
+    sandbox.block_on(async {
+        let mut client = ExpertServiceClient::connect(addr).await.unwrap();
+        let info = client.info(InfoRequest {}).await.unwrap().into_inner();
+        assert_eq!(info.layers.len(), 2);
+        assert_eq!(info.layers[0].experts, (0..8).collect::<Vec<u32>>());
+        // Resident bytes are exactly the subset: 2 layers x 8 experts x 3 bf16 [32, 64] matrices.
+        assert_eq!(info.expert_bytes, 2 * 8 * 3 * 32 * 64 * 2);
+
+        let mut cases: Vec<(&str, ForwardRequest, Code, &str)> = Vec::new();
+        let mut r = valid(1, 2, 64);
+        r.expert_ids = vec![2, 12];
+        cases.push(("expert not held", r, Code::FailedPrecondition, "expert 12 of layer 1"));
+        cases.push(("layer not held", valid(0, 2, 64), Code::FailedPrecondition, "layer 0"));
+        cases.push(("wrong hidden size", valid(1, 2, 32), Code::InvalidArgument, "[rows, 64]"));
+        let mut r = valid(1, 2, 64);
+        r.hidden.as_mut().unwrap().dtype = 9;
+        cases.push(("bad dtype", r, Code::InvalidArgument, "dtype"));
+        let mut r = valid(1, 2, 64);
+        r.hidden.as_mut().unwrap().data.pop();
+        cases.push(("truncated bytes", r, Code::InvalidArgument, "bytes"));
+        cases.push(("oversized message", valid(1, 16, 64), Code::InvalidArgument, "limit of 1024"));
+        let mut r = valid(1, 2, 64);
+        r.offsets = vec![0, 2, 1];
+        cases.push(("offsets out of order", r, Code::InvalidArgument, "offsets"));
+        let mut r = valid(1, 2, 64);
+        r.weights.pop();
+        cases.push(("weights missing", r, Code::InvalidArgument, "weights"));
+        let mut r = valid(1, 2, 64);
+        r.weights[0] = f32::NAN;
+        cases.push(("non-finite weight", r, Code::InvalidArgument, "finite"));
+        let mut r = valid(1, 2, 64);
+        r.expert_ids[1] = 99;
+        cases.push(("expert id out of range", r, Code::InvalidArgument, "99"));
+        let mut r = valid(1, 2, 64);
+        r.hidden = None;
+        cases.push(("no hidden rows", r, Code::InvalidArgument, "hidden"));
+
+        for (what, req, code, needle) in cases {
+            let status = client.forward(req).await.unwrap_err();
+            assert_eq!(status.code(), code, "{what}: {status:?}");
+            assert!(status.message().contains(needle), "{what}: {}", status.message());
+            // Still serving after every bad call.
+            let ok = client.forward(valid(2, 3, 64)).await.unwrap().into_inner();
+            assert_eq!(ok.output.unwrap().shape, vec![3, 64], "after {what}");
+        }
+    });
+    let stats = &sandbox.workers[0].worker.stats;
+    assert_eq!(stats.tokens(2, 2), 3 * 11, "only the good calls ran");
+}
