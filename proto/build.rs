@@ -6,6 +6,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded; prost-build reads PROTOC when it runs.
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=switchyard/v1");
-    tonic_prost_build::configure().compile_protos(&["switchyard/v1/expert.proto"], &["."])?;
+    tonic_prost_build::configure().compile_protos(
+        &[
+            "switchyard/v1/expert.proto",
+            "switchyard/v1/inference.proto",
+        ],
+        &["."],
+    )?;
     Ok(())
 }

@@ -7,10 +7,14 @@ use switchyard_engine::generate::{self, GenerateOptions, GenerateRequest, Sampli
 use switchyard_engine::model::{AttentionMode, DeepseekModel, LoadOptions};
 
 #[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["model", "router"])))]
 pub struct GenerateArgs {
-    /// Checkpoint directory (Hugging Face layout).
+    /// Checkpoint directory (Hugging Face layout): generate in this process.
     #[arg(long, env = "SWITCHYARD_MODEL")]
-    model: PathBuf,
+    model: Option<PathBuf>,
+    /// A router's address (`host:port`): generate through the cluster instead.
+    #[arg(long, env = "SWITCHYARD_ROUTER", conflicts_with_all = ["dump_logits"])]
+    router: Option<String>,
     /// Prompt as comma-separated token ids, e.g. `1,17,42`.
     #[arg(long, value_delimiter = ',', required = true)]
     prompt_ids: Vec<u32>,
@@ -52,9 +56,12 @@ pub struct SamplingArgs {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let Some(model_dir) = &args.model else {
+        return run_remote(&args);
+    };
     let load_start = Instant::now();
-    let model = DeepseekModel::load(&args.model, &LoadOptions::default())
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let model = DeepseekModel::load(model_dir, &LoadOptions::default())
+        .with_context(|| format!("loading {}", model_dir.display()))?;
     let load_s = load_start.elapsed().as_secs_f64();
     let s = &args.sampling;
     let request = GenerateRequest {
@@ -112,6 +119,63 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             gen_s,
             out.finish_reason.as_str(),
             load_s
+        );
+    }
+    Ok(())
+}
+
+/// `--router`: the same request through a router's gRPC API.
+fn run_remote(args: &GenerateArgs) -> anyhow::Result<()> {
+    use switchyard_proto::v1::GenerateRequest as Wire;
+    use switchyard_proto::v1::inference_service_client::InferenceServiceClient;
+
+    let router = args.router.as_deref().unwrap_or_default();
+    let url = if router.contains("://") {
+        router.to_string()
+    } else {
+        format!("http://{router}")
+    };
+    let s = &args.sampling;
+    let request = Wire {
+        prompt_ids: args.prompt_ids.clone(),
+        max_new_tokens: u32::try_from(s.max_new_tokens).context("--max-new-tokens is too large")?,
+        temperature: s.temperature,
+        top_k: u32::try_from(s.top_k).context("--top-k is too large")?,
+        top_p: Some(s.top_p),
+        seed: s.seed,
+        ignore_eos: s.ignore_eos,
+        stop_token_ids: s.stop_token_ids.clone(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let start = Instant::now();
+    let reply = runtime.block_on(async {
+        let mut client = InferenceServiceClient::connect(url.clone())
+            .await
+            .with_context(|| format!("connecting to the router at {url}"))?;
+        let reply = client
+            .generate_unary(request)
+            .await
+            .map_err(|s| anyhow::anyhow!("router returned {:?}: {}", s.code(), s.message()))?;
+        anyhow::Ok(reply.into_inner())
+    })?;
+    let gen_s = start.elapsed().as_secs_f64();
+    if args.json {
+        let json = serde_json::json!({
+            "prompt_ids": args.prompt_ids,
+            "token_ids": reply.token_ids,
+            "finish_reason": reply.finish_reason,
+            "generate_seconds": gen_s,
+        });
+        println!("{json}");
+    } else {
+        let ids: Vec<String> = reply.token_ids.iter().map(u32::to_string).collect();
+        println!("{}", ids.join(","));
+        eprintln!(
+            "{} tokens in {gen_s:.3}s ({}) via {router}",
+            reply.token_ids.len(),
+            reply.finish_reason
         );
     }
     Ok(())

@@ -6,7 +6,9 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod generate;
+mod router;
 mod synth;
+mod worker;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -41,6 +43,10 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure prefill and decode throughput and peak memory.
     Bench(bench::BenchArgs),
+    /// Serve a subset of the routed experts over gRPC (one node of a cluster).
+    Worker(worker::WorkerArgs),
+    /// Serve the inference API, dispatching routed experts to workers (one node of a cluster).
+    Router(router::RouterArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +74,8 @@ fn main() -> ExitCode {
         Command::Synth(args) => synth::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Worker(args) => worker::run(args),
+        Command::Router(args) => router::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -75,5 +83,27 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM: servers drain and stop.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
     }
 }

@@ -186,3 +186,117 @@ fn bench_reports_throughput_and_memory_as_json() {
     );
     assert!(json["peak_rss_bytes"].as_u64().unwrap() > 0);
 }
+
+/// A child process killed (and reaped) when dropped, so a failing test leaves no orphans.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `switchyard ARGS` and waits (at most 30 s) for its `listening on ADDR` line.
+fn spawn_node(args: &[&str]) -> (Child, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .env("SWITCHYARD_THREADS", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the switchyard binary starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let child = Child(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let line = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the node reports its address within 30 s");
+    let addr = line
+        .split_whitespace()
+        .nth(2)
+        .expect("`listening on ADDR ...`")
+        .to_string();
+    assert!(addr.starts_with("127.0.0.1:"), "{line}");
+    (child, addr)
+}
+
+#[test]
+fn generation_through_router_and_worker_processes_matches_local() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), "f32");
+    let model = dir.path().to_str().unwrap();
+    let (_w0, a0) = spawn_node(&[
+        "worker",
+        "--model",
+        model,
+        "--experts",
+        "0-9",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let (_w1, a1) = spawn_node(&[
+        "worker",
+        "--model",
+        model,
+        "--experts",
+        "10-15",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let workers = format!("{a0},{a1}");
+    let (_router, r) = spawn_node(&[
+        "router",
+        "--model",
+        model,
+        "--workers",
+        &workers,
+        "--listen",
+        "127.0.0.1:0",
+        "--wire-dtype",
+        "f32",
+    ]);
+    let flags = [
+        "--prompt-ids",
+        "1,17,42,5",
+        "--max-new-tokens",
+        "10",
+        "--ignore-eos",
+        "--json",
+    ];
+    let remote = switchyard(&[&["generate", "--router", &r][..], &flags[..]].concat());
+    assert!(
+        remote.status.success(),
+        "{}",
+        String::from_utf8_lossy(&remote.stderr)
+    );
+    let local = switchyard(&[&["generate", "--model", model][..], &flags[..]].concat());
+    let ids = |o: &Output| {
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["token_ids"].clone()
+    };
+    assert_eq!(ids(&remote), ids(&local));
+    // A router whose workers cannot hold every expert refuses to start, naming what is missing.
+    let out = switchyard(&[
+        "router",
+        "--model",
+        model,
+        "--workers",
+        &a0,
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("on no worker"),
+        "{stderr}"
+    );
+}

@@ -62,6 +62,15 @@ pub struct ExpertWorker {
 impl ExpertWorker {
     /// Loads the experts `spec` names from the checkpoint in `dir`, and nothing else.
     pub fn load(dir: &Path, spec: &ExpertSpec) -> Result<ExpertWorker, WorkerError> {
+        Self::load_with_progress(dir, spec, &|_, _| {})
+    }
+
+    /// Like [`ExpertWorker::load`], calling `progress(layers_loaded, layers_total)` as it goes.
+    pub fn load_with_progress(
+        dir: &Path,
+        spec: &ExpertSpec,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<ExpertWorker, WorkerError> {
         let config = ModelConfig::from_dir(dir)?;
         let ExpertSelection::Only(selection) = spec.resolve(&config)? else {
             return Err(WorkerError::Spec(
@@ -74,6 +83,8 @@ impl ExpertWorker {
             .ok_or_else(|| WorkerError::Spec("the model has no routed experts".into()))?;
         let ck = Checkpoint::open(dir)?;
         let mut layers = BTreeMap::new();
+        let total = selection.values().filter(|e| !e.is_empty()).count();
+        progress(0, total);
         for (layer, experts) in selection.iter().filter(|(_, e)| !e.is_empty()) {
             let loaded = RoutedExperts::load(
                 &ck,
@@ -84,6 +95,7 @@ impl ExpertWorker {
                 moe.moe_intermediate_size,
             )?;
             layers.insert(*layer, loaded);
+            progress(layers.len(), total);
         }
         Ok(ExpertWorker {
             model: config.identity(),

@@ -41,9 +41,9 @@ impl RouterError {
             RouterError::Engine(switchyard_engine::EngineError::InvalidInput { .. }) => {
                 tonic::Code::InvalidArgument
             }
-            RouterError::Codec(_) | RouterError::Engine(_) | RouterError::Runtime(_) => {
-                tonic::Code::Internal
-            }
+            // A failed worker call surfaces as Runtime: retryable by the client.
+            RouterError::Runtime(_) => tonic::Code::Unavailable,
+            RouterError::Codec(_) | RouterError::Engine(_) => tonic::Code::Internal,
         }
     }
 }

@@ -9,15 +9,18 @@
 //!   once per worker however many of its experts that worker holds — sends them concurrently
 //!   behind the [`dispatch::Transport`] trait, and adds the partial sums;
 //! - [`grpc`]: the gRPC transport, a client per worker with TCP_NODELAY and deadlines;
-//! - [`remote`]: connects a pool of workers and checks they serve this model.
+//! - [`remote`]: connects a pool of workers and checks they serve this model;
+//! - [`server`]: the router node's client API (a minimal unary generation for now).
 //!
-//! Client APIs, validation and the scheduler arrive with the serving-API issue.
+//! Streaming, HTTP, validation types and the continuous-batching scheduler arrive with the
+//! serving-API issue.
 
 pub mod dispatch;
 pub mod error;
 pub mod grpc;
 pub mod placement;
 pub mod remote;
+pub mod server;
 
 pub use dispatch::{Dispatcher, Transport, WorkerId};
 pub use error::RouterError;

@@ -25,7 +25,15 @@ fn valid(layer: u32, rows: usize, hidden: usize) -> ForwardRequest {
 #[test]
 fn bad_requests_get_their_status_and_the_worker_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
-    synth::synth(dir.path(), &SynthOptions { preset: "tiny".into(), dtype: SynthDType::Bf16, ..Default::default() }).unwrap();
+    synth::synth(
+        dir.path(),
+        &SynthOptions {
+            preset: "tiny".into(),
+            dtype: SynthDType::Bf16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     // Holds experts 0-7 of the MoE layers (1 and 2); at most 1 KiB of hidden rows per call.
     let sandbox = Sandbox::start_with(dir.path(), &["0-7"], |w| w.with_max_message_bytes(1024));
     let addr = format!("http://{}", sandbox.addrs()[0]);
@@ -40,16 +48,36 @@ fn bad_requests_get_their_status_and_the_worker_keeps_serving() {
         let mut cases: Vec<(&str, ForwardRequest, Code, &str)> = Vec::new();
         let mut r = valid(1, 2, 64);
         r.expert_ids = vec![2, 12];
-        cases.push(("expert not held", r, Code::FailedPrecondition, "expert 12 of layer 1"));
-        cases.push(("layer not held", valid(0, 2, 64), Code::FailedPrecondition, "layer 0"));
-        cases.push(("wrong hidden size", valid(1, 2, 32), Code::InvalidArgument, "[rows, 64]"));
+        cases.push((
+            "expert not held",
+            r,
+            Code::FailedPrecondition,
+            "expert 12 of layer 1",
+        ));
+        cases.push((
+            "layer not held",
+            valid(0, 2, 64),
+            Code::FailedPrecondition,
+            "layer 0",
+        ));
+        cases.push((
+            "wrong hidden size",
+            valid(1, 2, 32),
+            Code::InvalidArgument,
+            "[rows, 64]",
+        ));
         let mut r = valid(1, 2, 64);
         r.hidden.as_mut().unwrap().dtype = 9;
         cases.push(("bad dtype", r, Code::InvalidArgument, "dtype"));
         let mut r = valid(1, 2, 64);
         r.hidden.as_mut().unwrap().data.pop();
         cases.push(("truncated bytes", r, Code::InvalidArgument, "bytes"));
-        cases.push(("oversized message", valid(1, 16, 64), Code::InvalidArgument, "limit of 1024"));
+        cases.push((
+            "oversized message",
+            valid(1, 16, 64),
+            Code::InvalidArgument,
+            "limit of 1024",
+        ));
         let mut r = valid(1, 2, 64);
         r.offsets = vec![0, 2, 1];
         cases.push(("offsets out of order", r, Code::InvalidArgument, "offsets"));
@@ -69,7 +97,11 @@ fn bad_requests_get_their_status_and_the_worker_keeps_serving() {
         for (what, req, code, needle) in cases {
             let status = client.forward(req).await.unwrap_err();
             assert_eq!(status.code(), code, "{what}: {status:?}");
-            assert!(status.message().contains(needle), "{what}: {}", status.message());
+            assert!(
+                status.message().contains(needle),
+                "{what}: {}",
+                status.message()
+            );
             // Still serving after every bad call.
             let ok = client.forward(valid(2, 3, 64)).await.unwrap().into_inner();
             assert_eq!(ok.output.unwrap().shape, vec![3, 64], "after {what}");

@@ -1,0 +1,66 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use switchyard_expert_worker::{ExpertSpec, ExpertWorker, service};
+
+#[derive(clap::Args, Debug)]
+pub struct WorkerArgs {
+    /// Checkpoint directory (Hugging Face layout). Only this worker's experts are read.
+    #[arg(long, env = "SWITCHYARD_MODEL")]
+    model: PathBuf,
+    /// Experts to hold: `all`, `0-31` (in every MoE layer), or per layer `3:0-7;4:8-15`.
+    #[arg(long, env = "SWITCHYARD_EXPERTS")]
+    experts: ExpertSpec,
+    /// Address to serve on; port 0 picks a free port (the bound address is printed).
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50061")]
+    listen: SocketAddr,
+    /// Largest hidden-state payload of one call, in bytes; bigger calls get INVALID_ARGUMENT.
+    #[arg(long, env = "SWITCHYARD_MAX_MESSAGE_BYTES", default_value_t = switchyard_expert_worker::worker::DEFAULT_MAX_MESSAGE_BYTES)]
+    max_message_bytes: usize,
+}
+
+pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let bar = indicatif::ProgressBar::new(0).with_message("loading experts");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let worker = ExpertWorker::load_with_progress(&args.model, &args.experts, &|done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .with_context(|| {
+        format!(
+            "loading experts {:?} from {}",
+            args.experts,
+            args.model.display()
+        )
+    })?
+    .with_max_message_bytes(args.max_message_bytes);
+    bar.finish_and_clear();
+    let worker = Arc::new(worker);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("switchyard-worker")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        let info = worker.info();
+        // One line on stdout, parsed by `switchyard up` and tests to find the port.
+        println!(
+            "listening on {addr} · {} layers · {:.1} MiB of experts",
+            info.layers.len(),
+            info.expert_bytes as f64 / (1 << 20) as f64
+        );
+        tracing::info!(%addr, layers = info.layers.len(), "expert worker serving");
+        service::serve(worker, listener, crate::shutdown_signal()).await?;
+        tracing::info!("expert worker stopped");
+        Ok(())
+    })
+}
