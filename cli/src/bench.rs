@@ -1,16 +1,23 @@
+use std::io::BufRead;
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use anyhow::Context;
-use switchyard_engine::bench::{self, BenchOptions};
-use switchyard_engine::model::{DeepseekModel, LoadOptions};
+use anyhow::{Context, bail};
+use switchyard_engine::bench::{self, BenchOptions, BenchReport};
+use switchyard_engine::model::{DeepseekModel, ExpertSelection, LoadOptions};
+use switchyard_router::RemoteExperts;
+
+use crate::router::DispatchArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Checkpoint directory (Hugging Face layout).
     #[arg(long, env = "SWITCHYARD_MODEL")]
     model: PathBuf,
-    /// Batch sizes to measure, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    /// Batch sizes to measure, comma-separated (default 1,8; 1,8,32 with --workers).
+    #[arg(long, value_delimiter = ',')]
     batch: Vec<usize>,
     /// Prompt tokens per sequence.
     #[arg(long, default_value_t = 128)]
@@ -21,30 +28,83 @@ pub struct BenchArgs {
     /// Seed of the random prompts.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also run the model as a router plus this many local `switchyard worker` processes
+    /// (experts split evenly), and report both side by side.
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// Compute threads of each worker process.
+    #[arg(long, default_value_t = 1)]
+    worker_threads: usize,
+    #[command(flatten)]
+    dispatch: DispatchArgs,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
 
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let model = DeepseekModel::load(&args.model, &LoadOptions::default())
-        .with_context(|| format!("loading {}", args.model.display()))?;
-    let report = bench::run(
-        &model,
-        &BenchOptions {
-            batch_sizes: args.batch,
-            prompt_len: args.prompt_len,
-            gen_len: args.gen_len,
-            seed: args.seed,
-        },
-    )?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
+/// Worker processes, killed and reaped on drop.
+struct Nodes(Vec<Child>);
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
+}
+
+fn start_workers(args: &BenchArgs, experts: usize) -> anyhow::Result<(Nodes, Vec<String>)> {
+    let exe = std::env::current_exe().context("locating the switchyard binary")?;
+    let mut nodes = Nodes(Vec::new());
+    let mut addrs = Vec::new();
+    let per = experts.div_ceil(args.workers);
+    for w in 0..args.workers {
+        let (lo, hi) = (w * per, ((w + 1) * per).min(experts));
+        if lo >= hi {
+            bail!(
+                "--workers {} is more than the {experts} routed experts",
+                args.workers
+            );
+        }
+        let mut child = Command::new(&exe)
+            .args(["worker", "--model"])
+            .arg(&args.model)
+            .args([
+                "--experts",
+                &format!("{lo}-{}", hi - 1),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .env("SWITCHYARD_THREADS", args.worker_threads.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting a worker process")?;
+        let stdout = child.stdout.take().context("worker stdout")?;
+        nodes.0.push(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            if let Some(Ok(line)) = std::io::BufReader::new(stdout).lines().next() {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .with_context(|| format!("worker {w} did not report its address"))?;
+        let addr = line
+            .split_whitespace()
+            .nth(2)
+            .context("worker address line")?
+            .to_string();
+        addrs.push(addr);
+    }
+    Ok((nodes, addrs))
+}
+
+fn print_table(title: &str, report: &BenchReport) {
     println!(
-        "model {} · weights {:.1} MiB · {} threads",
-        args.model.display(),
+        "{title} · weights {:.1} MiB · {} threads",
         report.weights_bytes as f64 / (1 << 20) as f64,
         report.threads
     );
@@ -64,11 +124,101 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             r.decode_step_ms
         );
     }
-    if let Some(peak) = report.peak_rss_bytes {
+}
+
+pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
+    if args.batch.is_empty() {
+        args.batch = if args.workers > 0 {
+            vec![1, 8, 32]
+        } else {
+            vec![1, 8]
+        };
+    }
+    let options = BenchOptions {
+        batch_sizes: args.batch.clone(),
+        prompt_len: args.prompt_len,
+        gen_len: args.gen_len,
+        seed: args.seed,
+    };
+    let model = DeepseekModel::load(&args.model, &LoadOptions::default())
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let local = bench::run(&model, &options)?;
+    if args.workers == 0 {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&local)?);
+        } else {
+            print_table(&format!("model {}", args.model.display()), &local);
+            if let Some(peak) = local.peak_rss_bytes {
+                println!(
+                    "peak memory (RSS): {:.1} MiB",
+                    peak as f64 / (1 << 20) as f64
+                );
+            }
+        }
+        return Ok(());
+    }
+    let config = model.config().clone();
+    drop(model);
+    let experts = config
+        .moe
+        .as_ref()
+        .context("the model has no routed experts")?
+        .n_routed_experts;
+    let (_nodes, addrs) = start_workers(&args, experts)?;
+    let router = DeepseekModel::load(
+        &args.model,
+        &LoadOptions {
+            experts: ExpertSelection::None,
+        },
+    )?;
+    let remote = RemoteExperts::connect(&config, &addrs, args.dispatch.options())?;
+    let distributed = bench::run_with(&router, &options, &remote)?;
+    // Wire volume per token per MoE layer, over everything the bench ran.
+    let (mut sent, mut received) = (0u64, 0u64);
+    for w in remote.workers() {
+        if let Some(s) = remote.dispatcher().stats(*w) {
+            sent += s.bytes_sent.load(Ordering::Relaxed);
+            received += s.bytes_received.load(Ordering::Relaxed);
+        }
+    }
+    let tokens: usize = args
+        .batch
+        .iter()
+        .map(|b| b * (args.prompt_len + args.gen_len))
+        .sum();
+    let per_token_layer = (sent + received) as f64 / (tokens * config.moe_layers().len()) as f64;
+    let ratios: Vec<f64> = local
+        .rows
+        .iter()
+        .zip(&distributed.rows)
+        .map(|(l, d)| d.decode_tok_s / l.decode_tok_s)
+        .collect();
+    drop(remote);
+    if args.json {
         println!(
-            "peak memory (RSS): {:.1} MiB",
-            peak as f64 / (1 << 20) as f64
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "in_process": local,
+                "distributed": distributed,
+                "workers": args.workers,
+                "wire_dtype": args.dispatch.wire_dtype,
+                "decode_ratio": ratios,
+                "wire_bytes_per_token_per_moe_layer": per_token_layer,
+            }))?
         );
+    } else {
+        print_table("in-process", &local);
+        print_table(
+            &format!(
+                "router + {} worker processes ({} on the wire)",
+                args.workers, args.dispatch.wire_dtype
+            ),
+            &distributed,
+        );
+        for (b, r) in args.batch.iter().zip(&ratios) {
+            println!("batch {b:>3}: distributed / in-process decode = {r:.2}");
+        }
+        println!("wire bytes per token per MoE layer (both directions): {per_token_layer:.0}");
     }
     Ok(())
 }

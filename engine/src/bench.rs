@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
 
 use crate::error::{EngineError, Result};
-use crate::model::{DeepseekModel, ForwardOptions, KvCache, LogitsFor, SeqInput};
+use crate::model::{DeepseekModel, ExpertExecutor, ForwardOptions, KvCache, LogitsFor, SeqInput};
 
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -50,6 +50,15 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 /// Runs prefill then `gen_len` greedy decode steps for each batch size, on random prompts.
 pub fn run(model: &DeepseekModel, options: &BenchOptions) -> Result<BenchReport> {
+    run_with(model, options, model)
+}
+
+/// Like [`run`], with the routed experts run by `experts` (e.g. remote workers).
+pub fn run_with(
+    model: &DeepseekModel,
+    options: &BenchOptions,
+    experts: &dyn ExpertExecutor,
+) -> Result<BenchReport> {
     let c = model.config();
     if options.prompt_len == 0 {
         return Err(EngineError::input("prompt_len", "must be >= 1, got 0"));
@@ -94,7 +103,7 @@ pub fn run(model: &DeepseekModel, options: &BenchOptions) -> Result<BenchReport>
             .zip(caches.iter_mut())
             .map(|(p, cache)| SeqInput { tokens: p, cache })
             .collect();
-        let out = model.forward(&mut inputs, &fwd)?;
+        let out = model.forward_with(&mut inputs, &fwd, experts)?;
         let prefill = start.elapsed().as_secs_f64();
         drop(inputs);
 
@@ -112,7 +121,7 @@ pub fn run(model: &DeepseekModel, options: &BenchOptions) -> Result<BenchReport>
                 .zip(caches.iter_mut())
                 .map(|(t, cache)| SeqInput { tokens: t, cache })
                 .collect();
-            let out = model.forward(&mut inputs, &fwd)?;
+            let out = model.forward_with(&mut inputs, &fwd, experts)?;
             drop(inputs);
             for (n, row) in next
                 .iter_mut()

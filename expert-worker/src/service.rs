@@ -43,9 +43,14 @@ impl ExpertService for ExpertServiceImpl {
         let worker = self.worker.clone();
         let req = request.into_inner();
         // The experts are CPU work: keep them off the async threads.
-        let output = tokio::task::spawn_blocking(move || worker.forward(&req))
-            .await
-            .map_err(|e| Status::internal(format!("expert task failed: {e}")))??;
+        let output = tokio::task::spawn_blocking(move || {
+            let out = worker.forward(&req);
+            // Between calls the worker waits on the network: let compute threads sleep.
+            switchyard_engine::cpu::pool::global().rest();
+            out
+        })
+        .await
+        .map_err(|e| Status::internal(format!("expert task failed: {e}")))??;
         Ok(Response::new(ForwardResponse {
             output: Some(output),
         }))

@@ -187,6 +187,17 @@ impl Dispatcher {
         x: &Tensor,
         routing: &Routing,
     ) -> Result<Tensor, RouterError> {
+        self.dispatch_overlapped(layer, x, routing, &mut || Ok(()))
+    }
+
+    /// Like [`Dispatcher::dispatch`], running `meanwhile` between sending and waiting.
+    pub fn dispatch_overlapped(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        routing: &Routing,
+        meanwhile: &mut dyn FnMut() -> switchyard_engine::Result<()>,
+    ) -> Result<Tensor, RouterError> {
         let (tokens, hidden) = x.dims2()?;
         let calls = plan_calls(
             layer,
@@ -214,6 +225,10 @@ impl Dispatcher {
             pending.push((call.worker, call.rows));
         }
         drop(tx);
+        // The calls are in flight: do the router's own work (the shared expert) now, then let
+        // the compute threads sleep while we wait — workers may share this machine's cores.
+        meanwhile()?;
+        switchyard_engine::cpu::pool::global().rest();
         let mut out = Tensor::zeros(&[tokens, hidden]);
         let od = out.as_f32_mut()?;
         // The transport enforces the deadline per call; this is only a backstop.

@@ -31,6 +31,8 @@ struct Shared {
     pending: AtomicUsize,
     panicked: AtomicBool,
     shutdown: AtomicBool,
+    /// Set by [`ComputePool::rest`]: idle workers park now instead of spinning.
+    resting: AtomicBool,
     sleep_lock: Mutex<()>,
     wake: Condvar,
 }
@@ -80,6 +82,7 @@ impl ComputePool {
             pending: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
+            resting: AtomicBool::new(false),
             sleep_lock: Mutex::new(()),
             wake: Condvar::new(),
         });
@@ -101,6 +104,13 @@ impl ComputePool {
 
     pub fn threads(&self) -> usize {
         self.workers.len() + 1
+    }
+
+    /// Lets idle workers park at once rather than spin: call before this process waits on
+    /// something else (a network reply) so spinning does not take cores another process on the
+    /// machine needs. The next [`run`](Self::run) wakes them.
+    pub fn rest(&self) {
+        self.shared.resting.store(true, Ordering::Relaxed);
     }
 
     /// Runs `f(0..n_tasks)` across the pool and returns when every task is done.
@@ -125,6 +135,7 @@ impl ComputePool {
         s.next_task.store(0, Ordering::Relaxed);
         s.pending.store(self.workers.len(), Ordering::Relaxed);
         s.panicked.store(false, Ordering::Relaxed);
+        s.resting.store(false, Ordering::Relaxed);
         s.generation.fetch_add(1, Ordering::Release);
         {
             let _g = s.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -172,7 +183,8 @@ fn worker(s: &Shared) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(1024) && idle_since.elapsed() > SPIN_FOR {
+            let rest = s.resting.load(Ordering::Relaxed);
+            if rest || (spins.is_multiple_of(1024) && idle_since.elapsed() > SPIN_FOR) {
                 let guard = s.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
                 if s.generation.load(Ordering::Acquire) == seen
                     && !s.shutdown.load(Ordering::Relaxed)

@@ -12,6 +12,21 @@ pub trait ExpertExecutor: Sync {
     /// `x: [tokens, hidden]` → `[tokens, hidden]`, Σ weight × expert(x) over each token's
     /// routed experts.
     fn run(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<Tensor>;
+
+    /// Like [`run`](Self::run), calling `meanwhile` while the routed experts are in flight — a
+    /// remote executor sends its calls, runs `meanwhile` (the shared expert), then waits. The
+    /// default, for executors that compute in this process, runs one after the other.
+    fn run_overlapped(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        routing: &Routing,
+        meanwhile: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Tensor> {
+        let out = self.run(layer, x, routing)?;
+        meanwhile()?;
+        Ok(out)
+    }
 }
 
 #[derive(Debug)]
@@ -31,10 +46,12 @@ impl Moe {
         executor: &dyn ExpertExecutor,
     ) -> Result<(Tensor, Routing)> {
         let routing = self.gate.forward(x)?;
-        // In-process, both halves are GEMMs on the same compute pool, so they run in turn.
-        // Overlapping the shared expert with remote expert calls belongs to the dispatcher.
-        let mut out = executor.run(layer, x, &routing)?;
-        if let Some(shared) = self.shared.as_ref().map(|s| s.forward(x)).transpose()? {
+        let mut shared = None;
+        let mut out = executor.run_overlapped(layer, x, &routing, &mut || {
+            shared = self.shared.as_ref().map(|s| s.forward(x)).transpose()?;
+            Ok(())
+        })?;
+        if let Some(shared) = shared {
             for (o, s) in out.as_f32_mut()?.iter_mut().zip(shared.as_f32()?) {
                 *o += s;
             }
