@@ -54,7 +54,11 @@ impl Drop for Nodes {
     }
 }
 
-fn start_workers(args: &BenchArgs, experts: usize) -> anyhow::Result<(Nodes, Vec<String>)> {
+fn start_workers(
+    args: &BenchArgs,
+    experts: usize,
+    shared: bool,
+) -> anyhow::Result<(Nodes, Vec<String>)> {
     let exe = std::env::current_exe().context("locating the switchyard binary")?;
     let mut nodes = Nodes(Vec::new());
     let mut addrs = Vec::new();
@@ -76,6 +80,7 @@ fn start_workers(args: &BenchArgs, experts: usize) -> anyhow::Result<(Nodes, Vec
                 "--listen",
                 "127.0.0.1:0",
             ])
+            .args(shared.then_some("--with-shared-expert"))
             .env("SWITCHYARD_THREADS", args.worker_threads.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -134,7 +139,7 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
             vec![1, 8]
         };
     }
-    let options = BenchOptions {
+    let bench_options = BenchOptions {
         batch_sizes: args.batch.clone(),
         prompt_len: args.prompt_len,
         gen_len: args.gen_len,
@@ -142,7 +147,7 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     };
     let model = DeepseekModel::load(&args.model, &LoadOptions::default())
         .with_context(|| format!("loading {}", args.model.display()))?;
-    let local = bench::run(&model, &options)?;
+    let local = bench::run(&model, &bench_options)?;
     if args.workers == 0 {
         if args.json {
             println!("{}", serde_json::to_string_pretty(&local)?);
@@ -159,66 +164,93 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     }
     let config = model.config().clone();
     drop(model);
-    let experts = config
+    let moe = config
         .moe
         .as_ref()
-        .context("the model has no routed experts")?
-        .n_routed_experts;
-    let (_nodes, addrs) = start_workers(&args, experts)?;
+        .context("the model has no routed experts")?;
+    let has_shared = moe.n_shared_experts > 0;
+    let (_nodes, addrs) = start_workers(&args, moe.n_routed_experts, has_shared)?;
     let router = DeepseekModel::load(
         &args.model,
         &LoadOptions {
             experts: ExpertSelection::None,
         },
     )?;
-    let remote = RemoteExperts::connect(&config, &addrs, args.dispatch.options())?;
-    let distributed = bench::run_with(&router, &options, &remote)?;
-    // Wire volume per token per MoE layer, over everything the bench ran.
-    let (mut sent, mut received) = (0u64, 0u64);
-    for w in remote.workers() {
-        if let Some(s) = remote.dispatcher().stats(*w) {
-            sent += s.bytes_sent.load(Ordering::Relaxed);
-            received += s.bytes_received.load(Ordering::Relaxed);
+    // Both placements of the shared expert, when the model has one.
+    let modes: &[bool] = if has_shared { &[false, true] } else { &[false] };
+    let mut runs = Vec::new();
+    for &on_workers in modes {
+        let options = switchyard_router::dispatch::DispatchOptions {
+            shared_on_workers: on_workers,
+            ..args.dispatch.options()
+        };
+        let remote = RemoteExperts::connect(&config, &addrs, options)?;
+        let report = bench::run_with(&router, &bench_options, &remote)?;
+        // Wire volume per token per MoE layer, over everything this run sent and received.
+        let (mut sent, mut received) = (0u64, 0u64);
+        for w in remote.workers() {
+            if let Some(s) = remote.dispatcher().stats(*w) {
+                sent += s.bytes_sent.load(Ordering::Relaxed);
+                received += s.bytes_received.load(Ordering::Relaxed);
+            }
         }
+        let tokens: usize = args
+            .batch
+            .iter()
+            .map(|b| b * (args.prompt_len + args.gen_len))
+            .sum();
+        let per_token_layer =
+            (sent + received) as f64 / (tokens * config.moe_layers().len()) as f64;
+        let ratios: Vec<f64> = local
+            .rows
+            .iter()
+            .zip(&report.rows)
+            .map(|(l, d)| d.decode_tok_s / l.decode_tok_s)
+            .collect();
+        drop(remote);
+        runs.push((
+            if on_workers { "workers" } else { "router" },
+            report,
+            ratios,
+            per_token_layer,
+        ));
     }
-    let tokens: usize = args
-        .batch
-        .iter()
-        .map(|b| b * (args.prompt_len + args.gen_len))
-        .sum();
-    let per_token_layer = (sent + received) as f64 / (tokens * config.moe_layers().len()) as f64;
-    let ratios: Vec<f64> = local
-        .rows
-        .iter()
-        .zip(&distributed.rows)
-        .map(|(l, d)| d.decode_tok_s / l.decode_tok_s)
-        .collect();
-    drop(remote);
     if args.json {
+        let distributed: Vec<_> = runs
+            .iter()
+            .map(|(mode, report, ratios, bytes)| {
+                serde_json::json!({
+                    "shared_expert_on": mode,
+                    "report": report,
+                    "decode_ratio": ratios,
+                    "wire_bytes_per_token_per_moe_layer": bytes,
+                })
+            })
+            .collect();
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "in_process": local,
-                "distributed": distributed,
                 "workers": args.workers,
                 "wire_dtype": args.dispatch.wire_dtype,
-                "decode_ratio": ratios,
-                "wire_bytes_per_token_per_moe_layer": per_token_layer,
+                "distributed": distributed,
             }))?
         );
     } else {
         print_table("in-process", &local);
-        print_table(
-            &format!(
-                "router + {} worker processes ({} on the wire)",
-                args.workers, args.dispatch.wire_dtype
-            ),
-            &distributed,
-        );
-        for (b, r) in args.batch.iter().zip(&ratios) {
-            println!("batch {b:>3}: distributed / in-process decode = {r:.2}");
+        for (mode, report, ratios, bytes) in &runs {
+            print_table(
+                &format!(
+                    "router + {} worker processes, shared expert on the {mode} ({} on the wire)",
+                    args.workers, args.dispatch.wire_dtype
+                ),
+                report,
+            );
+            for (b, r) in args.batch.iter().zip(ratios) {
+                println!("batch {b:>3}: distributed / in-process decode = {r:.2}");
+            }
+            println!("wire bytes per token per MoE layer (both directions): {bytes:.0}");
         }
-        println!("wire bytes per token per MoE layer (both directions): {per_token_layer:.0}");
     }
     Ok(())
 }

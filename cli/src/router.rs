@@ -19,6 +19,10 @@ pub struct DispatchArgs {
     /// Deadline of each expert call, in milliseconds.
     #[arg(long, env = "SWITCHYARD_EXPERT_DEADLINE_MS", default_value_t = 10_000)]
     pub expert_deadline_ms: u64,
+    /// Where shared experts run: on the `router`, overlapped with the expert calls, or on the
+    /// `workers`, each token's with one of its routed calls (workers need --with-shared-expert).
+    #[arg(long, env = "SWITCHYARD_SHARED_EXPERT_ON", default_value = "router", value_parser = ["router", "workers"])]
+    pub shared_expert_on: String,
 }
 
 impl DispatchArgs {
@@ -30,6 +34,7 @@ impl DispatchArgs {
                 Dtype::Bf16
             },
             deadline: Duration::from_millis(self.expert_deadline_ms.max(1)),
+            shared_on_workers: self.shared_expert_on == "workers",
             ..Default::default()
         }
     }

@@ -19,6 +19,10 @@ pub struct WorkerArgs {
     /// Largest hidden-state payload of one call, in bytes; bigger calls get INVALID_ARGUMENT.
     #[arg(long, env = "SWITCHYARD_MAX_MESSAGE_BYTES", default_value_t = switchyard_expert_worker::worker::DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
+    /// Also hold the shared expert of each held layer, for routers started with
+    /// `--shared-expert-on workers`.
+    #[arg(long, env = "SWITCHYARD_WITH_SHARED_EXPERT")]
+    with_shared_expert: bool,
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
@@ -39,6 +43,13 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         )
     })?
     .with_max_message_bytes(args.max_message_bytes);
+    let worker = if args.with_shared_expert {
+        worker
+            .with_shared_experts(&args.model)
+            .context("loading the shared experts")?
+    } else {
+        worker
+    };
     bar.finish_and_clear();
     let worker = Arc::new(worker);
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -8,6 +8,7 @@ use std::time::Instant;
 use switchyard_engine::checkpoint::Checkpoint;
 use switchyard_engine::model::ExpertSelection;
 use switchyard_engine::model::experts::{ExpertGroup, RoutedExperts};
+use switchyard_engine::model::mlp::Mlp;
 use switchyard_engine::{ModelConfig, Tensor};
 use switchyard_proto::codec;
 use switchyard_proto::v1::{self, Dtype, ForwardRequest, InfoResponse, LayerExperts};
@@ -55,6 +56,8 @@ pub struct ExpertWorker {
     hidden: usize,
     n_experts: usize,
     layers: BTreeMap<usize, RoutedExperts>,
+    /// Shared experts of the held layers, when this worker also runs them.
+    shared: BTreeMap<usize, Mlp>,
     max_message_bytes: usize,
     pub stats: WorkerStats,
 }
@@ -103,8 +106,33 @@ impl ExpertWorker {
             n_experts: moe.n_routed_experts,
             stats: WorkerStats::new(config.num_hidden_layers, moe.n_routed_experts),
             layers,
+            shared: BTreeMap::new(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         })
+    }
+
+    /// Also loads the shared expert of every layer this worker holds, so routers can send each
+    /// token's shared-expert work along with its routed call (`--shared-expert-on workers`).
+    pub fn with_shared_experts(mut self, dir: &Path) -> Result<ExpertWorker, WorkerError> {
+        let config = ModelConfig::from_dir(dir)?;
+        let moe = config
+            .moe
+            .as_ref()
+            .ok_or_else(|| WorkerError::Spec("the model has no routed experts".into()))?;
+        if moe.n_shared_experts == 0 {
+            return Err(WorkerError::Spec("the model has no shared experts".into()));
+        }
+        let ck = Checkpoint::open(dir)?;
+        for &layer in self.layers.keys() {
+            let mlp = Mlp::new(
+                &ck,
+                &format!("model.layers.{layer}.mlp.shared_experts"),
+                config.hidden_size,
+                moe.moe_intermediate_size * moe.n_shared_experts,
+            )?;
+            self.shared.insert(layer, mlp);
+        }
+        Ok(self)
     }
 
     pub fn with_max_message_bytes(mut self, bytes: usize) -> Self {
@@ -140,6 +168,7 @@ impl ExpertWorker {
             device: "cpu".into(),
             expert_bytes: self.expert_bytes() as u64,
             model: self.model.clone(),
+            shared_expert_layers: self.shared.keys().map(|&l| l as u32).collect(),
         }
     }
 
@@ -160,7 +189,11 @@ impl ExpertWorker {
         let rows = codec::expect_rows("hidden", hidden, self.hidden)?;
         let x = codec::decode("hidden", hidden, self.max_message_bytes as u64)?;
         let groups = self.groups(req, rows, experts)?;
-        let out = experts.forward_groups(&Tensor::from_f32(&[rows, self.hidden], x)?, &groups)?;
+        let x = Tensor::from_f32(&[rows, self.hidden], x)?;
+        let mut out = experts.forward_groups(&x, &groups)?;
+        if !req.shared_rows.is_empty() {
+            self.add_shared(layer, &req.shared_rows, &x, &mut out)?;
+        }
         let reply_dtype = match Dtype::try_from(req.reply_dtype).unwrap_or(Dtype::Unspecified) {
             Dtype::Unspecified => Dtype::try_from(hidden.dtype).unwrap_or(Dtype::F32),
             d => d,
@@ -181,6 +214,44 @@ impl ExpertWorker {
             .busy_nanos
             .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(encoded)
+    }
+
+    /// `out[r] += shared_expert(x[r])` for the listed rows.
+    fn add_shared(
+        &self,
+        layer: usize,
+        rows: &[u32],
+        x: &Tensor,
+        out: &mut Tensor,
+    ) -> Result<(), WorkerError> {
+        let mlp = self.shared.get(&layer).ok_or_else(|| {
+            WorkerError::NotHeld(format!(
+                "the shared expert of layer {layer} is not held by this worker"
+            ))
+        })?;
+        let (n, h) = x.dims2()?;
+        let xd = x.as_f32()?;
+        let mut gathered = Vec::with_capacity(rows.len() * h);
+        for &r in rows {
+            if r as usize >= n {
+                return Err(WorkerError::invalid(
+                    "shared_rows",
+                    format!("must be < rows ({n}), got {r}"),
+                ));
+            }
+            gathered.extend_from_slice(&xd[r as usize * h..(r as usize + 1) * h]);
+        }
+        let y = mlp.forward(&Tensor::from_f32(&[rows.len(), h], gathered)?)?;
+        let (yd, od) = (y.as_f32()?, out.as_f32_mut()?);
+        for (j, &r) in rows.iter().enumerate() {
+            for (o, v) in od[r as usize * h..(r as usize + 1) * h]
+                .iter_mut()
+                .zip(&yd[j * h..(j + 1) * h])
+            {
+                *o += v;
+            }
+        }
+        Ok(())
     }
 
     /// Validates the flattened routing and groups it by expert.

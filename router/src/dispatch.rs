@@ -49,6 +49,9 @@ pub struct WorkerCall {
 }
 
 /// Splits one layer's routing into one call per worker (pure).
+///
+/// With `shared_on_workers`, each token's shared expert travels with one of its routed calls:
+/// the worker, among those the token already visits, with the fewest shared rows so far.
 pub fn plan_calls(
     layer: usize,
     x: &[f32],
@@ -56,6 +59,7 @@ pub fn plan_calls(
     routing: &Routing,
     placement: &Placement,
     dtype: Dtype,
+    shared_on_workers: bool,
 ) -> Result<Vec<WorkerCall>, RouterError> {
     #[derive(Default)]
     struct Builder {
@@ -63,6 +67,7 @@ pub fn plan_calls(
         offsets: Vec<u32>,
         ids: Vec<u32>,
         weights: Vec<f32>,
+        shared_rows: Vec<u32>,
     }
     let mut builders: BTreeMap<WorkerId, Builder> = BTreeMap::new();
     for t in 0..routing.tokens() {
@@ -84,6 +89,14 @@ pub fn plan_calls(
                 *end = b.ids.len() as u32;
             }
         }
+        if shared_on_workers
+            && let Some(b) = builders
+                .values_mut()
+                .filter(|b| b.rows.last() == Some(&(t as u32)))
+                .min_by_key(|b| b.shared_rows.len())
+        {
+            b.shared_rows.push(b.rows.len() as u32 - 1);
+        }
     }
     Ok(builders
         .into_iter()
@@ -101,6 +114,7 @@ pub fn plan_calls(
                     expert_ids: b.ids,
                     weights: b.weights,
                     reply_dtype: dtype as i32,
+                    shared_rows: b.shared_rows,
                 },
                 rows: b.rows,
             }
@@ -125,6 +139,9 @@ pub struct DispatchOptions {
     pub deadline: Duration,
     /// Largest reply accepted, in bytes.
     pub max_message_bytes: usize,
+    /// Run shared experts on the workers, each token's with one of its routed calls, instead
+    /// of on the router (every worker then holds a copy).
+    pub shared_on_workers: bool,
 }
 
 impl Default for DispatchOptions {
@@ -133,6 +150,7 @@ impl Default for DispatchOptions {
             wire_dtype: Dtype::Bf16,
             deadline: Duration::from_secs(10),
             max_message_bytes: 64 << 20,
+            shared_on_workers: false,
         }
     }
 }
@@ -206,6 +224,7 @@ impl Dispatcher {
             routing,
             &self.placement,
             self.options.wire_dtype,
+            self.options.shared_on_workers,
         )?;
         let (tx, rx) = std::sync::mpsc::channel();
         let mut pending = Vec::with_capacity(calls.len());
@@ -271,8 +290,30 @@ impl ExpertExecutor for Dispatcher {
         x: &Tensor,
         routing: &Routing,
     ) -> switchyard_engine::Result<Tensor> {
-        self.dispatch(layer, x, routing)
-            .map_err(|e| EngineError::Executor(e.to_string()))
+        self.dispatch(layer, x, routing).map_err(executor_error)
+    }
+
+    fn run_overlapped(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        routing: &Routing,
+        meanwhile: &mut dyn FnMut() -> switchyard_engine::Result<()>,
+    ) -> switchyard_engine::Result<Tensor> {
+        self.dispatch_overlapped(layer, x, routing, meanwhile)
+            .map_err(executor_error)
+    }
+
+    fn runs_shared_experts(&self) -> bool {
+        self.options.shared_on_workers
+    }
+}
+
+fn executor_error(e: RouterError) -> EngineError {
+    match e {
+        // The router's own work (the overlapped shared expert) failed: keep its error as it was.
+        RouterError::Engine(e) => e,
+        e => EngineError::Executor(e.to_string()),
     }
 }
 
@@ -317,7 +358,7 @@ mod tests {
         };
         let hidden = 2;
         let x: Vec<f32> = (0..6).map(|v| v as f32).collect();
-        let calls = plan_calls(1, &x, hidden, &routing, &p, Dtype::F32).unwrap();
+        let calls = plan_calls(1, &x, hidden, &routing, &p, Dtype::F32, false).unwrap();
         assert_eq!(calls.len(), 2);
         let (w0, w1) = (&calls[0], &calls[1]);
         assert_eq!((w0.worker, w0.rows.clone()), (WorkerId(0), vec![0, 1]));
@@ -331,6 +372,34 @@ mod tests {
     }
 
     #[test]
+    fn each_token_s_shared_expert_rides_with_exactly_one_call_balanced() {
+        let p = placement(&[(0, 0..8), (1, 8..16)]);
+        // Tokens 0-3 each visit both workers; token 4 only worker 1.
+        let routing = Routing {
+            k: 2,
+            ids: vec![0, 8, 1, 9, 2, 10, 3, 11, 12, 13],
+            weights: vec![1.0; 10],
+        };
+        let x = vec![0.0; 5 * 2];
+        let calls = plan_calls(1, &x, 2, &routing, &p, Dtype::F32, true).unwrap();
+        let shared: Vec<Vec<u32>> = calls
+            .iter()
+            .map(|c| {
+                c.request
+                    .shared_rows
+                    .iter()
+                    .map(|&i| c.rows[i as usize])
+                    .collect()
+            })
+            .collect();
+        let mut all: Vec<u32> = shared.concat();
+        all.sort();
+        assert_eq!(all, vec![0, 1, 2, 3, 4], "every token exactly once");
+        assert!(shared[1].contains(&4), "token 4 can only go to worker 1");
+        assert_eq!((shared[0].len(), shared[1].len()), (2, 3), "balanced");
+    }
+
+    #[test]
     fn workers_with_no_chosen_expert_get_no_call() {
         let p = placement(&[(0, 0..8), (1, 8..16)]);
         let routing = Routing {
@@ -338,7 +407,7 @@ mod tests {
             ids: vec![0, 1],
             weights: vec![0.5, 0.5],
         };
-        let calls = plan_calls(2, &[1.0, 2.0], 2, &routing, &p, Dtype::Bf16).unwrap();
+        let calls = plan_calls(2, &[1.0, 2.0], 2, &routing, &p, Dtype::Bf16, false).unwrap();
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].worker, WorkerId(0));
     }

@@ -71,6 +71,20 @@ impl RemoteExperts {
                 )));
             }
         }
+        if options.shared_on_workers {
+            for (id, info) in &infos {
+                if let Some(l) = info
+                    .layers
+                    .iter()
+                    .find(|l| !info.shared_expert_layers.contains(&l.layer))
+                {
+                    return Err(RouterError::Placement(format!(
+                        "shared experts run on the workers, but worker {id} ({}) lacks the shared expert of layer {} (start it with --with-shared-expert)",
+                        addrs[id.0 as usize], l.layer
+                    )));
+                }
+            }
+        }
         let placement = Placement::from_workers(config, &infos)?;
         let workers = transport.worker_ids();
         let dispatcher = Dispatcher::new(
@@ -105,5 +119,19 @@ impl ExpertExecutor for RemoteExperts {
         routing: &Routing,
     ) -> switchyard_engine::Result<Tensor> {
         self.dispatcher.run(layer, x, routing)
+    }
+
+    fn run_overlapped(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        routing: &Routing,
+        meanwhile: &mut dyn FnMut() -> switchyard_engine::Result<()>,
+    ) -> switchyard_engine::Result<Tensor> {
+        self.dispatcher.run_overlapped(layer, x, routing, meanwhile)
+    }
+
+    fn runs_shared_experts(&self) -> bool {
+        self.dispatcher.runs_shared_experts()
     }
 }

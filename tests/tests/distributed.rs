@@ -127,6 +127,49 @@ fn router_with_1_2_and_4_workers_matches_the_single_process_engine() {
 }
 
 #[test]
+fn shared_experts_on_the_workers_give_the_same_result() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_f32(dir.path());
+    let local = DeepseekModel::load(dir.path(), &LoadOptions::default()).unwrap();
+    let (want_logits, _) = logits(&local, None);
+    let router = DeepseekModel::load(
+        dir.path(),
+        &LoadOptions {
+            experts: ExpertSelection::None,
+        },
+    )
+    .unwrap();
+    let specs = ["0-3", "4-9", "10-15"];
+    let with_shared = Sandbox::start_with(dir.path(), &specs, |w| {
+        w.with_shared_experts(dir.path()).unwrap()
+    });
+    let options = DispatchOptions {
+        wire_dtype: Dtype::F32,
+        shared_on_workers: true,
+        ..Default::default()
+    };
+    let remote =
+        RemoteExperts::connect(router.config(), &with_shared.addrs(), options.clone()).unwrap();
+    let (got, _) = logits(&router, Some(&remote));
+    let diff = got
+        .iter()
+        .zip(&want_logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(diff <= 1e-5, "max |Δ logits| = {diff:e}");
+    assert_eq!(greedy(&router, Some(&remote)), greedy(&local, None));
+    // Workers without the shared expert are refused up front, by name.
+    let without = Sandbox::start(dir.path(), &specs);
+    let err = RemoteExperts::connect(router.config(), &without.addrs(), options)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--with-shared-expert") && err.contains("layer 1"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_token_crosses_the_wire_once_per_worker_per_layer() {
     let dir = tempfile::tempdir().unwrap();
     tiny_f32(dir.path());

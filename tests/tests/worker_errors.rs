@@ -19,6 +19,7 @@ fn valid(layer: u32, rows: usize, hidden: usize) -> ForwardRequest {
         expert_ids: vec![2; rows],
         weights: vec![0.5; rows],
         reply_dtype: Dtype::Bf16 as i32,
+        shared_rows: vec![],
     }
 }
 
@@ -93,6 +94,14 @@ fn bad_requests_get_their_status_and_the_worker_keeps_serving() {
         let mut r = valid(1, 2, 64);
         r.hidden = None;
         cases.push(("no hidden rows", r, Code::InvalidArgument, "hidden"));
+        let mut r = valid(1, 2, 64);
+        r.shared_rows = vec![0];
+        cases.push((
+            "shared expert not held",
+            r,
+            Code::FailedPrecondition,
+            "shared expert of layer 1",
+        ));
 
         for (what, req, code, needle) in cases {
             let status = client.forward(req).await.unwrap_err();
@@ -108,5 +117,5 @@ fn bad_requests_get_their_status_and_the_worker_keeps_serving() {
         }
     });
     let stats = &sandbox.workers[0].worker.stats;
-    assert_eq!(stats.tokens(2, 2), 3 * 11, "only the good calls ran");
+    assert_eq!(stats.tokens(2, 2), 3 * 12, "only the good calls ran");
 }

@@ -27,6 +27,12 @@ pub trait ExpertExecutor: Sync {
         meanwhile()?;
         Ok(out)
     }
+
+    /// Whether `run` also adds each token's shared experts (they then run where the routed
+    /// experts do, and the caller skips its own copy).
+    fn runs_shared_experts(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug)]
@@ -47,8 +53,12 @@ impl Moe {
     ) -> Result<(Tensor, Routing)> {
         let routing = self.gate.forward(x)?;
         let mut shared = None;
+        let local_shared = self
+            .shared
+            .as_ref()
+            .filter(|_| !executor.runs_shared_experts());
         let mut out = executor.run_overlapped(layer, x, &routing, &mut || {
-            shared = self.shared.as_ref().map(|s| s.forward(x)).transpose()?;
+            shared = local_shared.map(|s| s.forward(x)).transpose()?;
             Ok(())
         })?;
         if let Some(shared) = shared {
