@@ -224,3 +224,50 @@ fn a_token_crosses_the_wire_once_per_worker_per_layer() {
         );
     }
 }
+
+#[test]
+fn several_routers_share_one_worker_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_f32(dir.path());
+    let local = DeepseekModel::load(dir.path(), &LoadOptions::default()).unwrap();
+    let (want, _) = logits(&local, None);
+    let sandbox = Sandbox::start(dir.path(), &["0-7", "8-15"]);
+    let router = DeepseekModel::load(
+        dir.path(),
+        &LoadOptions {
+            experts: ExpertSelection::None,
+        },
+    )
+    .unwrap();
+    let options = DispatchOptions {
+        wire_dtype: Dtype::F32,
+        ..Default::default()
+    };
+    let a = RemoteExperts::connect(router.config(), &sandbox.addrs(), options.clone()).unwrap();
+    let b = RemoteExperts::connect(router.config(), &sandbox.addrs(), options).unwrap();
+    std::thread::scope(|s| {
+        for remote in [&a, &b] {
+            let (router, want) = (&router, &want);
+            s.spawn(move || {
+                for _ in 0..3 {
+                    let (got, _) = logits(router, Some(remote));
+                    let diff = got
+                        .iter()
+                        .zip(want)
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0.0, f32::max);
+                    assert!(diff <= 1e-5, "max |Δ logits| = {diff:e}");
+                }
+            });
+        }
+    });
+    let calls = |w: usize| {
+        sandbox.workers[w]
+            .worker
+            .stats
+            .calls
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // Two routers x three passes x two MoE layers, on each worker (every pass visits both).
+    assert_eq!((calls(0), calls(1)), (12, 12));
+}
