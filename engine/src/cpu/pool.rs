@@ -4,7 +4,7 @@
 //! threads sleep (rayon's, which parks on a futex) pays a wake-up of tens of microseconds per
 //! GEMM — measured here, it cost a third of decode throughput. These workers instead spin for a
 //! short while after each job, so back-to-back jobs start in well under a microsecond, and park
-//! once the pool has been idle for [`SPIN_FOR`]. Jobs are a task count and a closure; workers
+//! once the pool has been idle for `SPIN_FOR`. Jobs are a task count and a closure; workers
 //! and the calling thread claim task indices from one atomic counter.
 //!
 //! A job started from inside a task runs inline on that thread (no nested parallelism), and
