@@ -5,6 +5,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use switchyard_engine::generate::{self, GenerateOptions, GenerateRequest, SamplingParams};
 use switchyard_engine::model::{AttentionMode, DeepseekModel, LoadOptions};
+use switchyard_proto::v1::{GenerateRequest as Wire, GenerateResponse};
 
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("target").required(true).args(["model", "router"])))]
@@ -126,15 +127,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 
 /// `--router`: the same request through a router's gRPC API.
 fn run_remote(args: &GenerateArgs) -> anyhow::Result<()> {
-    use switchyard_proto::v1::GenerateRequest as Wire;
-    use switchyard_proto::v1::inference_service_client::InferenceServiceClient;
-
     let router = args.router.as_deref().unwrap_or_default();
-    let url = if router.contains("://") {
-        router.to_string()
-    } else {
-        format!("http://{router}")
-    };
     let s = &args.sampling;
     let request = Wire {
         prompt_ids: args.prompt_ids.clone(),
@@ -146,11 +139,31 @@ fn run_remote(args: &GenerateArgs) -> anyhow::Result<()> {
         ignore_eos: s.ignore_eos,
         stop_token_ids: s.stop_token_ids.clone(),
     };
+    let start = Instant::now();
+    let reply = generate_via_router(router, request)?;
+    print_remote(
+        router,
+        &args.prompt_ids,
+        &reply,
+        start.elapsed().as_secs_f64(),
+        args.json,
+    );
+    Ok(())
+}
+
+/// One `GenerateUnary` call to the router at `router` (`host:port` or a URL).
+pub fn generate_via_router(router: &str, request: Wire) -> anyhow::Result<GenerateResponse> {
+    use switchyard_proto::v1::inference_service_client::InferenceServiceClient;
+
+    let url = if router.contains("://") {
+        router.to_string()
+    } else {
+        format!("http://{router}")
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let start = Instant::now();
-    let reply = runtime.block_on(async {
+    runtime.block_on(async {
         let mut client = InferenceServiceClient::connect(url.clone())
             .await
             .with_context(|| format!("connecting to the router at {url}"))?;
@@ -159,24 +172,32 @@ fn run_remote(args: &GenerateArgs) -> anyhow::Result<()> {
             .await
             .map_err(|s| anyhow::anyhow!("router returned {:?}: {}", s.code(), s.message()))?;
         anyhow::Ok(reply.into_inner())
-    })?;
-    let gen_s = start.elapsed().as_secs_f64();
-    if args.json {
+    })
+}
+
+/// Prints a router's reply as `generate` does: one JSON object, or the ids.
+pub fn print_remote(
+    router: &str,
+    prompt_ids: &[u32],
+    reply: &GenerateResponse,
+    seconds: f64,
+    json: bool,
+) {
+    if json {
         let json = serde_json::json!({
-            "prompt_ids": args.prompt_ids,
+            "prompt_ids": prompt_ids,
             "token_ids": reply.token_ids,
             "finish_reason": reply.finish_reason,
-            "generate_seconds": gen_s,
+            "generate_seconds": seconds,
         });
         println!("{json}");
     } else {
         let ids: Vec<String> = reply.token_ids.iter().map(u32::to_string).collect();
         println!("{}", ids.join(","));
         eprintln!(
-            "{} tokens in {gen_s:.3}s ({}) via {router}",
+            "{} tokens in {seconds:.3}s ({}) via {router}",
             reply.token_ids.len(),
             reply.finish_reason
         );
     }
-    Ok(())
 }

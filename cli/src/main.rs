@@ -8,6 +8,7 @@ mod bench;
 mod generate;
 mod router;
 mod synth;
+mod up;
 mod worker;
 
 #[derive(Parser, Debug)]
@@ -47,6 +48,9 @@ enum Command {
     Worker(worker::WorkerArgs),
     /// Serve the inference API, dispatching routed experts to workers (one node of a cluster).
     Router(router::RouterArgs),
+    /// Start a whole local cluster — expert workers and a router — on a synthetic model unless
+    /// --model names one; Ctrl-C stops it.
+    Up(up::UpArgs),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Worker(args) => worker::run(args),
         Command::Router(args) => router::run(args),
+        Command::Up(args) => up::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

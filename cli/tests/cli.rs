@@ -300,3 +300,103 @@ fn generation_through_router_and_worker_processes_matches_local() {
         "{stderr}"
     );
 }
+
+#[test]
+fn up_brings_a_cluster_up_generates_through_it_and_stops_it() {
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    let out = switchyard(&[
+        "up",
+        "--workers",
+        "2",
+        "--router-addr",
+        "127.0.0.1:0",
+        "--cache-dir",
+        cache_dir,
+        "--demo-prompt-ids",
+        "1,17,42",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let remote: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let model = cache.path().join("models/tiny-bf16-seed0");
+    let local = switchyard(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-ids",
+        "1,17,42",
+        "--max-new-tokens",
+        "16",
+        "--ignore-eos",
+        "--json",
+    ]);
+    let local: serde_json::Value = serde_json::from_slice(&local.stdout).unwrap();
+    assert_eq!(remote["token_ids"], local["token_ids"]);
+}
+
+#[test]
+fn sigterm_to_up_stops_every_node() {
+    use std::io::BufRead;
+    let cache = tempfile::tempdir().unwrap();
+    let mut up = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "up",
+            "--workers",
+            "2",
+            "--router-addr",
+            "127.0.0.1:0",
+            "--cache-dir",
+        ])
+        .arg(cache.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = up.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut pids = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("up reports its nodes");
+        if let Some(pid) = line.split(" · ").find_map(|p| p.strip_prefix("pid ")) {
+            pids.push(pid.parse::<i32>().unwrap());
+        }
+        if line.starts_with("serving") {
+            break;
+        }
+    }
+    assert_eq!(pids.len(), 3, "two workers and a router");
+    // SAFETY: signalling a child this test started.
+    unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = up.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "up did not stop within 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    for pid in pids {
+        // SAFETY: signal 0 only checks whether the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        assert!(!alive, "node {pid} outlived `up`");
+    }
+}

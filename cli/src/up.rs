@@ -1,0 +1,334 @@
+//! `switchyard up`: a whole local cluster — expert workers and a router — as child processes.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use switchyard_engine::ModelConfig;
+use switchyard_engine::synth::{self, SynthDType, SynthOptions};
+use switchyard_proto::v1::GenerateRequest;
+
+use crate::router::DispatchArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// Checkpoint directory (Hugging Face layout). Without it, `--preset` is synthesised into
+    /// the cache directory (once) and served.
+    #[arg(long, env = "SWITCHYARD_MODEL")]
+    model: Option<PathBuf>,
+    /// Built-in model to synthesise when no --model is given.
+    #[arg(long, env = "SWITCHYARD_PRESET", default_value = "tiny")]
+    preset: String,
+    /// Where synthesised models are kept (default: $XDG_CACHE_HOME/switchyard or ~/.cache/switchyard).
+    #[arg(long, env = "SWITCHYARD_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Expert workers to start; the routed experts of every MoE layer are split evenly.
+    #[arg(long, env = "SWITCHYARD_WORKERS_COUNT", default_value_t = 2)]
+    workers: usize,
+    /// Compute threads per worker process.
+    #[arg(long, env = "SWITCHYARD_WORKER_THREADS", default_value_t = 1)]
+    worker_threads: usize,
+    /// The router's gRPC address; port 0 picks a free port (printed).
+    #[arg(
+        long,
+        env = "SWITCHYARD_ROUTER_ADDR",
+        default_value = "127.0.0.1:50051"
+    )]
+    router_addr: String,
+    #[command(flatten)]
+    dispatch: DispatchArgs,
+    /// Once the cluster is up, generate 16 greedy tokens from these prompt ids through the
+    /// router, print them, and shut the cluster down (a smoke test of the whole path).
+    #[arg(long, value_delimiter = ',')]
+    demo_prompt_ids: Vec<u32>,
+    /// With --demo-prompt-ids: print the generation as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A child node; stopped (SIGTERM, then SIGKILL after a grace period) and reaped on drop.
+struct Node {
+    name: String,
+    child: Child,
+    addr: String,
+}
+
+impl Node {
+    fn stop(&mut self, grace: Duration) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        #[cfg(unix)]
+        // SAFETY: signalling our own child by pid; it has not been reaped (try_wait said so).
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::warn!(node = %self.name, "did not stop in time; killing");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every node of the cluster; stops them all, router first, when dropped.
+struct Cluster(Vec<Node>);
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in self.0.iter_mut().rev() {
+            node.stop(Duration::from_secs(10));
+        }
+    }
+}
+
+fn cache_dir(args: &UpArgs) -> anyhow::Result<PathBuf> {
+    if let Some(d) = &args.cache_dir {
+        return Ok(d.clone());
+    }
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(x).join("switchyard"));
+    }
+    let home = std::env::var_os("HOME")
+        .context("no --cache-dir, XDG_CACHE_HOME or HOME to keep models in")?;
+    Ok(PathBuf::from(home).join(".cache").join("switchyard"))
+}
+
+/// The model to serve: `--model`, or the preset synthesised into the cache (once).
+fn resolve_model(args: &UpArgs) -> anyhow::Result<PathBuf> {
+    if let Some(m) = &args.model {
+        return Ok(m.clone());
+    }
+    let dir = cache_dir(args)?
+        .join("models")
+        .join(format!("{}-bf16-seed0", args.preset));
+    if dir.join("config.json").exists() {
+        return Ok(dir);
+    }
+    // Write beside, then rename: a crash never leaves a half-written model in the cache.
+    let tmp = dir.with_extension(format!("partial-{}", std::process::id()));
+    let options = SynthOptions {
+        preset: args.preset.clone(),
+        dtype: SynthDType::Bf16,
+        ..Default::default()
+    };
+    synth::synth(&tmp, &options)
+        .with_context(|| format!("synthesising preset {:?}", args.preset))?;
+    match std::fs::rename(&tmp, &dir) {
+        Ok(()) => {}
+        // Another `up` finished first: use its copy.
+        Err(_) if dir.join("config.json").exists() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("moving the model into {}", dir.display()));
+        }
+    }
+    Ok(dir)
+}
+
+/// Starts `switchyard ARGS` and waits for its `listening on ADDR` line.
+fn spawn(name: String, args: &[String], threads: usize) -> anyhow::Result<Node> {
+    let exe = std::env::current_exe().context("locating the switchyard binary")?;
+    let mut command = Command::new(exe);
+    command
+        .args(args)
+        .env("SWITCHYARD_THREADS", threads.max(1).to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGTERM this child if
+        // `up` itself dies, so a killed `up` leaves no orphans.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+    }
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        // Keep draining so the child never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let mut node = Node {
+        name: name.clone(),
+        child,
+        addr: String::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                node.addr = line
+                    .split_whitespace()
+                    .nth(2)
+                    .unwrap_or_default()
+                    .to_string();
+                return Ok(node);
+            }
+            Err(_) => {
+                if let Ok(Some(status)) = node.child.try_wait() {
+                    bail!("{name} exited during start-up ({status})");
+                }
+                if Instant::now() > deadline {
+                    node.stop(Duration::from_secs(1));
+                    bail!("{name} did not start within 300 s");
+                }
+            }
+        }
+    }
+}
+
+pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    if args.workers == 0 {
+        bail!("--workers must be >= 1, got 0");
+    }
+    let model = resolve_model(&args)?;
+    let config = ModelConfig::from_dir(&model)?;
+    let moe = config
+        .moe
+        .as_ref()
+        .context("the model has no routed experts to place")?;
+    let experts = moe.n_routed_experts;
+    if args.workers > experts {
+        bail!(
+            "--workers must be <= the model's {experts} routed experts, got {}",
+            args.workers
+        );
+    }
+    let shared_on_workers = args.dispatch.shared_expert_on == "workers";
+    let model_arg = model.display().to_string();
+    let mut cluster = Cluster(Vec::new());
+    let mut ranges = Vec::new();
+    let per = experts.div_ceil(args.workers);
+    for w in 0..args.workers {
+        let (lo, hi) = (w * per, ((w + 1) * per).min(experts));
+        let range = format!("{lo}-{}", hi - 1);
+        let mut worker_args: Vec<String> = [
+            "worker",
+            "--model",
+            &model_arg,
+            "--experts",
+            &range,
+            "--listen",
+            "127.0.0.1:0",
+        ]
+        .map(String::from)
+        .to_vec();
+        if shared_on_workers {
+            worker_args.push("--with-shared-expert".into());
+        }
+        cluster.0.push(spawn(
+            format!("worker {w}"),
+            &worker_args,
+            args.worker_threads,
+        )?);
+        ranges.push(range);
+    }
+    let worker_addrs: Vec<String> = cluster.0.iter().map(|n| n.addr.clone()).collect();
+    let router_args: Vec<String> = [
+        "router",
+        "--model",
+        &model_arg,
+        "--workers",
+        &worker_addrs.join(","),
+        "--listen",
+        &args.router_addr,
+        "--wire-dtype",
+        &args.dispatch.wire_dtype,
+        "--shared-expert-on",
+        &args.dispatch.shared_expert_on,
+        "--expert-deadline-ms",
+        &args.dispatch.expert_deadline_ms.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cluster.0.push(spawn("router".into(), &router_args, cores)?);
+    let router = cluster.0.last().map(|n| n.addr.clone()).unwrap_or_default();
+
+    for (w, node) in cluster.0.iter().take(args.workers).enumerate() {
+        eprintln!(
+            "worker {w} · pid {} · {} · experts {} of each MoE layer",
+            node.child.id(),
+            node.addr,
+            ranges[w]
+        );
+    }
+    if let Some(r) = cluster.0.last() {
+        eprintln!("router · pid {} · {}", r.child.id(), r.addr);
+    }
+    // The line scripts read: the router's address.
+    eprintln!(
+        "switchyard up: router {router} · {} workers · {} routed experts per MoE layer split {} · model {}",
+        args.workers,
+        experts,
+        ranges.join(" / "),
+        model.display()
+    );
+    if !args.demo_prompt_ids.is_empty() {
+        let request = GenerateRequest {
+            prompt_ids: args.demo_prompt_ids.clone(),
+            max_new_tokens: 16,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let start = Instant::now();
+        let reply = crate::generate::generate_via_router(&router, request)?;
+        crate::generate::print_remote(
+            &router,
+            &args.demo_prompt_ids,
+            &reply,
+            start.elapsed().as_secs_f64(),
+            args.json,
+        );
+        return Ok(());
+    }
+    println!("router {router}");
+    eprintln!("serving; Ctrl-C or SIGTERM stops every node");
+    wait(&mut cluster)
+}
+
+/// Until a signal, or until a node dies (then everything stops: a half cluster serves errors).
+fn wait(cluster: &mut Cluster) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut signal = std::pin::pin!(crate::shutdown_signal());
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = &mut signal => {
+                    eprintln!("stopping the cluster");
+                    return Ok(());
+                }
+                _ = tick.tick() => {
+                    for node in cluster.0.iter_mut() {
+                        if let Ok(Some(status)) = node.child.try_wait() {
+                            bail!("{} exited ({status}); stopping the cluster", node.name);
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
