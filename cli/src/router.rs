@@ -8,6 +8,7 @@ use switchyard_engine::model::{DeepseekModel, ExpertSelection, LoadOptions};
 use switchyard_proto::v1::Dtype;
 use switchyard_router::RemoteExperts;
 use switchyard_router::dispatch::DispatchOptions;
+use switchyard_router::grpc::CallMode;
 use switchyard_router::server::{self, RouterNode};
 
 /// How the router talks to its expert workers.
@@ -23,6 +24,10 @@ pub struct DispatchArgs {
     /// `workers`, each token's with one of its routed calls (workers need --with-shared-expert).
     #[arg(long, env = "SWITCHYARD_SHARED_EXPERT_ON", default_value = "router", value_parser = ["router", "workers"])]
     pub shared_expert_on: String,
+    /// How expert calls travel: `unary` (an RPC each) or `stream` (one long-lived
+    /// bidirectional stream per worker, no per-call stream set-up).
+    #[arg(long, env = "SWITCHYARD_EXPERT_CALLS", default_value = "unary", value_parser = ["unary", "stream"])]
+    pub expert_calls: String,
 }
 
 impl DispatchArgs {
@@ -35,6 +40,11 @@ impl DispatchArgs {
             },
             deadline: Duration::from_millis(self.expert_deadline_ms.max(1)),
             shared_on_workers: self.shared_expert_on == "workers",
+            call_mode: if self.expert_calls == "stream" {
+                CallMode::Stream
+            } else {
+                CallMode::Unary
+            },
             ..Default::default()
         }
     }

@@ -258,6 +258,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         &args.dispatch.shared_expert_on,
         "--expert-deadline-ms",
         &args.dispatch.expert_deadline_ms.to_string(),
+        "--expert-calls",
+        &args.dispatch.expert_calls,
     ]
     .map(String::from)
     .to_vec();

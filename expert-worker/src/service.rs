@@ -1,13 +1,16 @@
 //! The gRPC face of an [`ExpertWorker`]: `switchyard.v1.ExpertService`.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use switchyard_proto::v1::expert_service_server::{ExpertService, ExpertServiceServer};
-use switchyard_proto::v1::{ForwardRequest, ForwardResponse, InfoRequest, InfoResponse};
+use switchyard_proto::v1::{self, ForwardRequest, ForwardResponse, InfoRequest, InfoResponse};
 use tokio::net::TcpListener;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::TcpIncoming;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
 use crate::error::WorkerError;
@@ -33,26 +36,69 @@ impl ExpertServiceImpl {
     }
 }
 
+/// Runs one call on the blocking pool and lets the compute threads sleep afterwards.
+async fn run_call(worker: Arc<ExpertWorker>, req: ForwardRequest) -> Result<v1::Tensor, Status> {
+    tokio::task::spawn_blocking(move || {
+        let out = worker.forward(&req);
+        // Between calls the worker waits on the network: let compute threads sleep.
+        switchyard_engine::cpu::pool::global().rest();
+        out
+    })
+    .await
+    .map_err(|e| Status::internal(format!("expert task failed: {e}")))?
+    .map_err(Status::from)
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<ForwardResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl ExpertService for ExpertServiceImpl {
+    type ForwardStreamStream = ReplyStream;
+
+    /// Calls are run in arrival order; a failed call is reported in its reply and the stream
+    /// stays open.
+    #[instrument(skip_all)]
+    async fn forward_stream(
+        &self,
+        request: Request<Streaming<ForwardRequest>>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        let mut inbound = request.into_inner();
+        let worker = self.worker.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            // Ends when the router closes its side or goes away.
+            while let Ok(Some(req)) = inbound.message().await {
+                let call_id = req.call_id;
+                let reply = match run_call(worker.clone(), req).await {
+                    Ok(output) => ForwardResponse {
+                        output: Some(output),
+                        call_id,
+                        ..Default::default()
+                    },
+                    Err(status) => ForwardResponse {
+                        call_id,
+                        error_code: status.code() as i32,
+                        error_message: status.message().to_string(),
+                        ..Default::default()
+                    },
+                };
+                if tx.send(Ok(reply)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     #[instrument(skip_all, fields(layer = request.get_ref().layer))]
     async fn forward(
         &self,
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
-        let worker = self.worker.clone();
-        let req = request.into_inner();
-        // The experts are CPU work: keep them off the async threads.
-        let output = tokio::task::spawn_blocking(move || {
-            let out = worker.forward(&req);
-            // Between calls the worker waits on the network: let compute threads sleep.
-            switchyard_engine::cpu::pool::global().rest();
-            out
-        })
-        .await
-        .map_err(|e| Status::internal(format!("expert task failed: {e}")))??;
+        let output = run_call(self.worker.clone(), request.into_inner()).await?;
         Ok(Response::new(ForwardResponse {
             output: Some(output),
+            ..Default::default()
         }))
     }
 

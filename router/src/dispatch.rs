@@ -115,6 +115,7 @@ pub fn plan_calls(
                     weights: b.weights,
                     reply_dtype: dtype as i32,
                     shared_rows: b.shared_rows,
+                    call_id: 0,
                 },
                 rows: b.rows,
             }
@@ -142,6 +143,8 @@ pub struct DispatchOptions {
     /// Run shared experts on the workers, each token's with one of its routed calls, instead
     /// of on the router (every worker then holds a copy).
     pub shared_on_workers: bool,
+    /// A unary RPC per call, or one long-lived stream per worker.
+    pub call_mode: crate::grpc::CallMode,
 }
 
 impl Default for DispatchOptions {
@@ -151,6 +154,7 @@ impl Default for DispatchOptions {
             deadline: Duration::from_secs(10),
             max_message_bytes: 64 << 20,
             shared_on_workers: false,
+            call_mode: crate::grpc::CallMode::Unary,
         }
     }
 }

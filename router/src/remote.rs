@@ -55,10 +55,14 @@ impl RemoteExperts {
             .enable_all()
             .build()
             .map_err(|e| RouterError::Runtime(format!("cannot start the dispatch runtime: {e}")))?;
-        let (addrs_owned, deadline, max) =
-            (addrs.to_vec(), options.deadline, options.max_message_bytes);
+        let (addrs_owned, deadline, max, mode) = (
+            addrs.to_vec(),
+            options.deadline,
+            options.max_message_bytes,
+            options.call_mode,
+        );
         let (transport, infos) = wait_on(&runtime, async move {
-            let transport = GrpcTransport::connect(&addrs_owned, deadline, max).await?;
+            let transport = GrpcTransport::connect(&addrs_owned, deadline, max, mode).await?;
             let infos = transport.infos().await?;
             Ok::<_, RouterError>((transport, infos))
         })??;

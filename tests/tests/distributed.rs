@@ -12,6 +12,7 @@ use switchyard_engine::model::{
 use switchyard_engine::synth::{self, SynthDType, SynthOptions};
 use switchyard_proto::v1::Dtype;
 use switchyard_router::dispatch::DispatchOptions;
+use switchyard_router::grpc::CallMode;
 use switchyard_router::{RemoteExperts, WorkerId};
 use switchyard_tests::Sandbox;
 
@@ -104,13 +105,17 @@ fn router_with_1_2_and_4_workers_matches_the_single_process_engine() {
         // Interleaved, so each token's experts spread over all four workers.
         &["0,4,8,12", "1,5,9,13", "2,6,10,14", "3,7,11,15"],
     ];
-    for specs in splits {
+    let runs = splits
+        .iter()
+        .flat_map(|s| [(s, CallMode::Unary), (s, CallMode::Stream)]);
+    for (specs, call_mode) in runs {
         let sandbox = Sandbox::start(dir.path(), specs);
         let remote = RemoteExperts::connect(
             router.config(),
             &sandbox.addrs(),
             DispatchOptions {
                 wire_dtype: Dtype::F32,
+                call_mode,
                 ..Default::default()
             },
         )
@@ -121,8 +126,15 @@ fn router_with_1_2_and_4_workers_matches_the_single_process_engine() {
             .zip(&want_logits)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max);
-        assert!(diff <= 1e-5, "{specs:?}: max |Δ logits| = {diff:e}");
-        assert_eq!(greedy(&router, Some(&remote)), want_tokens, "{specs:?}");
+        assert!(
+            diff <= 1e-5,
+            "{specs:?} {call_mode:?}: max |Δ logits| = {diff:e}"
+        );
+        assert_eq!(
+            greedy(&router, Some(&remote)),
+            want_tokens,
+            "{specs:?} {call_mode:?}"
+        );
     }
 }
 

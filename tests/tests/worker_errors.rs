@@ -20,6 +20,7 @@ fn valid(layer: u32, rows: usize, hidden: usize) -> ForwardRequest {
         weights: vec![0.5; rows],
         reply_dtype: Dtype::Bf16 as i32,
         shared_rows: vec![],
+        call_id: 0,
     }
 }
 
@@ -118,4 +119,55 @@ fn bad_requests_get_their_status_and_the_worker_keeps_serving() {
     });
     let stats = &sandbox.workers[0].worker.stats;
     assert_eq!(stats.tokens(2, 2), 3 * 12, "only the good calls ran");
+}
+
+#[test]
+fn a_failed_call_on_the_stream_keeps_the_stream_open() {
+    use switchyard_router::dispatch::Transport;
+    use switchyard_router::grpc::{CallMode, GrpcTransport};
+    use switchyard_router::{RouterError, WorkerId};
+
+    let dir = tempfile::tempdir().unwrap();
+    synth::synth(
+        dir.path(),
+        &SynthOptions {
+            preset: "tiny".into(),
+            dtype: SynthDType::Bf16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let sandbox = Sandbox::start(dir.path(), &["0-7"]);
+    let addrs = sandbox.addrs();
+    sandbox.block_on(async {
+        let t = GrpcTransport::connect(
+            &addrs,
+            std::time::Duration::from_secs(5),
+            1 << 20,
+            CallMode::Stream,
+        )
+        .await
+        .unwrap();
+        let mut bad = valid(1, 2, 64);
+        bad.expert_ids = vec![2, 12];
+        match t.forward(WorkerId(0), bad).await {
+            Err(RouterError::Worker {
+                code,
+                layer,
+                message,
+                ..
+            }) => {
+                assert_eq!((code, layer), (Code::FailedPrecondition, 1));
+                assert!(message.contains("expert 12"), "{message}");
+            }
+            other => panic!("expected a worker error, got {other:?}"),
+        }
+        // Concurrent good calls on the same stream, each matched to its own reply.
+        let (a, b) = tokio::join!(
+            t.forward(WorkerId(0), valid(1, 3, 64)),
+            t.forward(WorkerId(0), valid(2, 5, 64))
+        );
+        assert_eq!(a.unwrap().shape, vec![3, 64]);
+        assert_eq!(b.unwrap().shape, vec![5, 64]);
+    });
 }
