@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod generate;
+mod plan;
 mod router;
 mod synth;
 mod up;
@@ -48,6 +49,9 @@ enum Command {
     Worker(worker::WorkerArgs),
     /// Serve the inference API, dispatching routed experts to workers (one node of a cluster).
     Router(router::RouterArgs),
+    /// Plan expert placement for a cluster without loading anything: experts and memory per
+    /// worker, KV-cache room, wire bytes.
+    Plan(plan::PlanArgs),
     /// Start a whole local cluster — expert workers and a router — on a synthetic model unless
     /// --model names one; Ctrl-C stops it.
     Up(up::UpArgs),
@@ -81,6 +85,7 @@ fn main() -> ExitCode {
         Command::Worker(args) => worker::run(args),
         Command::Router(args) => router::run(args),
         Command::Up(args) => up::run(args),
+        Command::Plan(args) => plan::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -400,3 +400,46 @@ fn sigterm_to_up_stops_every_node() {
         assert!(!alive, "node {pid} outlived `up`");
     }
 }
+
+#[test]
+fn plan_sizes_a_deepseek_v3_cluster_and_refuses_one_that_does_not_fit() {
+    let out = switchyard(&[
+        "plan",
+        "--model",
+        "deepseek-v3",
+        "--workers",
+        "32",
+        "--worker-memory",
+        "80GiB",
+        "--dtype",
+        "fp8",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // 58 MoE layers x 256 experts over 32 workers.
+    assert_eq!(plan["experts_per_worker"]["min"], 464);
+    assert_eq!(plan["experts_per_worker"]["max"], 464);
+    assert_eq!(plan["latent_kv_bytes_per_token"], 70_272);
+    let out = switchyard(&[
+        "plan",
+        "--model",
+        "deepseek-v3",
+        "--workers",
+        "4",
+        "--worker-memory",
+        "80GiB",
+        "--dtype",
+        "fp8",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("does not fit") && stderr.contains("14848"),
+        "{stderr}"
+    );
+}

@@ -1,6 +1,10 @@
 //! `switchyard-coordinator`: cluster membership and expert placement.
 //!
-//! It tracks workers (register, heartbeat, lease expiry), computes placement as a pure function
-//! (every routed expert on at least one live worker, hot experts replicated, load balanced), and
-//! publishes versioned placement maps that routers watch. It arrives with the coordinator issue;
-//! this crate holds no code yet.
+//! It will track workers (register, heartbeat, lease expiry) and publish versioned placement
+//! maps that routers watch. Today it holds the placement policy itself, [`placement`]: a pure
+//! function from the problem (MoE layers × routed experts, workers and their memory, replicas,
+//! observed load, the previous plan) to a plan, used by `switchyard plan` and, with the
+//! membership service, by the coordinator.
+
+pub mod capacity;
+pub mod placement;
