@@ -443,3 +443,69 @@ fn plan_sizes_a_deepseek_v3_cluster_and_refuses_one_that_does_not_fit() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_killed_worker_fails_requests_clearly_and_quickly() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), "bf16");
+    let model = dir.path().to_str().unwrap();
+    let (_w0, a0) = spawn_node(&[
+        "worker",
+        "--model",
+        model,
+        "--experts",
+        "0-7",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let (mut w1, a1) = spawn_node(&[
+        "worker",
+        "--model",
+        model,
+        "--experts",
+        "8-15",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let workers = format!("{a0},{a1}");
+    let (_router, r) = spawn_node(&[
+        "router",
+        "--model",
+        model,
+        "--workers",
+        &workers,
+        "--listen",
+        "127.0.0.1:0",
+        "--expert-deadline-ms",
+        "2000",
+    ]);
+    let flags = [
+        "generate",
+        "--router",
+        &r,
+        "--prompt-ids",
+        "1,17,42,5,9,11",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ];
+    assert!(
+        switchyard(&flags).status.success(),
+        "the healthy cluster serves"
+    );
+    let _ = w1.0.kill();
+    let _ = w1.0.wait();
+    let start = std::time::Instant::now();
+    let out = switchyard(&flags);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("Unavailable") && stderr.contains(&a1),
+        "{stderr}"
+    );
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(15),
+        "took {:?}",
+        start.elapsed()
+    );
+}
