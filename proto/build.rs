@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &[
             "switchyard/v1/expert.proto",
             "switchyard/v1/inference.proto",
+            "switchyard/v1/coordinator.proto",
         ],
         &["."],
     )?;

@@ -7,4 +7,5 @@
 //! membership service, by the coordinator.
 
 pub mod capacity;
+pub mod membership;
 pub mod placement;
