@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod coordinator;
 mod generate;
 mod plan;
 mod router;
@@ -49,6 +50,10 @@ enum Command {
     Worker(worker::WorkerArgs),
     /// Serve the inference API, dispatching routed experts to workers (one node of a cluster).
     Router(router::RouterArgs),
+    /// Serve cluster membership and expert placement (one node of a cluster).
+    Coordinator(coordinator::CoordinatorArgs),
+    /// Show a cluster's workers, their experts and placement versions, from its coordinator.
+    Status(coordinator::StatusArgs),
     /// Plan expert placement for a cluster without loading anything: experts and memory per
     /// worker, KV-cache room, wire bytes.
     Plan(plan::PlanArgs),
@@ -86,6 +91,8 @@ fn main() -> ExitCode {
         Command::Router(args) => router::run(args),
         Command::Up(args) => up::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Coordinator(args) => coordinator::run(args),
+        Command::Status(args) => coordinator::status(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

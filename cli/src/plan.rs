@@ -29,7 +29,7 @@ pub struct PlanArgs {
     json: bool,
 }
 
-fn load_config(model: &str) -> anyhow::Result<ModelConfig> {
+pub fn load_config(model: &str) -> anyhow::Result<ModelConfig> {
     if switchyard_engine::synth::PRESETS.contains(&model) {
         let json = switchyard_engine::synth::preset_config(model)?;
         return Ok(ModelConfig::from_json_str(&json.to_string())?);

@@ -7,9 +7,10 @@ use anyhow::Context;
 use switchyard_engine::model::{DeepseekModel, ExpertSelection, LoadOptions};
 use switchyard_proto::v1::Dtype;
 use switchyard_router::RemoteExperts;
+use switchyard_router::coordinated::CoordinatedExperts;
 use switchyard_router::dispatch::DispatchOptions;
 use switchyard_router::grpc::CallMode;
-use switchyard_router::server::{self, RouterNode};
+use switchyard_router::server::{self, ExpertSource, RouterNode};
 
 /// How the router talks to its expert workers.
 #[derive(clap::Args, Debug, Clone)]
@@ -60,9 +61,16 @@ pub struct RouterArgs {
         long,
         env = "SWITCHYARD_WORKERS",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "coordinator",
+        conflicts_with = "coordinator"
     )]
     workers: Vec<String>,
+    /// Follow a coordinator's live placement instead of a fixed --workers list.
+    #[arg(long, env = "SWITCHYARD_COORDINATOR")]
+    coordinator: Option<String>,
+    /// With --coordinator: how long to wait for a first live placement, in seconds.
+    #[arg(long, env = "SWITCHYARD_PLACEMENT_WAIT_S", default_value_t = 120)]
+    placement_wait_s: u64,
     /// Address to serve the gRPC API on; port 0 picks a free port (the bound address is printed).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
@@ -78,10 +86,31 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         },
     )
     .with_context(|| format!("loading {}", args.model.display()))?;
-    let experts = RemoteExperts::connect(model.config(), &args.workers, args.dispatch.options())
-        .context("connecting to the expert workers")?;
-    let experts = Arc::new(experts);
-    let node = RouterNode::new(Arc::new(model), experts.clone());
+    let (source, workers) = match &args.coordinator {
+        Some(coordinator) => {
+            let experts = CoordinatedExperts::connect(
+                model.config(),
+                coordinator,
+                args.dispatch.options(),
+                Duration::from_secs(args.placement_wait_s),
+            )
+            .with_context(|| format!("following the coordinator at {coordinator}"))?;
+            (
+                ExpertSource::Coordinated(experts),
+                format!("placement from {coordinator}"),
+            )
+        }
+        None => {
+            let experts =
+                RemoteExperts::connect(model.config(), &args.workers, args.dispatch.options())
+                    .context("connecting to the expert workers")?;
+            (
+                ExpertSource::Static(Arc::new(experts)),
+                format!("{} expert workers", args.workers.len()),
+            )
+        }
+    };
+    let node = RouterNode::new(Arc::new(model), source.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("switchyard-router")
@@ -92,15 +121,12 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
-        println!(
-            "listening on {addr} · {} expert workers",
-            args.workers.len()
-        );
+        println!("listening on {addr} · {workers}");
         server::serve(node, listener, crate::shutdown_signal()).await?;
         anyhow::Ok(())
     });
     drop(runtime);
-    // The dispatch runtime inside goes last, outside any async context.
-    drop(experts);
+    // The dispatch runtimes inside go last, outside any async context.
+    drop(source);
     result
 }

@@ -27,6 +27,15 @@ pub struct UpArgs {
     /// Expert workers to start; the routed experts of every MoE layer are split evenly.
     #[arg(long, env = "SWITCHYARD_WORKERS_COUNT", default_value_t = 2)]
     workers: usize,
+    /// Memory each worker offers for expert weights.
+    #[arg(long, env = "SWITCHYARD_WORKER_MEMORY", default_value = "64GiB", value_parser = switchyard_coordinator::capacity::parse_bytes)]
+    worker_memory: u64,
+    /// Copies of each routed expert, on distinct workers.
+    #[arg(long, env = "SWITCHYARD_REPLICAS", default_value_t = 1)]
+    replicas: usize,
+    /// A worker silent this long (milliseconds) is dropped and its experts re-placed.
+    #[arg(long, env = "SWITCHYARD_LEASE_MS", default_value_t = 3000)]
+    lease_ms: u64,
     /// Compute threads per worker process.
     #[arg(long, env = "SWITCHYARD_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
@@ -53,6 +62,8 @@ struct Node {
     name: String,
     child: Child,
     addr: String,
+    /// Its exit has been reported.
+    reported: bool,
 }
 
 impl Node {
@@ -172,6 +183,7 @@ fn spawn(name: String, args: &[String], threads: usize) -> anyhow::Result<Node> 
         name: name.clone(),
         child,
         addr: String::new(),
+        reported: false,
     };
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
@@ -201,6 +213,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     if args.workers == 0 {
         bail!("--workers must be >= 1, got 0");
     }
+    // Catch Ctrl-C and SIGTERM from the start, so one that arrives while nodes are starting
+    // still stops them all cleanly instead of killing `up` outright.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let signals = runtime.block_on(async { Signals::new() })?;
     let model = resolve_model(&args)?;
     let config = ModelConfig::from_dir(&model)?;
     let moe = config
@@ -217,17 +235,32 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let shared_on_workers = args.dispatch.shared_expert_on == "workers";
     let model_arg = model.display().to_string();
     let mut cluster = Cluster(Vec::new());
-    let mut ranges = Vec::new();
-    let per = experts.div_ceil(args.workers);
+    let coordinator_args: Vec<String> = [
+        "coordinator",
+        "--model",
+        &model_arg,
+        "--listen",
+        "127.0.0.1:0",
+        "--replicas",
+        &args.replicas.to_string(),
+        "--lease-ms",
+        &args.lease_ms.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    cluster
+        .0
+        .push(spawn("coordinator".into(), &coordinator_args, 1)?);
+    let coordinator = cluster.0[0].addr.clone();
     for w in 0..args.workers {
-        let (lo, hi) = (w * per, ((w + 1) * per).min(experts));
-        let range = format!("{lo}-{}", hi - 1);
         let mut worker_args: Vec<String> = [
             "worker",
             "--model",
             &model_arg,
-            "--experts",
-            &range,
+            "--coordinator",
+            &coordinator,
+            "--memory",
+            &args.worker_memory.to_string(),
             "--listen",
             "127.0.0.1:0",
         ]
@@ -241,15 +274,13 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             &worker_args,
             args.worker_threads,
         )?);
-        ranges.push(range);
     }
-    let worker_addrs: Vec<String> = cluster.0.iter().map(|n| n.addr.clone()).collect();
     let router_args: Vec<String> = [
         "router",
         "--model",
         &model_arg,
-        "--workers",
-        &worker_addrs.join(","),
+        "--coordinator",
+        &coordinator,
         "--listen",
         &args.router_addr,
         "--wire-dtype",
@@ -264,26 +295,20 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     .map(String::from)
     .to_vec();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The router starts serving once the coordinator has a live placement.
     cluster.0.push(spawn("router".into(), &router_args, cores)?);
     let router = cluster.0.last().map(|n| n.addr.clone()).unwrap_or_default();
 
-    for (w, node) in cluster.0.iter().take(args.workers).enumerate() {
-        eprintln!(
-            "worker {w} · pid {} · {} · experts {} of each MoE layer",
-            node.child.id(),
-            node.addr,
-            ranges[w]
-        );
+    for node in &cluster.0 {
+        eprintln!("{} · pid {} · {}", node.name, node.child.id(), node.addr);
     }
-    if let Some(r) = cluster.0.last() {
-        eprintln!("router · pid {} · {}", r.child.id(), r.addr);
-    }
+    let held = experts_per_worker(&coordinator).unwrap_or_default();
     // The line scripts read: the router's address.
     eprintln!(
-        "switchyard up: router {router} · {} workers · {} routed experts per MoE layer split {} · model {}",
+        "switchyard up: router {router} · coordinator {coordinator} · {} workers holding {} of {} routed experts per MoE layer · model {}",
         args.workers,
+        held,
         experts,
-        ranges.join(" / "),
         model.display()
     );
     if !args.demo_prompt_ids.is_empty() {
@@ -306,16 +331,52 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     println!("router {router}");
     eprintln!("serving; Ctrl-C or SIGTERM stops every node");
-    wait(&mut cluster)
+    wait(&mut cluster, &runtime, signals)
 }
 
 /// Until a signal, or until a node dies (then everything stops: a half cluster serves errors).
-fn wait(cluster: &mut Cluster) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+/// Ctrl-C and SIGTERM, registered once.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Signals {
+                term: signal(SignalKind::terminate()).context("catching SIGTERM")?,
+                int: signal(SignalKind::interrupt()).context("catching SIGINT")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn wait(
+    cluster: &mut Cluster,
+    runtime: &tokio::runtime::Runtime,
+    mut signals: Signals,
+) -> anyhow::Result<()> {
     runtime.block_on(async {
-        let mut signal = std::pin::pin!(crate::shutdown_signal());
+        let mut signal = std::pin::pin!(signals.recv());
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             tokio::select! {
@@ -326,6 +387,15 @@ fn wait(cluster: &mut Cluster) -> anyhow::Result<()> {
                 _ = tick.tick() => {
                     for node in cluster.0.iter_mut() {
                         if let Ok(Some(status)) = node.child.try_wait() {
+                            // A lost worker's experts are re-placed on the others; without the
+                            // coordinator or the router there is no cluster.
+                            if node.name.starts_with("worker") {
+                                if !node.reported {
+                                    eprintln!("{} exited ({status}); the coordinator re-places its experts", node.name);
+                                    node.reported = true;
+                                }
+                                continue;
+                            }
                             bail!("{} exited ({status}); stopping the cluster", node.name);
                         }
                     }
@@ -333,4 +403,28 @@ fn wait(cluster: &mut Cluster) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// "16, 16": expert copies per worker (all layers), from the coordinator.
+fn experts_per_worker(coordinator: &str) -> anyhow::Result<String> {
+    use switchyard_proto::v1::ClusterStatusRequest;
+    use switchyard_proto::v1::coordinator_service_client::CoordinatorServiceClient;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let status = runtime.block_on(async {
+        let mut client = CoordinatorServiceClient::connect(format!("http://{coordinator}")).await?;
+        anyhow::Ok(
+            client
+                .cluster_status(ClusterStatusRequest {})
+                .await?
+                .into_inner(),
+        )
+    })?;
+    let counts: Vec<String> = status
+        .workers
+        .iter()
+        .map(|w| w.experts.to_string())
+        .collect();
+    Ok(format!("{} (all layers)", counts.join(", ")))
 }

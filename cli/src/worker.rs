@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use switchyard_expert_worker::{ExpertSpec, ExpertWorker, service};
+use switchyard_expert_worker::{ExpertSpec, ExpertWorker, agent, service};
 
 #[derive(clap::Args, Debug)]
 pub struct WorkerArgs {
@@ -11,8 +11,22 @@ pub struct WorkerArgs {
     #[arg(long, env = "SWITCHYARD_MODEL")]
     model: PathBuf,
     /// Experts to hold: `all`, `0-31` (in every MoE layer), or per layer `3:0-7;4:8-15`.
-    #[arg(long, env = "SWITCHYARD_EXPERTS")]
-    experts: ExpertSpec,
+    #[arg(
+        long,
+        env = "SWITCHYARD_EXPERTS",
+        required_unless_present = "coordinator",
+        conflicts_with = "coordinator"
+    )]
+    experts: Option<ExpertSpec>,
+    /// Join a coordinator instead: hold whatever its placement assigns this worker.
+    #[arg(long, env = "SWITCHYARD_COORDINATOR")]
+    coordinator: Option<String>,
+    /// With --coordinator: memory this worker offers for expert weights, e.g. `16GiB`.
+    #[arg(long, env = "SWITCHYARD_WORKER_MEMORY", value_parser = switchyard_coordinator::capacity::parse_bytes, default_value = "64GiB")]
+    memory: u64,
+    /// With --coordinator: the address routers should use (default: the bound listen address).
+    #[arg(long, env = "SWITCHYARD_ADVERTISE")]
+    advertise: Option<String>,
     /// Address to serve on; port 0 picks a free port (the bound address is printed).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50061")]
     listen: SocketAddr,
@@ -26,22 +40,11 @@ pub struct WorkerArgs {
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
-    let bar = indicatif::ProgressBar::new(0).with_message("loading experts");
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    let worker = ExpertWorker::load_with_progress(&args.model, &args.experts, &|done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    })
-    .with_context(|| {
-        format!(
-            "loading experts {:?} from {}",
-            args.experts,
-            args.model.display()
-        )
-    })?
+    let worker = match &args.experts {
+        Some(spec) => load(&args, spec)?,
+        None => ExpertWorker::empty(&args.model)
+            .with_context(|| format!("opening {}", args.model.display()))?,
+    }
     .with_max_message_bytes(args.max_message_bytes);
     let worker = if args.with_shared_expert {
         worker
@@ -50,8 +53,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     } else {
         worker
     };
-    bar.finish_and_clear();
     let worker = Arc::new(worker);
+    let model = switchyard_engine::ModelConfig::from_dir(&args.model)?.identity();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("switchyard-worker")
@@ -63,15 +66,46 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
         let info = worker.info();
+        let agent = args.coordinator.as_ref().map(|coordinator| {
+            let membership = agent::Membership {
+                coordinator: coordinator.clone(),
+                advertise: args.advertise.clone().unwrap_or_else(|| addr.to_string()),
+                memory_bytes: args.memory,
+                device: "cpu".into(),
+                model,
+            };
+            tokio::spawn(agent::run(worker.clone(), membership))
+        });
         // One line on stdout, parsed by `switchyard up` and tests to find the port.
-        println!(
-            "listening on {addr} · {} layers · {:.1} MiB of experts",
-            info.layers.len(),
-            info.expert_bytes as f64 / (1 << 20) as f64
-        );
-        tracing::info!(%addr, layers = info.layers.len(), "expert worker serving");
+        match &args.coordinator {
+            Some(c) => println!("listening on {addr} · placement from {c}"),
+            None => println!(
+                "listening on {addr} · {} layers · {:.1} MiB of experts",
+                info.layers.len(),
+                info.expert_bytes as f64 / (1 << 20) as f64
+            ),
+        }
+        tracing::info!(%addr, "expert worker serving");
         service::serve(worker, listener, crate::shutdown_signal()).await?;
+        if let Some(agent) = agent {
+            agent.abort();
+        }
         tracing::info!("expert worker stopped");
         Ok(())
     })
+}
+
+fn load(args: &WorkerArgs, spec: &ExpertSpec) -> anyhow::Result<ExpertWorker> {
+    let bar = indicatif::ProgressBar::new(0).with_message("loading experts");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let worker = ExpertWorker::load_with_progress(&args.model, spec, &|done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .with_context(|| format!("loading experts {spec:?} from {}", args.model.display()))?;
+    bar.finish_and_clear();
+    Ok(worker)
 }

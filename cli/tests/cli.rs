@@ -379,7 +379,7 @@ fn sigterm_to_up_stops_every_node() {
             break;
         }
     }
-    assert_eq!(pids.len(), 3, "two workers and a router");
+    assert_eq!(pids.len(), 4, "a coordinator, two workers and a router");
     // SAFETY: signalling a child this test started.
     unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

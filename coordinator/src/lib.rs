@@ -9,3 +9,4 @@
 pub mod capacity;
 pub mod membership;
 pub mod placement;
+pub mod service;

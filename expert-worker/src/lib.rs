@@ -6,6 +6,7 @@
 //! tokens each expert saw and the time spent computing. [`ExpertWorker`] is the logic, testable
 //! without sockets; [`service`] puts it behind gRPC.
 
+pub mod agent;
 pub mod error;
 pub mod service;
 pub mod spec;

@@ -1,7 +1,8 @@
 //! The expert worker's logic: what it holds, validating a call, running it, counting load.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -55,7 +56,10 @@ pub struct ExpertWorker {
     model: String,
     hidden: usize,
     n_experts: usize,
-    layers: BTreeMap<usize, RoutedExperts>,
+    /// What it holds; changes when the coordinator re-places experts.
+    layers: RwLock<BTreeMap<usize, RoutedExperts>>,
+    dir: PathBuf,
+    intermediate: usize,
     /// Shared experts of the held layers, when this worker also runs them.
     shared: BTreeMap<usize, Mlp>,
     max_message_bytes: usize,
@@ -105,13 +109,15 @@ impl ExpertWorker {
             hidden: config.hidden_size,
             n_experts: moe.n_routed_experts,
             stats: WorkerStats::new(config.num_hidden_layers, moe.n_routed_experts),
-            layers,
+            layers: RwLock::new(layers),
+            dir: dir.to_path_buf(),
+            intermediate: moe.moe_intermediate_size,
             shared: BTreeMap::new(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         })
     }
 
-    /// Also loads the shared expert of every layer this worker holds, so routers can send each
+    /// Also loads the shared expert of every MoE layer, so routers can send each
     /// token's shared-expert work along with its routed call (`--shared-expert-on workers`).
     pub fn with_shared_experts(mut self, dir: &Path) -> Result<ExpertWorker, WorkerError> {
         let config = ModelConfig::from_dir(dir)?;
@@ -123,7 +129,8 @@ impl ExpertWorker {
             return Err(WorkerError::Spec("the model has no shared experts".into()));
         }
         let ck = Checkpoint::open(dir)?;
-        for &layer in self.layers.keys() {
+        // Every MoE layer: under a coordinator the held layers change over time.
+        for layer in config.moe_layers() {
             let mlp = Mlp::new(
                 &ck,
                 &format!("model.layers.{layer}.mlp.shared_experts"),
@@ -133,6 +140,62 @@ impl ExpertWorker {
             self.shared.insert(layer, mlp);
         }
         Ok(self)
+    }
+
+    fn read_layers(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<usize, RoutedExperts>> {
+        self.layers.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes this worker hold exactly `assignment` (layer → experts): loads what it gains from
+    /// the checkpoint first, then swaps the new set in and drops what it lost. Calls keep being
+    /// served from the old set until the swap.
+    pub fn apply(&self, assignment: &BTreeMap<usize, BTreeSet<u32>>) -> Result<(), WorkerError> {
+        let current: BTreeMap<usize, BTreeSet<u32>> = self
+            .read_layers()
+            .iter()
+            .map(|(l, e)| (*l, e.expert_ids().collect()))
+            .collect();
+        let ck = Checkpoint::open(&self.dir)?;
+        let mut gained = BTreeMap::new();
+        for (layer, want) in assignment {
+            let have = current.get(layer).cloned().unwrap_or_default();
+            let missing: BTreeSet<u32> = want.difference(&have).copied().collect();
+            if let Some(&bad) = missing.iter().find(|&&e| e as usize >= self.n_experts) {
+                return Err(WorkerError::Spec(format!(
+                    "expert {bad} of layer {layer} is out of range: the model has {} routed experts",
+                    self.n_experts
+                )));
+            }
+            if !missing.is_empty() {
+                let loaded = RoutedExperts::load(
+                    &ck,
+                    &format!("model.layers.{layer}.mlp"),
+                    *layer,
+                    &missing,
+                    self.hidden,
+                    self.intermediate,
+                )?;
+                gained.insert(*layer, loaded.into_experts());
+            }
+        }
+        let mut layers = self.layers.write().unwrap_or_else(|e| e.into_inner());
+        let old = std::mem::take(&mut *layers);
+        let mut old: BTreeMap<usize, BTreeMap<u32, switchyard_engine::model::mlp::Mlp>> = old
+            .into_iter()
+            .map(|(l, e)| (l, e.into_experts()))
+            .collect();
+        for (layer, want) in assignment.iter().filter(|(_, w)| !w.is_empty()) {
+            let mut experts = old.remove(layer).unwrap_or_default();
+            experts.retain(|e, _| want.contains(e));
+            experts.extend(gained.remove(layer).unwrap_or_default());
+            layers.insert(*layer, RoutedExperts::from_experts(*layer, experts));
+        }
+        Ok(())
+    }
+
+    /// An empty worker for `dir`'s model, to be filled by [`ExpertWorker::apply`].
+    pub fn empty(dir: &Path) -> Result<ExpertWorker, WorkerError> {
+        Self::load(dir, &ExpertSpec::PerLayer(BTreeMap::new()))
     }
 
     pub fn with_max_message_bytes(mut self, bytes: usize) -> Self {
@@ -150,13 +213,16 @@ impl ExpertWorker {
 
     /// Bytes of expert weights resident.
     pub fn expert_bytes(&self) -> usize {
-        self.layers.values().map(RoutedExperts::size_in_bytes).sum()
+        self.read_layers()
+            .values()
+            .map(RoutedExperts::size_in_bytes)
+            .sum()
     }
 
     pub fn info(&self) -> InfoResponse {
         InfoResponse {
             layers: self
-                .layers
+                .read_layers()
                 .iter()
                 .map(|(&layer, e)| LayerExperts {
                     layer: layer as u32,
@@ -176,10 +242,11 @@ impl ExpertWorker {
     pub fn forward(&self, req: &ForwardRequest) -> Result<v1::Tensor, WorkerError> {
         let start = Instant::now();
         let layer = req.layer as usize;
-        let experts = self.layers.get(&layer).ok_or_else(|| {
+        let layers = self.read_layers();
+        let experts = layers.get(&layer).ok_or_else(|| {
             WorkerError::NotHeld(format!(
                 "layer {layer} is not held by this worker (it holds layers {:?})",
-                self.layers.keys().collect::<Vec<_>>()
+                layers.keys().collect::<Vec<_>>()
             ))
         })?;
         let hidden = req

@@ -15,6 +15,7 @@
 //! Streaming, HTTP, validation types and the continuous-batching scheduler arrive with the
 //! serving-API issue.
 
+pub mod coordinated;
 pub mod dispatch;
 pub mod error;
 pub mod grpc;

@@ -13,18 +13,38 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use crate::coordinated::CoordinatedExperts;
 use crate::error::RouterError;
 use crate::remote::RemoteExperts;
+
+/// Where a router's expert workers come from.
+#[derive(Debug, Clone)]
+pub enum ExpertSource {
+    /// A fixed list of workers.
+    Static(Arc<RemoteExperts>),
+    /// The coordinator's live placement, followed as it changes.
+    Coordinated(Arc<CoordinatedExperts>),
+}
+
+impl ExpertSource {
+    /// The workers to use for one request.
+    pub fn snapshot(&self) -> Arc<RemoteExperts> {
+        match self {
+            ExpertSource::Static(e) => e.clone(),
+            ExpertSource::Coordinated(c) => c.snapshot(),
+        }
+    }
+}
 
 /// The model without its routed experts, and the workers that hold them.
 #[derive(Debug, Clone)]
 pub struct RouterNode {
     model: Arc<DeepseekModel>,
-    experts: Arc<RemoteExperts>,
+    experts: ExpertSource,
 }
 
 impl RouterNode {
-    pub fn new(model: Arc<DeepseekModel>, experts: Arc<RemoteExperts>) -> Self {
+    pub fn new(model: Arc<DeepseekModel>, experts: ExpertSource) -> Self {
         RouterNode { model, experts }
     }
 
@@ -43,11 +63,13 @@ impl RouterNode {
             stop_token_ids: req.stop_token_ids,
         };
         let prompt_tokens = request.prompt.len() as u32;
+        // One placement for the whole request: a switch never lands inside a step.
+        let experts = self.experts.snapshot();
         let mut out = generate::generate_with(
             &self.model,
             std::slice::from_ref(&request),
             GenerateOptions::default(),
-            &*self.experts,
+            &*experts,
         )
         .map_err(|e| match e {
             EngineError::Executor(m) => RouterError::Runtime(m),

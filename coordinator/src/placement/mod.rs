@@ -142,15 +142,18 @@ pub fn plan(p: &Problem) -> Result<Plan, PlacementError> {
     let mut worker_load: BTreeMap<WorkerId, f64> = capacity.keys().map(|w| (*w, 0.0)).collect();
     let wanted = p.replicas.min(p.workers.len());
 
-    // Rule 3: keep what the previous plan had on live workers, while room lasts.
+    // Rule 3: keep what the previous plan had on live workers, while room lasts and up to a
+    // fair share each, so a joining worker takes over the excess and nothing else moves.
     if let Some(prev) = &p.previous {
+        let copies: usize = prev.holders.values().map(|ws| ws.len().min(wanted)).sum();
+        let fair = copies.div_ceil(p.workers.len());
+        let mut kept: BTreeMap<WorkerId, usize> = BTreeMap::new();
         for s in &order {
             for w in prev.holders.get(s).into_iter().flatten() {
                 let held = &holders[s];
-                if held.len() < wanted
-                    && !held.contains(w)
-                    && capacity.get(w).is_some_and(|c| *c > 0)
-                {
+                let room = capacity.get(w).is_some_and(|c| *c > 0);
+                let share = kept.get(w).copied().unwrap_or(0) < fair;
+                if held.len() < wanted && !held.contains(w) && room && share {
                     take(
                         &mut capacity,
                         &mut worker_load,
@@ -159,6 +162,7 @@ pub fn plan(p: &Problem) -> Result<Plan, PlacementError> {
                         *w,
                         load_of(s),
                     );
+                    *kept.entry(*w).or_default() += 1;
                 }
             }
         }
@@ -341,14 +345,18 @@ mod tests {
     }
 
     #[test]
-    fn joining_worker_moves_no_expert() {
+    fn joining_worker_takes_a_fair_share_and_nothing_else_moves() {
         let p = problem(4, 100, 3, 32, 1);
         let before = plan(&p).unwrap();
         let mut joined = problem(5, 100, 3, 32, 1);
         joined.previous = Some(before.clone());
         let after = plan(&joined).unwrap();
         check_invariants(&joined, &after);
-        assert_eq!(after.moves_from(&before), 0);
+        let newcomer = after.by_worker().get(&WorkerId(4)).map_or(0, Vec::len);
+        // 96 experts over 5 workers: the others keep at most a fair 20 each, the newcomer takes
+        // the rest (16), and only those move.
+        assert!((16..=20).contains(&newcomer), "{newcomer}");
+        assert_eq!(after.moves_from(&before), newcomer);
     }
 
     #[test]

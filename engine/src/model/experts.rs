@@ -71,6 +71,15 @@ impl RoutedExperts {
         })
     }
 
+    /// Experts already loaded, keyed by id (for adding to or trimming a layer's set).
+    pub fn from_experts(layer: usize, experts: BTreeMap<u32, Mlp>) -> RoutedExperts {
+        RoutedExperts { layer, experts }
+    }
+
+    pub fn into_experts(self) -> BTreeMap<u32, Mlp> {
+        self.experts
+    }
+
     pub fn holds(&self, expert: u32) -> bool {
         self.experts.contains_key(&expert)
     }

@@ -1,0 +1,234 @@
+//! The coordinator's gRPC face: `switchyard.v1.CoordinatorService`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use switchyard_proto::v1::coordinator_service_server::{
+    CoordinatorService, CoordinatorServiceServer,
+};
+use switchyard_proto::v1::{
+    ClusterStatusRequest, ClusterStatusResponse, ExpertHolders, GetPlacementRequest,
+    HeartbeatRequest, HeartbeatResponse, LayerPlacement, PlacementMap, PlacementUpdate,
+    RegisterRequest, RegisterResponse, WatchPlacementRequest, WorkerAddress, WorkerStatus,
+};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::WatchStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use crate::membership::{ClusterState, MembershipError, ModelShape, Versioned};
+use crate::placement::{Slot, WorkerId};
+
+impl From<MembershipError> for Status {
+    fn from(e: MembershipError) -> Self {
+        match e {
+            MembershipError::WrongModel { .. } => Status::failed_precondition(e.to_string()),
+            MembershipError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+        }
+    }
+}
+
+/// The coordinator: cluster state behind a lock, and a channel that carries every placement
+/// change to watchers.
+#[derive(Clone, Debug)]
+pub struct CoordinatorNode {
+    state: Arc<Mutex<ClusterState>>,
+    updates: Arc<watch::Sender<PlacementUpdate>>,
+    start: Instant,
+}
+
+fn to_map(model: &ModelShape, v: &Versioned) -> PlacementMap {
+    PlacementMap {
+        version: v.version,
+        workers: v
+            .addresses
+            .iter()
+            .map(|(id, addr)| WorkerAddress {
+                worker_id: id.0,
+                address: addr.clone(),
+            })
+            .collect(),
+        layers: model
+            .layers
+            .iter()
+            .map(|&layer| LayerPlacement {
+                layer,
+                experts: (0..model.experts_per_layer)
+                    .map(|expert| ExpertHolders {
+                        worker_ids: v
+                            .plan
+                            .holders
+                            .get(&Slot { layer, expert })
+                            .map(|ws| ws.iter().map(|w| w.0).collect())
+                            .unwrap_or_default(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn update_of(state: &ClusterState) -> PlacementUpdate {
+    PlacementUpdate {
+        target: state.target().map(|t| to_map(state.model(), t)),
+        live: state.live().map(|l| to_map(state.model(), l)),
+    }
+}
+
+impl CoordinatorNode {
+    pub fn new(model: ModelShape, replicas: usize, lease: Duration) -> CoordinatorNode {
+        let state = ClusterState::new(model, replicas, lease.as_millis() as u64);
+        let (tx, _) = watch::channel(update_of(&state));
+        CoordinatorNode {
+            state: Arc::new(Mutex::new(state)),
+            updates: Arc::new(tx),
+            start: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Runs `f` on the state and publishes the placement if it changed.
+    fn with_state<T>(&self, f: impl FnOnce(&mut ClusterState, u64) -> T) -> Result<T, Status> {
+        let now = self.now_ms();
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| Status::internal("coordinator state poisoned"))?;
+        let out = f(&mut state, now);
+        let update = update_of(&state);
+        self.updates.send_if_modified(|current| {
+            if *current != update {
+                *current = update;
+                true
+            } else {
+                false
+            }
+        });
+        Ok(out)
+    }
+
+    /// Drops workers whose lease ran out, every quarter lease, until the process stops.
+    pub async fn sweep(self) {
+        let lease = self.state.lock().map(|s| s.lease_ms()).unwrap_or(5000);
+        let mut tick = tokio::time::interval(Duration::from_millis((lease / 4).max(10)));
+        loop {
+            tick.tick().await;
+            if let Ok(gone) = self.with_state(|s, now| s.expire(now)) {
+                for id in gone {
+                    tracing::warn!(worker = %id, "worker lease expired; re-placing its experts");
+                }
+            }
+        }
+    }
+
+    pub fn into_server(self) -> CoordinatorServiceServer<Self> {
+        CoordinatorServiceServer::new(self)
+    }
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<PlacementUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl CoordinatorService for CoordinatorNode {
+    type WatchPlacementStream = UpdateStream;
+
+    #[instrument(skip_all, fields(address = %request.get_ref().address))]
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let r = request.into_inner();
+        let (id, lease) = self.with_state(|s, now| {
+            s.register(&r.address, r.memory_bytes, &r.device, &r.model, now)
+                .map(|id| (id, s.lease_ms()))
+        })??;
+        tracing::info!(worker = %id, address = %r.address, "worker registered");
+        Ok(Response::new(RegisterResponse {
+            worker_id: id.0,
+            lease_ms: lease,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let r = request.into_inner();
+        let known =
+            self.with_state(|s, now| s.heartbeat(WorkerId(r.worker_id), r.loaded_version, now))?;
+        Ok(Response::new(HeartbeatResponse { known }))
+    }
+
+    async fn get_placement(
+        &self,
+        _request: Request<GetPlacementRequest>,
+    ) -> Result<Response<PlacementUpdate>, Status> {
+        Ok(Response::new(self.updates.borrow().clone()))
+    }
+
+    #[instrument(skip_all)]
+    async fn watch_placement(
+        &self,
+        _request: Request<WatchPlacementRequest>,
+    ) -> Result<Response<UpdateStream>, Status> {
+        let stream = WatchStream::new(self.updates.subscribe()).map(Ok);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let now = self.now_ms();
+        let state = self
+            .state
+            .lock()
+            .map_err(|_| Status::internal("coordinator state poisoned"))?;
+        let by_worker = state
+            .target()
+            .map(|t| t.plan.by_worker())
+            .unwrap_or_default();
+        Ok(Response::new(ClusterStatusResponse {
+            workers: state
+                .members()
+                .map(|m| WorkerStatus {
+                    worker_id: m.id.0,
+                    address: m.address.clone(),
+                    device: m.device.clone(),
+                    memory_bytes: m.memory_bytes,
+                    loaded_version: m.loaded_version,
+                    ms_since_heartbeat: now.saturating_sub(m.last_seen_ms),
+                    experts: by_worker.get(&m.id).map_or(0, |v| v.len() as u32),
+                })
+                .collect(),
+            target_version: state.target().map_or(0, |t| t.version),
+            live_version: state.live().map_or(0, |l| l.version),
+            model: state.model().identity.clone(),
+            placement_error: state.placement_error().unwrap_or_default().to_string(),
+        }))
+    }
+}
+
+/// Serves the coordinator on `listener` (TCP_NODELAY) until `shutdown`, sweeping leases.
+pub async fn serve(
+    node: CoordinatorNode,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let sweeper = tokio::spawn(node.clone().sweep());
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let result = tonic::transport::Server::builder()
+        .add_service(node.into_server())
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    sweeper.abort();
+    result
+}
