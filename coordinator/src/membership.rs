@@ -75,6 +75,13 @@ impl ClusterState {
         }
     }
 
+    /// Starts version numbers above `base`, so a restarted coordinator (seeded from the wall
+    /// clock) never reuses a version routers and workers have already seen.
+    pub fn with_version_base(mut self, base: u64) -> ClusterState {
+        self.version = base;
+        self
+    }
+
     pub fn lease_ms(&self) -> u64 {
         self.lease_ms
     }

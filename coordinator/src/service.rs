@@ -15,8 +15,8 @@ use switchyard_proto::v1::{
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::WatchStream;
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
@@ -39,6 +39,8 @@ impl From<MembershipError> for Status {
 pub struct CoordinatorNode {
     state: Arc<Mutex<ClusterState>>,
     updates: Arc<watch::Sender<PlacementUpdate>>,
+    /// Set when serving stops: open watch streams end.
+    closing: Arc<watch::Sender<bool>>,
     start: Instant,
 }
 
@@ -82,11 +84,18 @@ fn update_of(state: &ClusterState) -> PlacementUpdate {
 
 impl CoordinatorNode {
     pub fn new(model: ModelShape, replicas: usize, lease: Duration) -> CoordinatorNode {
-        let state = ClusterState::new(model, replicas, lease.as_millis() as u64);
+        // Versions from this instance start at the wall clock in microseconds: above anything an
+        // earlier instance published, so watchers never mistake a new map for an old one.
+        let base = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let state =
+            ClusterState::new(model, replicas, lease.as_millis() as u64).with_version_base(base);
         let (tx, _) = watch::channel(update_of(&state));
         CoordinatorNode {
             state: Arc::new(Mutex::new(state)),
             updates: Arc::new(tx),
+            closing: Arc::new(watch::channel(false).0),
             start: Instant::now(),
         }
     }
@@ -179,8 +188,33 @@ impl CoordinatorService for CoordinatorNode {
         &self,
         _request: Request<WatchPlacementRequest>,
     ) -> Result<Response<UpdateStream>, Status> {
-        let stream = WatchStream::new(self.updates.subscribe()).map(Ok);
-        Ok(Response::new(Box::pin(stream)))
+        // Ends when the coordinator shuts down, so a graceful shutdown does not wait forever on
+        // watchers and they reconnect to whoever serves next.
+        let mut closing = self.closing.subscribe();
+        let mut updates = self.updates.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let current = updates.borrow_and_update().clone();
+            if tx.send(Ok(current)).await.is_err() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    changed = updates.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        let update = updates.borrow_and_update().clone();
+                        if tx.send(Ok(update)).await.is_err() {
+                            break;
+                        }
+                    }
+                    // `closing` only ever turns true (or its sender goes): either way, stop.
+                    _ = closing.changed() => break,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn cluster_status(
@@ -225,6 +259,11 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let sweeper = tokio::spawn(node.clone().sweep());
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let closing = node.closing.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closing.send_replace(true);
+    };
     let result = tonic::transport::Server::builder()
         .add_service(node.into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -19,11 +19,16 @@ use crate::worker::ExpertWorker;
 #[derive(Debug, Clone)]
 pub struct ExpertServiceImpl {
     worker: Arc<ExpertWorker>,
+    /// Turns true when serving stops: open call streams end so shutdown does not wait on them.
+    closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl ExpertServiceImpl {
     pub fn new(worker: Arc<ExpertWorker>) -> Self {
-        ExpertServiceImpl { worker }
+        ExpertServiceImpl {
+            worker,
+            closing: Arc::new(tokio::sync::watch::channel(false).0),
+        }
     }
 
     /// The tonic service, with message limits from the worker.
@@ -65,9 +70,17 @@ impl ExpertService for ExpertServiceImpl {
         let mut inbound = request.into_inner();
         let worker = self.worker.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let mut closing = self.closing.subscribe();
         tokio::spawn(async move {
-            // Ends when the router closes its side or goes away.
-            while let Ok(Some(req)) = inbound.message().await {
+            // Ends when the router closes its side or goes away, or this worker stops.
+            loop {
+                let req = tokio::select! {
+                    next = inbound.message() => match next {
+                        Ok(Some(req)) => req,
+                        _ => break,
+                    },
+                    _ = closing.changed() => break,
+                };
                 let call_id = req.call_id;
                 let reply = match run_call(worker.clone(), req).await {
                     Ok(output) => ForwardResponse {
@@ -118,8 +131,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), WorkerError> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let service = ExpertServiceImpl::new(worker);
+    let closing = service.closing.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closing.send_replace(true);
+    };
     tonic::transport::Server::builder()
-        .add_service(ExpertServiceImpl::new(worker).into_server())
+        .add_service(service.into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| WorkerError::Transport(e.to_string()))

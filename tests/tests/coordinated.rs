@@ -71,7 +71,7 @@ impl Node {
 }
 
 #[test]
-fn router_follows_the_coordinator_through_a_worker_loss() {
+fn router_follows_the_coordinator_through_a_worker_loss_and_a_coordinator_restart() {
     let dir = tempfile::tempdir().unwrap();
     synth::synth(
         dir.path(),
@@ -104,7 +104,7 @@ fn router_follows_the_coordinator_through_a_worker_loss() {
     let coordinator_addr = listener.local_addr().unwrap().to_string();
     let (stop_coordinator, rx) = oneshot::channel::<()>();
     rt.spawn(coordinator::serve(
-        CoordinatorNode::new(shape, 1, Duration::from_millis(300)),
+        CoordinatorNode::new(shape.clone(), 1, Duration::from_millis(300)),
         listener,
         async {
             let _ = rx.await;
@@ -192,6 +192,50 @@ fn router_follows_the_coordinator_through_a_worker_loss() {
     assert_eq!(held(&nodes[0]), 2 * 16);
     let diff = max_diff(&logits(&router, &*experts.snapshot()), &want);
     assert!(diff <= 1e-5, "after the loss: max |Δ| = {diff:e}");
+
+    // Restart the coordinator on the same address. Meanwhile the router keeps serving on its
+    // last placement; afterwards the worker re-registers and a new version goes live.
+    let _ = stop_coordinator.send(());
+    std::thread::sleep(Duration::from_millis(200));
+    let during = experts.version();
+    let diff = max_diff(&logits(&router, &*experts.snapshot()), &want);
+    assert!(
+        diff <= 1e-5,
+        "with the coordinator down: max |Δ| = {diff:e}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let listener = loop {
+        match rt.block_on(tokio::net::TcpListener::bind(&coordinator_addr)) {
+            Ok(l) => break l,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "cannot rebind {coordinator_addr}: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    let (stop_coordinator, rx) = oneshot::channel::<()>();
+    rt.spawn(coordinator::serve(
+        CoordinatorNode::new(shape.clone(), 1, Duration::from_millis(300)),
+        listener,
+        async {
+            let _ = rx.await;
+        },
+    ));
+    while experts.version() == during {
+        assert!(
+            Instant::now() < deadline,
+            "no live placement from the restarted coordinator within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let diff = max_diff(&logits(&router, &*experts.snapshot()), &want);
+    assert!(
+        diff <= 1e-5,
+        "after the coordinator restart: max |Δ| = {diff:e}"
+    );
 
     for n in &mut nodes {
         n.stop();
