@@ -36,6 +36,9 @@ pub struct UpArgs {
     /// A worker silent this long (milliseconds) is dropped and its experts re-placed.
     #[arg(long, env = "SWITCHYARD_LEASE_MS", default_value_t = 3000)]
     lease_ms: u64,
+    /// Routers to start; they share the workers (data-parallel attention).
+    #[arg(long, env = "SWITCHYARD_ROUTERS", default_value_t = 1)]
+    routers: usize,
     /// Compute threads per worker process.
     #[arg(long, env = "SWITCHYARD_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
@@ -213,6 +216,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     if args.workers == 0 {
         bail!("--workers must be >= 1, got 0");
     }
+    if args.routers == 0 {
+        bail!("--routers must be >= 1, got 0");
+    }
     // Catch Ctrl-C and SIGTERM from the start, so one that arrives while nodes are starting
     // still stops them all cleanly instead of killing `up` outright.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -275,29 +281,44 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             args.worker_threads,
         )?);
     }
-    let router_args: Vec<String> = [
-        "router",
-        "--model",
-        &model_arg,
-        "--coordinator",
-        &coordinator,
-        "--listen",
-        &args.router_addr,
-        "--wire-dtype",
-        &args.dispatch.wire_dtype,
-        "--shared-expert-on",
-        &args.dispatch.shared_expert_on,
-        "--expert-deadline-ms",
-        &args.dispatch.expert_deadline_ms.to_string(),
-        "--expert-calls",
-        &args.dispatch.expert_calls,
-    ]
-    .map(String::from)
-    .to_vec();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // The router starts serving once the coordinator has a live placement.
-    cluster.0.push(spawn("router".into(), &router_args, cores)?);
-    let router = cluster.0.last().map(|n| n.addr.clone()).unwrap_or_default();
+    let mut routers = Vec::new();
+    for r in 0..args.routers {
+        // The first router takes --router-addr; the others pick free ports beside it.
+        let listen = if r == 0 {
+            args.router_addr.clone()
+        } else {
+            "127.0.0.1:0".to_string()
+        };
+        let router_args: Vec<String> = [
+            "router",
+            "--model",
+            &model_arg,
+            "--coordinator",
+            &coordinator,
+            "--listen",
+            &listen,
+            "--wire-dtype",
+            &args.dispatch.wire_dtype,
+            "--shared-expert-on",
+            &args.dispatch.shared_expert_on,
+            "--expert-deadline-ms",
+            &args.dispatch.expert_deadline_ms.to_string(),
+            "--expert-calls",
+            &args.dispatch.expert_calls,
+        ]
+        .map(String::from)
+        .to_vec();
+        // A router starts serving once the coordinator has a live placement.
+        let name = if args.routers == 1 {
+            "router".to_string()
+        } else {
+            format!("router {r}")
+        };
+        cluster.0.push(spawn(name, &router_args, cores)?);
+        routers.push(cluster.0.last().map(|n| n.addr.clone()).unwrap_or_default());
+    }
+    let router = routers.first().cloned().unwrap_or_default();
 
     for node in &cluster.0 {
         eprintln!("{} · pid {} · {}", node.name, node.child.id(), node.addr);
@@ -305,7 +326,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let held = experts_per_worker(&coordinator).unwrap_or_default();
     // The line scripts read: the router's address.
     eprintln!(
-        "switchyard up: router {router} · coordinator {coordinator} · {} workers holding {} of {} routed experts per MoE layer · model {}",
+        "switchyard up: router{} {} · coordinator {coordinator} · {} workers holding {} of {} routed experts per MoE layer · model {}",
+        if routers.len() > 1 { "s" } else { "" },
+        routers.join(", "),
         args.workers,
         held,
         experts,
@@ -319,17 +342,25 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             ..Default::default()
         };
         let start = Instant::now();
-        let reply = crate::generate::generate_via_router(&router, request)?;
-        crate::generate::print_remote(
-            &router,
-            &args.demo_prompt_ids,
-            &reply,
-            start.elapsed().as_secs_f64(),
-            args.json,
-        );
+        let reply = crate::generate::generate_via_router(&router, request.clone())?;
+        let seconds = start.elapsed().as_secs_f64();
+        // Every router shares the same workers and must agree.
+        for other in routers.iter().skip(1) {
+            let again = crate::generate::generate_via_router(other, request.clone())?;
+            if again.token_ids != reply.token_ids {
+                bail!(
+                    "router {other} generated {:?}, router {router} {:?}",
+                    again.token_ids,
+                    reply.token_ids
+                );
+            }
+        }
+        crate::generate::print_remote(&router, &args.demo_prompt_ids, &reply, seconds, args.json);
         return Ok(());
     }
-    println!("router {router}");
+    for r in &routers {
+        println!("router {r}");
+    }
     eprintln!("serving; Ctrl-C or SIGTERM stops every node");
     wait(&mut cluster, &runtime, signals)
 }

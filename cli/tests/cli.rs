@@ -309,6 +309,8 @@ fn up_brings_a_cluster_up_generates_through_it_and_stops_it() {
         "up",
         "--workers",
         "2",
+        "--routers",
+        "2",
         "--router-addr",
         "127.0.0.1:0",
         "--cache-dir",
