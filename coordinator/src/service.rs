@@ -265,6 +265,7 @@ pub async fn serve(
         closing.send_replace(true);
     };
     let result = tonic::transport::Server::builder()
+        .add_service(switchyard_proto::health::serving("switchyard.v1.CoordinatorService").await)
         .add_service(node.into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;

@@ -138,6 +138,7 @@ pub async fn serve(
         closing.send_replace(true);
     };
     tonic::transport::Server::builder()
+        .add_service(switchyard_proto::health::serving("switchyard.v1.ExpertService").await)
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

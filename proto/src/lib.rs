@@ -6,6 +6,7 @@
 //! back, checking lengths, shapes and size limits.
 
 pub mod codec;
+pub mod health;
 
 /// Generated code for package `switchyard.v1`.
 #[allow(clippy::all, missing_debug_implementations, rust_2018_idioms)]

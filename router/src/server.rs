@@ -111,6 +111,7 @@ pub async fn serve(
 ) -> Result<(), RouterError> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
+        .add_service(switchyard_proto::health::serving("switchyard.v1.InferenceService").await)
         .add_service(InferenceServiceServer::new(node))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
