@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod cluster_file;
 mod coordinator;
 mod generate;
 mod plan;

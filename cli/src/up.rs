@@ -36,6 +36,13 @@ pub struct UpArgs {
     /// A worker silent this long (milliseconds) is dropped and its experts re-placed.
     #[arg(long, env = "SWITCHYARD_LEASE_MS", default_value_t = 3000)]
     lease_ms: u64,
+    /// Start the nodes a cluster file places on this host instead (see `cluster_file.rs`);
+    /// the other sizing flags are then ignored.
+    #[arg(long, env = "SWITCHYARD_CLUSTER")]
+    cluster: Option<PathBuf>,
+    /// With --cluster: this host's name in the file (default: start every node in it).
+    #[arg(long, env = "SWITCHYARD_HOST", requires = "cluster")]
+    host: Option<String>,
     /// Routers to start; they share the workers (data-parallel attention).
     #[arg(long, env = "SWITCHYARD_ROUTERS", default_value_t = 1)]
     routers: usize,
@@ -225,6 +232,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let signals = runtime.block_on(async { Signals::new() })?;
+    if let Some(path) = &args.cluster {
+        return run_file(&args, path, runtime, signals);
+    }
     let model = resolve_model(&args)?;
     let config = ModelConfig::from_dir(&model)?;
     let moe = config
@@ -318,7 +328,6 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         cluster.0.push(spawn(name, &router_args, cores)?);
         routers.push(cluster.0.last().map(|n| n.addr.clone()).unwrap_or_default());
     }
-    let router = routers.first().cloned().unwrap_or_default();
 
     for node in &cluster.0 {
         eprintln!("{} · pid {} · {}", node.name, node.child.id(), node.addr);
@@ -334,7 +343,21 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         experts,
         model.display()
     );
+    finish(&args, &routers, cluster, &runtime, signals)
+}
+
+/// Runs the demo generation, or serves until a signal.
+fn finish(
+    args: &UpArgs,
+    routers: &[String],
+    mut cluster: Cluster,
+    runtime: &tokio::runtime::Runtime,
+    signals: Signals,
+) -> anyhow::Result<()> {
     if !args.demo_prompt_ids.is_empty() {
+        let Some(router) = routers.first() else {
+            bail!("--demo-prompt-ids needs a router on this host");
+        };
         let request = GenerateRequest {
             prompt_ids: args.demo_prompt_ids.clone(),
             max_new_tokens: 16,
@@ -342,7 +365,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             ..Default::default()
         };
         let start = Instant::now();
-        let reply = crate::generate::generate_via_router(&router, request.clone())?;
+        let reply = crate::generate::generate_via_router(router, request.clone())?;
         let seconds = start.elapsed().as_secs_f64();
         // Every router shares the same workers and must agree.
         for other in routers.iter().skip(1) {
@@ -355,14 +378,108 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 );
             }
         }
-        crate::generate::print_remote(&router, &args.demo_prompt_ids, &reply, seconds, args.json);
+        crate::generate::print_remote(router, &args.demo_prompt_ids, &reply, seconds, args.json);
         return Ok(());
     }
-    for r in &routers {
+    for r in routers {
         println!("router {r}");
     }
     eprintln!("serving; Ctrl-C or SIGTERM stops every node");
-    wait(&mut cluster, &runtime, signals)
+    wait(&mut cluster, runtime, signals)
+}
+
+/// `--cluster FILE`: the nodes the file places on this host (`--host`), at their addresses.
+fn run_file(
+    args: &UpArgs,
+    path: &std::path::Path,
+    runtime: tokio::runtime::Runtime,
+    signals: Signals,
+) -> anyhow::Result<()> {
+    use crate::cluster_file::{ClusterFile, on_this_host};
+    let file = ClusterFile::read(path)?;
+    let model = file.model.display().to_string();
+    let coordinator = file.coordinator.addr.clone();
+    let mut cluster = Cluster(Vec::new());
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    if on_this_host(&file.coordinator.host, &args.host) {
+        let a = strings(&[
+            "coordinator",
+            "--model",
+            &model,
+            "--listen",
+            &coordinator,
+            "--replicas",
+            &file.replicas.to_string(),
+            "--lease-ms",
+            &file.lease_ms.to_string(),
+        ]);
+        cluster.0.push(spawn("coordinator".into(), &a, 1)?);
+    }
+    for (i, w) in file
+        .workers
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| on_this_host(&w.host, &args.host))
+    {
+        let a = strings(&[
+            "worker",
+            "--model",
+            &model,
+            "--coordinator",
+            &coordinator,
+            "--memory",
+            &w.memory,
+            "--listen",
+            &w.addr,
+            "--advertise",
+            &w.addr,
+        ]);
+        cluster.0.push(spawn(format!("worker {i}"), &a, w.threads)?);
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut routers = Vec::new();
+    for (i, r) in file
+        .routers
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| on_this_host(&r.host, &args.host))
+    {
+        let mut a = strings(&[
+            "router",
+            "--model",
+            &model,
+            "--coordinator",
+            &coordinator,
+            "--listen",
+            &r.addr,
+        ]);
+        a.extend(strings(&[
+            "--wire-dtype",
+            &args.dispatch.wire_dtype,
+            "--shared-expert-on",
+            &args.dispatch.shared_expert_on,
+            "--expert-calls",
+            &args.dispatch.expert_calls,
+        ]));
+        cluster.0.push(spawn(format!("router {i}"), &a, cores)?);
+        routers.push(r.addr.clone());
+    }
+    if cluster.0.is_empty() {
+        bail!(
+            "{} places no node on host {:?}",
+            path.display(),
+            args.host.as_deref().unwrap_or_default()
+        );
+    }
+    for node in &cluster.0 {
+        eprintln!("{} · pid {} · {}", node.name, node.child.id(), node.addr);
+    }
+    eprintln!(
+        "switchyard up: {} nodes from {} · coordinator {coordinator}",
+        cluster.0.len(),
+        path.display()
+    );
+    finish(args, &routers, cluster, &runtime, signals)
 }
 
 /// Until a signal, or until a node dies (then everything stops: a half cluster serves errors).

@@ -511,3 +511,68 @@ fn a_killed_worker_fails_requests_clearly_and_quickly() {
         start.elapsed()
     );
 }
+
+/// A free loopback port: bound by the OS from the ephemeral range, then released.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn up_starts_the_cluster_a_cluster_file_describes() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), "f32");
+    let file = dir.path().join("cluster.toml");
+    let text = format!(
+        "model = {:?}\nlease_ms = 1000\n[coordinator]\nhost = \"a\"\naddr = \"127.0.0.1:{}\"\n\
+         [[workers]]\nhost = \"a\"\naddr = \"127.0.0.1:{}\"\nmemory = \"1GiB\"\n\
+         [[workers]]\nhost = \"a\"\naddr = \"127.0.0.1:{}\"\nmemory = \"1GiB\"\n\
+         [[routers]]\nhost = \"a\"\naddr = \"127.0.0.1:{}\"\n",
+        dir.path().to_str().unwrap(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port()
+    );
+    std::fs::write(&file, text).unwrap();
+    let out = switchyard(&[
+        "up",
+        "--cluster",
+        file.to_str().unwrap(),
+        "--host",
+        "a",
+        "--demo-prompt-ids",
+        "1,17,42",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let local = switchyard(&[
+        "generate",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--prompt-ids",
+        "1,17,42",
+        "--max-new-tokens",
+        "16",
+        "--ignore-eos",
+        "--json",
+    ]);
+    let ids = |o: &Output| {
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["token_ids"].clone()
+    };
+    assert_eq!(ids(&out), ids(&local));
+    // A host the file places nothing on is an error, not an empty cluster.
+    let out = switchyard(&["up", "--cluster", file.to_str().unwrap(), "--host", "b"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("places no node"),
+        "{stderr}"
+    );
+}
