@@ -205,6 +205,12 @@ mod tests {
     }
 
     #[test]
+    fn the_example_in_deploy_is_valid() {
+        let f = parse(include_str!("../../deploy/cluster.example.toml")).unwrap();
+        assert_eq!((f.workers.len(), f.routers.len(), f.replicas), (3, 1, 2));
+    }
+
+    #[test]
     fn host_filter_picks_this_host_s_nodes() {
         assert!(on_this_host(&Some("a".into()), &None));
         assert!(on_this_host(&Some("a".into()), &Some("a".into())));
