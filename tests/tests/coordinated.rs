@@ -104,7 +104,7 @@ fn router_follows_the_coordinator_through_a_worker_loss_and_a_coordinator_restar
     let coordinator_addr = listener.local_addr().unwrap().to_string();
     let (stop_coordinator, rx) = oneshot::channel::<()>();
     rt.spawn(coordinator::serve(
-        CoordinatorNode::new(shape.clone(), 1, Duration::from_millis(300)),
+        CoordinatorNode::new(shape.clone(), 1, Duration::from_millis(1000)),
         listener,
         async {
             let _ = rx.await;
@@ -218,7 +218,7 @@ fn router_follows_the_coordinator_through_a_worker_loss_and_a_coordinator_restar
     };
     let (stop_coordinator, rx) = oneshot::channel::<()>();
     rt.spawn(coordinator::serve(
-        CoordinatorNode::new(shape.clone(), 1, Duration::from_millis(300)),
+        CoordinatorNode::new(shape.clone(), 1, Duration::from_millis(1000)),
         listener,
         async {
             let _ = rx.await;
