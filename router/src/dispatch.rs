@@ -6,12 +6,13 @@
 //! concurrently through a [`Transport`] and adds the workers' combined rows. It implements the
 //! engine's [`ExpertExecutor`], so the model runs unchanged with its experts elsewhere.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use switchyard_engine::model::{ExpertExecutor, Routing};
@@ -48,6 +49,15 @@ pub struct WorkerCall {
     pub request: ForwardRequest,
 }
 
+/// One token's routed work for a layer: its batch row, its `(expert, weight)` pairs, and
+/// whether its shared expert travels with one of its calls.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenWork {
+    pub row: u32,
+    pub pairs: Vec<(u32, f32)>,
+    pub shared: bool,
+}
+
 /// Splits one layer's routing into one call per worker (pure).
 ///
 /// With `shared_on_workers`, each token's shared expert travels with one of its routed calls:
@@ -61,6 +71,31 @@ pub fn plan_calls(
     dtype: Dtype,
     shared_on_workers: bool,
 ) -> Result<Vec<WorkerCall>, RouterError> {
+    let work = (0..routing.tokens()).map(|t| TokenWork {
+        row: t as u32,
+        pairs: routing.token(t).collect(),
+        shared: shared_on_workers,
+    });
+    build_calls(
+        layer,
+        x,
+        hidden,
+        work,
+        &|e| placement.worker(layer, e),
+        dtype,
+    )
+}
+
+/// Groups tokens' work (in row order) into one call per worker, each token's row once per
+/// worker; `worker_for(expert)` says who runs an expert.
+pub fn build_calls(
+    layer: usize,
+    x: &[f32],
+    hidden: usize,
+    work: impl IntoIterator<Item = TokenWork>,
+    worker_for: &dyn Fn(u32) -> Option<WorkerId>,
+    dtype: Dtype,
+) -> Result<Vec<WorkerCall>, RouterError> {
     #[derive(Default)]
     struct Builder {
         rows: Vec<u32>,
@@ -70,17 +105,18 @@ pub fn plan_calls(
         shared_rows: Vec<u32>,
     }
     let mut builders: BTreeMap<WorkerId, Builder> = BTreeMap::new();
-    for t in 0..routing.tokens() {
-        for (e, w) in routing.token(t) {
-            let worker = placement.worker(layer, e).ok_or_else(|| {
-                RouterError::Placement(format!("expert {e} of layer {layer} has no worker"))
+    for token in work {
+        let t = token.row;
+        for (e, w) in token.pairs {
+            let worker = worker_for(e).ok_or_else(|| {
+                RouterError::Placement(format!("expert {e} of layer {layer} has no live worker"))
             })?;
             let b = builders.entry(worker).or_insert_with(|| Builder {
                 offsets: vec![0],
                 ..Default::default()
             });
-            if b.rows.last() != Some(&(t as u32)) {
-                b.rows.push(t as u32);
+            if b.rows.last() != Some(&t) {
+                b.rows.push(t);
                 b.offsets.push(b.ids.len() as u32);
             }
             b.ids.push(e);
@@ -89,10 +125,10 @@ pub fn plan_calls(
                 *end = b.ids.len() as u32;
             }
         }
-        if shared_on_workers
+        if token.shared
             && let Some(b) = builders
                 .values_mut()
-                .filter(|b| b.rows.last() == Some(&(t as u32)))
+                .filter(|b| b.rows.last() == Some(&t))
                 .min_by_key(|b| b.shared_rows.len())
         {
             b.shared_rows.push(b.rows.len() as u32 - 1);
@@ -121,6 +157,44 @@ pub fn plan_calls(
             }
         })
         .collect())
+}
+
+/// Where the replies of one round of calls arrive, as `(call index, result)`.
+type Replies = Receiver<(usize, Result<v1::Tensor, RouterError>)>;
+
+/// The work a call carried, to send again elsewhere.
+fn work_of(call: &WorkerCall) -> Vec<TokenWork> {
+    let r = &call.request;
+    call.rows
+        .iter()
+        .enumerate()
+        .map(|(j, &row)| {
+            let span = r.offsets[j] as usize..r.offsets[j + 1] as usize;
+            TokenWork {
+                row,
+                pairs: r.expert_ids[span.clone()]
+                    .iter()
+                    .copied()
+                    .zip(r.weights[span].iter().copied())
+                    .collect(),
+                shared: r.shared_rows.contains(&(j as u32)),
+            }
+        })
+        .collect()
+}
+
+/// Failures a replica can fix: the worker is gone or too slow, not the request.
+fn retryable(e: &RouterError) -> bool {
+    match e {
+        RouterError::Worker { code, .. } => {
+            matches!(
+                code,
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            )
+        }
+        RouterError::Connect { .. } => true,
+        _ => false,
+    }
 }
 
 /// What crossed the wire, per worker.
@@ -221,18 +295,75 @@ impl Dispatcher {
         meanwhile: &mut dyn FnMut() -> switchyard_engine::Result<()>,
     ) -> Result<Tensor, RouterError> {
         let (tokens, hidden) = x.dims2()?;
+        let xd = x.as_f32()?;
         let calls = plan_calls(
             layer,
-            x.as_f32()?,
+            xd,
             hidden,
             routing,
             &self.placement,
             self.options.wire_dtype,
             self.options.shared_on_workers,
         )?;
+        let mut out = Tensor::zeros(&[tokens, hidden]);
+        let od = out.as_f32_mut()?;
+        let (rx, calls) = self.send(calls);
+        // The calls are in flight: do the router's own work (the shared expert) now, then let
+        // the compute threads sleep while we wait — workers may share this machine's cores.
+        meanwhile()?;
+        switchyard_engine::cpu::pool::global().rest();
+        let failed = self.collect(layer, &calls, rx, od, hidden)?;
+        if failed.is_empty() {
+            return Ok(out);
+        }
+        // One failover round: the failed calls' work goes to replicas on other workers.
+        let avoid: BTreeSet<WorkerId> = failed.iter().map(|(i, _)| calls[*i].worker).collect();
+        let mut work: Vec<TokenWork> = failed
+            .iter()
+            .flat_map(|(i, _)| work_of(&calls[*i]))
+            .collect();
+        work.sort_by_key(|w| w.row);
+        let retry = match build_calls(
+            layer,
+            xd,
+            hidden,
+            work,
+            &|e| self.placement.worker_avoiding(layer, e, &avoid),
+            self.options.wire_dtype,
+        ) {
+            Ok(calls) => calls,
+            // No replica for some expert: report the original failure, which names the worker.
+            Err(_) => {
+                return Err(failed
+                    .into_iter()
+                    .next()
+                    .map(|(_, e)| e)
+                    .unwrap_or_else(|| RouterError::Runtime("failover".into())));
+            }
+        };
+        for (_, e) in &failed {
+            tracing::warn!(layer, error = %e, "expert call failed; retrying on replicas");
+        }
+        let (rx, retry) = self.send(retry);
+        match self
+            .collect(layer, &retry, rx, od, hidden)?
+            .into_iter()
+            .next()
+        {
+            None => Ok(out),
+            Some((_, e)) => Err(e),
+        }
+    }
+
+    /// Sends calls concurrently; replies arrive on the returned channel as `(index, result)`.
+    /// Returns the calls without their hidden rows (kept for collecting and failover).
+    fn send(&self, calls: Vec<WorkerCall>) -> (Replies, Vec<WorkerCall>) {
         let (tx, rx) = std::sync::mpsc::channel();
-        let mut pending = Vec::with_capacity(calls.len());
-        for (i, call) in calls.into_iter().enumerate() {
+        let mut sent = Vec::with_capacity(calls.len());
+        for (i, mut call) in calls.into_iter().enumerate() {
+            let hidden_rows = call.request.hidden.take();
+            sent.push(call.clone());
+            call.request.hidden = hidden_rows;
             if let Some(s) = self.stats.get(&call.worker) {
                 s.calls.fetch_add(1, Ordering::Relaxed);
                 s.rows.fetch_add(call.rows.len() as u64, Ordering::Relaxed);
@@ -245,45 +376,59 @@ impl Dispatcher {
             self.runtime.spawn(async move {
                 let _ = tx.send((i, fut.await));
             });
-            pending.push((call.worker, call.rows));
         }
-        drop(tx);
-        // The calls are in flight: do the router's own work (the shared expert) now, then let
-        // the compute threads sleep while we wait — workers may share this machine's cores.
-        meanwhile()?;
-        switchyard_engine::cpu::pool::global().rest();
-        let mut out = Tensor::zeros(&[tokens, hidden]);
-        let od = out.as_f32_mut()?;
+        (rx, sent)
+    }
+
+    /// Adds every successful reply into `od`; returns the calls that failed in a way a replica
+    /// could fix (other failures are returned as the error).
+    fn collect(
+        &self,
+        layer: usize,
+        calls: &[WorkerCall],
+        rx: Replies,
+        od: &mut [f32],
+        hidden: usize,
+    ) -> Result<Vec<(usize, RouterError)>, RouterError> {
         // The transport enforces the deadline per call; this is only a backstop.
         let backstop = self.options.deadline + Duration::from_secs(5);
-        for _ in 0..pending.len() {
+        let mut failed = Vec::new();
+        for _ in 0..calls.len() {
             let (i, result) = rx.recv_timeout(backstop).map_err(|_| {
                 RouterError::Runtime(format!(
                     "layer {layer}: a worker call outlived its deadline"
                 ))
             })?;
-            let (worker, rows) = &pending[i];
-            let reply = result?;
-            if let Some(s) = self.stats.get(worker) {
+            let call = &calls[i];
+            let reply = match result {
+                Ok(reply) => reply,
+                Err(e) if retryable(&e) => {
+                    failed.push((i, e));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(s) = self.stats.get(&call.worker) {
                 s.bytes_received
                     .fetch_add(reply.data.len() as u64, Ordering::Relaxed);
             }
             let n = codec::expect_rows("output", &reply, self.hidden)?;
-            if n != rows.len() {
+            if n != call.rows.len() {
                 return Err(RouterError::Runtime(format!(
-                    "worker {worker} returned {n} rows for layer {layer}, expected {}",
-                    rows.len()
+                    "worker {} returned {n} rows for layer {layer}, expected {}",
+                    call.worker,
+                    call.rows.len()
                 )));
             }
             let values = codec::decode("output", &reply, self.options.max_message_bytes as u64)?;
-            for (j, &r) in rows.iter().enumerate() {
+            for (j, &r) in call.rows.iter().enumerate() {
                 let dst = &mut od[r as usize * hidden..(r as usize + 1) * hidden];
                 for (d, v) in dst.iter_mut().zip(&values[j * hidden..(j + 1) * hidden]) {
                     *d += v;
                 }
             }
         }
-        Ok(out)
+        Ok(failed)
     }
 }
 

@@ -67,6 +67,13 @@ impl Sandbox {
         }
     }
 
+    /// Stops worker `i` (its server drains and closes), as a crash would for its clients.
+    pub fn stop_worker(&mut self, i: usize) {
+        if let Some(tx) = self.workers.get_mut(i).and_then(|w| w.shutdown.take()) {
+            let _ = tx.send(());
+        }
+    }
+
     pub fn addrs(&self) -> Vec<String> {
         self.workers.iter().map(|w| w.addr.clone()).collect()
     }

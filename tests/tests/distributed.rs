@@ -283,3 +283,50 @@ fn several_routers_share_one_worker_pool() {
     // Two routers x three passes x two MoE layers, on each worker (every pass visits both).
     assert_eq!((calls(0), calls(1)), (12, 12));
 }
+
+#[test]
+fn calls_to_a_lost_worker_fail_over_to_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_f32(dir.path());
+    let local = DeepseekModel::load(dir.path(), &LoadOptions::default()).unwrap();
+    let (want, _) = logits(&local, None);
+    let router = DeepseekModel::load(
+        dir.path(),
+        &LoadOptions {
+            experts: ExpertSelection::None,
+        },
+    )
+    .unwrap();
+    // Worker 0 holds everything and normally serves it all; workers 1 and 2 are its replicas.
+    let mut sandbox = Sandbox::start(dir.path(), &["all", "0-7", "8-15"]);
+    let options = DispatchOptions {
+        wire_dtype: Dtype::F32,
+        deadline: std::time::Duration::from_secs(2),
+        ..Default::default()
+    };
+    let remote = RemoteExperts::connect(router.config(), &sandbox.addrs(), options).unwrap();
+    let (got, _) = logits(&router, Some(&remote));
+    assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-5));
+    let rows = |w: u32| {
+        remote
+            .dispatcher()
+            .stats(WorkerId(w))
+            .unwrap()
+            .rows
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(
+        (rows(1), rows(2)),
+        (0, 0),
+        "replicas stand by while worker 0 serves"
+    );
+    sandbox.stop_worker(0);
+    let (got, _) = logits(&router, Some(&remote));
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(diff <= 1e-5, "after failover: max |Δ| = {diff:e}");
+    assert!(rows(1) > 0 && rows(2) > 0, "the replicas took over");
+}
