@@ -230,41 +230,49 @@ fn spawn_node(args: &[&str]) -> (Child, String) {
     (child, addr)
 }
 
+/// A static cluster of real processes: one worker per expert spec, and a router over them
+/// (with `router_flags` added). Returns the workers, their addresses, the router and its address.
+fn static_cluster(
+    model: &str,
+    specs: &[&str],
+    router_flags: &[&str],
+) -> (Vec<Child>, Vec<String>, Child, String) {
+    let (workers, addrs): (Vec<Child>, Vec<String>) = specs
+        .iter()
+        .map(|spec| {
+            spawn_node(&[
+                "worker",
+                "--model",
+                model,
+                "--experts",
+                spec,
+                "--listen",
+                "127.0.0.1:0",
+            ])
+        })
+        .unzip();
+    let list = addrs.join(",");
+    let base = [
+        "router",
+        "--model",
+        model,
+        "--workers",
+        &list,
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    let (router, r) = spawn_node(&[&base[..], router_flags].concat());
+    (workers, addrs, router, r)
+}
+
 #[test]
 fn generation_through_router_and_worker_processes_matches_local() {
     let dir = tempfile::tempdir().unwrap();
     synth_tiny(dir.path(), "f32");
     let model = dir.path().to_str().unwrap();
-    let (_w0, a0) = spawn_node(&[
-        "worker",
-        "--model",
-        model,
-        "--experts",
-        "0-9",
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    let (_w1, a1) = spawn_node(&[
-        "worker",
-        "--model",
-        model,
-        "--experts",
-        "10-15",
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    let workers = format!("{a0},{a1}");
-    let (_router, r) = spawn_node(&[
-        "router",
-        "--model",
-        model,
-        "--workers",
-        &workers,
-        "--listen",
-        "127.0.0.1:0",
-        "--wire-dtype",
-        "f32",
-    ]);
+    let (_workers, addrs, _router, r) =
+        static_cluster(model, &["0-9", "10-15"], &["--wire-dtype", "f32"]);
+    let a0 = addrs[0].clone();
     let flags = [
         "--prompt-ids",
         "1,17,42,5",
@@ -451,36 +459,9 @@ fn a_killed_worker_fails_requests_clearly_and_quickly() {
     let dir = tempfile::tempdir().unwrap();
     synth_tiny(dir.path(), "bf16");
     let model = dir.path().to_str().unwrap();
-    let (_w0, a0) = spawn_node(&[
-        "worker",
-        "--model",
-        model,
-        "--experts",
-        "0-7",
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    let (mut w1, a1) = spawn_node(&[
-        "worker",
-        "--model",
-        model,
-        "--experts",
-        "8-15",
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    let workers = format!("{a0},{a1}");
-    let (_router, r) = spawn_node(&[
-        "router",
-        "--model",
-        model,
-        "--workers",
-        &workers,
-        "--listen",
-        "127.0.0.1:0",
-        "--expert-deadline-ms",
-        "2000",
-    ]);
+    let (mut workers, addrs, _router, r) =
+        static_cluster(model, &["0-7", "8-15"], &["--expert-deadline-ms", "2000"]);
+    let a1 = addrs[1].clone();
     let flags = [
         "generate",
         "--router",
@@ -495,8 +476,8 @@ fn a_killed_worker_fails_requests_clearly_and_quickly() {
         switchyard(&flags).status.success(),
         "the healthy cluster serves"
     );
-    let _ = w1.0.kill();
-    let _ = w1.0.wait();
+    let _ = workers[1].0.kill();
+    let _ = workers[1].0.wait();
     let start = std::time::Instant::now();
     let out = switchyard(&flags);
     let stderr = String::from_utf8_lossy(&out.stderr);
