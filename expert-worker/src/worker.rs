@@ -155,7 +155,8 @@ impl ExpertWorker {
             .iter()
             .map(|(l, e)| (*l, e.expert_ids().collect()))
             .collect();
-        let ck = Checkpoint::open(&self.dir)?;
+        // Opened only if something is missing: a repeated placement update reads nothing.
+        let mut ck: Option<Checkpoint> = None;
         let mut gained = BTreeMap::new();
         for (layer, want) in assignment {
             let have = current.get(layer).cloned().unwrap_or_default();
@@ -167,8 +168,12 @@ impl ExpertWorker {
                 )));
             }
             if !missing.is_empty() {
+                if ck.is_none() {
+                    ck = Some(Checkpoint::open(&self.dir)?);
+                }
+                let Some(ck) = ck.as_ref() else { continue };
                 let loaded = RoutedExperts::load(
-                    &ck,
+                    ck,
                     &format!("model.layers.{layer}.mlp"),
                     *layer,
                     &missing,
