@@ -11,7 +11,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::cpu::{self, ops};
 use crate::error::{EngineError, Result};
-use crate::model::cache::LayerKv;
+use crate::model::cache::KvCache;
 use crate::model::linear::{Linear, RmsNorm};
 use crate::model::rope::Rope;
 use crate::tensor::Tensor;
@@ -154,13 +154,14 @@ impl MlaAttention {
         })
     }
 
-    /// `x: [tokens, hidden] → [tokens, hidden]`. Appends each sequence's new latents to its
-    /// cache (`caches[i]` belongs to `spans[i]`).
+    /// `x: [tokens, hidden] → [tokens, hidden]`. Writes each sequence's new latents into its
+    /// cache at `layer` (`caches[i]` belongs to `spans[i]` and has room for them).
     pub fn forward(
         &self,
         x: &Tensor,
         spans: &[SeqSpan],
-        caches: &mut [&mut LayerKv],
+        caches: &mut [&mut KvCache],
+        layer: usize,
         mode: AttentionMode,
     ) -> Result<Tensor> {
         let (tokens, _) = x.dims2()?;
@@ -195,12 +196,11 @@ impl MlaAttention {
                     self.rope.apply(&mut qd[off..off + self.rope_dim], pos);
                 }
                 let c = &ckv[row * row_width..(row + 1) * row_width];
-                let start = cache.latent.len();
-                cache.latent.extend_from_slice(&c[..self.kv_lora]);
-                self.kv_norm.forward_inplace(&mut cache.latent[start..]);
-                let start = cache.k_rope.len();
-                cache.k_rope.extend_from_slice(&c[self.kv_lora..]);
-                self.rope.apply(&mut cache.k_rope[start..], pos);
+                let dst = cache.row_mut(layer, pos);
+                dst.copy_from_slice(c);
+                let (latent, k_rope) = dst.split_at_mut(self.kv_lora);
+                self.kv_norm.forward_inplace(latent);
+                self.rope.apply(k_rope, pos);
             }
         }
         let q = &*qd;
@@ -208,7 +208,7 @@ impl MlaAttention {
         // [tokens, heads * v]
         let mut attn = vec![0.0f32; tokens * width];
         let out = SharedRows(attn.as_mut_ptr());
-        let caches: Vec<&LayerKv> = caches.iter().map(|c| &**c).collect();
+        let caches: Vec<&KvCache> = caches.iter().map(|c| &**c).collect();
         // The expanded form reads each sequence's latents as one matrix.
         let latents: Vec<Option<Tensor>> = spans
             .iter()
@@ -222,10 +222,11 @@ impl MlaAttention {
                 let ctx = span.pos0 + span.len;
                 expanded
                     .then(|| {
-                        Tensor::from_f32(
-                            &[ctx, self.kv_lora],
-                            cache.latent[..ctx * self.kv_lora].to_vec(),
-                        )
+                        let mut latent = Vec::with_capacity(ctx * self.kv_lora);
+                        for pos in 0..ctx {
+                            latent.extend_from_slice(&cache.row(layer, pos)[..self.kv_lora]);
+                        }
+                        Tensor::from_f32(&[ctx, self.kv_lora], latent)
                     })
                     .transpose()
             })
@@ -236,9 +237,9 @@ impl MlaAttention {
             let (s, head) = (task / self.heads, task % self.heads);
             let result = match &latents[s] {
                 Some(latent) => {
-                    self.attend_expanded(q, &spans[s], caches[s], latent, head, out, width)
+                    self.attend_expanded(q, &spans[s], caches[s], layer, latent, head, out, width)
                 }
-                None => self.attend_absorbed(q, &spans[s], caches[s], head, out, width),
+                None => self.attend_absorbed(q, &spans[s], caches[s], layer, head, out, width),
             };
             if let Err(e) = result
                 && let Ok(mut f) = failure.lock()
@@ -265,7 +266,8 @@ impl MlaAttention {
         &self,
         q: &[f32],
         span: &SeqSpan,
-        cache: &LayerKv,
+        cache: &KvCache,
+        layer: usize,
         latent: &Tensor,
         head: usize,
         out: SharedRows,
@@ -280,7 +282,7 @@ impl MlaAttention {
         let mut keys = Vec::with_capacity(ctx * qk);
         for l in 0..ctx {
             keys.extend_from_slice(&k_nope[l * self.nope..(l + 1) * self.nope]);
-            keys.extend_from_slice(&cache.k_rope[l * self.rope_dim..(l + 1) * self.rope_dim]);
+            keys.extend_from_slice(&cache.row(layer, l)[self.kv_lora..]);
         }
         let keys = Tensor::from_f32(&[ctx, qk], keys)?;
         // Queries of this head: [len, nope + rope]
@@ -319,11 +321,13 @@ impl MlaAttention {
 
     /// One head over one sequence, weight-absorbed: attention runs over the latents directly.
     /// Writes `out[row, head * v..]` for the span's rows.
+    #[allow(clippy::too_many_arguments)]
     fn attend_absorbed(
         &self,
         q: &[f32],
         span: &SeqSpan,
-        cache: &LayerKv,
+        cache: &KvCache,
+        layer: usize,
         head: usize,
         out: SharedRows,
         width: usize,
@@ -340,18 +344,13 @@ impl MlaAttention {
             q_abs.fill(0.0);
             cpu::matmul_nn_rows(qn, 1, self.nope, &self.w_uk[head], 0, &mut q_abs)?;
             for (l, s) in scores[..visible].iter_mut().enumerate() {
-                let c = &cache.latent[l * self.kv_lora..(l + 1) * self.kv_lora];
-                let kr = &cache.k_rope[l * self.rope_dim..(l + 1) * self.rope_dim];
+                let (c, kr) = cache.row(layer, l).split_at(self.kv_lora);
                 *s = (ops::dot(&q_abs, c) + ops::dot(qr, kr)) * self.scale;
             }
             ops::softmax_inplace(&mut scores[..visible]);
             o_lat.fill(0.0);
             for (l, &p) in scores[..visible].iter().enumerate() {
-                ops::axpy(
-                    &mut o_lat,
-                    p,
-                    &cache.latent[l * self.kv_lora..(l + 1) * self.kv_lora],
-                );
+                ops::axpy(&mut o_lat, p, &cache.row(layer, l)[..self.kv_lora]);
             }
             // out_h = W_UV o_lat: [v]
             // SAFETY: this task alone writes columns head*v..(head+1)*v of the span's rows.

@@ -8,7 +8,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::model::attention::{AttentionMode, MlaAttention, SeqSpan};
-use crate::model::cache::{KvCache, LayerKv};
+use crate::model::cache::{DEFAULT_BLOCK_SIZE, KvCache, KvLayout};
 use crate::model::experts::RoutedExperts;
 use crate::model::gate::{Gate, Routing};
 use crate::model::linear::{Linear, RmsNorm};
@@ -191,15 +191,23 @@ impl DeepseekModel {
         &self.config
     }
 
-    /// An empty cache with room for `capacity` tokens.
-    pub fn new_cache(&self, capacity: usize) -> KvCache {
+    /// The shape of this model's cache blocks.
+    pub fn kv_layout(&self, block_size: usize) -> KvLayout {
         let a = &self.config.attention;
-        KvCache::with_capacity(
-            self.layers.len(),
-            capacity,
-            a.kv_lora_rank,
-            a.qk_rope_head_dim,
-        )
+        KvLayout {
+            layers: self.layers.len(),
+            kv_lora: a.kv_lora_rank,
+            rope: a.qk_rope_head_dim,
+            block_size,
+        }
+    }
+
+    /// An empty, growable cache with room for `capacity` tokens.
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        let mut cache = KvCache::new(self.kv_layout(DEFAULT_BLOCK_SIZE));
+        // A growable cache cannot fail to reserve.
+        let _ = cache.reserve(capacity);
+        cache
     }
 
     /// Bytes of weights held (routed experts included where loaded).
@@ -257,7 +265,7 @@ impl DeepseekModel {
         let h = self.config.hidden_size;
         let mut spans = Vec::with_capacity(seqs.len());
         let mut tokens = 0;
-        for (i, s) in seqs.iter().enumerate() {
+        for (i, s) in seqs.iter_mut().enumerate() {
             if s.tokens.is_empty() {
                 return Err(EngineError::input(
                     format!("sequences[{i}].tokens"),
@@ -287,16 +295,17 @@ impl DeepseekModel {
                     ),
                 ));
             }
-            if s.cache.layers.len() != self.layers.len() {
+            let layout = s.cache.layout();
+            let a = &self.config.attention;
+            if (layout.layers, layout.kv_lora, layout.rope)
+                != (self.layers.len(), a.kv_lora_rank, a.qk_rope_head_dim)
+            {
                 return Err(EngineError::input(
                     format!("sequences[{i}].cache"),
-                    format!(
-                        "has {} layers, the model {}",
-                        s.cache.layers.len(),
-                        self.layers.len()
-                    ),
+                    format!("has layout {layout:?}, which is not this model's"),
                 ));
             }
+            s.cache.reserve(s.tokens.len())?;
             spans.push(SeqSpan {
                 start: tokens,
                 len: s.tokens.len(),
@@ -310,11 +319,10 @@ impl DeepseekModel {
         let mut routing = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_norm.forward(&x)?;
-            let mut caches: Vec<&mut LayerKv> =
-                seqs.iter_mut().map(|s| &mut s.cache.layers[l]).collect();
+            let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
             let attn = layer
                 .attn
-                .forward(&normed, &spans, &mut caches, options.attention)?;
+                .forward(&normed, &spans, &mut caches, l, options.attention)?;
             add_inplace(&mut x, &attn)?;
             let normed = layer.post_norm.forward(&x)?;
             let ffn = match &layer.ffn {

@@ -14,7 +14,7 @@ pub mod moe;
 pub mod rope;
 
 pub use attention::AttentionMode;
-pub use cache::KvCache;
+pub use cache::{BlockPool, KvBlock, KvCache, KvLayout};
 pub use deepseek::{
     DeepseekModel, ExpertSelection, ForwardOptions, ForwardOutput, LoadOptions, LogitsFor, SeqInput,
 };
