@@ -73,6 +73,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             top_k: s.top_k,
             top_p: s.top_p,
             seed: s.seed,
+            ..Default::default()
         },
         ignore_eos: s.ignore_eos,
         stop_token_ids: s.stop_token_ids.clone(),

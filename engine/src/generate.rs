@@ -1,35 +1,13 @@
 //! Single-process generation over a batch of sequences: one prefill pass for all prompts, then
 //! batched decode steps over the latent cache, with greedy or seeded sampling.
 
-use rand::{Rng, SeedableRng, rngs::StdRng};
-
 use crate::error::{EngineError, Result};
 use crate::model::{
     AttentionMode, DeepseekModel, ExpertExecutor, ForwardOptions, KvCache, LogitsFor, SeqInput,
 };
 use crate::tensor::Tensor;
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct SamplingParams {
-    /// 0 means greedy.
-    pub temperature: f32,
-    /// 0 means no top-k cut.
-    pub top_k: usize,
-    /// 1 means no nucleus cut.
-    pub top_p: f32,
-    pub seed: u64,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-        }
-    }
-}
+pub use crate::sampling::{Sampler, SamplingParams, argmax};
 
 #[derive(Clone, Debug, Default)]
 pub struct GenerateRequest {
@@ -113,77 +91,6 @@ pub fn validate(model: &DeepseekModel, r: &GenerateRequest) -> Result<()> {
     Ok(())
 }
 
-/// Picks the next token from one row of logits.
-#[derive(Debug)]
-pub struct Sampler {
-    params: SamplingParams,
-    rng: StdRng,
-    probs: Vec<(usize, f32)>,
-}
-
-impl Sampler {
-    pub fn new(params: SamplingParams) -> Sampler {
-        let rng = StdRng::seed_from_u64(params.seed);
-        Sampler {
-            params,
-            rng,
-            probs: Vec::new(),
-        }
-    }
-
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.params.temperature == 0.0 {
-            return argmax(logits) as u32;
-        }
-        let t = self.params.temperature;
-        self.probs.clear();
-        self.probs
-            .extend(logits.iter().enumerate().map(|(i, &l)| (i, l / t)));
-        self.probs
-            .sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.params.top_k > 0 {
-            self.probs.truncate(self.params.top_k);
-        }
-        let max = self.probs[0].1;
-        let mut sum = 0.0;
-        for p in self.probs.iter_mut() {
-            p.1 = (p.1 - max).exp();
-            sum += p.1;
-        }
-        let mut kept = 0;
-        let mut mass = 0.0;
-        for p in self.probs.iter_mut() {
-            p.1 /= sum;
-            mass += p.1;
-            kept += 1;
-            if mass >= self.params.top_p {
-                break;
-            }
-        }
-        self.probs.truncate(kept);
-        let draw: f32 = self.rng.random::<f32>() * mass;
-        let mut acc = 0.0;
-        for &(i, p) in &self.probs {
-            acc += p;
-            if draw < acc {
-                return i as u32;
-            }
-        }
-        self.probs[kept - 1].0 as u32
-    }
-}
-
-/// Index of the largest value; ties go to the lowest index.
-pub fn argmax(values: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in values.iter().enumerate() {
-        if v > values[best] {
-            best = i;
-        }
-    }
-    best
-}
-
 /// Generates for every request as one batch, with this process's own experts.
 pub fn generate(
     model: &DeepseekModel,
@@ -211,7 +118,7 @@ pub fn generate_with(
         .collect();
     let mut samplers: Vec<Sampler> = requests
         .iter()
-        .map(|r| Sampler::new(r.sampling.clone()))
+        .map(|r| Sampler::new(r.sampling.clone(), &r.prompt))
         .collect();
     let mut outputs: Vec<GenerateOutput> = requests
         .iter()
@@ -316,57 +223,4 @@ pub fn generate_with(
         }
     }
     Ok(outputs)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn greedy_sampler_takes_the_first_maximum() {
-        let mut s = Sampler::new(SamplingParams::default());
-        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]), 1);
-    }
-
-    #[test]
-    fn seeded_sampling_is_reproducible_and_respects_top_k() {
-        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let params = SamplingParams {
-            temperature: 1.0,
-            top_k: 3,
-            top_p: 1.0,
-            seed: 7,
-        };
-        let mut top3: Vec<usize> = (0..50).collect();
-        top3.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]));
-        top3.truncate(3);
-        let draws = |seed| {
-            let mut s = Sampler::new(SamplingParams {
-                seed,
-                ..params.clone()
-            });
-            (0..200).map(|_| s.sample(&logits)).collect::<Vec<_>>()
-        };
-        let a = draws(7);
-        assert_eq!(a, draws(7));
-        assert_ne!(a, draws(8));
-        assert!(a.iter().all(|t| top3.contains(&(*t as usize))));
-        // All three survive the cut and get drawn.
-        for t in &top3 {
-            assert!(a.contains(&(*t as u32)));
-        }
-    }
-
-    #[test]
-    fn tiny_top_p_is_greedy() {
-        let mut s = Sampler::new(SamplingParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1e-6,
-            seed: 1,
-        });
-        for _ in 0..20 {
-            assert_eq!(s.sample(&[0.0, 2.0, 1.9]), 1);
-        }
-    }
 }

@@ -12,8 +12,10 @@ pub mod dtype;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod sampling;
 pub mod synth;
 pub mod tensor;
+pub mod tokenizer;
 
 pub use config::ModelConfig;
 pub use error::{EngineError, Result};

@@ -532,6 +532,16 @@ pub fn synth(out: &Path, options: &SynthOptions) -> Result<SynthSummary> {
             &json!({"bos_token_id": parsed.bos_token_id, "eos_token_id": parsed.eos_token_ids.first(), "do_sample": false}),
         )?,
     ];
+    // A byte-level BPE the size of the vocabulary, so text works end to end. It puts DeepSeek's
+    // begin/end-of-sentence tokens at ids 0 and 1, which is what the presets declare.
+    if parsed.vocab_size >= 260
+        && parsed.bos_token_id == Some(0)
+        && parsed.eos_token_ids.first() == Some(&1)
+    {
+        crate::tokenizer::write_synthetic(out, parsed.vocab_size, options.seed)?;
+        files.push(out.join("tokenizer.json"));
+        files.push(out.join("tokenizer_config.json"));
+    }
     // Split into shards by size, keeping order.
     let mut shards: Vec<Vec<&(String, LazyTensor)>> = vec![Vec::new()];
     let mut current = 0u64;

@@ -58,6 +58,7 @@ impl RouterNode {
                 top_k: req.top_k as usize,
                 top_p: req.top_p.unwrap_or(1.0),
                 seed: req.seed,
+                ..Default::default()
             },
             ignore_eos: req.ignore_eos,
             stop_token_ids: req.stop_token_ids,
