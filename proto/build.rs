@@ -6,13 +6,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded; prost-build reads PROTOC when it runs.
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=switchyard/v1");
-    tonic_prost_build::configure().compile_protos(
-        &[
-            "switchyard/v1/expert.proto",
-            "switchyard/v1/inference.proto",
-            "switchyard/v1/coordinator.proto",
-        ],
-        &["."],
-    )?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("switchyard_descriptor.bin"))
+        .compile_protos(
+            &[
+                "switchyard/v1/expert.proto",
+                "switchyard/v1/inference.proto",
+                "switchyard/v1/coordinator.proto",
+            ],
+            &["."],
+        )?;
     Ok(())
 }

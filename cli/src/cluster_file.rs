@@ -47,6 +47,9 @@ pub struct NodeEntry {
     #[serde(default)]
     pub host: Option<String>,
     pub addr: String,
+    /// Routers only: also serve the OpenAI-compatible HTTP API here.
+    #[serde(default)]
+    pub http: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,14 +1,25 @@
+//! `switchyard generate`: one generation, in this process (`--model`) or through a router's
+//! gRPC API (`--router`), with the same flags either way.
+
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use switchyard_engine::generate::{self, GenerateOptions, GenerateRequest, SamplingParams};
 use switchyard_engine::model::{AttentionMode, DeepseekModel, LoadOptions};
+use switchyard_engine::tokenizer::TextTokenizer;
 use switchyard_proto::v1::{GenerateRequest as Wire, GenerateResponse};
+use switchyard_router::backend::ModelBackend;
+use switchyard_router::request::{Prompt, RawRequest};
+use switchyard_router::scheduler::Event;
+use switchyard_router::server::{ServingOptions, ServingState};
 
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("target").required(true).args(["model", "router"])))]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt_ids", "prompt"])))]
 pub struct GenerateArgs {
     /// Checkpoint directory (Hugging Face layout): generate in this process.
     #[arg(long, env = "SWITCHYARD_MODEL")]
@@ -17,11 +28,20 @@ pub struct GenerateArgs {
     #[arg(long, env = "SWITCHYARD_ROUTER", conflicts_with_all = ["dump_logits"])]
     router: Option<String>,
     /// Prompt as comma-separated token ids, e.g. `1,17,42`.
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',')]
     prompt_ids: Vec<u32>,
+    /// Prompt as text (tokenized with the model's tokenizer, begin-of-sentence added).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Print text as it is generated instead of all at the end.
+    #[arg(long, conflicts_with_all = ["json", "dump_logits"])]
+    stream: bool,
+    /// The API key of a router started with --api-key.
+    #[arg(long, env = "SWITCHYARD_API_KEY")]
+    api_key: Option<String>,
     #[command(flatten)]
     sampling: SamplingArgs,
-    /// Print one JSON object (`token_ids`, `finish_reason`, timings) instead of text.
+    /// Print one JSON object (`token_ids`, `text`, `finish_reason`, timings) instead of text.
     #[arg(long)]
     json: bool,
     /// Write the logits at every prompt position to this safetensors file (tensor `logits`, f32,
@@ -45,6 +65,18 @@ pub struct SamplingArgs {
     /// Keep the smallest set of tokens whose probability reaches p (1 = off).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
+    /// Drop tokens less likely than min-p × the most likely one (0 = off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    min_p: f32,
+    /// Penalise tokens already in the prompt or output (transformers' rule; 1 = off).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    repetition_penalty: f32,
+    /// Subtract this from the logits of tokens already generated (OpenAI's rule; 0 = off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
+    /// Subtract this × the count of each token already generated (0 = off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
     /// Sampling seed; the same seed gives the same tokens.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -54,6 +86,72 @@ pub struct SamplingArgs {
     /// Also stop at these token ids.
     #[arg(long, value_delimiter = ',')]
     stop_token_ids: Vec<u32>,
+    /// Stop when the text contains this string (repeatable); it is left out of the output.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Report each token's logprob and this many alternatives (JSON output).
+    #[arg(long)]
+    logprobs: Option<u32>,
+}
+
+impl SamplingArgs {
+    fn raw(&self, prompt: Prompt) -> RawRequest {
+        RawRequest {
+            max_tokens: Some(self.max_new_tokens as u64),
+            temperature: Some(self.temperature),
+            top_k: Some(self.top_k as i64),
+            top_p: Some(self.top_p),
+            min_p: Some(self.min_p),
+            repetition_penalty: Some(self.repetition_penalty),
+            presence_penalty: Some(self.presence_penalty),
+            frequency_penalty: Some(self.frequency_penalty),
+            seed: Some(self.seed),
+            stop: self.stop.clone(),
+            stop_token_ids: self.stop_token_ids.clone(),
+            ignore_eos: self.ignore_eos,
+            logprobs: self.logprobs,
+            ..RawRequest::new(prompt)
+        }
+    }
+
+    fn wire(&self, prompt_ids: Vec<u32>, prompt: String) -> anyhow::Result<Wire> {
+        Ok(Wire {
+            prompt_ids,
+            prompt,
+            max_new_tokens: u32::try_from(self.max_new_tokens)
+                .context("--max-new-tokens is too large")?,
+            temperature: self.temperature,
+            top_k: u32::try_from(self.top_k).context("--top-k is too large")?,
+            top_p: Some(self.top_p),
+            min_p: Some(self.min_p),
+            repetition_penalty: Some(self.repetition_penalty),
+            presence_penalty: Some(self.presence_penalty),
+            frequency_penalty: Some(self.frequency_penalty),
+            seed: Some(self.seed),
+            ignore_eos: self.ignore_eos,
+            stop_token_ids: self.stop_token_ids.clone(),
+            stop: self.stop.clone(),
+            logprobs: self.logprobs,
+            ..Default::default()
+        })
+    }
+}
+
+/// What a generation produced, however it ran.
+#[derive(Default)]
+struct Output {
+    token_ids: Vec<u32>,
+    text: String,
+    logprobs: Vec<serde_json::Value>,
+    finish_reason: String,
+    prompt_tokens: usize,
+}
+
+/// Prints pieces of text as they come (`--stream`).
+fn show(piece: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(piece.as_bytes());
+    let _ = out.flush();
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -63,27 +161,101 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let load_start = Instant::now();
     let model = DeepseekModel::load(model_dir, &LoadOptions::default())
         .with_context(|| format!("loading {}", model_dir.display()))?;
+    let tokenizer = TextTokenizer::from_dir(model_dir)
+        .with_context(|| format!("loading the tokenizer of {}", model_dir.display()))?
+        .map(Arc::new);
     let load_s = load_start.elapsed().as_secs_f64();
+    if args.dump_logits.is_some() {
+        return run_dump(&args, &model, tokenizer.as_deref(), load_s);
+    }
+    let prompt = match &args.prompt {
+        Some(text) => Prompt::Text(text.clone()),
+        None => Prompt::Ids(args.prompt_ids.clone()),
+    };
+    let config = Arc::new(model.config().clone());
+    let backend = Arc::new(ModelBackend::local(Arc::new(model)));
+    let options = ServingOptions {
+        model_name: String::new(),
+        api_key: None,
+        kv_cache_bytes: 64 << 30,
+        block_size: 16,
+        max_batch_size: 1,
+        max_batch_tokens: 4096,
+        max_waiting: 1,
+        default_max_tokens: args.sampling.max_new_tokens.max(1),
+    };
+    let state = ServingState::start(backend, config, tokenizer, &options)?;
+    let start = Instant::now();
+    let mut stream = state.submit(args.sampling.raw(prompt))?;
+    let mut out = Output {
+        prompt_tokens: stream.prompt_tokens,
+        ..Default::default()
+    };
+    while let Some(event) = stream.events.blocking_recv() {
+        match event {
+            Event::Token { id, text, logprobs } => {
+                if args.stream {
+                    show(&text);
+                }
+                out.token_ids.push(id);
+                out.text.push_str(&text);
+                if let Some(lp) = logprobs {
+                    out.logprobs.push(serde_json::json!({
+                        "id": id, "logprob": lp.logprob,
+                        "top": lp.top.iter().map(|(t, p)| serde_json::json!([t, p])).collect::<Vec<_>>(),
+                    }));
+                }
+            }
+            Event::Finished { text, reason, .. } => {
+                if args.stream {
+                    show(&text);
+                }
+                out.text.push_str(&text);
+                out.finish_reason = reason.as_str().into();
+                break;
+            }
+            Event::Failed(e) => bail!("{e}"),
+        }
+    }
+    report(&args, &out, Some(load_s), start.elapsed().as_secs_f64(), "");
+    Ok(())
+}
+
+/// `--dump-logits`: the engine's batch generation, which keeps every prompt position's logits.
+fn run_dump(
+    args: &GenerateArgs,
+    model: &DeepseekModel,
+    tokenizer: Option<&TextTokenizer>,
+    load_s: f64,
+) -> anyhow::Result<()> {
+    let prompt = match (&args.prompt, tokenizer) {
+        (Some(text), Some(t)) => t.encode(text, true)?,
+        (Some(_), None) => bail!("--prompt needs the model's tokenizer.json; use --prompt-ids"),
+        (None, _) => args.prompt_ids.clone(),
+    };
     let s = &args.sampling;
     let request = GenerateRequest {
-        prompt: args.prompt_ids.clone(),
+        prompt,
         max_new_tokens: s.max_new_tokens,
         sampling: SamplingParams {
             temperature: s.temperature,
             top_k: s.top_k,
             top_p: s.top_p,
+            min_p: s.min_p,
+            repetition_penalty: s.repetition_penalty,
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
             seed: s.seed,
-            ..Default::default()
         },
         ignore_eos: s.ignore_eos,
         stop_token_ids: s.stop_token_ids.clone(),
     };
     let start = Instant::now();
     let options = GenerateOptions {
-        prompt_logits: args.dump_logits.is_some(),
+        prompt_logits: true,
         attention: AttentionMode::Auto,
     };
-    let mut outputs = generate::generate(&model, std::slice::from_ref(&request), options)?;
+    let mut outputs = generate::generate(model, std::slice::from_ref(&request), options)?;
     let gen_s = start.elapsed().as_secs_f64();
     let Some(out) = outputs.pop() else {
         bail!("generation returned no output")
@@ -103,51 +275,132 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         safetensors::serialize_to_file([("logits", view)], Some(meta), path)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    if args.json {
-        let json = serde_json::json!({
-            "prompt_ids": request.prompt,
-            "token_ids": out.token_ids,
-            "finish_reason": out.finish_reason.as_str(),
-            "load_seconds": load_s,
-            "generate_seconds": gen_s,
-        });
-        println!("{json}");
-    } else {
-        let ids: Vec<String> = out.token_ids.iter().map(u32::to_string).collect();
-        println!("{}", ids.join(","));
-        eprintln!(
-            "{} tokens in {:.3}s ({}), model loaded in {:.2}s",
-            out.token_ids.len(),
-            gen_s,
-            out.finish_reason.as_str(),
-            load_s
-        );
-    }
+    let text = tokenizer
+        .map(|t| t.decode(&out.token_ids))
+        .transpose()?
+        .unwrap_or_default();
+    let output = Output {
+        prompt_tokens: request.prompt.len(),
+        token_ids: out.token_ids,
+        text,
+        logprobs: Vec::new(),
+        finish_reason: out.finish_reason.as_str().into(),
+    };
+    report(args, &output, Some(load_s), gen_s, "");
     Ok(())
 }
 
-/// `--router`: the same request through a router's gRPC API.
+/// Prints the result: one JSON object, the text (for text prompts) or the ids.
+fn report(args: &GenerateArgs, out: &Output, load_s: Option<f64>, gen_s: f64, via: &str) {
+    if args.json {
+        let mut json = serde_json::json!({
+            "prompt_ids": args.prompt_ids,
+            "prompt_tokens": out.prompt_tokens,
+            "token_ids": out.token_ids,
+            "text": out.text,
+            "finish_reason": out.finish_reason,
+            "generate_seconds": gen_s,
+        });
+        if let Some(l) = load_s {
+            json["load_seconds"] = serde_json::json!(l);
+        }
+        if args.sampling.logprobs.is_some() {
+            json["logprobs"] = serde_json::json!(out.logprobs);
+        }
+        println!("{json}");
+        return;
+    }
+    if args.stream {
+        println!();
+    } else if args.prompt.is_some() {
+        println!("{}", out.text);
+    } else {
+        let ids: Vec<String> = out.token_ids.iter().map(u32::to_string).collect();
+        println!("{}", ids.join(","));
+    }
+    eprintln!(
+        "{} tokens in {gen_s:.3}s ({}){via}{}",
+        out.token_ids.len(),
+        out.finish_reason,
+        load_s.map_or_else(String::new, |l| format!(", model loaded in {l:.2}s"))
+    );
+}
+
+fn router_url(router: &str) -> String {
+    if router.contains("://") {
+        router.to_string()
+    } else {
+        format!("http://{router}")
+    }
+}
+
+/// `--router`: the same request through a router's streaming gRPC API.
 fn run_remote(args: &GenerateArgs) -> anyhow::Result<()> {
+    use switchyard_proto::v1::inference_service_client::InferenceServiceClient;
+
     let router = args.router.as_deref().unwrap_or_default();
-    let s = &args.sampling;
-    let request = Wire {
-        prompt_ids: args.prompt_ids.clone(),
-        max_new_tokens: u32::try_from(s.max_new_tokens).context("--max-new-tokens is too large")?,
-        temperature: s.temperature,
-        top_k: u32::try_from(s.top_k).context("--top-k is too large")?,
-        top_p: Some(s.top_p),
-        seed: s.seed,
-        ignore_eos: s.ignore_eos,
-        stop_token_ids: s.stop_token_ids.clone(),
-    };
+    let request = args.sampling.wire(
+        args.prompt_ids.clone(),
+        args.prompt.clone().unwrap_or_default(),
+    )?;
+    let url = router_url(router);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let start = Instant::now();
-    let reply = generate_via_router(router, request)?;
-    print_remote(
-        router,
-        &args.prompt_ids,
-        &reply,
+    let out = runtime.block_on(async {
+        let mut client = InferenceServiceClient::connect(url.clone())
+            .await
+            .with_context(|| format!("connecting to the router at {url}"))?;
+        let mut request = tonic::Request::new(request);
+        if let Some(key) = &args.api_key {
+            request.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {key}").parse().context("--api-key")?,
+            );
+        }
+        request.set_timeout(Duration::from_secs(600));
+        let mut stream = client
+            .generate(request)
+            .await
+            .map_err(|s| anyhow::anyhow!("router returned {:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        let mut out = Output::default();
+        while let Some(msg) = stream
+            .message()
+            .await
+            .map_err(|s| anyhow::anyhow!("router returned {:?}: {}", s.code(), s.message()))?
+        {
+            if let Some(t) = msg.token {
+                if args.stream {
+                    show(&t.text);
+                }
+                out.token_ids.push(t.id);
+                out.text.push_str(&t.text);
+                if let Some(lp) = t.logprob {
+                    out.logprobs.push(serde_json::json!({
+                        "id": t.id, "logprob": lp,
+                        "top": t.top_logprobs.iter().map(|a| serde_json::json!([a.id, a.logprob])).collect::<Vec<_>>(),
+                    }));
+                }
+            }
+            if !msg.finish_reason.is_empty() {
+                if args.stream {
+                    show(&msg.text);
+                }
+                out.text.push_str(&msg.text);
+                out.finish_reason = msg.finish_reason;
+                out.prompt_tokens = msg.usage.map_or(0, |u| u.prompt_tokens as usize);
+            }
+        }
+        anyhow::Ok(out)
+    })?;
+    report(
+        args,
+        &out,
+        None,
         start.elapsed().as_secs_f64(),
-        args.json,
+        &format!(" via {router}"),
     );
     Ok(())
 }
@@ -156,11 +409,7 @@ fn run_remote(args: &GenerateArgs) -> anyhow::Result<()> {
 pub fn generate_via_router(router: &str, request: Wire) -> anyhow::Result<GenerateResponse> {
     use switchyard_proto::v1::inference_service_client::InferenceServiceClient;
 
-    let url = if router.contains("://") {
-        router.to_string()
-    } else {
-        format!("http://{router}")
-    };
+    let url = router_url(router);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -188,6 +437,7 @@ pub fn print_remote(
         let json = serde_json::json!({
             "prompt_ids": prompt_ids,
             "token_ids": reply.token_ids,
+            "text": reply.text,
             "finish_reason": reply.finish_reason,
             "generate_seconds": seconds,
         });

@@ -5,12 +5,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use switchyard_engine::model::{DeepseekModel, ExpertSelection, LoadOptions};
+use switchyard_engine::tokenizer::TextTokenizer;
 use switchyard_proto::v1::Dtype;
 use switchyard_router::RemoteExperts;
+use switchyard_router::backend::ModelBackend;
 use switchyard_router::coordinated::CoordinatedExperts;
 use switchyard_router::dispatch::DispatchOptions;
 use switchyard_router::grpc::CallMode;
-use switchyard_router::server::{self, ExpertSource, RouterNode};
+use switchyard_router::server::{self, ExpertSource, ServingOptions, ServingState};
 
 /// How the router talks to its expert workers.
 #[derive(clap::Args, Debug, Clone)]
@@ -51,6 +53,105 @@ impl DispatchArgs {
     }
 }
 
+/// How the router serves clients: names, keys, the KV cache and the batch sizes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Name clients use for the model (`model` in requests, `/v1/models`). Default: the
+    /// checkpoint directory's name.
+    #[arg(long, env = "SWITCHYARD_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Require this key from clients (`authorization: Bearer KEY` or `x-api-key`) on the
+    /// gRPC and HTTP APIs; health checks stay open.
+    #[arg(long, env = "SWITCHYARD_API_KEY", conflicts_with = "api_key_file")]
+    pub api_key: Option<String>,
+    /// Read the API key from this file (surrounding whitespace is dropped).
+    #[arg(long, env = "SWITCHYARD_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Memory for the paged KV cache, e.g. `512MiB`, `4GiB`. Admission and preemption work
+    /// within it.
+    #[arg(long, env = "SWITCHYARD_KV_CACHE_MEMORY", default_value = "1GiB", value_parser = switchyard_coordinator::capacity::parse_bytes)]
+    pub kv_cache_memory: u64,
+    /// Tokens per KV cache block.
+    #[arg(long, env = "SWITCHYARD_KV_BLOCK_SIZE", default_value_t = 16)]
+    pub kv_block_size: usize,
+    /// Sequences in the running batch at most.
+    #[arg(long, env = "SWITCHYARD_MAX_BATCH_SIZE", default_value_t = 64)]
+    pub max_batch_size: usize,
+    /// Tokens per step at most: one per decoding sequence, the rest for prefill chunks.
+    #[arg(long, env = "SWITCHYARD_MAX_BATCH_TOKENS", default_value_t = 1024)]
+    pub max_batch_tokens: usize,
+    /// Requests waiting for a batch slot at most; past it clients get RESOURCE_EXHAUSTED
+    /// (HTTP 429) with a retry hint.
+    #[arg(long, env = "SWITCHYARD_MAX_WAITING", default_value_t = 256)]
+    pub max_waiting: usize,
+    /// Output tokens for requests that give no maximum (capped by the context).
+    #[arg(long, env = "SWITCHYARD_DEFAULT_MAX_TOKENS", default_value_t = 256)]
+    pub default_max_tokens: usize,
+}
+
+impl ServeArgs {
+    pub fn options(&self, model_dir: &std::path::Path) -> anyhow::Result<ServingOptions> {
+        let api_key = match (&self.api_key, &self.api_key_file) {
+            (Some(k), _) => Some(k.trim().to_string()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --api-key-file {}", path.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        if api_key.as_deref() == Some("") {
+            anyhow::bail!("the API key must not be empty");
+        }
+        let model_name = match &self.served_model_name {
+            Some(n) => n.clone(),
+            None => std::fs::canonicalize(model_dir)
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "switchyard".into()),
+        };
+        Ok(ServingOptions {
+            model_name,
+            api_key,
+            kv_cache_bytes: self.kv_cache_memory,
+            block_size: self.kv_block_size,
+            max_batch_size: self.max_batch_size,
+            max_batch_tokens: self.max_batch_tokens,
+            max_waiting: self.max_waiting,
+            default_max_tokens: self.default_max_tokens,
+        })
+    }
+
+    /// The same settings as command-line flags, for child processes.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--kv-cache-memory".to_string(),
+            self.kv_cache_memory.to_string(),
+            "--kv-block-size".into(),
+            self.kv_block_size.to_string(),
+            "--max-batch-size".into(),
+            self.max_batch_size.to_string(),
+            "--max-batch-tokens".into(),
+            self.max_batch_tokens.to_string(),
+            "--max-waiting".into(),
+            self.max_waiting.to_string(),
+            "--default-max-tokens".into(),
+            self.default_max_tokens.to_string(),
+        ];
+        if let Some(n) = &self.served_model_name {
+            a.extend(["--served-model-name".into(), n.clone()]);
+        }
+        if let Some(k) = &self.api_key {
+            a.extend(["--api-key".into(), k.clone()]);
+        }
+        if let Some(f) = &self.api_key_file {
+            a.extend(["--api-key-file".into(), f.display().to_string()]);
+        }
+        a
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct RouterArgs {
     /// Checkpoint directory (Hugging Face layout). The router loads no routed-expert weights.
@@ -74,11 +175,17 @@ pub struct RouterArgs {
     /// Address to serve the gRPC API on; port 0 picks a free port (the bound address is printed).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// Also serve the OpenAI-compatible HTTP API on this address; port 0 picks a free port.
+    #[arg(long, env = "SWITCHYARD_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
     #[command(flatten)]
     dispatch: DispatchArgs,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 pub fn run(args: RouterArgs) -> anyhow::Result<()> {
+    let options = args.serve.options(&args.model)?;
     let model = DeepseekModel::load(
         &args.model,
         &LoadOptions {
@@ -86,6 +193,9 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         },
     )
     .with_context(|| format!("loading {}", args.model.display()))?;
+    let tokenizer = TextTokenizer::from_dir(&args.model)
+        .with_context(|| format!("loading the tokenizer of {}", args.model.display()))?
+        .map(Arc::new);
     let (source, workers) = match &args.coordinator {
         Some(coordinator) => {
             let experts = CoordinatedExperts::connect(
@@ -110,7 +220,9 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
             )
         }
     };
-    let node = RouterNode::new(Arc::new(model), source.clone());
+    let config = Arc::new(model.config().clone());
+    let backend = Arc::new(ModelBackend::remote(Arc::new(model), source.clone()));
+    let state = ServingState::start(backend, config, tokenizer, &options)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("switchyard-router")
@@ -121,8 +233,37 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
-        println!("listening on {addr} · {workers}");
-        server::serve(node, listener, crate::shutdown_signal()).await?;
+        let http = match args.http_listen {
+            Some(http_addr) => {
+                let l = tokio::net::TcpListener::bind(http_addr)
+                    .await
+                    .with_context(|| format!("binding --http-listen {http_addr}"))?;
+                Some(l)
+            }
+            None => None,
+        };
+        let http_line = match &http {
+            Some(l) => format!(" · http {}", l.local_addr()?),
+            None => String::new(),
+        };
+        println!(
+            "listening on {addr}{http_line} · {workers} · model {} · kv cache {} blocks of {} tokens",
+            state.limits.model_name,
+            state.scheduler.config().kv_blocks,
+            state.scheduler.config().block_size
+        );
+        let grpc = server::serve(state.clone(), listener, crate::shutdown_signal());
+        match http {
+            Some(l) => {
+                let (a, b) = tokio::join!(
+                    grpc,
+                    switchyard_router::http::serve(state, l, crate::shutdown_signal())
+                );
+                a?;
+                b?;
+            }
+            None => grpc.await?,
+        }
         anyhow::Ok(())
     });
     drop(runtime);

@@ -10,7 +10,7 @@ use switchyard_engine::ModelConfig;
 use switchyard_engine::synth::{self, SynthDType, SynthOptions};
 use switchyard_proto::v1::GenerateRequest;
 
-use crate::router::DispatchArgs;
+use crate::router::{DispatchArgs, ServeArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
@@ -56,8 +56,14 @@ pub struct UpArgs {
         default_value = "127.0.0.1:50051"
     )]
     router_addr: String,
+    /// Also serve the OpenAI-compatible HTTP API from the (first) router on this address;
+    /// port 0 picks a free port (printed).
+    #[arg(long, env = "SWITCHYARD_HTTP_ADDR")]
+    http_addr: Option<String>,
     #[command(flatten)]
     dispatch: DispatchArgs,
+    #[command(flatten)]
+    serve: ServeArgs,
     /// Once the cluster is up, generate 16 greedy tokens from these prompt ids through the
     /// router, print them, and shut the cluster down (a smoke test of the whole path).
     #[arg(long, value_delimiter = ',')]
@@ -72,6 +78,8 @@ struct Node {
     name: String,
     child: Child,
     addr: String,
+    /// Its HTTP API address, for routers that serve one.
+    http: Option<String>,
     /// Its exit has been reported.
     reported: bool,
 }
@@ -131,6 +139,12 @@ fn resolve_model(args: &UpArgs) -> anyhow::Result<PathBuf> {
         .join("models")
         .join(format!("{}-bf16-seed0", args.preset));
     if dir.join("config.json").exists() {
+        // Models cached before synth wrote tokenizers get one now.
+        if !dir.join("tokenizer.json").exists() {
+            let config = ModelConfig::from_dir(&dir)?;
+            switchyard_engine::tokenizer::write_synthetic(&dir, config.vocab_size, 0)
+                .with_context(|| format!("adding a tokenizer to {}", dir.display()))?;
+        }
         return Ok(dir);
     }
     // Write beside, then rename: a crash never leaves a half-written model in the cache.
@@ -193,6 +207,7 @@ fn spawn(name: String, args: &[String], threads: usize) -> anyhow::Result<Node> 
         name: name.clone(),
         child,
         addr: String::new(),
+        http: None,
         reported: false,
     };
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -204,6 +219,12 @@ fn spawn(name: String, args: &[String], threads: usize) -> anyhow::Result<Node> 
                     .nth(2)
                     .unwrap_or_default()
                     .to_string();
+                // Routers print `· http ADDR` when they serve HTTP.
+                let words: Vec<&str> = line.split_whitespace().collect();
+                node.http = words
+                    .windows(2)
+                    .find(|w| w[0] == "http")
+                    .map(|w| w[1].to_string());
                 return Ok(node);
             }
             Err(_) => {
@@ -300,7 +321,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         } else {
             "127.0.0.1:0".to_string()
         };
-        let router_args: Vec<String> = [
+        let mut router_args: Vec<String> = [
             "router",
             "--model",
             &model_arg,
@@ -319,6 +340,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         ]
         .map(String::from)
         .to_vec();
+        router_args.extend(args.serve.to_args());
+        if r == 0
+            && let Some(http) = &args.http_addr
+        {
+            router_args.extend(["--http-listen".to_string(), http.clone()]);
+        }
         // A router starts serving once the coordinator has a live placement.
         let name = if args.routers == 1 {
             "router".to_string()
@@ -330,8 +357,17 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     }
 
     for node in &cluster.0 {
-        eprintln!("{} · pid {} · {}", node.name, node.child.id(), node.addr);
+        match &node.http {
+            Some(http) => eprintln!(
+                "{} · pid {} · {} · http {http}",
+                node.name,
+                node.child.id(),
+                node.addr
+            ),
+            None => eprintln!("{} · pid {} · {}", node.name, node.child.id(), node.addr),
+        }
     }
+    let http = cluster.0.iter().find_map(|n| n.http.clone());
     let held = experts_per_worker(&coordinator).unwrap_or_default();
     // The line scripts read: the router's address.
     eprintln!(
@@ -343,13 +379,14 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         experts,
         model.display()
     );
-    finish(&args, &routers, cluster, &runtime, signals)
+    finish(&args, &routers, http.as_deref(), cluster, &runtime, signals)
 }
 
 /// Runs the demo generation, or serves until a signal.
 fn finish(
     args: &UpArgs,
     routers: &[String],
+    http: Option<&str>,
     mut cluster: Cluster,
     runtime: &tokio::runtime::Runtime,
     signals: Signals,
@@ -383,6 +420,9 @@ fn finish(
     }
     for r in routers {
         println!("router {r}");
+    }
+    if let Some(h) = http {
+        println!("http {h}");
     }
     eprintln!("serving; Ctrl-C or SIGTERM stops every node");
     wait(&mut cluster, runtime, signals)
@@ -461,6 +501,10 @@ fn run_file(
             "--expert-calls",
             &args.dispatch.expert_calls,
         ]));
+        a.extend(args.serve.to_args());
+        if let Some(http) = &r.http {
+            a.extend(strings(&["--http-listen", http]));
+        }
         cluster.0.push(spawn(format!("router {i}"), &a, cores)?);
         routers.push(r.addr.clone());
     }
@@ -479,7 +523,8 @@ fn run_file(
         cluster.0.len(),
         path.display()
     );
-    finish(args, &routers, cluster, &runtime, signals)
+    let http = cluster.0.iter().find_map(|n| n.http.clone());
+    finish(args, &routers, http.as_deref(), cluster, &runtime, signals)
 }
 
 /// Until a signal, or until a node dies (then everything stops: a half cluster serves errors).

@@ -7,11 +7,16 @@
 
 pub mod codec;
 pub mod health;
+pub mod reflection;
 
 /// Generated code for package `switchyard.v1`.
 #[allow(clippy::all, missing_debug_implementations, rust_2018_idioms)]
 pub mod v1 {
     tonic::include_proto!("switchyard.v1");
+
+    /// The encoded descriptors of every `switchyard.v1` file, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("switchyard_descriptor");
 }
 
 pub use codec::CodecError;

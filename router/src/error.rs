@@ -26,6 +26,51 @@ pub enum RouterError {
     Engine(#[from] switchyard_engine::EngineError),
     #[error("{0}")]
     Runtime(String),
+    /// A request failed validation: which field, the limit, the value given.
+    #[error("invalid request: `{field}` {reason}")]
+    Invalid { field: String, reason: String },
+    /// The waiting queue is full.
+    #[error(
+        "server overloaded: {waiting} requests are waiting (limit {limit}); retry after {retry_after_s} s"
+    )]
+    Overloaded {
+        waiting: usize,
+        limit: usize,
+        retry_after_s: u64,
+    },
+    #[error("missing or invalid API key")]
+    Unauthenticated,
+    #[error("request deadline exceeded after {0} ms")]
+    DeadlineExceeded(u128),
+    #[error("model `{given}` is not served here (this router serves `{served}`)")]
+    UnknownModel { given: String, served: String },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+impl RouterError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        RouterError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// HTTP status for clients of the OpenAI-compatible API (the same table as [`Self::code`]).
+    pub fn http_status(&self) -> u16 {
+        match self.code() {
+            tonic::Code::InvalidArgument | tonic::Code::OutOfRange => 400,
+            tonic::Code::Unauthenticated => 401,
+            tonic::Code::PermissionDenied => 403,
+            tonic::Code::NotFound => 404,
+            tonic::Code::ResourceExhausted => 429,
+            tonic::Code::FailedPrecondition => 412,
+            tonic::Code::Unavailable => 503,
+            tonic::Code::DeadlineExceeded => 504,
+            tonic::Code::Cancelled => 499,
+            _ => 500,
+        }
+    }
 }
 
 impl RouterError {
@@ -44,6 +89,12 @@ impl RouterError {
             // A failed worker call surfaces as Runtime: retryable by the client.
             RouterError::Runtime(_) => tonic::Code::Unavailable,
             RouterError::Codec(_) | RouterError::Engine(_) => tonic::Code::Internal,
+            RouterError::Invalid { .. } => tonic::Code::InvalidArgument,
+            RouterError::UnknownModel { .. } => tonic::Code::NotFound,
+            RouterError::Overloaded { .. } => tonic::Code::ResourceExhausted,
+            RouterError::Unauthenticated => tonic::Code::Unauthenticated,
+            RouterError::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,
+            RouterError::ShuttingDown => tonic::Code::Unavailable,
         }
     }
 }

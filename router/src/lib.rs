@@ -15,12 +15,16 @@
 //! Streaming, HTTP, validation types and the continuous-batching scheduler arrive with the
 //! serving-API issue.
 
+pub mod backend;
 pub mod coordinated;
 pub mod dispatch;
 pub mod error;
 pub mod grpc;
+pub mod http;
 pub mod placement;
 pub mod remote;
+pub mod request;
+pub mod scheduler;
 pub mod server;
 
 pub use dispatch::{Dispatcher, Transport, WorkerId};

@@ -1,21 +1,32 @@
-//! The router node's gRPC API: `switchyard.v1.InferenceService`.
+//! The router node's client APIs over one scheduler: gRPC `switchyard.v1.InferenceService`
+//! (with `grpc.health.v1` and server reflection) here, the OpenAI-compatible HTTP API in
+//! [`crate::http`].
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
-use switchyard_engine::EngineError;
-use switchyard_engine::generate::{self, GenerateOptions, SamplingParams};
-use switchyard_engine::model::DeepseekModel;
+use switchyard_engine::ModelConfig;
+use switchyard_engine::sampling::TokenLogprobs;
+use switchyard_engine::tokenizer::TextTokenizer;
 use switchyard_proto::v1::inference_service_server::{InferenceService, InferenceServiceServer};
-use switchyard_proto::v1::{GenerateRequest, GenerateResponse};
+use switchyard_proto::v1::{
+    GenerateRequest, GenerateResponse, GenerateStreamResponse, GeneratedToken, ModelInfoRequest,
+    ModelInfoResponse, TokenLogprob, TokenizeRequest, TokenizeResponse, Usage,
+};
 use tokio::net::TcpListener;
+use tokio_stream::Stream;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use crate::backend::Backend;
 use crate::coordinated::CoordinatedExperts;
 use crate::error::RouterError;
 use crate::remote::RemoteExperts;
+use crate::request::{self, Limits, Prompt, RawRequest, ValidRequest};
+use crate::scheduler::{Event, RequestStream, Scheduler, SchedulerConfig};
 
 /// Where a router's expert workers come from.
 #[derive(Debug, Clone)]
@@ -27,7 +38,7 @@ pub enum ExpertSource {
 }
 
 impl ExpertSource {
-    /// The workers to use for one request.
+    /// The workers to use for one step.
     pub fn snapshot(&self) -> Arc<RemoteExperts> {
         match self {
             ExpertSource::Static(e) => e.clone(),
@@ -36,85 +47,399 @@ impl ExpertSource {
     }
 }
 
-/// The model without its routed experts, and the workers that hold them.
+/// Everything the client APIs share: the scheduler, the tokenizer, the limits requests are
+/// checked against, and the API key.
 #[derive(Debug, Clone)]
-pub struct RouterNode {
-    model: Arc<DeepseekModel>,
-    experts: ExpertSource,
+pub struct ServingState {
+    pub scheduler: Scheduler,
+    pub tokenizer: Option<Arc<TextTokenizer>>,
+    pub limits: Limits,
+    pub config: Arc<ModelConfig>,
+    /// When set, client APIs require it (`authorization: Bearer KEY`); health stays open.
+    pub api_key: Option<Arc<str>>,
 }
 
-impl RouterNode {
-    pub fn new(model: Arc<DeepseekModel>, experts: ExpertSource) -> Self {
-        RouterNode { model, experts }
-    }
+/// How a router serves: names, limits and the scheduler's sizes.
+#[derive(Clone, Debug)]
+pub struct ServingOptions {
+    /// The name clients use for the model.
+    pub model_name: String,
+    pub api_key: Option<String>,
+    /// Memory for the paged KV cache.
+    pub kv_cache_bytes: u64,
+    pub block_size: usize,
+    pub max_batch_size: usize,
+    pub max_batch_tokens: usize,
+    pub max_waiting: usize,
+    /// `max_tokens` for requests that give none.
+    pub default_max_tokens: usize,
+}
 
-    /// Validates and runs one request (blocking: call off the async threads).
-    pub fn generate(&self, req: GenerateRequest) -> Result<GenerateResponse, RouterError> {
-        let request = generate::GenerateRequest {
-            prompt: req.prompt_ids,
-            max_new_tokens: req.max_new_tokens as usize,
-            sampling: SamplingParams {
-                temperature: req.temperature,
-                top_k: req.top_k as usize,
-                top_p: req.top_p.unwrap_or(1.0),
-                seed: req.seed,
-                ..Default::default()
+impl ServingState {
+    /// Sizes the KV pool from the options and starts the scheduler over `backend`.
+    pub fn start(
+        backend: Arc<dyn Backend>,
+        config: Arc<ModelConfig>,
+        tokenizer: Option<Arc<TextTokenizer>>,
+        o: &ServingOptions,
+    ) -> Result<ServingState, RouterError> {
+        if o.block_size == 0 {
+            return Err(RouterError::invalid("kv_block_size", "must be >= 1, got 0"));
+        }
+        let layout = backend.kv_layout(o.block_size);
+        let kv_blocks = usize::try_from(o.kv_cache_bytes / layout.block_bytes().max(1) as u64)
+            .unwrap_or(usize::MAX);
+        if kv_blocks == 0 {
+            return Err(RouterError::invalid(
+                "kv_cache_memory",
+                format!(
+                    "must hold at least one block ({} bytes: {} tokens × {} bytes), got {}",
+                    layout.block_bytes(),
+                    o.block_size,
+                    layout.bytes_per_token(),
+                    o.kv_cache_bytes
+                ),
+            ));
+        }
+        let scheduler = Scheduler::start(
+            backend,
+            tokenizer.clone(),
+            SchedulerConfig {
+                max_batch_size: o.max_batch_size,
+                max_batch_tokens: o.max_batch_tokens,
+                max_waiting: o.max_waiting,
+                kv_blocks,
+                block_size: o.block_size,
             },
-            ignore_eos: req.ignore_eos,
-            stop_token_ids: req.stop_token_ids,
-        };
-        let prompt_tokens = request.prompt.len() as u32;
-        // One placement for the whole request: a switch never lands inside a step.
-        let experts = self.experts.snapshot();
-        let mut out = generate::generate_with(
-            &self.model,
-            std::slice::from_ref(&request),
-            GenerateOptions::default(),
-            &*experts,
-        )
-        .map_err(|e| match e {
-            EngineError::Executor(m) => RouterError::Runtime(m),
-            e => RouterError::Engine(e),
-        })?;
-        let out = out
-            .pop()
-            .ok_or_else(|| RouterError::Runtime("no output".into()))?;
-        Ok(GenerateResponse {
-            completion_tokens: out.token_ids.len() as u32,
-            token_ids: out.token_ids,
-            finish_reason: out.finish_reason.as_str().into(),
-            prompt_tokens,
+        )?;
+        Ok(ServingState {
+            scheduler,
+            limits: Limits {
+                model_name: o.model_name.clone(),
+                vocab_size: config.vocab_size,
+                max_context: config.max_position_embeddings,
+                max_cached_tokens: kv_blocks.saturating_mul(o.block_size),
+                default_max_tokens: o.default_max_tokens.max(1),
+            },
+            tokenizer,
+            config,
+            api_key: o.api_key.as_deref().map(Arc::from),
         })
     }
+
+    /// Validates and queues one request.
+    pub fn submit(&self, raw: RawRequest) -> Result<RequestStream, RouterError> {
+        let valid = self.validate(raw)?;
+        self.scheduler.submit(valid)
+    }
+
+    pub fn validate(&self, raw: RawRequest) -> Result<ValidRequest, RouterError> {
+        request::validate(raw, &self.limits, self.tokenizer.as_deref())
+    }
+
+    /// Checks an `authorization: Bearer KEY` (or `x-api-key: KEY`) header value.
+    pub fn authorized(&self, authorization: Option<&str>, x_api_key: Option<&str>) -> bool {
+        let Some(key) = &self.api_key else {
+            return true;
+        };
+        let bearer = authorization.and_then(|v| v.strip_prefix("Bearer "));
+        [bearer, x_api_key]
+            .into_iter()
+            .flatten()
+            .any(|given| constant_time_eq(given.trim().as_bytes(), key.as_bytes()))
+    }
+
+    pub fn model_info(&self) -> ModelInfoResponse {
+        let c = &self.config;
+        let moe = c.moe.as_ref();
+        let sc = self.scheduler.config();
+        ModelInfoResponse {
+            model: self.limits.model_name.clone(),
+            model_type: c.arch.model_type().into(),
+            vocab_size: c.vocab_size as u32,
+            max_context: self.limits.max_context as u32,
+            num_layers: c.num_hidden_layers as u32,
+            num_routed_experts: moe.map_or(0, |m| m.n_routed_experts as u32),
+            experts_per_token: moe.map_or(0, |m| m.num_experts_per_tok as u32),
+            eos_token_ids: c.eos_token_ids.clone(),
+            has_tokenizer: self.tokenizer.is_some(),
+            has_chat_template: self
+                .tokenizer
+                .as_ref()
+                .is_some_and(|t| t.has_chat_template()),
+            kv_cache_blocks: sc.kv_blocks as u32,
+            kv_block_size: sc.block_size as u32,
+            max_batch_size: sc.max_batch_size as u32,
+        }
+    }
+
+    pub fn tokenize(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, RouterError> {
+        let t = self.tokenizer.as_ref().ok_or_else(|| {
+            RouterError::invalid("text", "needs a tokenizer, and this model has none")
+        })?;
+        if text.len() > request::MAX_PROMPT_BYTES {
+            return Err(RouterError::invalid(
+                "text",
+                format!(
+                    "must be <= {} bytes, got {}",
+                    request::MAX_PROMPT_BYTES,
+                    text.len()
+                ),
+            ));
+        }
+        t.encode(text, add_special_tokens)
+            .map_err(|e| RouterError::invalid("text", e.to_string()))
+    }
+
+    /// A token's text for clients (empty without a tokenizer).
+    pub fn token_text(&self, id: u32) -> String {
+        self.tokenizer
+            .as_ref()
+            .map(|t| t.token_text(id))
+            .unwrap_or_default()
+    }
+
+    fn wire_logprobs(&self, lp: &TokenLogprobs) -> Vec<TokenLogprob> {
+        lp.top
+            .iter()
+            .map(|&(id, logprob)| TokenLogprob {
+                id,
+                text: self.token_text(id),
+                logprob,
+            })
+            .collect()
+    }
 }
 
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Parses a `grpc-timeout` header value (`<digits><unit>`, unit one of H M S m u n).
+fn grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A wire request as the API-independent [`RawRequest`].
+fn raw_from_wire(req: GenerateRequest, header_timeout: Option<Duration>) -> RawRequest {
+    let prompt = if req.prompt_ids.is_empty() && !req.prompt.is_empty() {
+        Prompt::Text(req.prompt)
+    } else {
+        Prompt::Ids(req.prompt_ids)
+    };
+    let field_timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms.into()));
+    RawRequest {
+        model: Some(req.model),
+        max_tokens: (req.max_new_tokens > 0).then_some(req.max_new_tokens.into()),
+        temperature: Some(req.temperature),
+        top_k: Some(req.top_k.into()),
+        top_p: req.top_p,
+        min_p: req.min_p,
+        repetition_penalty: req.repetition_penalty,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        seed: req.seed,
+        stop: req.stop,
+        stop_token_ids: req.stop_token_ids,
+        ignore_eos: req.ignore_eos,
+        logprobs: req.logprobs,
+        timeout: match (field_timeout, header_timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        },
+        ..RawRequest::new(prompt)
+    }
+}
+
+/// The gRPC inference service.
+#[derive(Debug, Clone)]
+pub struct InferenceApi {
+    state: ServingState,
+}
+
+impl InferenceApi {
+    pub fn new(state: ServingState) -> Self {
+        InferenceApi { state }
+    }
+
+    fn submit(&self, request: Request<GenerateRequest>) -> Result<RequestStream, RouterError> {
+        let timeout = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(grpc_timeout);
+        self.state
+            .submit(raw_from_wire(request.into_inner(), timeout))
+    }
+
+    fn token(&self, id: u32, text: String, logprobs: Option<&TokenLogprobs>) -> GeneratedToken {
+        GeneratedToken {
+            id,
+            text,
+            logprob: logprobs.map(|l| l.logprob),
+            top_logprobs: logprobs.map_or_else(Vec::new, |l| self.state.wire_logprobs(l)),
+        }
+    }
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateStreamResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
-impl InferenceService for RouterNode {
-    #[instrument(skip_all, fields(prompt = request.get_ref().prompt_ids.len()))]
+impl InferenceService for InferenceApi {
+    type GenerateStream = GenerateStream;
+
+    #[instrument(skip_all)]
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let mut stream = self.submit(request)?;
+        let api = self.clone();
+        // Dropping this stream (the client went away) drops the receiver, which cancels the
+        // request at the next step.
+        let out = async_stream::stream! {
+            while let Some(event) = stream.events.recv().await {
+                match event {
+                    Event::Token { id, text, logprobs } => {
+                        yield Ok(GenerateStreamResponse {
+                            token: Some(api.token(id, text, logprobs.as_ref())),
+                            ..Default::default()
+                        });
+                    }
+                    Event::Finished { text, reason, prompt_tokens, completion_tokens } => {
+                        yield Ok(GenerateStreamResponse {
+                            token: None,
+                            finish_reason: reason.as_str().into(),
+                            usage: Some(Usage {
+                                prompt_tokens: prompt_tokens as u32,
+                                completion_tokens: completion_tokens as u32,
+                            }),
+                            text,
+                        });
+                        break;
+                    }
+                    Event::Failed(e) => {
+                        yield Err(Status::new(e.code(), e.to_string()));
+                        break;
+                    }
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    #[instrument(skip_all)]
     async fn generate_unary(
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let node = self.clone();
+        let mut stream = self.submit(request)?;
+        let mut reply = GenerateResponse {
+            prompt_tokens: stream.prompt_tokens as u32,
+            ..Default::default()
+        };
+        while let Some(event) = stream.events.recv().await {
+            match event {
+                Event::Token { id, text, logprobs } => {
+                    reply.token_ids.push(id);
+                    reply.text.push_str(&text);
+                    reply.tokens.push(self.token(id, text, logprobs.as_ref()));
+                }
+                Event::Finished {
+                    text,
+                    reason,
+                    completion_tokens,
+                    ..
+                } => {
+                    reply.text.push_str(&text);
+                    reply.finish_reason = reason.as_str().into();
+                    reply.completion_tokens = completion_tokens as u32;
+                    return Ok(Response::new(reply));
+                }
+                Event::Failed(e) => return Err(Status::new(e.code(), e.to_string())),
+            }
+        }
+        Err(RouterError::ShuttingDown.into())
+    }
+
+    #[instrument(skip_all)]
+    async fn tokenize(
+        &self,
+        request: Request<TokenizeRequest>,
+    ) -> Result<Response<TokenizeResponse>, Status> {
         let req = request.into_inner();
-        let reply = tokio::task::spawn_blocking(move || node.generate(req))
-            .await
-            .map_err(|e| Status::internal(format!("generation task failed: {e}")))??;
-        Ok(Response::new(reply))
+        if !req.model.is_empty() && req.model != self.state.limits.model_name {
+            return Err(RouterError::UnknownModel {
+                given: req.model,
+                served: self.state.limits.model_name.clone(),
+            }
+            .into());
+        }
+        let ids = self.state.tokenize(&req.text, req.add_special_tokens)?;
+        Ok(Response::new(TokenizeResponse {
+            count: ids.len() as u32,
+            tokens: ids.iter().map(|&id| self.state.token_text(id)).collect(),
+            ids,
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn model_info(
+        &self,
+        _request: Request<ModelInfoRequest>,
+    ) -> Result<Response<ModelInfoResponse>, Status> {
+        Ok(Response::new(self.state.model_info()))
     }
 }
 
-/// Serves the inference API on `listener` (TCP_NODELAY) until `shutdown` resolves.
+/// Serves the gRPC API on `listener` (TCP_NODELAY) until `shutdown` resolves.
 pub async fn serve(
-    node: RouterNode,
+    state: ServingState,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RouterError> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let auth = state.clone();
+    let api = InferenceServiceServer::with_interceptor(
+        InferenceApi::new(state),
+        move |req: Request<()>| {
+            let header = |name: &str| req.metadata().get(name).and_then(|v| v.to_str().ok());
+            if auth.authorized(header("authorization"), header("x-api-key")) {
+                Ok(req)
+            } else {
+                Err(RouterError::Unauthenticated.into())
+            }
+        },
+    );
     tonic::transport::Server::builder()
         .add_service(switchyard_proto::health::serving("switchyard.v1.InferenceService").await)
-        .add_service(InferenceServiceServer::new(node))
+        .add_service(switchyard_proto::reflection::service().map_err(RouterError::Runtime)?)
+        .add_service(api)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| RouterError::Runtime(format!("serving failed: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header_units() {
+        assert_eq!(grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout("5x"), None);
+        assert_eq!(grpc_timeout(""), None);
+    }
 }

@@ -155,7 +155,9 @@ impl KvCache {
         &mut self.blocks[b][off..off + row]
     }
 
-    pub(crate) fn commit(&mut self, tokens: usize) {
+    /// Counts `tokens` more positions as cached, after their rows were written (the model's
+    /// forward pass does this).
+    pub fn commit(&mut self, tokens: usize) {
         self.len += tokens;
     }
 

@@ -1,0 +1,492 @@
+//! The OpenAI-compatible HTTP API (axum): `/v1/completions`, `/v1/chat/completions` (both
+//! with `stream: true` as server-sent events), `/v1/models`, `/health`, `/metrics`.
+//!
+//! Requests become [`crate::request::RawRequest`]s and go through the same validation and
+//! scheduler as gRPC. A client that closes its connection drops the response stream, which
+//! cancels its sequence at the next step.
+
+pub mod openai;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use switchyard_engine::sampling::TokenLogprobs;
+use tokio::net::TcpListener;
+use tracing::instrument;
+
+use crate::error::RouterError;
+use crate::scheduler::{Event, RequestStream};
+use crate::server::ServingState;
+use openai::{ChatRequest, CompletionRequest, ErrorBody, UsageOut};
+
+/// Request bodies larger than this are refused (413).
+pub const MAX_BODY_BYTES: usize = 8 << 20;
+
+/// An error as OpenAI shapes it, with the status from the shared error table.
+struct ApiError(RouterError);
+
+impl From<RouterError> for ApiError {
+    fn from(e: RouterError) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, axum::Json(ErrorBody::from_error(&self.0))).into_response();
+        if let RouterError::Overloaded { retry_after_s, .. } = self.0 {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+        }
+        response
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The HTTP routes over `state`.
+pub fn router(state: ServingState) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Serves the HTTP API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    state: ServingState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RouterError> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| RouterError::Runtime(format!("http serving failed: {e}")))
+}
+
+fn authorize(state: &ServingState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let h = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    if state.authorized(h(header::AUTHORIZATION), x_api_key) {
+        Ok(())
+    } else {
+        Err(RouterError::Unauthenticated.into())
+    }
+}
+
+/// Parses a JSON body, naming the field that is wrong.
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { "body".into() } else { path };
+        ApiError(RouterError::invalid(field, e.into_inner().to_string()))
+    })
+}
+
+async fn health(State(state): State<ServingState>) -> axum::Json<Value> {
+    let s = state.scheduler.stats();
+    axum::Json(json!({
+        "status": "ok",
+        "model": state.limits.model_name,
+        "waiting": s.waiting.load(Ordering::Relaxed),
+        "running": s.running.load(Ordering::Relaxed),
+    }))
+}
+
+/// A first set of gauges; the metrics issue grows this into the full table.
+async fn metrics(State(state): State<ServingState>) -> impl IntoResponse {
+    let s = state.scheduler.stats();
+    let gauges = [
+        (
+            "switchyard_requests_waiting",
+            "Requests waiting for a batch slot.",
+            s.waiting.load(Ordering::Relaxed),
+        ),
+        (
+            "switchyard_requests_running",
+            "Sequences in the running batch.",
+            s.running.load(Ordering::Relaxed),
+        ),
+        (
+            "switchyard_kv_blocks_used",
+            "KV cache blocks in use.",
+            s.blocks_used.load(Ordering::Relaxed),
+        ),
+        (
+            "switchyard_kv_blocks_total",
+            "KV cache blocks in the pool.",
+            s.blocks_total.load(Ordering::Relaxed),
+        ),
+    ];
+    let mut text = String::new();
+    for (name, help, value) in gauges {
+        text.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+        ));
+    }
+    for (name, help, value) in [
+        (
+            "switchyard_preemptions_total",
+            "Sequences preempted for cache blocks.",
+            s.preemptions.load(Ordering::Relaxed),
+        ),
+        (
+            "switchyard_scheduler_steps_total",
+            "Forward steps run.",
+            s.steps.load(Ordering::Relaxed),
+        ),
+    ] {
+        text.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+        ));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+async fn models(
+    State(state): State<ServingState>,
+    headers: HeaderMap,
+) -> Result<axum::Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    Ok(axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": state.limits.model_name,
+            "object": "model",
+            "created": unix_now(),
+            "owned_by": "switchyard",
+            "max_model_len": state.limits.max_context,
+        }],
+    })))
+}
+
+/// One request's id and creation time, as both response kinds carry them.
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl Meta {
+    fn new(prefix: &str, stream: &RequestStream, state: &ServingState) -> Meta {
+        Meta {
+            id: format!("{prefix}-{}", stream.id),
+            created: unix_now(),
+            model: state.limits.model_name.clone(),
+        }
+    }
+}
+
+/// Everything a finished request produced.
+#[derive(Default)]
+struct Collected {
+    text: String,
+    tokens: Vec<(u32, Option<TokenLogprobs>)>,
+    finish_reason: &'static str,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+async fn collect(mut stream: RequestStream) -> Result<Collected, ApiError> {
+    let mut out = Collected::default();
+    while let Some(event) = stream.events.recv().await {
+        match event {
+            Event::Token { id, text, logprobs } => {
+                out.text.push_str(&text);
+                out.tokens.push((id, logprobs));
+            }
+            Event::Finished {
+                text,
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                out.text.push_str(&text);
+                out.finish_reason = reason.as_str();
+                out.prompt_tokens = prompt_tokens;
+                out.completion_tokens = completion_tokens;
+                return Ok(out);
+            }
+            Event::Failed(e) => {
+                return Err(ApiError(match Arc::try_unwrap(e) {
+                    Ok(e) => e,
+                    Err(e) => RouterError::Runtime(e.to_string()),
+                }));
+            }
+        }
+    }
+    Err(RouterError::ShuttingDown.into())
+}
+
+use std::sync::Arc;
+
+/// Completions-style logprobs of some tokens.
+fn completion_logprobs(state: &ServingState, tokens: &[(u32, Option<TokenLogprobs>)]) -> Value {
+    let mut texts = Vec::new();
+    let mut lps = Vec::new();
+    let mut tops = Vec::new();
+    for (id, lp) in tokens {
+        texts.push(state.token_text(*id));
+        lps.push(lp.as_ref().map(|l| l.logprob));
+        tops.push(lp.as_ref().map(|l| {
+            l.top
+                .iter()
+                .map(|&(t, p)| (state.token_text(t), json!(p)))
+                .collect::<serde_json::Map<String, Value>>()
+        }));
+    }
+    json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops})
+}
+
+/// Chat-style logprobs of some tokens.
+fn chat_logprobs(state: &ServingState, tokens: &[(u32, Option<TokenLogprobs>)]) -> Value {
+    let entry = |id: u32, logprob: f32| {
+        let text = state.token_text(id);
+        json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()})
+    };
+    let content: Vec<Value> = tokens
+        .iter()
+        .filter_map(|(id, lp)| {
+            let lp = lp.as_ref()?;
+            let mut e = entry(*id, lp.logprob);
+            e["top_logprobs"] = Value::Array(lp.top.iter().map(|&(t, p)| entry(t, p)).collect());
+            Some(e)
+        })
+        .collect();
+    json!({"content": content})
+}
+
+#[instrument(skip_all)]
+async fn completions(
+    State(state): State<ServingState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let req: CompletionRequest = parse(&body)?;
+    let streaming = req.stream;
+    let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let wants_logprobs = req.logprobs.is_some();
+    let stream = state.submit(req.into_raw()?)?;
+    let meta = Meta::new("cmpl", &stream, &state);
+    if !streaming {
+        let out = collect(stream).await?;
+        let logprobs = wants_logprobs.then(|| completion_logprobs(&state, &out.tokens));
+        return Ok(axum::Json(json!({
+            "id": meta.id,
+            "object": "text_completion",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": [{
+                "index": 0,
+                "text": out.text,
+                "logprobs": logprobs,
+                "finish_reason": out.finish_reason,
+            }],
+            "usage": UsageOut::new(out.prompt_tokens, out.completion_tokens),
+        }))
+        .into_response());
+    }
+    let chunk = move |text: String, logprobs: Value, finish: Value, usage: Value| {
+        let mut c = json!({
+            "id": meta.id,
+            "object": "text_completion",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+        });
+        if !usage.is_null() {
+            c["usage"] = usage;
+        }
+        c
+    };
+    let events = sse_events(
+        stream,
+        state,
+        include_usage,
+        move |state, part| match part {
+            Part::Token { id, text, logprobs } => {
+                let lp = if wants_logprobs {
+                    completion_logprobs(state, &[(id, logprobs)])
+                } else {
+                    Value::Null
+                };
+                Some(chunk(text, lp, Value::Null, Value::Null))
+            }
+            Part::Finish { text, reason } => {
+                Some(chunk(text, Value::Null, json!(reason), Value::Null))
+            }
+            Part::Usage(u) => {
+                let mut c = chunk(String::new(), Value::Null, Value::Null, json!(u));
+                c["choices"] = json!([]);
+                Some(c)
+            }
+            Part::Start => None,
+        },
+    );
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+#[instrument(skip_all)]
+async fn chat_completions(
+    State(state): State<ServingState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let req: ChatRequest = parse(&body)?;
+    let streaming = req.stream;
+    let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let wants_logprobs = req.logprobs;
+    let stream = state.submit(req.into_raw()?)?;
+    let meta = Meta::new("chatcmpl", &stream, &state);
+    if !streaming {
+        let out = collect(stream).await?;
+        let logprobs = wants_logprobs.then(|| chat_logprobs(&state, &out.tokens));
+        return Ok(axum::Json(json!({
+            "id": meta.id,
+            "object": "chat.completion",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": out.text},
+                "logprobs": logprobs,
+                "finish_reason": out.finish_reason,
+            }],
+            "usage": UsageOut::new(out.prompt_tokens, out.completion_tokens),
+        }))
+        .into_response());
+    }
+    let chunk = move |delta: Value, logprobs: Value, finish: Value| {
+        json!({
+            "id": meta.id,
+            "object": "chat.completion.chunk",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+        })
+    };
+    let events = sse_events(
+        stream,
+        state,
+        include_usage,
+        move |state, part| match part {
+            Part::Start => Some(chunk(
+                json!({"role": "assistant", "content": ""}),
+                Value::Null,
+                Value::Null,
+            )),
+            Part::Token { id, text, logprobs } => {
+                let lp = if wants_logprobs {
+                    chat_logprobs(state, &[(id, logprobs)])
+                } else {
+                    Value::Null
+                };
+                Some(chunk(json!({"content": text}), lp, Value::Null))
+            }
+            Part::Finish { text, reason } => {
+                let delta = if text.is_empty() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
+                Some(chunk(delta, Value::Null, json!(reason)))
+            }
+            Part::Usage(u) => {
+                let mut c = chunk(Value::Null, Value::Null, Value::Null);
+                c["choices"] = json!([]);
+                c["usage"] = json!(u);
+                Some(c)
+            }
+        },
+    );
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// What an SSE stream is built from.
+enum Part {
+    Start,
+    Token {
+        id: u32,
+        text: String,
+        logprobs: Option<TokenLogprobs>,
+    },
+    Finish {
+        text: String,
+        reason: &'static str,
+    },
+    Usage(UsageOut),
+}
+
+/// Turns a request's events into SSE data lines (`render` shapes each as JSON), ending with
+/// `[DONE]`; a failure mid-stream becomes an OpenAI error object, then `[DONE]`.
+fn sse_events(
+    mut stream: RequestStream,
+    state: ServingState,
+    include_usage: bool,
+    render: impl Fn(&ServingState, Part) -> Option<Value> + Send + 'static,
+) -> impl tokio_stream::Stream<Item = Result<SseEvent, Infallible>> + Send {
+    async_stream::stream! {
+        let data = |v: Value| SseEvent::default().data(v.to_string());
+        if let Some(v) = render(&state, Part::Start) {
+            yield Ok(data(v));
+        }
+        while let Some(event) = stream.events.recv().await {
+            match event {
+                Event::Token { id, text, logprobs } => {
+                    // Tokens that add no visible text yet are sent when logprobs need them.
+                    if text.is_empty() && logprobs.is_none() {
+                        continue;
+                    }
+                    if let Some(v) = render(&state, Part::Token { id, text, logprobs }) {
+                        yield Ok(data(v));
+                    }
+                }
+                Event::Finished { text, reason, prompt_tokens, completion_tokens } => {
+                    if let Some(v) = render(&state, Part::Finish { text, reason: reason.as_str() }) {
+                        yield Ok(data(v));
+                    }
+                    if include_usage
+                        && let Some(v) = render(&state, Part::Usage(UsageOut::new(prompt_tokens, completion_tokens)))
+                    {
+                        yield Ok(data(v));
+                    }
+                    break;
+                }
+                Event::Failed(e) => {
+                    yield Ok(data(json!(ErrorBody::from_error(&e))));
+                    break;
+                }
+            }
+        }
+        yield Ok(SseEvent::default().data("[DONE]"));
+    }
+}

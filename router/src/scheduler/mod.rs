@@ -1,0 +1,481 @@
+//! Continuous batching over a paged KV cache.
+//!
+//! One thread owns the running batch. Between steps it takes in new requests, drops the ones
+//! whose client went away or whose deadline passed, and plans the next step under a token
+//! budget: one token for every decoding sequence first, then prefill chunks (so a long prompt
+//! never stalls running decodes), then new sequences while cache blocks and batch slots last.
+//! When a growing sequence finds no free block, the youngest running sequence is preempted —
+//! its blocks freed, its prompt and output recomputed later — rather than anything failing.
+//! Blocks go back to the pool on finish, cancel, error and preemption.
+//!
+//! Admission control sits in front: at most `max_waiting` requests wait; past that a request
+//! is refused at once with a retry hint, so memory stays bounded however hard clients push.
+
+mod sequence;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Instant;
+
+use switchyard_engine::model::{BlockPool, KvCache, SeqInput};
+use switchyard_engine::sampling::TokenLogprobs;
+use switchyard_engine::tokenizer::TextTokenizer;
+use tokio::sync::mpsc as async_mpsc;
+use tracing::{debug, warn};
+
+use crate::backend::Backend;
+use crate::error::RouterError;
+use crate::request::ValidRequest;
+use sequence::{Sequence, StepOutcome};
+
+/// Why a sequence stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// `max_tokens` reached.
+    Length,
+    /// An end-of-sequence token, a stop token id or a stop string.
+    Stop,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::Stop => "stop",
+        }
+    }
+}
+
+/// What a request's stream carries.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// One generated token and the text that is now safe to show (may be empty while a
+    /// multi-byte character or a possible stop string is incomplete).
+    Token {
+        id: u32,
+        text: String,
+        logprobs: Option<TokenLogprobs>,
+    },
+    /// The last event of a finished request: text held back until now, why it finished and
+    /// token counts.
+    Finished {
+        text: String,
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    /// The last event of a failed request.
+    Failed(Arc<RouterError>),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct SchedulerConfig {
+    /// Sequences in the running batch at most.
+    pub max_batch_size: usize,
+    /// Tokens per step at most (decode tokens plus prefill chunks).
+    pub max_batch_tokens: usize,
+    /// Requests waiting for a batch slot at most; more are refused.
+    pub max_waiting: usize,
+    /// KV cache blocks in the pool.
+    pub kv_blocks: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+}
+
+impl SchedulerConfig {
+    pub fn check(&self) -> Result<(), RouterError> {
+        let positive = [
+            ("max_batch_size", self.max_batch_size),
+            ("max_batch_tokens", self.max_batch_tokens),
+            ("kv_blocks", self.kv_blocks),
+            ("block_size", self.block_size),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err(RouterError::invalid(field, "must be >= 1, got 0"));
+            }
+        }
+        if self.max_batch_tokens < self.max_batch_size {
+            return Err(RouterError::invalid(
+                "max_batch_tokens",
+                format!(
+                    "must be >= max_batch_size ({}) so every decoding sequence fits a step, got {}",
+                    self.max_batch_size, self.max_batch_tokens
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A live view of the scheduler, for health, info and metrics.
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    pub waiting: AtomicUsize,
+    pub running: AtomicUsize,
+    pub blocks_used: AtomicUsize,
+    pub blocks_total: AtomicUsize,
+    pub preemptions: AtomicUsize,
+    pub steps: AtomicUsize,
+}
+
+/// The receiving end of one request. Dropping it cancels the request.
+#[derive(Debug)]
+pub struct RequestStream {
+    pub id: u64,
+    pub prompt_tokens: usize,
+    pub events: async_mpsc::UnboundedReceiver<Event>,
+}
+
+enum Msg {
+    Submit(Box<Sequence>),
+}
+
+/// The handle servers hold: submits requests to the scheduler thread. Cloning is cheap; the
+/// thread ends when the last handle is dropped and nothing is left to run.
+#[derive(Clone, Debug)]
+pub struct Scheduler {
+    tx: mpsc::Sender<Msg>,
+    waiting: Arc<AtomicUsize>,
+    next_id: Arc<AtomicUsize>,
+    config: SchedulerConfig,
+    stats: Arc<SchedulerStats>,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Msg")
+    }
+}
+
+impl Scheduler {
+    /// Starts the scheduler thread over `backend`.
+    pub fn start(
+        backend: Arc<dyn Backend>,
+        tokenizer: Option<Arc<TextTokenizer>>,
+        config: SchedulerConfig,
+    ) -> Result<Scheduler, RouterError> {
+        config.check()?;
+        let (tx, rx) = mpsc::channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(SchedulerStats::default());
+        stats
+            .blocks_total
+            .store(config.kv_blocks, Ordering::Relaxed);
+        let pool = BlockPool::new(backend.kv_layout(config.block_size), config.kv_blocks);
+        let worker = Worker {
+            backend,
+            tokenizer,
+            config,
+            pool,
+            rx,
+            waiting_count: waiting.clone(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            stats: stats.clone(),
+        };
+        std::thread::Builder::new()
+            .name("switchyard-scheduler".into())
+            .spawn(move || worker.run())
+            .map_err(|e| RouterError::Runtime(format!("starting the scheduler thread: {e}")))?;
+        Ok(Scheduler {
+            tx,
+            waiting,
+            next_id: Arc::new(AtomicUsize::new(1)),
+            config,
+            stats,
+        })
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> &Arc<SchedulerStats> {
+        &self.stats
+    }
+
+    /// Queues a request. Refused with `Overloaded` when `max_waiting` requests already wait.
+    pub fn submit(&self, request: ValidRequest) -> Result<RequestStream, RouterError> {
+        let limit = self.config.max_waiting;
+        if self
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                (w < limit).then_some(w + 1)
+            })
+            .is_err()
+        {
+            return Err(RouterError::Overloaded {
+                waiting: self.waiting.load(Ordering::Acquire),
+                limit,
+                retry_after_s: 1,
+            });
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u64;
+        let (events_tx, events) = async_mpsc::unbounded_channel();
+        let prompt_tokens = request.prompt.len();
+        let seq = Sequence::new(id, request, events_tx);
+        if self.tx.send(Msg::Submit(Box::new(seq))).is_err() {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(RouterError::ShuttingDown);
+        }
+        Ok(RequestStream {
+            id,
+            prompt_tokens,
+            events,
+        })
+    }
+}
+
+/// The scheduler thread's state.
+struct Worker {
+    backend: Arc<dyn Backend>,
+    tokenizer: Option<Arc<TextTokenizer>>,
+    config: SchedulerConfig,
+    pool: BlockPool,
+    rx: mpsc::Receiver<Msg>,
+    /// Requests submitted and not yet admitted (shared with the handles for admission).
+    waiting_count: Arc<AtomicUsize>,
+    /// Not running: new requests in arrival order, preempted ones at the front.
+    waiting: VecDeque<Sequence>,
+    /// Running, oldest first.
+    running: Vec<Sequence>,
+    stats: Arc<SchedulerStats>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match self.rx.recv() {
+                    Ok(msg) => self.take(msg),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(msg) = self.rx.try_recv() {
+                self.take(msg);
+            }
+            self.reap(Instant::now());
+            let plan = self.plan();
+            self.publish_stats();
+            if plan.iter().all(|&n| n == 0) {
+                if !self.waiting.is_empty() && self.running.is_empty() {
+                    // Cannot happen for validated requests (each fits the pool alone); fail the
+                    // head rather than spin.
+                    if let Some(seq) = self.waiting.pop_front() {
+                        self.unqueue(&seq);
+                        seq.fail(RouterError::Runtime(
+                            "request does not fit the KV cache".into(),
+                        ));
+                    }
+                }
+                continue;
+            }
+            self.step(&plan);
+            self.publish_stats();
+        }
+    }
+
+    fn take(&mut self, msg: Msg) {
+        match msg {
+            Msg::Submit(seq) => {
+                let mut seq = *seq;
+                seq.cache = Some(KvCache::pooled(*self.pool.layout()));
+                seq.start_sampler(self.backend.eos_token_ids());
+                self.waiting.push_back(seq);
+            }
+        }
+    }
+
+    /// Marks a sequence as no longer waiting for admission.
+    fn unqueue(&self, seq: &Sequence) {
+        if !seq.admitted {
+            self.waiting_count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Drops sequences whose client went away, fails those past their deadline.
+    fn reap(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].gone(now) {
+                let mut seq = self.running.remove(i);
+                self.release(&mut seq);
+                seq.expire(now);
+            } else {
+                i += 1;
+            }
+        }
+        let waiting = std::mem::take(&mut self.waiting);
+        for mut seq in waiting {
+            if seq.gone(now) {
+                self.unqueue(&seq);
+                self.release(&mut seq);
+                seq.expire(now);
+            } else {
+                self.waiting.push_back(seq);
+            }
+        }
+    }
+
+    fn release(&mut self, seq: &mut Sequence) {
+        if let Some(cache) = seq.cache.as_mut() {
+            self.pool.release(cache);
+        }
+    }
+
+    /// Tokens each running sequence feeds this step (parallel to `running`); admits and
+    /// preempts as needed.
+    fn plan(&mut self) -> Vec<usize> {
+        let mut budget = self.config.max_batch_tokens;
+        let mut plan = vec![0; self.running.len()];
+        // Decodes first, then prefill chunks, oldest first within each.
+        for decode_pass in [true, false] {
+            let mut i = 0;
+            while i < self.running.len() {
+                let pending = self.running[i].pending();
+                if budget == 0 || plan[i] > 0 || pending == 0 || (pending == 1) != decode_pass {
+                    i += 1;
+                    continue;
+                }
+                let n = pending.min(budget);
+                if self.grow(i, n, &mut plan) {
+                    plan[i] = n;
+                    budget -= n;
+                    i += 1;
+                }
+                // else: sequence i itself was preempted; the next one now sits at index i.
+            }
+        }
+        // Admit waiting sequences while slots, budget and blocks last.
+        while budget > 0 && self.running.len() < self.config.max_batch_size {
+            let Some(seq) = self.waiting.front_mut() else {
+                break;
+            };
+            let n = seq.pending().min(budget);
+            let Some(cache) = seq.cache.as_mut() else {
+                break;
+            };
+            if !self.pool.grow(cache, n) {
+                break;
+            }
+            let Some(mut seq) = self.waiting.pop_front() else {
+                break;
+            };
+            self.unqueue(&seq);
+            seq.admitted = true;
+            self.running.push(seq);
+            plan.push(n);
+            budget -= n;
+        }
+        plan
+    }
+
+    /// Gives running sequence `i` blocks for `n` tokens, preempting the youngest sequences
+    /// (never an older one) until it fits. Returns false when `i` itself had to go.
+    fn grow(&mut self, i: usize, n: usize, plan: &mut Vec<usize>) -> bool {
+        loop {
+            let Some(cache) = self.running[i].cache.as_mut() else {
+                return false;
+            };
+            if self.pool.grow(cache, n) {
+                return true;
+            }
+            let youngest = self.running.len() - 1;
+            let mut victim = self.running.remove(youngest);
+            plan.remove(youngest);
+            self.release(&mut victim);
+            victim.preempted();
+            self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+            debug!(request = victim.id, "preempted for cache blocks");
+            self.waiting.push_front(victim);
+            if youngest == i {
+                return false;
+            }
+        }
+    }
+
+    fn step(&mut self, plan: &[usize]) {
+        let started = Instant::now();
+        let result = {
+            let mut inputs: Vec<SeqInput<'_>> = self
+                .running
+                .iter_mut()
+                .zip(plan)
+                .filter(|(_, n)| **n > 0)
+                .filter_map(|(seq, &n)| seq.input(n))
+                .collect();
+            self.backend.step(&mut inputs)
+        };
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let vocab = self.backend.vocab_size();
+        let scheduled = plan.iter().filter(|&&n| n > 0).count();
+        match result {
+            Ok(logits) if logits.len() == scheduled * vocab => {
+                let mut row = 0;
+                let mut finished = Vec::new();
+                for (i, &n) in plan.iter().enumerate() {
+                    if n == 0 {
+                        continue;
+                    }
+                    let seq = &mut self.running[i];
+                    let outcome = seq.advance(
+                        n,
+                        &logits[row * vocab..(row + 1) * vocab],
+                        self.tokenizer.as_deref(),
+                        self.backend.eos_token_ids(),
+                    );
+                    row += 1;
+                    if outcome != StepOutcome::Continue {
+                        finished.push(i);
+                    }
+                }
+                for &i in finished.iter().rev() {
+                    let mut seq = self.running.remove(i);
+                    self.release(&mut seq);
+                }
+                debug!(
+                    sequences = scheduled,
+                    tokens = plan.iter().sum::<usize>(),
+                    ms = started.elapsed().as_secs_f64() * 1e3,
+                    "step"
+                );
+            }
+            Ok(logits) => self.fail_scheduled(
+                plan,
+                RouterError::Runtime(format!(
+                    "step returned {} logits for {scheduled} sequences of vocab {vocab}",
+                    logits.len()
+                )),
+            ),
+            Err(e) => {
+                warn!(error = %e, sequences = scheduled, "step failed");
+                self.fail_scheduled(plan, e);
+            }
+        }
+    }
+
+    /// Fails every sequence of a failed step: its cache holds a half-written step.
+    fn fail_scheduled(&mut self, plan: &[usize], error: RouterError) {
+        let error = Arc::new(error);
+        for i in (0..plan.len()).rev() {
+            if plan[i] > 0 {
+                let mut seq = self.running.remove(i);
+                self.release(&mut seq);
+                seq.fail_shared(error.clone());
+            }
+        }
+    }
+
+    fn publish_stats(&self) {
+        let s = &self.stats;
+        s.waiting.store(self.waiting.len(), Ordering::Relaxed);
+        s.running.store(self.running.len(), Ordering::Relaxed);
+        s.blocks_used
+            .store(self.pool.used_blocks(), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests;
