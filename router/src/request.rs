@@ -141,6 +141,9 @@ pub fn validate(
     let prompt = match raw.prompt {
         Prompt::Ids(ids) => ids,
         Prompt::Text(text) => {
+            if text.is_empty() {
+                return Err(RouterError::invalid("prompt", "must not be empty"));
+            }
             if text.len() > MAX_PROMPT_BYTES {
                 return Err(RouterError::invalid(
                     "prompt",
@@ -392,6 +395,12 @@ mod tests {
                 "empty chat",
                 RawRequest::new(Prompt::Chat(vec![])),
                 "messages",
+                "must not be empty",
+            ),
+            (
+                "empty text",
+                RawRequest::new(Prompt::Text(String::new())),
+                "prompt",
                 "must not be empty",
             ),
             (

@@ -1,0 +1,619 @@
+//! The serving API end to end: a router (scheduler + gRPC + HTTP) over in-process expert
+//! workers, all on loopback ephemeral ports, driven by real clients (tonic, reqwest).
+
+// Test helpers panic on failure by design: that is how a test fails.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use switchyard_engine::model::{DeepseekModel, ExpertSelection, LoadOptions};
+use switchyard_engine::synth::{self, SynthDType, SynthOptions};
+use switchyard_engine::tokenizer::TextTokenizer;
+use switchyard_proto::v1::inference_service_client::InferenceServiceClient;
+use switchyard_proto::v1::{GenerateRequest, ModelInfoRequest, TokenizeRequest};
+use switchyard_router::RemoteExperts;
+use switchyard_router::backend::ModelBackend;
+use switchyard_router::dispatch::DispatchOptions;
+use switchyard_router::server::{ExpertSource, ServingOptions, ServingState};
+use switchyard_tests::Sandbox;
+use tokio::sync::oneshot;
+
+fn tiny_f32(dir: &Path) {
+    synth::synth(
+        dir,
+        &SynthOptions {
+            preset: "tiny".into(),
+            dtype: SynthDType::F32,
+            seed: 5,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+}
+
+fn options() -> ServingOptions {
+    ServingOptions {
+        model_name: "tiny".into(),
+        api_key: None,
+        kv_cache_bytes: 64 << 20,
+        block_size: 16,
+        max_batch_size: 32,
+        max_batch_tokens: 256,
+        max_waiting: 256,
+        default_max_tokens: 32,
+    }
+}
+
+/// A router serving gRPC and HTTP over two in-process workers.
+struct Served {
+    sandbox: Sandbox,
+    state: ServingState,
+    grpc: String,
+    http: String,
+    stop: Vec<oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Served {
+    fn start(adjust: impl Fn(&mut ServingOptions)) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        tiny_f32(dir.path());
+        let sandbox = Sandbox::start(dir.path(), &["0-7", "8-15"]);
+        let model = DeepseekModel::load(
+            dir.path(),
+            &LoadOptions {
+                experts: ExpertSelection::None,
+            },
+        )
+        .unwrap();
+        let experts =
+            RemoteExperts::connect(model.config(), &sandbox.addrs(), DispatchOptions::default())
+                .unwrap();
+        let tokenizer = TextTokenizer::from_dir(dir.path()).unwrap().map(Arc::new);
+        assert!(tokenizer.is_some(), "synth writes a tokenizer");
+        let config = Arc::new(model.config().clone());
+        let backend = Arc::new(ModelBackend::remote(
+            Arc::new(model),
+            ExpertSource::Static(Arc::new(experts)),
+        ));
+        let mut o = options();
+        adjust(&mut o);
+        let state = ServingState::start(backend, config, tokenizer, &o).unwrap();
+        let (grpc_l, http_l) = sandbox.block_on(async {
+            (
+                tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+                tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            )
+        });
+        let grpc = grpc_l.local_addr().unwrap().to_string();
+        let http = http_l.local_addr().unwrap().to_string();
+        let (tx1, rx1) = oneshot::channel::<()>();
+        let (tx2, rx2) = oneshot::channel::<()>();
+        let s1 = state.clone();
+        let s2 = state.clone();
+        sandbox.block_on(async {
+            tokio::spawn(switchyard_router::server::serve(s1, grpc_l, async {
+                let _ = rx1.await;
+            }));
+            tokio::spawn(switchyard_router::http::serve(s2, http_l, async {
+                let _ = rx2.await;
+            }));
+        });
+        Served {
+            sandbox,
+            state,
+            grpc,
+            http,
+            stop: vec![tx1, tx2],
+            _dir: dir,
+        }
+    }
+
+    async fn client(&self) -> InferenceServiceClient<tonic::transport::Channel> {
+        InferenceServiceClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    /// Waits (bounded) until nothing runs and every KV block is back.
+    fn wait_drained(&self) {
+        let stats = self.state.scheduler.stats();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if stats.running.load(Ordering::Relaxed) == 0
+                && stats.waiting.load(Ordering::Relaxed) == 0
+                && stats.blocks_used.load(Ordering::Relaxed) == 0
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!(
+            "not drained: running {} blocks {}",
+            stats.running.load(Ordering::Relaxed),
+            stats.blocks_used.load(Ordering::Relaxed)
+        );
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        for tx in self.stop.drain(..) {
+            let _ = tx.send(());
+        }
+    }
+}
+
+fn request(i: u32) -> GenerateRequest {
+    // Prompts of 1..40 tokens, outputs of 3..20; odd ones sample with a seed.
+    let len = 1 + (i * 7) % 40;
+    GenerateRequest {
+        prompt_ids: (0..len).map(|t| (t * 31 + i * 17) % 500 + 2).collect(),
+        max_new_tokens: 3 + (i * 5) % 18,
+        temperature: if i.is_multiple_of(2) { 0.0 } else { 0.8 },
+        top_k: if i.is_multiple_of(2) { 0 } else { 40 },
+        seed: Some(u64::from(i)),
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn concurrent_streams_match_one_at_a_time_runs() {
+    let s = Served::start(|_| {});
+    let n = 16;
+    let alone: Vec<Vec<u32>> = s.sandbox.block_on(async {
+        let mut c = s.client().await;
+        let mut out = Vec::new();
+        for i in 0..n {
+            out.push(
+                c.generate_unary(request(i))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .token_ids,
+            );
+        }
+        out
+    });
+    let together: Vec<Vec<u32>> = s.sandbox.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let mut c = s.client().await;
+            tasks.push(tokio::spawn(async move {
+                let mut stream = c.generate(request(i)).await.unwrap().into_inner();
+                let mut ids = Vec::new();
+                let mut finished = false;
+                while let Some(m) = stream.message().await.unwrap() {
+                    if let Some(t) = m.token {
+                        ids.push(t.id);
+                    }
+                    if !m.finish_reason.is_empty() {
+                        assert_eq!(m.finish_reason, "length");
+                        assert_eq!(m.usage.unwrap().completion_tokens as usize, ids.len());
+                        finished = true;
+                    }
+                }
+                assert!(finished, "a final message closes every stream");
+                ids
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    for i in 0..n as usize {
+        assert_eq!(together[i].len(), request(i as u32).max_new_tokens as usize);
+        assert_eq!(together[i], alone[i], "request {i}");
+    }
+    s.wait_drained();
+}
+
+#[test]
+fn a_dropped_stream_frees_its_sequence() {
+    let s = Served::start(|_| {});
+    s.sandbox.block_on(async {
+        let mut c = s.client().await;
+        let mut req = request(0);
+        req.max_new_tokens = 3000;
+        let mut stream = c.generate(req).await.unwrap().into_inner();
+        for _ in 0..3 {
+            assert!(stream.message().await.unwrap().unwrap().token.is_some());
+        }
+        assert!(
+            s.state
+                .scheduler
+                .stats()
+                .blocks_used
+                .load(Ordering::Relaxed)
+                > 0
+        );
+        drop(stream);
+    });
+    s.wait_drained();
+    // An HTTP client that closes its server-sent-event stream does the same.
+    s.sandbox.block_on(async {
+        let mut r = reqwest::Client::new()
+            .post(s.url("/v1/completions"))
+            .json(&serde_json::json!({"prompt": "Hello", "max_tokens": 3000, "ignore_eos": true, "stream": true}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.chunk().await.unwrap().is_some());
+        assert!(s.state.scheduler.stats().running.load(Ordering::Relaxed) > 0);
+        drop(r);
+    });
+    s.wait_drained();
+}
+
+#[test]
+fn tokenize_counts_tokens_and_model_info_describes_the_model() {
+    let s = Served::start(|_| {});
+    s.sandbox.block_on(async {
+        let mut c = s.client().await;
+        let count = |text: &str| {
+            let mut c = c.clone();
+            let text = text.to_string();
+            async move {
+                c.tokenize(TokenizeRequest {
+                    text,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+            }
+        };
+        let tight = count("def f(x): return x+1").await;
+        let spaced = count("def  f( x ) :\n\n    return   x + 1\n").await;
+        assert_eq!(tight.count as usize, tight.ids.len());
+        assert!(spaced.count > tight.count, "formatting costs tokens");
+        assert_eq!(tight.tokens.concat(), "def f(x): return x+1");
+        let info = c
+            .model_info(ModelInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.model, "tiny");
+        assert_eq!(info.vocab_size, 512);
+        assert_eq!((info.num_routed_experts, info.experts_per_token), (16, 4));
+        assert!(info.has_tokenizer && info.has_chat_template);
+        assert!(info.kv_cache_blocks > 0);
+        let bad = c
+            .tokenize(TokenizeRequest {
+                text: "x".into(),
+                model: "other".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(bad.code(), tonic::Code::NotFound);
+    });
+}
+
+#[test]
+fn grpc_errors_name_the_field_and_keep_the_server_up() {
+    let s = Served::start(|_| {});
+    s.sandbox.block_on(async {
+        let mut c = s.client().await;
+        let cases = [
+            (
+                GenerateRequest {
+                    prompt_ids: vec![],
+                    ..Default::default()
+                },
+                "prompt",
+            ),
+            (
+                GenerateRequest {
+                    prompt_ids: vec![1, 999],
+                    ..Default::default()
+                },
+                "got 999",
+            ),
+            (
+                GenerateRequest {
+                    prompt_ids: vec![1],
+                    temperature: -1.0,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                GenerateRequest {
+                    prompt_ids: vec![1],
+                    top_p: Some(0.0),
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                GenerateRequest {
+                    prompt_ids: vec![1],
+                    max_new_tokens: 5000,
+                    ..Default::default()
+                },
+                "max_tokens",
+            ),
+            (
+                GenerateRequest {
+                    prompt_ids: vec![1],
+                    stop: vec![String::new()],
+                    ..Default::default()
+                },
+                "stop[0]",
+            ),
+        ];
+        for (req, needle) in cases {
+            let e = c.generate_unary(req.clone()).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{req:?}");
+            assert!(e.message().contains(needle), "{}", e.message());
+            // The stream form refuses the same way, before any message.
+            let e = c.generate(req).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        }
+        let ok = c.generate_unary(request(2)).await.unwrap().into_inner();
+        assert_eq!(ok.completion_tokens, request(2).max_new_tokens);
+    });
+}
+
+#[test]
+fn text_prompts_stop_strings_and_logprobs() {
+    let s = Served::start(|_| {});
+    s.sandbox.block_on(async {
+        let mut c = s.client().await;
+        let base = GenerateRequest {
+            prompt: "Hello there, experts".into(),
+            max_new_tokens: 24,
+            ignore_eos: true,
+            logprobs: Some(3),
+            ..Default::default()
+        };
+        let full = c.generate_unary(base.clone()).await.unwrap().into_inner();
+        assert_eq!(full.tokens.len(), 24);
+        for t in &full.tokens {
+            let lp = t.logprob.unwrap();
+            assert!(lp <= 0.0);
+            assert_eq!(t.top_logprobs.len(), 3);
+            // Greedy picks the most likely token.
+            assert_eq!(t.top_logprobs[0].id, t.id);
+            assert!((t.top_logprobs[0].logprob - lp).abs() < 1e-5);
+        }
+        // A stop string taken from the middle of the greedy text ends the output before it.
+        let chars: Vec<char> = full.text.chars().collect();
+        assert!(chars.len() >= 6, "{:?}", full.text);
+        {
+            let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+            let cut = full.text.find(&stop).unwrap();
+            let stopped = c
+                .generate_unary(GenerateRequest {
+                    stop: vec![stop.clone()],
+                    ..base.clone()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(stopped.finish_reason, "stop");
+            assert_eq!(stopped.text, full.text[..cut], "stop {stop:?}");
+        }
+    });
+}
+
+fn sse_data(body: &str) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for line in body.lines() {
+        if let Some(d) = line.strip_prefix("data: ") {
+            if d == "[DONE]" {
+                return out;
+            }
+            out.push(serde_json::from_str(d).unwrap());
+        }
+    }
+    panic!("no [DONE] in {body}");
+}
+
+#[test]
+fn http_completions_chat_and_server_sent_events() {
+    let s = Served::start(|_| {});
+    s.sandbox.block_on(async {
+        let http = reqwest::Client::new();
+        let post = |path: &str, body: serde_json::Value| {
+            http.post(s.url(path)).json(&body).send()
+        };
+        let r = post(
+            "/v1/completions",
+            serde_json::json!({"model": "tiny", "prompt": "Hello", "max_tokens": 6, "temperature": 0, "ignore_eos": true}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 200);
+        let j: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(j["object"], "text_completion");
+        assert_eq!(j["usage"]["completion_tokens"], 6);
+        assert_eq!(j["choices"][0]["finish_reason"], "length");
+        let text = j["choices"][0]["text"].as_str().unwrap().to_string();
+
+        // The same request streamed adds up to the same text.
+        let r = post(
+            "/v1/completions",
+            serde_json::json!({"prompt": "Hello", "max_tokens": 6, "temperature": 0, "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        let chunks = sse_data(&r.text().await.unwrap());
+        let streamed: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"].get(0)?["text"].as_str())
+            .collect();
+        assert_eq!(streamed, text);
+        assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 6);
+
+        // Chat, plain and streamed.
+        let chat = serde_json::json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}], "max_tokens": 8, "temperature": 0, "ignore_eos": true});
+        let j: serde_json::Value = post("/v1/chat/completions", chat.clone())
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(j["object"], "chat.completion");
+        assert_eq!(j["choices"][0]["message"]["role"], "assistant");
+        let content = j["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+        let mut streamed = chat.clone();
+        streamed["stream"] = serde_json::json!(true);
+        let r = post("/v1/chat/completions", streamed).await.unwrap();
+        let chunks = sse_data(&r.text().await.unwrap());
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(text, content);
+        assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
+
+        // Models, health, metrics.
+        let m: serde_json::Value = http.get(s.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(m["data"][0]["id"], "tiny");
+        assert_eq!(http.get(s.url("/health")).send().await.unwrap().status(), 200);
+        let metrics = http.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        assert!(metrics.contains("switchyard_kv_blocks_total"));
+
+        // Errors: OpenAI-shaped, naming the field.
+        for (path, body, status, param) in [
+            ("/v1/completions", serde_json::json!({"prompt": "x", "temperature": -1}), 400, "temperature"),
+            ("/v1/completions", serde_json::json!({"prompt": "x", "max_tokens": "many"}), 400, "max_tokens"),
+            ("/v1/completions", serde_json::json!({"prompt": "x", "top_p": 2}), 400, "top_p"),
+            ("/v1/completions", serde_json::json!({"prompt": ""}), 400, "prompt"),
+            ("/v1/completions", serde_json::json!({"prompt": "x", "model": "gpt-4"}), 404, "model"),
+            ("/v1/chat/completions", serde_json::json!({"messages": []}), 400, "messages"),
+            ("/v1/chat/completions", serde_json::json!({"messages": [{"role": "robot", "content": "x"}]}), 400, "messages"),
+        ] {
+            let r = post(path, body.clone()).await.unwrap();
+            assert_eq!(r.status().as_u16(), status, "{body}");
+            let j: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(j["error"]["param"], param, "{body}: {j}");
+            assert!(j["error"]["message"].as_str().unwrap().contains(param), "{j}");
+        }
+        let r = http
+            .post(s.url("/v1/completions"))
+            .header("content-type", "application/json")
+            .body("{not json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+    });
+    s.wait_drained();
+}
+
+#[test]
+fn api_key_guards_the_client_apis_but_not_health() {
+    let s = Served::start(|o| o.api_key = Some("sekret".into()));
+    s.sandbox.block_on(async {
+        let http = reqwest::Client::new();
+        let r = http.get(s.url("/v1/models")).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        let r = http
+            .get(s.url("/v1/models"))
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        let r = http
+            .get(s.url("/v1/models"))
+            .bearer_auth("sekret")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            http.get(s.url("/health")).send().await.unwrap().status(),
+            200
+        );
+
+        let mut c = s.client().await;
+        let e = c.model_info(ModelInfoRequest {}).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        let mut req = tonic::Request::new(ModelInfoRequest {});
+        req.metadata_mut()
+            .insert("authorization", "Bearer sekret".parse().unwrap());
+        assert!(c.model_info(req).await.is_ok());
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", s.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "switchyard.v1.InferenceService".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(status.status, 1, "SERVING");
+    });
+}
+
+#[test]
+fn overload_is_refused_with_429_and_nothing_admitted_is_lost() {
+    let s = Served::start(|o| {
+        o.max_batch_size = 1;
+        o.max_waiting = 2;
+    });
+    let results: Vec<(u16, Option<String>, serde_json::Value)> = s.sandbox.block_on(async {
+        let http = reqwest::Client::new();
+        let mut tasks = Vec::new();
+        for i in 0..12 {
+            let http = http.clone();
+            let url = s.url("/v1/completions");
+            tasks.push(tokio::spawn(async move {
+                let r = http
+                    .post(url)
+                    .json(&serde_json::json!({"prompt": [1, 2, i + 3], "max_tokens": 40, "temperature": 0, "ignore_eos": true}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let retry = r
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_string());
+                (status, retry, r.json().await.unwrap())
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    let refused: Vec<_> = results.iter().filter(|r| r.0 == 429).collect();
+    let served: Vec<_> = results.iter().filter(|r| r.0 == 200).collect();
+    assert_eq!(refused.len() + served.len(), results.len(), "{results:?}");
+    assert!(
+        !refused.is_empty(),
+        "twelve at once overflow a queue of two"
+    );
+    for (_, retry, body) in &refused {
+        assert_eq!(retry.as_deref(), Some("1"));
+        assert_eq!(body["error"]["type"], "rate_limit_error");
+    }
+    for (_, _, body) in &served {
+        assert_eq!(body["usage"]["completion_tokens"], 40);
+    }
+    s.wait_drained();
+}
