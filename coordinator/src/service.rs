@@ -267,6 +267,8 @@ pub async fn serve(
     let result = tonic::transport::Server::builder()
         .add_service(switchyard_proto::health::serving("switchyard.v1.CoordinatorService").await)
         .add_service(node.into_server())
+        .add_optional_service(switchyard_proto::reflection::v1())
+        .add_optional_service(switchyard_proto::reflection::v1alpha())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     sweeper.abort();

@@ -140,6 +140,8 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(switchyard_proto::health::serving("switchyard.v1.ExpertService").await)
         .add_service(service.into_server())
+        .add_optional_service(switchyard_proto::reflection::v1())
+        .add_optional_service(switchyard_proto::reflection::v1alpha())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| WorkerError::Transport(e.to_string()))

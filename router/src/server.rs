@@ -423,7 +423,8 @@ pub async fn serve(
     );
     tonic::transport::Server::builder()
         .add_service(switchyard_proto::health::serving("switchyard.v1.InferenceService").await)
-        .add_service(switchyard_proto::reflection::service().map_err(RouterError::Runtime)?)
+        .add_optional_service(switchyard_proto::reflection::v1())
+        .add_optional_service(switchyard_proto::reflection::v1alpha())
         .add_service(api)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

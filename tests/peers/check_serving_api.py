@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Checks the serving API with clients nobody here wrote: the official `openai` package against
+the HTTP API (completions, streaming chat, models, its error types) and grpcio's reflection
+client against the gRPC API (discovering and calling InferenceService without .proto files).
+
+Starts `switchyard up` on loopback with an API key and an HTTP address, runs the checks, stops
+the cluster. Usage: check_serving_api.py PATH/TO/switchyard CACHE_DIR"""
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import openai
+from google.protobuf import descriptor_pool
+from google.protobuf.message_factory import GetMessageClass
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+KEY = "peer-test-key"
+
+
+def start(binary, cache):
+    up = subprocess.Popen(
+        [binary, "up", "--workers", "2", "--router-addr", "127.0.0.1:0",
+         "--http-addr", "127.0.0.1:0", "--api-key", KEY, "--cache-dir", cache,
+         "--served-model-name", "tiny"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    grpc_addr = http_addr = None
+    deadline = time.time() + 180
+    for line in up.stderr:
+        m = re.match(r"router · pid \d+ · (127\.0\.0\.1:\d+) · http (127\.0\.0\.1:\d+)", line)
+        if m:
+            grpc_addr, http_addr = m.group(1), m.group(2)
+        if line.startswith("serving"):
+            break
+        if time.time() > deadline:
+            raise SystemExit("switchyard up did not come up in 180 s")
+    assert grpc_addr and http_addr, "the router printed no gRPC and HTTP addresses"
+    return up, grpc_addr, http_addr
+
+
+def check_openai(http_addr):
+    client = openai.OpenAI(base_url=f"http://{http_addr}/v1", api_key=KEY, max_retries=0,
+                           timeout=60)
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"], models
+
+    done = client.completions.create(model="tiny", prompt="Hello there", max_tokens=8,
+                                     temperature=0, extra_body={"ignore_eos": True})
+    assert done.usage.completion_tokens == 8, done.usage
+    assert done.choices[0].finish_reason == "length"
+    text = done.choices[0].text
+
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(
+            model="tiny", prompt="Hello there", max_tokens=8, temperature=0, stream=True,
+            extra_body={"ignore_eos": True}) if c.choices)
+    assert streamed == text, (streamed, text)
+
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is an expert?"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10,
+                                          temperature=0, logprobs=True, top_logprobs=2,
+                                          extra_body={"ignore_eos": True})
+    content = chat.choices[0].message.content
+    assert chat.choices[0].message.role == "assistant"
+    assert len(chat.choices[0].logprobs.content) == 10
+    assert all(len(t.top_logprobs) == 2 for t in chat.choices[0].logprobs.content)
+    parts, usage = [], None
+    for chunk in client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            parts.append(c.delta.content or "")
+    assert "".join(parts) == content, (parts, content)
+    assert usage is not None and usage.completion_tokens == 10, usage
+
+    errors = [
+        (openai.BadRequestError, dict(temperature=-1.0), "temperature"),
+        (openai.BadRequestError, dict(top_p=1.5), "top_p"),
+        (openai.BadRequestError, dict(max_tokens=10 ** 7), "max_tokens"),
+        (openai.NotFoundError, dict(model="gpt-4"), "model"),
+    ]
+    for kind, extra, field in errors:
+        args = dict(model="tiny", prompt="x", max_tokens=4)
+        args.update(extra)
+        try:
+            client.completions.create(**args)
+            raise SystemExit(f"{extra} was accepted")
+        except kind as e:
+            assert field in str(e), e
+    bad_key = openai.OpenAI(base_url=f"http://{http_addr}/v1", api_key="wrong", max_retries=0)
+    try:
+        bad_key.models.list()
+        raise SystemExit("a wrong key was accepted")
+    except openai.AuthenticationError:
+        pass
+    print(f"openai {openai.__version__}: completions, streaming chat, logprobs, errors OK")
+
+
+def check_reflection(grpc_addr):
+    with grpc.insecure_channel(grpc_addr) as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = db.get_services()
+        assert "switchyard.v1.InferenceService" in services, services
+        pool = descriptor_pool.DescriptorPool(db)
+        service = pool.FindServiceByName("switchyard.v1.InferenceService")
+        methods = {m.name for m in service.methods}
+        assert {"Generate", "GenerateUnary", "Tokenize", "ModelInfo"} <= methods, methods
+        # Call Tokenize with message classes built from the reflected descriptors alone.
+        request_cls = GetMessageClass(pool.FindMessageTypeByName("switchyard.v1.TokenizeRequest"))
+        reply_cls = GetMessageClass(pool.FindMessageTypeByName("switchyard.v1.TokenizeResponse"))
+        tokenize = channel.unary_unary(
+            "/switchyard.v1.InferenceService/Tokenize",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=reply_cls.FromString)
+        reply = tokenize(request_cls(text="def f(x): return x"), timeout=10,
+                         metadata=[("authorization", f"Bearer {KEY}")])
+        assert reply.count == len(reply.ids) > 0, reply
+        try:
+            tokenize(request_cls(text="x"), timeout=10)
+            raise SystemExit("Tokenize without the key was accepted")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e
+    print(f"grpc reflection: {len(services)} services, Tokenize called from reflected types")
+
+
+def main():
+    binary, cache = sys.argv[1], sys.argv[2]
+    up, grpc_addr, http_addr = start(binary, cache)
+    try:
+        check_openai(http_addr)
+        check_reflection(grpc_addr)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
