@@ -310,6 +310,52 @@ fn generation_through_router_and_worker_processes_matches_local() {
 }
 
 #[test]
+fn text_prompts_stream_and_need_the_key_through_a_router_process() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), "f32");
+    let model = dir.path().to_str().unwrap();
+    let (_workers, _addrs, _router, r) = static_cluster(
+        model,
+        &["0-15"],
+        &["--api-key", "k3y", "--wire-dtype", "f32"],
+    );
+    let flags = [
+        "--prompt",
+        "Hello experts",
+        "--max-new-tokens",
+        "12",
+        "--ignore-eos",
+    ];
+    let run = |extra: &[&str]| {
+        switchyard(&[&["generate", "--router", &r][..], &flags[..], extra].concat())
+    };
+    let json = run(&["--api-key", "k3y", "--json"]);
+    assert!(
+        json.status.success(),
+        "{}",
+        String::from_utf8_lossy(&json.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 12);
+    // The same text locally, and streamed it prints the same text.
+    let local =
+        switchyard(&[&["generate", "--model", model][..], &flags[..], &["--json"]].concat());
+    let lv: serde_json::Value = serde_json::from_slice(&local.stdout).unwrap();
+    assert_eq!(lv["text"], v["text"]);
+    assert_eq!(lv["token_ids"], v["token_ids"]);
+    let streamed = run(&["--api-key", "k3y", "--stream"]);
+    assert!(streamed.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&streamed.stdout).trim_end_matches('\n'),
+        v["text"].as_str().unwrap()
+    );
+    let denied = run(&[]);
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert_eq!(denied.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("Unauthenticated"), "{stderr}");
+}
+
+#[test]
 fn up_brings_a_cluster_up_generates_through_it_and_stops_it() {
     let cache = tempfile::tempdir().unwrap();
     let cache_dir = cache.path().to_str().unwrap();
