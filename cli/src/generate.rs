@@ -183,6 +183,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         max_batch_tokens: 4096,
         max_waiting: 1,
         default_max_tokens: args.sampling.max_new_tokens.max(1),
+        metrics: switchyard_router::metrics::RouterMetrics::new(),
     };
     let state = ServingState::start(backend, config, tokenizer, &options)?;
     let start = Instant::now();

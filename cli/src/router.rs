@@ -12,6 +12,7 @@ use switchyard_router::backend::ModelBackend;
 use switchyard_router::coordinated::CoordinatedExperts;
 use switchyard_router::dispatch::DispatchOptions;
 use switchyard_router::grpc::CallMode;
+use switchyard_router::metrics::RouterMetrics;
 use switchyard_router::server::{self, ExpertSource, ServingOptions, ServingState};
 
 /// How the router talks to its expert workers.
@@ -90,7 +91,11 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    pub fn options(&self, model_dir: &std::path::Path) -> anyhow::Result<ServingOptions> {
+    pub fn options(
+        &self,
+        model_dir: &std::path::Path,
+        metrics: Arc<RouterMetrics>,
+    ) -> anyhow::Result<ServingOptions> {
         let api_key = match (&self.api_key, &self.api_key_file) {
             (Some(k), _) => Some(k.trim().to_string()),
             (None, Some(path)) => Some(
@@ -120,6 +125,7 @@ impl ServeArgs {
             max_batch_tokens: self.max_batch_tokens,
             max_waiting: self.max_waiting,
             default_max_tokens: self.default_max_tokens,
+            metrics,
         })
     }
 
@@ -185,7 +191,12 @@ pub struct RouterArgs {
 }
 
 pub fn run(args: RouterArgs) -> anyhow::Result<()> {
-    let options = args.serve.options(&args.model)?;
+    let metrics = RouterMetrics::new();
+    let options = args.serve.options(&args.model, metrics.clone())?;
+    let dispatch = DispatchOptions {
+        metrics: metrics.dispatch.clone(),
+        ..args.dispatch.options()
+    };
     let model = DeepseekModel::load(
         &args.model,
         &LoadOptions {
@@ -201,7 +212,7 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
             let experts = CoordinatedExperts::connect(
                 model.config(),
                 coordinator,
-                args.dispatch.options(),
+                dispatch.clone(),
                 Duration::from_secs(args.placement_wait_s),
             )
             .with_context(|| format!("following the coordinator at {coordinator}"))?;
@@ -211,9 +222,8 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
             )
         }
         None => {
-            let experts =
-                RemoteExperts::connect(model.config(), &args.workers, args.dispatch.options())
-                    .context("connecting to the expert workers")?;
+            let experts = RemoteExperts::connect(model.config(), &args.workers, dispatch.clone())
+                .context("connecting to the expert workers")?;
             (
                 ExpertSource::Static(Arc::new(experts)),
                 format!("{} expert workers", args.workers.len()),

@@ -5,8 +5,10 @@ use std::sync::Arc;
 
 use switchyard_engine::EngineError;
 use switchyard_engine::model::{
-    DeepseekModel, ExpertExecutor, ForwardOptions, KvLayout, LogitsFor, SeqInput,
+    DeepseekModel, ExpertExecutor, ForwardOptions, ForwardTimings, KvLayout, LogitsFor, SeqInput,
 };
+
+use crate::load::ExpertLoad;
 
 use crate::error::RouterError;
 use crate::server::ExpertSource;
@@ -18,8 +20,20 @@ pub trait Backend: Send + Sync + 'static {
     /// The model's end-of-sequence tokens.
     fn eos_token_ids(&self) -> &[u32];
     /// Runs every sequence's new tokens through the model, appending them to its cache.
-    /// Returns the logits of each sequence's last new token: `[sequences, vocab]`, row-major.
-    fn step(&self, seqs: &mut [SeqInput<'_>]) -> Result<Vec<f32>, RouterError>;
+    fn step(&self, seqs: &mut [SeqInput<'_>]) -> Result<StepOutput, RouterError>;
+
+    /// Tokens per expert and worker, when the backend counts them.
+    fn expert_load(&self) -> Option<Arc<ExpertLoad>> {
+        None
+    }
+}
+
+/// One step's result.
+#[derive(Debug, Default)]
+pub struct StepOutput {
+    /// The logits of each sequence's last new token: `[sequences, vocab]`, row-major.
+    pub logits: Vec<f32>,
+    pub timings: ForwardTimings,
 }
 
 /// The engine's model, its routed experts local or on expert workers.
@@ -28,20 +42,29 @@ pub struct ModelBackend {
     model: Arc<DeepseekModel>,
     /// `None`: the model holds its own experts.
     experts: Option<ExpertSource>,
+    load: Arc<ExpertLoad>,
 }
 
 impl ModelBackend {
     pub fn local(model: Arc<DeepseekModel>) -> ModelBackend {
-        ModelBackend {
-            model,
-            experts: None,
-        }
+        ModelBackend::new(model, None)
     }
 
     pub fn remote(model: Arc<DeepseekModel>, experts: ExpertSource) -> ModelBackend {
+        ModelBackend::new(model, Some(experts))
+    }
+
+    fn new(model: Arc<DeepseekModel>, experts: Option<ExpertSource>) -> ModelBackend {
+        let c = model.config();
+        let (n, k) = c
+            .moe
+            .as_ref()
+            .map_or((0, 0), |m| (m.n_routed_experts, m.num_experts_per_tok));
+        let load = Arc::new(ExpertLoad::new(c.moe_layers(), n, k));
         ModelBackend {
             model,
-            experts: Some(experts),
+            experts,
+            load,
         }
     }
 
@@ -63,24 +86,43 @@ impl Backend for ModelBackend {
         &self.model.config().eos_token_ids
     }
 
-    fn step(&self, seqs: &mut [SeqInput<'_>]) -> Result<Vec<f32>, RouterError> {
+    fn expert_load(&self) -> Option<Arc<ExpertLoad>> {
+        Some(self.load.clone())
+    }
+
+    fn step(&self, seqs: &mut [SeqInput<'_>]) -> Result<StepOutput, RouterError> {
         let options = ForwardOptions {
             logits: LogitsFor::Last,
+            record_routing: true,
             ..Default::default()
         };
         // One placement per step: a switch lands between steps, never inside one.
-        let out = match &self.experts {
-            None => self.model.forward(seqs, &options),
+        let (out, experts) = match &self.experts {
+            None => (self.model.forward(seqs, &options), None),
             Some(source) => {
                 let experts = source.snapshot();
                 let executor: &dyn ExpertExecutor = &*experts;
-                self.model.forward_with(seqs, &options, executor)
+                (
+                    self.model.forward_with(seqs, &options, executor),
+                    Some(experts),
+                )
             }
         };
         let out = out.map_err(|e| match e {
             EngineError::Executor(m) => RouterError::Runtime(m),
             e => RouterError::Engine(e),
         })?;
-        Ok(out.logits.into_f32_vec())
+        for (layer, routing) in &out.routing {
+            let worker_of = |e: u32| {
+                experts
+                    .as_ref()
+                    .and_then(|x| x.dispatcher().worker_for(*layer, e))
+            };
+            self.load.record(*layer, routing, &worker_of);
+        }
+        Ok(StepOutput {
+            logits: out.logits.into_f32_vec(),
+            timings: out.timings,
+        })
     }
 }

@@ -219,6 +219,8 @@ pub struct DispatchOptions {
     pub shared_on_workers: bool,
     /// A unary RPC per call, or one long-lived stream per worker.
     pub call_mode: crate::grpc::CallMode,
+    /// Where per-layer latency and per-worker traffic are recorded.
+    pub metrics: crate::metrics::DispatchMetrics,
 }
 
 impl Default for DispatchOptions {
@@ -229,6 +231,7 @@ impl Default for DispatchOptions {
             max_message_bytes: 64 << 20,
             shared_on_workers: false,
             call_mode: crate::grpc::CallMode::Unary,
+            metrics: crate::metrics::DispatchMetrics::default(),
         }
     }
 }
@@ -276,6 +279,11 @@ impl Dispatcher {
         self.stats.get(&worker)
     }
 
+    /// Which worker serves `expert` of `layer` first (where its tokens are sent).
+    pub fn worker_for(&self, layer: usize, expert: u32) -> Option<WorkerId> {
+        self.placement.worker(layer, expert)
+    }
+
     /// Sends one layer's calls concurrently and sums the replies: `[tokens, hidden]`.
     pub fn dispatch(
         &self,
@@ -288,6 +296,25 @@ impl Dispatcher {
 
     /// Like [`Dispatcher::dispatch`], running `meanwhile` between sending and waiting.
     pub fn dispatch_overlapped(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        routing: &Routing,
+        meanwhile: &mut dyn FnMut() -> switchyard_engine::Result<()>,
+    ) -> Result<Tensor, RouterError> {
+        let started = std::time::Instant::now();
+        let result = self.dispatch_inner(layer, x, routing, meanwhile);
+        self.options
+            .metrics
+            .layer_seconds
+            .get_or_create(&crate::metrics::LayerLabel {
+                layer: layer as u32,
+            })
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    fn dispatch_inner(
         &self,
         layer: usize,
         x: &Tensor,
@@ -364,12 +391,20 @@ impl Dispatcher {
             let hidden_rows = call.request.hidden.take();
             sent.push(call.clone());
             call.request.hidden = hidden_rows;
+            let bytes = call.request.hidden.as_ref().map_or(0, |h| h.data.len());
             if let Some(s) = self.stats.get(&call.worker) {
                 s.calls.fetch_add(1, Ordering::Relaxed);
                 s.rows.fetch_add(call.rows.len() as u64, Ordering::Relaxed);
-                let bytes = call.request.hidden.as_ref().map_or(0, |h| h.data.len());
                 s.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
             }
+            let label = crate::metrics::WorkerLabel {
+                worker: call.worker.0,
+            };
+            let m = &self.options.metrics;
+            m.rows_sent
+                .get_or_create(&label)
+                .inc_by(call.rows.len() as u64);
+            m.bytes_sent.get_or_create(&label).inc_by(bytes as u64);
             let fut = self.transport.forward(call.worker, call.request);
             let tx = tx.clone();
             // Spawned, and waited on through a plain channel, so callers need no async context.
@@ -400,18 +435,33 @@ impl Dispatcher {
                 ))
             })?;
             let call = &calls[i];
+            let label = crate::metrics::WorkerLabel {
+                worker: call.worker.0,
+            };
             let reply = match result {
                 Ok(reply) => reply,
-                Err(e) if retryable(&e) => {
-                    failed.push((i, e));
-                    continue;
+                Err(e) => {
+                    self.options
+                        .metrics
+                        .failed_calls
+                        .get_or_create(&label)
+                        .inc();
+                    if retryable(&e) {
+                        failed.push((i, e));
+                        continue;
+                    }
+                    return Err(e);
                 }
-                Err(e) => return Err(e),
             };
             if let Some(s) = self.stats.get(&call.worker) {
                 s.bytes_received
                     .fetch_add(reply.data.len() as u64, Ordering::Relaxed);
             }
+            self.options
+                .metrics
+                .bytes_received
+                .get_or_create(&label)
+                .inc_by(reply.data.len() as u64);
             let n = codec::expect_rows("output", &reply, self.hidden)?;
             if n != call.rows.len() {
                 return Err(RouterError::Runtime(format!(

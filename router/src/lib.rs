@@ -21,6 +21,8 @@ pub mod dispatch;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod load;
+pub mod metrics;
 pub mod placement;
 pub mod remote;
 pub mod request;

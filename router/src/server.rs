@@ -12,8 +12,9 @@ use switchyard_engine::sampling::TokenLogprobs;
 use switchyard_engine::tokenizer::TextTokenizer;
 use switchyard_proto::v1::inference_service_server::{InferenceService, InferenceServiceServer};
 use switchyard_proto::v1::{
-    GenerateRequest, GenerateResponse, GenerateStreamResponse, GeneratedToken, ModelInfoRequest,
-    ModelInfoResponse, TokenLogprob, TokenizeRequest, TokenizeResponse, Usage,
+    ExpertLoadRequest, ExpertLoadResponse, GenerateRequest, GenerateResponse,
+    GenerateStreamResponse, GeneratedToken, ModelInfoRequest, ModelInfoResponse, TokenLogprob,
+    TokenizeRequest, TokenizeResponse, Usage,
 };
 use tokio::net::TcpListener;
 use tokio_stream::Stream;
@@ -24,6 +25,8 @@ use tracing::instrument;
 use crate::backend::Backend;
 use crate::coordinated::CoordinatedExperts;
 use crate::error::RouterError;
+use crate::load::{ExpertLoad, LoadSnapshot};
+use crate::metrics::{ImbalanceLabel, RouterMetrics};
 use crate::remote::RemoteExperts;
 use crate::request::{self, Limits, Prompt, RawRequest, ValidRequest};
 use crate::scheduler::{Event, RequestStream, Scheduler, SchedulerConfig};
@@ -57,6 +60,9 @@ pub struct ServingState {
     pub config: Arc<ModelConfig>,
     /// When set, client APIs require it (`authorization: Bearer KEY`); health stays open.
     pub api_key: Option<Arc<str>>,
+    pub metrics: Arc<RouterMetrics>,
+    /// Tokens per expert and worker (absent for backends that do not count them).
+    pub expert_load: Option<Arc<ExpertLoad>>,
 }
 
 /// How a router serves: names, limits and the scheduler's sizes.
@@ -73,6 +79,8 @@ pub struct ServingOptions {
     pub max_waiting: usize,
     /// `max_tokens` for requests that give none.
     pub default_max_tokens: usize,
+    /// Where the router's metrics go (share it with the dispatcher's options).
+    pub metrics: Arc<RouterMetrics>,
 }
 
 impl ServingState {
@@ -101,6 +109,7 @@ impl ServingState {
                 ),
             ));
         }
+        let expert_load = backend.expert_load();
         let scheduler = Scheduler::start(
             backend,
             tokenizer.clone(),
@@ -111,6 +120,7 @@ impl ServingState {
                 kv_blocks,
                 block_size: o.block_size,
             },
+            o.metrics.clone(),
         )?;
         Ok(ServingState {
             scheduler,
@@ -124,7 +134,40 @@ impl ServingState {
             tokenizer,
             config,
             api_key: o.api_key.as_deref().map(Arc::from),
+            metrics: o.metrics.clone(),
+            expert_load,
         })
+    }
+
+    /// The expert-load window as JSON-ready data; `reset` starts a new window.
+    pub fn expert_load(&self, reset: bool) -> Result<LoadSnapshot, RouterError> {
+        let load = self.expert_load.as_ref().ok_or_else(|| {
+            RouterError::invalid("expert_load", "this router does not count expert load")
+        })?;
+        Ok(load.snapshot(reset))
+    }
+
+    /// The Prometheus text of every router metric, the expert-load imbalance gauges refreshed.
+    pub fn render_metrics(&self) -> String {
+        if let Some(load) = &self.expert_load {
+            for l in load.snapshot(false).layers {
+                for (over, value) in [
+                    ("expert", l.expert_imbalance),
+                    ("worker", l.worker_imbalance),
+                ] {
+                    if let Some(v) = value {
+                        self.metrics
+                            .imbalance
+                            .get_or_create(&ImbalanceLabel {
+                                layer: l.layer as u32,
+                                over,
+                            })
+                            .set(v);
+                    }
+                }
+            }
+        }
+        self.metrics.render()
     }
 
     /// Validates and queues one request.
@@ -399,6 +442,17 @@ impl InferenceService for InferenceApi {
         _request: Request<ModelInfoRequest>,
     ) -> Result<Response<ModelInfoResponse>, Status> {
         Ok(Response::new(self.state.model_info()))
+    }
+
+    #[instrument(skip_all)]
+    async fn expert_load(
+        &self,
+        request: Request<ExpertLoadRequest>,
+    ) -> Result<Response<ExpertLoadResponse>, Status> {
+        let snapshot = self.state.expert_load(request.get_ref().reset)?;
+        let json = serde_json::to_string(&snapshot)
+            .map_err(|e| Status::internal(format!("serialising the expert load: {e}")))?;
+        Ok(Response::new(ExpertLoadResponse { json }))
     }
 }
 

@@ -44,6 +44,7 @@ fn options() -> ServingOptions {
         max_batch_tokens: 256,
         max_waiting: 256,
         default_max_tokens: 32,
+        metrics: switchyard_router::metrics::RouterMetrics::new(),
     }
 }
 
@@ -69,9 +70,13 @@ impl Served {
             },
         )
         .unwrap();
-        let experts =
-            RemoteExperts::connect(model.config(), &sandbox.addrs(), DispatchOptions::default())
-                .unwrap();
+        let mut o = options();
+        adjust(&mut o);
+        let dispatch = DispatchOptions {
+            metrics: o.metrics.dispatch.clone(),
+            ..Default::default()
+        };
+        let experts = RemoteExperts::connect(model.config(), &sandbox.addrs(), dispatch).unwrap();
         let tokenizer = TextTokenizer::from_dir(dir.path()).unwrap().map(Arc::new);
         assert!(tokenizer.is_some(), "synth writes a tokenizer");
         let config = Arc::new(model.config().clone());
@@ -79,8 +84,6 @@ impl Served {
             Arc::new(model),
             ExpertSource::Static(Arc::new(experts)),
         ));
-        let mut o = options();
-        adjust(&mut o);
         let state = ServingState::start(backend, config, tokenizer, &o).unwrap();
         let (grpc_l, http_l) = sandbox.block_on(async {
             (
@@ -488,7 +491,7 @@ fn http_completions_chat_and_server_sent_events() {
         assert_eq!(m["data"][0]["id"], "tiny");
         assert_eq!(http.get(s.url("/health")).send().await.unwrap().status(), 200);
         let metrics = http.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
-        assert!(metrics.contains("switchyard_kv_blocks_total"));
+        assert!(metrics.contains("switchyard_kv_blocks_free"));
 
         // Errors: OpenAI-shaped, naming the field.
         for (path, body, status, param) in [
@@ -616,4 +619,88 @@ fn overload_is_refused_with_429_and_nothing_admitted_is_lost() {
         assert_eq!(body["usage"]["completion_tokens"], 40);
     }
     s.wait_drained();
+}
+
+#[test]
+fn expert_load_counts_add_up_to_routed_tokens_times_top_k() {
+    use switchyard_proto::v1::ExpertLoadRequest;
+    let s = Served::start(|_| {});
+    let load = s.sandbox.block_on(async {
+        let mut c = s.client().await;
+        // Start a clean window, then run requests with known token counts.
+        c.expert_load(ExpertLoadRequest { reset: true })
+            .await
+            .unwrap();
+        let mut fed = 0u64;
+        for i in 0..6 {
+            let req = request(i);
+            let reply = c.generate_unary(req.clone()).await.unwrap().into_inner();
+            // Every prompt token and every output token but the last went through the model.
+            fed += u64::from(reply.prompt_tokens + reply.completion_tokens - 1);
+        }
+        let json = c
+            .expert_load(ExpertLoadRequest { reset: false })
+            .await
+            .unwrap()
+            .into_inner()
+            .json;
+        (
+            fed,
+            serde_json::from_str::<switchyard_router::load::LoadSnapshot>(&json).unwrap(),
+        )
+    });
+    let (fed, snapshot) = load;
+    assert_eq!(snapshot.top_k, 4);
+    assert_eq!(snapshot.layers.len(), 2, "tiny has two MoE layers");
+    for l in &snapshot.layers {
+        assert_eq!(l.tokens, fed, "layer {}", l.layer);
+        assert_eq!(l.experts.iter().sum::<u64>(), fed * 4);
+        // Worker 0 holds experts 0-7, worker 1 experts 8-15.
+        assert_eq!(l.workers[&0], l.experts[..8].iter().sum::<u64>());
+        assert_eq!(l.workers[&1], l.experts[8..].iter().sum::<u64>());
+        assert!(l.expert_imbalance.unwrap() >= 1.0);
+    }
+    // The same over HTTP, and the imbalance gauges and outcome counters in /metrics.
+    s.sandbox.block_on(async {
+        let http = reqwest::Client::new();
+        let metrics = http
+            .get(s.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let j: serde_json::Value = http
+            .get(s.url("/v1/expert_load?reset=true"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(j["layers"][0]["tokens"], fed);
+        assert!(
+            metrics.contains("switchyard_requests_total{outcome=\"length\"} 6"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("switchyard_expert_load_imbalance{layer=\"1\",over=\"expert\"}"));
+        assert!(
+            metrics.contains("switchyard_dispatch_layer_seconds_count{layer=\"1\"}"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("switchyard_step_phase_seconds_total{phase=\"experts\"}"));
+        let after: serde_json::Value = http
+            .get(s.url("/v1/expert_load"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            after["layers"][0]["tokens"], 0,
+            "the reset started a new window"
+        );
+    });
 }

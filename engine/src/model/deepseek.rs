@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
@@ -59,11 +60,25 @@ pub struct ForwardOptions {
     pub record_routing: bool,
 }
 
+/// Where a forward pass's time went, summed over layers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ForwardTimings {
+    pub attention: Duration,
+    pub dense_ffn: Duration,
+    pub gate: Duration,
+    /// Routed experts: local compute, or dispatch and wait for remote workers.
+    pub experts: Duration,
+    pub shared_expert: Duration,
+    /// Embedding, norms, residuals, final norm and LM head.
+    pub other: Duration,
+}
+
 #[derive(Debug)]
 pub struct ForwardOutput {
     pub logits: Tensor,
     /// `(layer, routing)` per MoE layer when asked for.
     pub routing: Vec<(usize, Routing)>,
+    pub timings: ForwardTimings,
 }
 
 #[derive(Debug)]
@@ -313,6 +328,8 @@ impl DeepseekModel {
             });
             tokens += s.tokens.len();
         }
+        let start = Instant::now();
+        let mut timings = ForwardTimings::default();
         // [tokens, hidden]
         let mut x =
             self.embed_tokens(seqs.iter().flat_map(|s| s.tokens.iter().copied()), tokens)?;
@@ -320,15 +337,25 @@ impl DeepseekModel {
         for (l, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_norm.forward(&x)?;
             let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
+            let t = Instant::now();
             let attn = layer
                 .attn
                 .forward(&normed, &spans, &mut caches, l, options.attention)?;
+            timings.attention += t.elapsed();
             add_inplace(&mut x, &attn)?;
             let normed = layer.post_norm.forward(&x)?;
             let ffn = match &layer.ffn {
-                Ffn::Dense(m) => m.forward(&normed)?,
+                Ffn::Dense(m) => {
+                    let t = Instant::now();
+                    let out = m.forward(&normed)?;
+                    timings.dense_ffn += t.elapsed();
+                    out
+                }
                 Ffn::Moe(m) => {
-                    let (out, r) = m.forward(l, &normed, executor)?;
+                    let (out, r, mt) = m.forward(l, &normed, executor)?;
+                    timings.gate += mt.gate;
+                    timings.experts += mt.experts;
+                    timings.shared_expert += mt.shared_expert;
                     if options.record_routing {
                         routing.push((l, r));
                     }
@@ -353,9 +380,17 @@ impl DeepseekModel {
             }
         };
         let normed = self.norm.forward(&x)?;
+        let logits = self.lm_head.forward(&normed)?;
+        let accounted = timings.attention
+            + timings.dense_ffn
+            + timings.gate
+            + timings.experts
+            + timings.shared_expert;
+        timings.other = start.elapsed().saturating_sub(accounted);
         Ok(ForwardOutput {
-            logits: self.lm_head.forward(&normed)?,
+            logits,
             routing,
+            timings,
         })
     }
 

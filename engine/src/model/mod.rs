@@ -16,7 +16,8 @@ pub mod rope;
 pub use attention::AttentionMode;
 pub use cache::{BlockPool, KvBlock, KvCache, KvLayout};
 pub use deepseek::{
-    DeepseekModel, ExpertSelection, ForwardOptions, ForwardOutput, LoadOptions, LogitsFor, SeqInput,
+    DeepseekModel, ExpertSelection, ForwardOptions, ForwardOutput, ForwardTimings, LoadOptions,
+    LogitsFor, SeqInput,
 };
 pub use gate::Routing;
 pub use moe::ExpertExecutor;

@@ -1,5 +1,7 @@
 //! The MoE block of one layer: gate, routed experts (wherever they run), shared experts.
 
+use std::time::{Duration, Instant};
+
 use crate::error::Result;
 use crate::model::experts::RoutedExperts;
 use crate::model::gate::{Gate, Routing};
@@ -35,6 +37,16 @@ pub trait ExpertExecutor: Sync {
     }
 }
 
+/// Where one MoE block's time went.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MoeTimings {
+    pub gate: Duration,
+    /// The routed experts: compute here, or sending and waiting on remote workers (less the
+    /// shared expert computed meanwhile).
+    pub experts: Duration,
+    pub shared_expert: Duration,
+}
+
 #[derive(Debug)]
 pub struct Moe {
     pub gate: Gate,
@@ -50,22 +62,33 @@ impl Moe {
         layer: usize,
         x: &Tensor,
         executor: &dyn ExpertExecutor,
-    ) -> Result<(Tensor, Routing)> {
+    ) -> Result<(Tensor, Routing, MoeTimings)> {
+        let start = Instant::now();
         let routing = self.gate.forward(x)?;
+        let gate = start.elapsed();
         let mut shared = None;
+        let mut shared_time = Duration::ZERO;
         let local_shared = self
             .shared
             .as_ref()
             .filter(|_| !executor.runs_shared_experts());
+        let experts_start = Instant::now();
         let mut out = executor.run_overlapped(layer, x, &routing, &mut || {
+            let t = Instant::now();
             shared = local_shared.map(|s| s.forward(x)).transpose()?;
+            shared_time = t.elapsed();
             Ok(())
         })?;
+        let timings = MoeTimings {
+            gate,
+            experts: experts_start.elapsed().saturating_sub(shared_time),
+            shared_expert: shared_time,
+        };
         if let Some(shared) = shared {
             for (o, s) in out.as_f32_mut()?.iter_mut().zip(shared.as_f32()?) {
                 *o += s;
             }
         }
-        Ok((out, routing))
+        Ok((out, routing, timings))
     }
 }

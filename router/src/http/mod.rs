@@ -70,6 +70,7 @@ pub fn router(state: ServingState) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/v1/expert_load", get(expert_load))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -116,54 +117,31 @@ async fn health(State(state): State<ServingState>) -> axum::Json<Value> {
     }))
 }
 
-/// A first set of gauges; the metrics issue grows this into the full table.
+/// Every router metric as Prometheus text.
 async fn metrics(State(state): State<ServingState>) -> impl IntoResponse {
-    let s = state.scheduler.stats();
-    let gauges = [
-        (
-            "switchyard_requests_waiting",
-            "Requests waiting for a batch slot.",
-            s.waiting.load(Ordering::Relaxed),
-        ),
-        (
-            "switchyard_requests_running",
-            "Sequences in the running batch.",
-            s.running.load(Ordering::Relaxed),
-        ),
-        (
-            "switchyard_kv_blocks_used",
-            "KV cache blocks in use.",
-            s.blocks_used.load(Ordering::Relaxed),
-        ),
-        (
-            "switchyard_kv_blocks_total",
-            "KV cache blocks in the pool.",
-            s.blocks_total.load(Ordering::Relaxed),
-        ),
-    ];
-    let mut text = String::new();
-    for (name, help, value) in gauges {
-        text.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
-        ));
-    }
-    for (name, help, value) in [
-        (
-            "switchyard_preemptions_total",
-            "Sequences preempted for cache blocks.",
-            s.preemptions.load(Ordering::Relaxed),
-        ),
-        (
-            "switchyard_scheduler_steps_total",
-            "Forward steps run.",
-            s.steps.load(Ordering::Relaxed),
-        ),
-    ] {
-        text.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
-        ));
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.render_metrics(),
+    )
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LoadQuery {
+    #[serde(default)]
+    reset: bool,
+}
+
+/// Tokens per (layer, expert) and per worker over the window; `?reset=true` starts a new one.
+async fn expert_load(
+    State(state): State<ServingState>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<LoadQuery>,
+) -> Result<axum::Json<crate::load::LoadSnapshot>, ApiError> {
+    authorize(&state, &headers)?;
+    Ok(axum::Json(state.expert_load(q.reset)?))
 }
 
 async fn models(

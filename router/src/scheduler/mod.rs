@@ -26,6 +26,7 @@ use tracing::{debug, warn};
 
 use crate::backend::Backend;
 use crate::error::RouterError;
+use crate::metrics::RouterMetrics;
 use crate::request::ValidRequest;
 use sequence::{Sequence, StepOutcome};
 
@@ -141,6 +142,7 @@ pub struct Scheduler {
     next_id: Arc<AtomicUsize>,
     config: SchedulerConfig,
     stats: Arc<SchedulerStats>,
+    metrics: Arc<RouterMetrics>,
 }
 
 impl std::fmt::Debug for Msg {
@@ -155,6 +157,7 @@ impl Scheduler {
         backend: Arc<dyn Backend>,
         tokenizer: Option<Arc<TextTokenizer>>,
         config: SchedulerConfig,
+        metrics: Arc<RouterMetrics>,
     ) -> Result<Scheduler, RouterError> {
         config.check()?;
         let (tx, rx) = mpsc::channel();
@@ -174,6 +177,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             stats: stats.clone(),
+            metrics: metrics.clone(),
         };
         std::thread::Builder::new()
             .name("switchyard-scheduler".into())
@@ -185,6 +189,7 @@ impl Scheduler {
             next_id: Arc::new(AtomicUsize::new(1)),
             config,
             stats,
+            metrics,
         })
     }
 
@@ -206,6 +211,7 @@ impl Scheduler {
             })
             .is_err()
         {
+            self.metrics.outcome("rejected");
             return Err(RouterError::Overloaded {
                 waiting: self.waiting.load(Ordering::Acquire),
                 limit,
@@ -242,6 +248,7 @@ struct Worker {
     /// Running, oldest first.
     running: Vec<Sequence>,
     stats: Arc<SchedulerStats>,
+    metrics: Arc<RouterMetrics>,
 }
 
 impl Worker {
@@ -302,6 +309,7 @@ impl Worker {
             if self.running[i].gone(now) {
                 let mut seq = self.running.remove(i);
                 self.release(&mut seq);
+                self.metrics.outcome(seq.end_reason(now));
                 seq.expire(now);
             } else {
                 i += 1;
@@ -312,6 +320,7 @@ impl Worker {
             if seq.gone(now) {
                 self.unqueue(&seq);
                 self.release(&mut seq);
+                self.metrics.outcome(seq.end_reason(now));
                 seq.expire(now);
             } else {
                 self.waiting.push_back(seq);
@@ -364,6 +373,9 @@ impl Worker {
                 break;
             };
             self.unqueue(&seq);
+            if !seq.admitted {
+                self.metrics.prompt_tokens.inc_by(seq.prompt_len() as u64);
+            }
             seq.admitted = true;
             self.running.push(seq);
             plan.push(n);
@@ -388,6 +400,7 @@ impl Worker {
             self.release(&mut victim);
             victim.preempted();
             self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+            self.metrics.preemptions.inc();
             debug!(request = victim.id, "preempted for cache blocks");
             self.waiting.push_front(victim);
             if youngest == i {
@@ -411,8 +424,23 @@ impl Worker {
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let vocab = self.backend.vocab_size();
         let scheduled = plan.iter().filter(|&&n| n > 0).count();
+        let m = self.metrics.clone();
+        m.step_tokens.observe(plan.iter().sum::<usize>() as f64);
         match result {
-            Ok(logits) if logits.len() == scheduled * vocab => {
+            Ok(out) if out.logits.len() == scheduled * vocab => {
+                let t = &out.timings;
+                for (phase, d) in [
+                    ("attention", t.attention),
+                    ("dense_ffn", t.dense_ffn),
+                    ("gate", t.gate),
+                    ("experts", t.experts),
+                    ("shared_expert", t.shared_expert),
+                    ("other", t.other),
+                ] {
+                    m.phase(phase, d.as_secs_f64());
+                }
+                let logits = out.logits;
+                let sampling = Instant::now();
                 let mut row = 0;
                 let mut finished = Vec::new();
                 for (i, &n) in plan.iter().enumerate() {
@@ -421,10 +449,10 @@ impl Worker {
                     }
                     let seq = &mut self.running[i];
                     let outcome = seq.advance(
-                        n,
                         &logits[row * vocab..(row + 1) * vocab],
                         self.tokenizer.as_deref(),
                         self.backend.eos_token_ids(),
+                        &m,
                     );
                     row += 1;
                     if outcome != StepOutcome::Continue {
@@ -435,6 +463,8 @@ impl Worker {
                     let mut seq = self.running.remove(i);
                     self.release(&mut seq);
                 }
+                m.phase("sampling", sampling.elapsed().as_secs_f64());
+                m.step_duration.observe(started.elapsed().as_secs_f64());
                 debug!(
                     sequences = scheduled,
                     tokens = plan.iter().sum::<usize>(),
@@ -442,11 +472,11 @@ impl Worker {
                     "step"
                 );
             }
-            Ok(logits) => self.fail_scheduled(
+            Ok(out) => self.fail_scheduled(
                 plan,
                 RouterError::Runtime(format!(
                     "step returned {} logits for {scheduled} sequences of vocab {vocab}",
-                    logits.len()
+                    out.logits.len()
                 )),
             ),
             Err(e) => {
@@ -463,6 +493,7 @@ impl Worker {
             if plan[i] > 0 {
                 let mut seq = self.running.remove(i);
                 self.release(&mut seq);
+                self.metrics.outcome("failed");
                 seq.fail_shared(error.clone());
             }
         }
@@ -474,6 +505,11 @@ impl Worker {
         s.running.store(self.running.len(), Ordering::Relaxed);
         s.blocks_used
             .store(self.pool.used_blocks(), Ordering::Relaxed);
+        let m = &self.metrics;
+        m.queue_depth.set(self.waiting.len() as i64);
+        m.running.set(self.running.len() as i64);
+        m.kv_blocks_used.set(self.pool.used_blocks() as i64);
+        m.kv_blocks_free.set(self.pool.free_blocks() as i64);
     }
 }
 

@@ -10,6 +10,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Event, FinishReason};
 use crate::error::RouterError;
+use crate::metrics::RouterMetrics;
 use crate::request::ValidRequest;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +34,8 @@ pub(super) struct Sequence {
     held: String,
     /// Whether it has been in the running batch (then it no longer counts as waiting).
     pub(super) admitted: bool,
+    arrived: Instant,
+    last_token_at: Option<Instant>,
 }
 
 impl Sequence {
@@ -49,6 +52,21 @@ impl Sequence {
             detok: IncrementalDecoder::default(),
             held: String::new(),
             admitted: false,
+            arrived: Instant::now(),
+            last_token_at: None,
+        }
+    }
+
+    pub(super) fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// The outcome label of a sequence leaving through [`Self::gone`].
+    pub(super) fn end_reason(&self, now: Instant) -> &'static str {
+        if self.req.deadline.is_some_and(|d| now >= d) && !self.events.is_closed() {
+            "deadline"
+        } else {
+            "cancelled"
         }
     }
 
@@ -110,10 +128,10 @@ impl Sequence {
     /// streams it and checks the stop conditions.
     pub(super) fn advance(
         &mut self,
-        _n: usize,
         logits: &[f32],
         tokenizer: Option<&TextTokenizer>,
         eos: &[u32],
+        metrics: &RouterMetrics,
     ) -> StepOutcome {
         if self.pending() > 0 {
             // A prefill chunk that does not finish the prompt: nothing to draw yet.
@@ -123,6 +141,17 @@ impl Sequence {
             return StepOutcome::Continue;
         };
         let token = sampler.sample(logits);
+        let now = Instant::now();
+        match self.last_token_at {
+            None => metrics
+                .time_to_first_token
+                .observe(now.duration_since(self.arrived).as_secs_f64()),
+            Some(last) => metrics
+                .inter_token_latency
+                .observe(now.duration_since(last).as_secs_f64()),
+        }
+        self.last_token_at = Some(now);
+        metrics.generation_tokens.inc();
         let logprobs = self
             .req
             .logprobs
@@ -183,6 +212,10 @@ impl Sequence {
                         }
                     }
                 }
+                metrics.outcome(reason.as_str());
+                metrics
+                    .request_duration
+                    .observe(now.duration_since(self.arrived).as_secs_f64());
                 let _ = self.events.send(Event::Finished {
                     text: std::mem::take(&mut self.held),
                     reason,

@@ -40,7 +40,7 @@ impl Backend for Fake {
     fn eos_token_ids(&self) -> &[u32] {
         &self.eos
     }
-    fn step(&self, seqs: &mut [SeqInput<'_>]) -> Result<Vec<f32>, RouterError> {
+    fn step(&self, seqs: &mut [SeqInput<'_>]) -> Result<crate::backend::StepOutput, RouterError> {
         std::thread::sleep(self.step_delay);
         let mut logits = vec![0.0f32; seqs.len() * VOCAB];
         let mut sizes = Vec::new();
@@ -52,7 +52,10 @@ impl Backend for Fake {
             logits[i * VOCAB + next_token(last, s.cache.len()) as usize] = 5.0;
         }
         self.steps.lock().unwrap().push(sizes);
-        Ok(logits)
+        Ok(crate::backend::StepOutput {
+            logits,
+            ..Default::default()
+        })
     }
 }
 
@@ -127,7 +130,7 @@ fn wait_idle(s: &Scheduler) {
 
 fn start(fake: Fake, config: SchedulerConfig) -> (Arc<Fake>, Scheduler) {
     let fake = Arc::new(fake);
-    let s = Scheduler::start(fake.clone(), None, config).unwrap();
+    let s = Scheduler::start(fake.clone(), None, config, RouterMetrics::new()).unwrap();
     (fake, s)
 }
 

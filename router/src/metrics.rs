@@ -1,0 +1,263 @@
+//! Every metric the router exports, declared in one place. Prometheus text at `/metrics`;
+//! names prefixed `switchyard_`; labels stay low-cardinality (outcome, phase, layer, worker —
+//! never expert: per-expert counts are too many series at DeepSeek-V3 scale, 58 × 256, and are
+//! served as JSON by the expert-load endpoint instead).
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LayerLabel {
+    pub layer: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabel {
+    pub worker: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ImbalanceLabel {
+    pub layer: u32,
+    /// `expert` or `worker`: max / mean tokens over which.
+    pub over: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 0.25 ms .. ~33 s.
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 18))
+}
+
+/// What the dispatcher records per layer and per worker. Cheap to clone (shared handles), so
+/// every dispatcher of a router — one per placement version — feeds the same series.
+#[derive(Clone, Debug)]
+pub struct DispatchMetrics {
+    pub layer_seconds: HistogramFamily<LayerLabel>,
+    pub bytes_sent: Family<WorkerLabel, Counter>,
+    pub bytes_received: Family<WorkerLabel, Counter>,
+    pub rows_sent: Family<WorkerLabel, Counter>,
+    pub failed_calls: Family<WorkerLabel, Counter>,
+}
+
+impl Default for DispatchMetrics {
+    fn default() -> Self {
+        DispatchMetrics {
+            layer_seconds: Family::new_with_constructor(latency_histogram),
+            bytes_sent: Family::default(),
+            bytes_received: Family::default(),
+            rows_sent: Family::default(),
+            failed_calls: Family::default(),
+        }
+    }
+}
+
+/// The router's metrics and the registry that renders them.
+#[derive(Debug)]
+pub struct RouterMetrics {
+    registry: Registry,
+    /// Requests by how they ended: `length`, `stop`, `failed`, `cancelled`, `deadline`,
+    /// `rejected` (queue full), `invalid`.
+    pub requests: Family<OutcomeLabel, Counter>,
+    pub queue_depth: Gauge,
+    pub running: Gauge,
+    pub kv_blocks_used: Gauge,
+    pub kv_blocks_free: Gauge,
+    pub preemptions: Counter,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub request_duration: Histogram,
+    pub prompt_tokens: Counter,
+    pub generation_tokens: Counter,
+    /// Seconds spent per step phase: `attention`, `dense_ffn`, `gate`, `experts` (dispatch
+    /// and wait when remote), `shared_expert`, `other`, `sampling`.
+    pub step_phase_seconds: Family<PhaseLabel, Counter<f64, AtomicU64>>,
+    pub step_duration: Histogram,
+    pub step_tokens: Histogram,
+    /// Per MoE layer, max / mean tokens per expert and per worker over the expert-load window.
+    pub imbalance: Family<ImbalanceLabel, Gauge<f64, AtomicU64>>,
+    pub dispatch: DispatchMetrics,
+}
+
+impl RouterMetrics {
+    pub fn new() -> Arc<RouterMetrics> {
+        let mut r = Registry::with_prefix("switchyard");
+        let m = RouterMetrics {
+            requests: Family::default(),
+            queue_depth: Gauge::default(),
+            running: Gauge::default(),
+            kv_blocks_used: Gauge::default(),
+            kv_blocks_free: Gauge::default(),
+            preemptions: Counter::default(),
+            time_to_first_token: latency_histogram(),
+            inter_token_latency: latency_histogram(),
+            request_duration: latency_histogram(),
+            prompt_tokens: Counter::default(),
+            generation_tokens: Counter::default(),
+            step_phase_seconds: Family::default(),
+            step_duration: latency_histogram(),
+            step_tokens: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            imbalance: Family::default(),
+            dispatch: DispatchMetrics::default(),
+            registry: Registry::default(),
+        };
+        r.register("requests", "Requests by outcome", m.requests.clone());
+        r.register(
+            "queue_depth",
+            "Requests waiting for a batch slot",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "running_sequences",
+            "Sequences in the running batch",
+            m.running.clone(),
+        );
+        r.register(
+            "kv_blocks_used",
+            "KV cache blocks in use",
+            m.kv_blocks_used.clone(),
+        );
+        r.register(
+            "kv_blocks_free",
+            "KV cache blocks free",
+            m.kv_blocks_free.clone(),
+        );
+        r.register(
+            "preemptions",
+            "Sequences preempted for KV blocks",
+            m.preemptions.clone(),
+        );
+        r.register(
+            "time_to_first_token_seconds",
+            "Arrival to first token",
+            m.time_to_first_token.clone(),
+        );
+        r.register(
+            "inter_token_latency_seconds",
+            "Time between consecutive tokens of a sequence",
+            m.inter_token_latency.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Arrival to last token",
+            m.request_duration.clone(),
+        );
+        r.register(
+            "prompt_tokens",
+            "Prompt tokens admitted",
+            m.prompt_tokens.clone(),
+        );
+        r.register(
+            "generation_tokens",
+            "Tokens generated",
+            m.generation_tokens.clone(),
+        );
+        r.register(
+            "step_phase_seconds",
+            "Seconds of scheduler steps by phase",
+            m.step_phase_seconds.clone(),
+        );
+        r.register(
+            "step_duration_seconds",
+            "One forward step",
+            m.step_duration.clone(),
+        );
+        r.register(
+            "step_tokens",
+            "Tokens per forward step",
+            m.step_tokens.clone(),
+        );
+        r.register(
+            "expert_load_imbalance",
+            "Max over mean tokens per expert or per worker, per MoE layer, over the expert-load window",
+            m.imbalance.clone(),
+        );
+        r.register(
+            "dispatch_layer_seconds",
+            "One MoE layer's expert calls, send to last reply",
+            m.dispatch.layer_seconds.clone(),
+        );
+        r.register(
+            "dispatch_bytes_sent",
+            "Hidden-state bytes sent to each worker",
+            m.dispatch.bytes_sent.clone(),
+        );
+        r.register(
+            "dispatch_bytes_received",
+            "Bytes received from each worker",
+            m.dispatch.bytes_received.clone(),
+        );
+        r.register(
+            "dispatch_rows_sent",
+            "Token rows sent to each worker",
+            m.dispatch.rows_sent.clone(),
+        );
+        r.register(
+            "dispatch_failed_calls",
+            "Expert calls to each worker that failed",
+            m.dispatch.failed_calls.clone(),
+        );
+        Arc::new(RouterMetrics { registry: r, ..m })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn outcome(&self, outcome: &'static str) {
+        self.requests.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    pub fn phase(&self, phase: &'static str, seconds: f64) {
+        self.step_phase_seconds
+            .get_or_create(&PhaseLabel { phase })
+            .inc_by(seconds);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prefixed_names_and_labels() {
+        let m = RouterMetrics::new();
+        m.outcome("length");
+        m.phase("attention", 0.5);
+        m.dispatch
+            .bytes_sent
+            .get_or_create(&WorkerLabel { worker: 3 })
+            .inc_by(10);
+        let text = m.render();
+        assert!(
+            text.contains("switchyard_requests_total{outcome=\"length\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("switchyard_step_phase_seconds_total{phase=\"attention\"} 0.5"));
+        assert!(text.contains("switchyard_dispatch_bytes_sent_total{worker=\"3\"} 10"));
+        assert!(text.contains("# TYPE switchyard_time_to_first_token_seconds histogram"));
+        assert!(text.trim_end().ends_with("# EOF"));
+    }
+}
