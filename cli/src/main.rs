@@ -8,6 +8,7 @@ mod bench;
 mod cluster_file;
 mod coordinator;
 mod generate;
+mod loadtest;
 mod plan;
 mod router;
 mod synth;
@@ -55,6 +56,8 @@ enum Command {
     Coordinator(coordinator::CoordinatorArgs),
     /// Show a cluster's workers, their experts and placement versions, from its coordinator.
     Status(coordinator::StatusArgs),
+    /// Load-test a router: throughput, latency percentiles, errors, expert utilisation.
+    Loadtest(loadtest::LoadtestArgs),
     /// Plan expert placement for a cluster without loading anything: experts and memory per
     /// worker, KV-cache room, wire bytes.
     Plan(plan::PlanArgs),
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Synth(args) => synth::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Loadtest(args) => loadtest::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Worker(args) => worker::run(args),
         Command::Router(args) => router::run(args),

@@ -704,3 +704,94 @@ fn expert_load_counts_add_up_to_routed_tokens_times_top_k() {
         );
     });
 }
+
+#[test]
+fn a_short_load_test_adds_up_over_grpc_and_http() {
+    use switchyard_loadtest::workload::{Length, Workload};
+    use switchyard_loadtest::{Arrivals, LoadtestConfig, Progress, RequestSettings, Stop, Target};
+    let s = Served::start(|_| {});
+    let config = |arrivals, stop| LoadtestConfig {
+        arrivals,
+        stop,
+        warmup: 1,
+        workload: Workload::Synthetic {
+            prompt_len: Length::Uniform(4, 40),
+            output_len: Length::Uniform(2, 12),
+            vocab: 512,
+        },
+        settings: RequestSettings {
+            temperature: 0.0,
+            ignore_eos: true,
+            timeout: Duration::from_secs(60),
+            api_key: None,
+        },
+        seed: 3,
+        max_in_flight: 64,
+        top_experts: 3,
+    };
+    let runs = s.sandbox.block_on(async {
+        let grpc = Target::grpc(&s.grpc).await.unwrap();
+        let http = Target::http(&s.http).unwrap();
+        let a = switchyard_loadtest::run(
+            grpc,
+            &config(Arrivals::Closed { concurrency: 4 }, Stop::Requests(24)),
+            Arc::new(Progress::default()),
+        )
+        .await
+        .unwrap();
+        let b = switchyard_loadtest::run(
+            http,
+            &config(
+                Arrivals::Open { rate: 50.0 },
+                Stop::Duration(Duration::from_millis(400)),
+            ),
+            Arc::new(Progress::default()),
+        )
+        .await
+        .unwrap();
+        [a, b]
+    });
+    for report in &runs {
+        assert_eq!(report.requests.failed, 0, "{:?}", report.requests.errors);
+        assert!(report.requests.ok > 0);
+        assert!(report.latency_ms.ttft.count > 0 && report.latency_ms.e2e.p50 > 0.0);
+        // Every measured token went through each MoE layer once and chose top-k experts.
+        let fed: u64 = report
+            .per_request
+            .iter()
+            .map(|r| u64::from(r.prompt_tokens + r.output_tokens - 1))
+            .sum();
+        let u = report.expert_utilisation.as_ref().unwrap();
+        assert_eq!(u.layers.len(), 2);
+        for (l, counts) in u.layers.iter().zip(&u.counts) {
+            assert_eq!(l.tokens, fed, "layer {}", l.layer);
+            assert_eq!(counts.iter().sum::<u64>(), fed * u.top_k as u64);
+        }
+        let share: f64 = u.worker_share.values().sum();
+        assert!((share - 1.0).abs() < 1e-9);
+        // The report survives JSON, and the plots are written and not empty.
+        let json = serde_json::to_string(report).unwrap();
+        let back: switchyard_loadtest::Report = serde_json::from_str(&json).unwrap();
+        // (floats may differ in the last digit through serde_json; the counts may not)
+        assert_eq!(back.requests, report.requests);
+        assert_eq!(back.per_request.len(), report.per_request.len());
+        assert_eq!(
+            back.expert_utilisation.map(|u| u.counts),
+            Some(u.counts.clone())
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let files = switchyard_loadtest::plot::write_all(report, dir.path()).unwrap();
+        assert_eq!(files.len(), 3);
+        for f in files {
+            let svg = std::fs::read_to_string(&f).unwrap();
+            assert!(
+                svg.starts_with("<svg") && svg.contains("<rect"),
+                "{}",
+                f.display()
+            );
+        }
+        assert!(report.table().contains("expert utilisation"));
+    }
+    // The closed run sent exactly what it was asked to.
+    assert_eq!(runs[0].requests.total, 24);
+}

@@ -157,6 +157,7 @@ async fn models(
             "created": unix_now(),
             "owned_by": "switchyard",
             "max_model_len": state.limits.max_context,
+            "vocab_size": state.limits.vocab_size,
         }],
     })))
 }
