@@ -1,18 +1,24 @@
 #!/usr/bin/env python3
 """Checks the serving API with clients nobody here wrote: the official `openai` package against
-the HTTP API (completions, streaming chat, models, its error types) and grpcio's reflection
-client against the gRPC API (discovering and calling InferenceService without .proto files).
+the HTTP API (completions, streaming chat, models, its error types), grpcio's reflection
+client against the gRPC API (discovering and calling InferenceService without .proto files),
+and `jsonschema` against the expert-load endpoint and a `switchyard loadtest` report.
 
 Starts `switchyard up` on loopback with an API key and an HTTP address, runs the checks, stops
 the cluster. Usage: check_serving_api.py PATH/TO/switchyard CACHE_DIR"""
 
+import json
+import os
 import re
 import signal
+import tempfile
+import urllib.request
 import subprocess
 import sys
 import time
 
 import grpc
+import jsonschema
 import openai
 from google.protobuf import descriptor_pool
 from google.protobuf.message_factory import GetMessageClass
@@ -131,12 +137,48 @@ def check_reflection(grpc_addr):
     print(f"grpc reflection: {len(services)} services, Tokenize called from reflected types")
 
 
+def check_loadtest(binary, grpc_addr, http_addr):
+    docs = os.path.join(os.path.dirname(__file__), "..", "..", "docs")
+    load_schema = json.load(open(os.path.join(docs, "expert-load.schema.json")))
+    report_schema = json.load(open(os.path.join(docs, "loadtest-report.schema.json")))
+    for schema in (load_schema, report_schema):
+        jsonschema.Draft202012Validator.check_schema(schema)
+    with tempfile.TemporaryDirectory() as tmp:
+        for target in (["--router", grpc_addr], ["--http", http_addr]):
+            report_path = os.path.join(tmp, "report.json")
+            plots = os.path.join(tmp, "plots")
+            out = subprocess.run(
+                [binary, "loadtest", *target, "--api-key", KEY, "--requests", "16",
+                 "--concurrency", "4", "--prompt-len", "8:32", "--output-len", "4:12",
+                 "--report", report_path, "--plot", plots, "--quiet"],
+                capture_output=True, text=True, timeout=300)
+            assert out.returncode == 0, out.stderr
+            assert "expert utilisation" in out.stdout, out.stdout
+            report = json.load(open(report_path))
+            jsonschema.validate(report, report_schema)
+            assert report["requests"]["ok"] == 16, report["requests"]
+            fed = sum(r["prompt_tokens"] + r["output_tokens"] - 1 for r in report["per_request"])
+            util = report["expert_utilisation"]
+            for layer, counts in zip(util["layers"], util["counts"]):
+                assert layer["tokens"] == fed, (layer, fed)
+                assert sum(counts) == fed * util["top_k"]
+            for name in ("expert_heatmap.svg", "worker_tokens.svg", "latency_cdf.svg"):
+                svg = open(os.path.join(plots, name)).read()
+                assert svg.startswith("<svg") and "<rect" in svg, name
+    req = urllib.request.Request(f"http://{http_addr}/v1/expert_load",
+                                 headers={"authorization": f"Bearer {KEY}"})
+    load = json.load(urllib.request.urlopen(req, timeout=10))
+    jsonschema.validate(load, load_schema)
+    print("loadtest: gRPC and HTTP runs add up; report and expert load match their schemas")
+
+
 def main():
     binary, cache = sys.argv[1], sys.argv[2]
     up, grpc_addr, http_addr = start(binary, cache)
     try:
         check_openai(http_addr)
         check_reflection(grpc_addr)
+        check_loadtest(binary, grpc_addr, http_addr)
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(timeout=60)
