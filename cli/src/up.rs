@@ -21,6 +21,9 @@ pub struct UpArgs {
     /// Built-in model to synthesise when no --model is given.
     #[arg(long, env = "SWITCHYARD_PRESET", default_value = "tiny")]
     preset: String,
+    /// With a synthesised preset: make the gate prefer some experts (see `synth --expert-skew`).
+    #[arg(long, env = "SWITCHYARD_EXPERT_SKEW", default_value_t = 0.0)]
+    expert_skew: f32,
     /// Where synthesised models are kept (default: $XDG_CACHE_HOME/switchyard or ~/.cache/switchyard).
     #[arg(long, env = "SWITCHYARD_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
@@ -137,7 +140,11 @@ fn resolve_model(args: &UpArgs) -> anyhow::Result<PathBuf> {
     }
     let dir = cache_dir(args)?
         .join("models")
-        .join(format!("{}-bf16-seed0", args.preset));
+        .join(if args.expert_skew == 0.0 {
+            format!("{}-bf16-seed0", args.preset)
+        } else {
+            format!("{}-bf16-seed0-skew{}", args.preset, args.expert_skew)
+        });
     if dir.join("config.json").exists() {
         // Models cached before synth wrote tokenizers get one now.
         if !dir.join("tokenizer.json").exists() {
@@ -152,6 +159,7 @@ fn resolve_model(args: &UpArgs) -> anyhow::Result<PathBuf> {
     let options = SynthOptions {
         preset: args.preset.clone(),
         dtype: SynthDType::Bf16,
+        expert_skew: args.expert_skew,
         ..Default::default()
     };
     synth::synth(&tmp, &options)

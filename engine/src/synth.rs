@@ -11,7 +11,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand::{Rng, SeedableRng, rngs::StdRng, seq::SliceRandom};
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::{Value, json};
 
@@ -57,6 +57,9 @@ pub struct SynthOptions {
     pub max_bytes: u64,
     /// Start a new shard past this many bytes.
     pub shard_bytes: u64,
+    /// Make the gate prefer some experts: each MoE layer's `e_score_correction_bias` gains
+    /// `skew / (rank + 1)` (a Zipf shape) over a seeded ranking of its experts. 0 is none.
+    pub expert_skew: f32,
 }
 
 impl Default for SynthOptions {
@@ -69,6 +72,7 @@ impl Default for SynthOptions {
             experts: None,
             max_bytes: 32 << 30,
             shard_bytes: 4 << 30,
+            expert_skew: 0.0,
         }
     }
 }
@@ -155,8 +159,9 @@ enum Init {
     Embedding,
     /// Norm scales: uniform in [0.8, 1.2].
     Norm,
-    /// `e_score_correction_bias`: uniform in [0, 0.1] — nonzero, so selection ≠ weighting.
-    RoutingBias,
+    /// `e_score_correction_bias`: uniform in [0, 0.1] — nonzero, so selection ≠ weighting —
+    /// plus `skew / (rank + 1)` over a seeded ranking of the experts.
+    RoutingBias { skew: f32 },
 }
 
 #[derive(Clone, Debug)]
@@ -168,7 +173,7 @@ struct Spec {
     quantizable: bool,
 }
 
-fn specs(c: &ModelConfig) -> Vec<Spec> {
+fn specs(c: &ModelConfig, expert_skew: f32) -> Vec<Spec> {
     let h = c.hidden_size;
     let a = &c.attention;
     let heads = c.num_attention_heads;
@@ -280,7 +285,7 @@ fn specs(c: &ModelConfig) -> Vec<Spec> {
                     out.push(Spec {
                         name: format!("{p}.mlp.gate.e_score_correction_bias"),
                         shape: vec![m.n_routed_experts],
-                        init: Init::RoutingBias,
+                        init: Init::RoutingBias { skew: expert_skew },
                         quantizable: false,
                     });
                 }
@@ -333,7 +338,18 @@ fn generate(spec: &Spec, seed: u64) -> Vec<f32> {
             .map(|_| Distribution::<f32>::sample(&StandardNormal, &mut rng))
             .collect(),
         Init::Norm => (0..n).map(|_| rng.random_range(0.8f32..1.2)).collect(),
-        Init::RoutingBias => (0..n).map(|_| rng.random_range(0.0f32..0.1)).collect(),
+        Init::RoutingBias { skew } => {
+            let mut bias: Vec<f32> = (0..n).map(|_| rng.random_range(0.0f32..0.1)).collect();
+            if skew != 0.0 {
+                // A seeded ranking per layer, so each layer has its own hot experts.
+                let mut rank: Vec<usize> = (0..n).collect();
+                rank.shuffle(&mut rng);
+                for (r, &e) in rank.iter().enumerate() {
+                    bias[e] += skew / (r + 1) as f32;
+                }
+            }
+            bias
+        }
     }
 }
 
@@ -460,8 +476,14 @@ pub fn synth(out: &Path, options: &SynthOptions) -> Result<SynthSummary> {
         }
     }
     let parsed = ModelConfig::from_json_str(&config.to_string())?;
+    if !(options.expert_skew.is_finite() && options.expert_skew >= 0.0) {
+        return Err(EngineError::input(
+            "expert_skew",
+            format!("must be >= 0, got {}", options.expert_skew),
+        ));
+    }
     let mut tensors = Vec::new();
-    for spec in specs(&parsed) {
+    for spec in specs(&parsed, options.expert_skew) {
         let fp8 = options.dtype == SynthDType::Fp8 && spec.quantizable;
         let shape = spec.shape.clone();
         if fp8 {
@@ -489,7 +511,7 @@ pub fn synth(out: &Path, options: &SynthOptions) -> Result<SynthSummary> {
             ));
         } else {
             let dtype = match (options.dtype, spec.init) {
-                (SynthDType::F32, _) | (_, Init::RoutingBias) => DType::F32,
+                (SynthDType::F32, _) | (_, Init::RoutingBias { .. }) => DType::F32,
                 _ => DType::Bf16,
             };
             tensors.push((

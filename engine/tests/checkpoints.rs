@@ -244,3 +244,54 @@ fn missing_or_misshapen_tensors_fail_loading_with_names() {
         "{err}"
     );
 }
+
+/// Max / mean tokens per expert of each MoE layer, over 400 random tokens.
+fn routing_imbalance(skew: f32) -> Vec<f64> {
+    let dir = tempfile::tempdir().unwrap();
+    synth::synth(
+        dir.path(),
+        &SynthOptions {
+            preset: "tiny".into(),
+            dtype: SynthDType::F32,
+            expert_skew: skew,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let model = DeepseekModel::load(dir.path(), &LoadOptions::default()).unwrap();
+    let prompt: Vec<u32> = (0..400u32).map(|i| (i * 7919) % 510 + 2).collect();
+    let mut cache = model.new_cache(prompt.len());
+    let out = model
+        .forward(
+            &mut [SeqInput {
+                tokens: &prompt,
+                cache: &mut cache,
+            }],
+            &ForwardOptions {
+                record_routing: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    out.routing
+        .iter()
+        .map(|(_, r)| {
+            let mut counts = [0u64; 16];
+            for &e in &r.ids {
+                counts[e as usize] += 1;
+            }
+            let mean = counts.iter().sum::<u64>() as f64 / 16.0;
+            *counts.iter().max().unwrap() as f64 / mean
+        })
+        .collect()
+}
+
+#[test]
+fn expert_skew_makes_some_experts_hot() {
+    let even = routing_imbalance(0.0);
+    let skewed = routing_imbalance(1.0);
+    for (e, s) in even.iter().zip(&skewed) {
+        // Four of sixteen experts per token: max / mean is at most 4.
+        assert!(*s > e + 0.5 && *s > 2.5, "even {even:?} skewed {skewed:?}");
+    }
+}
