@@ -9,6 +9,7 @@ mod cluster_file;
 mod coordinator;
 mod generate;
 mod loadtest;
+mod metrics_http;
 mod plan;
 mod router;
 mod synth;

@@ -83,6 +83,8 @@ struct Node {
     addr: String,
     /// Its HTTP API address, for routers that serve one.
     http: Option<String>,
+    /// Its Prometheus endpoint, for workers.
+    metrics: Option<String>,
     /// Its exit has been reported.
     reported: bool,
 }
@@ -216,6 +218,7 @@ fn spawn(name: String, args: &[String], threads: usize) -> anyhow::Result<Node> 
         child,
         addr: String::new(),
         http: None,
+        metrics: None,
         reported: false,
     };
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -233,6 +236,10 @@ fn spawn(name: String, args: &[String], threads: usize) -> anyhow::Result<Node> 
                     .windows(2)
                     .find(|w| w[0] == "http")
                     .map(|w| w[1].to_string());
+                node.metrics = words
+                    .windows(2)
+                    .find(|w| w[0] == "metrics")
+                    .map(|w| format!("http://{}/metrics", w[1]));
                 return Ok(node);
             }
             Err(_) => {
@@ -308,6 +315,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             &args.worker_memory.to_string(),
             "--listen",
             "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ]
         .map(String::from)
         .to_vec();
@@ -372,7 +381,15 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 node.child.id(),
                 node.addr
             ),
-            None => eprintln!("{} · pid {} · {}", node.name, node.child.id(), node.addr),
+            None => eprintln!(
+                "{} · pid {} · {}{}",
+                node.name,
+                node.child.id(),
+                node.addr,
+                node.metrics
+                    .as_ref()
+                    .map_or_else(String::new, |m| format!(" · metrics {m}"))
+            ),
         }
     }
     let http = cluster.0.iter().find_map(|n| n.http.clone());

@@ -37,6 +37,9 @@ pub struct WorkerArgs {
     /// `--shared-expert-on workers`.
     #[arg(long, env = "SWITCHYARD_WITH_SHARED_EXPERT")]
     with_shared_expert: bool,
+    /// Serve Prometheus metrics at `http://ADDR/metrics`; port 0 picks a free port (printed).
+    #[arg(long, env = "SWITCHYARD_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
@@ -66,6 +69,26 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
         let info = worker.info();
+        let metrics = match args.metrics_listen {
+            Some(m) => Some(
+                tokio::net::TcpListener::bind(m)
+                    .await
+                    .with_context(|| format!("binding --metrics-listen {m}"))?,
+            ),
+            None => None,
+        };
+        let metrics_line = match &metrics {
+            Some(l) => format!(" · metrics {}", l.local_addr()?),
+            None => String::new(),
+        };
+        if let Some(l) = metrics {
+            let w = worker.clone();
+            tokio::spawn(crate::metrics_http::serve(
+                l,
+                Arc::new(move || w.metrics.render()),
+                crate::shutdown_signal(),
+            ));
+        }
         let agent = args.coordinator.as_ref().map(|coordinator| {
             let membership = agent::Membership {
                 coordinator: coordinator.clone(),
@@ -78,9 +101,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         });
         // One line on stdout, parsed by `switchyard up` and tests to find the port.
         match &args.coordinator {
-            Some(c) => println!("listening on {addr} · placement from {c}"),
+            Some(c) => println!("listening on {addr}{metrics_line} · placement from {c}"),
             None => println!(
-                "listening on {addr} · {} layers · {:.1} MiB of experts",
+                "listening on {addr}{metrics_line} · {} layers · {:.1} MiB of experts",
                 info.layers.len(),
                 info.expert_bytes as f64 / (1 << 20) as f64
             ),

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod error;
+pub mod metrics;
 pub mod service;
 pub mod spec;
 pub mod worker;

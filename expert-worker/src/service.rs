@@ -43,8 +43,16 @@ impl ExpertServiceImpl {
 
 /// Runs one call on the blocking pool and lets the compute threads sleep afterwards.
 async fn run_call(worker: Arc<ExpertWorker>, req: ForwardRequest) -> Result<v1::Tensor, Status> {
+    let arrived = std::time::Instant::now();
     tokio::task::spawn_blocking(move || {
+        worker
+            .metrics
+            .queue_wait
+            .observe(arrived.elapsed().as_secs_f64());
         let out = worker.forward(&req);
+        if out.is_err() {
+            worker.metrics.failed_calls.inc();
+        }
         // Between calls the worker waits on the network: let compute threads sleep.
         switchyard_engine::cpu::pool::global().rest();
         out

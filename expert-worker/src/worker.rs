@@ -64,6 +64,7 @@ pub struct ExpertWorker {
     shared: BTreeMap<usize, Mlp>,
     max_message_bytes: usize,
     pub stats: WorkerStats,
+    pub metrics: crate::metrics::WorkerMetrics,
 }
 
 impl ExpertWorker {
@@ -109,6 +110,7 @@ impl ExpertWorker {
             hidden: config.hidden_size,
             n_experts: moe.n_routed_experts,
             stats: WorkerStats::new(config.num_hidden_layers, moe.n_routed_experts),
+            metrics: crate::metrics::WorkerMetrics::new(),
             layers: RwLock::new(layers),
             dir: dir.to_path_buf(),
             intermediate: moe.moe_intermediate_size,
@@ -282,9 +284,18 @@ impl ExpertWorker {
         }
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         self.stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
+        let busy = start.elapsed();
         self.stats
             .busy_nanos
-            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
+        let m = &self.metrics;
+        m.tokens
+            .get_or_create(&crate::metrics::LayerLabel { layer: req.layer })
+            .inc_by(groups.iter().map(|g| g.rows.len() as u64).sum());
+        m.calls.inc();
+        m.rows_per_call.observe(rows as f64);
+        m.busy_seconds.inc_by(busy.as_secs_f64());
+        m.expert_bytes.set(self.expert_bytes() as i64);
         Ok(encoded)
     }
 

@@ -659,6 +659,16 @@ fn expert_load_counts_add_up_to_routed_tokens_times_top_k() {
         assert_eq!(l.workers[&0], l.experts[..8].iter().sum::<u64>());
         assert_eq!(l.workers[&1], l.experts[8..].iter().sum::<u64>());
         assert!(l.expert_imbalance.unwrap() >= 1.0);
+        // Each worker's own Prometheus counter agrees with what the router sent it.
+        for (i, w) in s.sandbox.workers.iter().enumerate() {
+            let text = w.worker.metrics.render();
+            let line = format!(
+                "switchyard_worker_tokens_total{{layer=\"{}\"}} {}",
+                l.layer,
+                l.workers[&(i as u32)]
+            );
+            assert!(text.contains(&line), "{line} not in {text}");
+        }
     }
     // The same over HTTP, and the imbalance gauges and outcome counters in /metrics.
     s.sandbox.block_on(async {
