@@ -228,7 +228,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "{:>6}{:>10}{:>10}{:>10}  {:<28}coldest (tokens)",
+            "{:>6}{:>10}{:>10}{:>10}  {:<36}  coldest (tokens)",
             "layer", "tokens", "expert", "worker", "hottest (tokens)"
         );
         let list = |v: &[stats::ExpertTokens]| {
@@ -240,7 +240,7 @@ impl Report {
         for l in &u.layers {
             let _ = writeln!(
                 s,
-                "{:>6}{:>10}{:>10}{:>10}  {:<28}{}",
+                "{:>6}{:>10}{:>10}{:>10}  {:<36}  {}",
                 l.layer,
                 l.tokens,
                 f(l.expert_imbalance),
