@@ -143,16 +143,30 @@ pub fn plan(p: &Problem) -> Result<Plan, PlacementError> {
     let wanted = p.replicas.min(p.workers.len());
 
     // Rule 3: keep what the previous plan had on live workers, while room lasts and up to a
-    // fair share each, so a joining worker takes over the excess and nothing else moves.
+    // fair share of each layer, so a joining worker takes over the excess of every layer (not
+    // whole layers: a layer's dispatch waits on its slowest worker) and nothing else moves.
     if let Some(prev) = &p.previous {
-        let copies: usize = prev.holders.values().map(|ws| ws.len().min(wanted)).sum();
-        let fair = copies.div_ceil(p.workers.len());
-        let mut kept: BTreeMap<WorkerId, usize> = BTreeMap::new();
+        let mut copies: BTreeMap<u32, usize> = BTreeMap::new();
+        for (slot, ws) in &prev.holders {
+            *copies.entry(slot.layer).or_default() += ws.len().min(wanted);
+        }
+        // Each worker's share of a layer: copies / workers, the remainder handed out by a
+        // rotation over layers so the totals stay fair too.
+        let n = p.workers.len();
+        let mut ids: Vec<WorkerId> = p.workers.iter().map(|w| w.id).collect();
+        ids.sort();
+        let fair = |w: WorkerId, layer: u32| {
+            let c = copies.get(&layer).copied().unwrap_or(0);
+            let rank = ids.iter().position(|&x| x == w).unwrap_or(0);
+            let pos = p.layers.iter().position(|&l| l == layer).unwrap_or(0);
+            c / n + usize::from((rank + pos) % n < c % n)
+        };
+        let mut kept: BTreeMap<(WorkerId, u32), usize> = BTreeMap::new();
         for s in &order {
             for w in prev.holders.get(s).into_iter().flatten() {
                 let held = &holders[s];
                 let room = capacity.get(w).is_some_and(|c| *c > 0);
-                let share = kept.get(w).copied().unwrap_or(0) < fair;
+                let share = kept.get(&(*w, s.layer)).copied().unwrap_or(0) < fair(*w, s.layer);
                 if held.len() < wanted && !held.contains(w) && room && share {
                     take(
                         &mut capacity,
@@ -162,7 +176,7 @@ pub fn plan(p: &Problem) -> Result<Plan, PlacementError> {
                         *w,
                         load_of(s),
                     );
-                    *kept.entry(*w).or_default() += 1;
+                    *kept.entry((*w, s.layer)).or_default() += 1;
                 }
             }
         }
@@ -357,6 +371,26 @@ mod tests {
         // the rest (16), and only those move.
         assert!((16..=20).contains(&newcomer), "{newcomer}");
         assert_eq!(after.moves_from(&before), newcomer);
+    }
+
+    #[test]
+    fn joining_worker_takes_part_of_every_layer_not_whole_layers() {
+        // One worker held everything; a second joins: each layer ends up split evenly.
+        let one = problem(1, 100, 4, 16, 1);
+        let first = plan(&one).unwrap();
+        let mut two = problem(2, 100, 4, 16, 1);
+        two.previous = Some(first.clone());
+        let second = plan(&two).unwrap();
+        check_invariants(&two, &second);
+        for &layer in &two.layers {
+            let on_new = second
+                .holders
+                .iter()
+                .filter(|(s, ws)| s.layer == layer && ws.contains(&WorkerId(1)))
+                .count();
+            assert_eq!(on_new, 8, "layer {layer}");
+        }
+        assert_eq!(second.moves_from(&first), 32);
     }
 
     #[test]
