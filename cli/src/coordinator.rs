@@ -27,6 +27,9 @@ pub struct CoordinatorArgs {
     /// held as bf16 today), fp8.
     #[arg(long, env = "SWITCHYARD_WEIGHT_DTYPE", default_value = "bf16")]
     weight_dtype: WeightDType,
+    /// Serve Prometheus metrics at `http://ADDR/metrics`; port 0 picks a free port (printed).
+    #[arg(long, env = "SWITCHYARD_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
@@ -55,8 +58,24 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
+        let metrics_line = match args.metrics_listen {
+            Some(m) => {
+                let l = tokio::net::TcpListener::bind(m)
+                    .await
+                    .with_context(|| format!("binding --metrics-listen {m}"))?;
+                let line = format!(" · metrics {}", l.local_addr()?);
+                let n = node.clone();
+                tokio::spawn(crate::metrics_http::serve(
+                    l,
+                    std::sync::Arc::new(move || n.render_metrics()),
+                    crate::shutdown_signal(),
+                ));
+                line
+            }
+            None => String::new(),
+        };
         println!(
-            "listening on {} · model {}",
+            "listening on {}{metrics_line} · model {}",
             listener.local_addr()?,
             config.identity()
         );

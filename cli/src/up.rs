@@ -293,6 +293,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         &model_arg,
         "--listen",
         "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
         "--replicas",
         &args.replicas.to_string(),
         "--lease-ms",

@@ -8,5 +8,6 @@
 
 pub mod capacity;
 pub mod membership;
+pub mod metrics;
 pub mod placement;
 pub mod service;

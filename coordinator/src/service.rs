@@ -42,6 +42,7 @@ pub struct CoordinatorNode {
     /// Set when serving stops: open watch streams end.
     closing: Arc<watch::Sender<bool>>,
     start: Instant,
+    metrics: Arc<crate::metrics::CoordinatorMetrics>,
 }
 
 fn to_map(model: &ModelShape, v: &Versioned) -> PlacementMap {
@@ -97,7 +98,22 @@ impl CoordinatorNode {
             updates: Arc::new(tx),
             closing: Arc::new(watch::channel(false).0),
             start: Instant::now(),
+            metrics: Arc::new(crate::metrics::CoordinatorMetrics::new()),
         }
+    }
+
+    /// Prometheus text of the coordinator's metrics, gauges read from the state now.
+    pub fn render_metrics(&self) -> String {
+        if let Ok(s) = self.state.lock() {
+            let m = &self.metrics;
+            m.workers.set(s.members().count() as i64);
+            let target = s.target().map_or(0, |t| t.version);
+            let live = s.live().map_or(0, |l| l.version);
+            m.target_version.set(target as i64);
+            m.live_version.set(live as i64);
+            m.placement_pending.set(i64::from(target != live));
+        }
+        self.metrics.render()
     }
 
     fn now_ms(&self) -> u64 {
@@ -132,6 +148,7 @@ impl CoordinatorNode {
             tick.tick().await;
             if let Ok(gone) = self.with_state(|s, now| s.expire(now)) {
                 for id in gone {
+                    self.metrics.leases_expired.inc();
                     tracing::warn!(worker = %id, "worker lease expired; re-placing its experts");
                 }
             }
@@ -159,6 +176,7 @@ impl CoordinatorService for CoordinatorNode {
             s.register(&r.address, r.memory_bytes, &r.device, &r.model, now)
                 .map(|id| (id, s.lease_ms()))
         })??;
+        self.metrics.registrations.inc();
         tracing::info!(worker = %id, address = %r.address, "worker registered");
         Ok(Response::new(RegisterResponse {
             worker_id: id.0,
@@ -273,4 +291,44 @@ pub async fn serve(
         .await;
     sweeper.abort();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn metrics_follow_registrations_and_placement_versions() {
+        let node = CoordinatorNode::new(
+            ModelShape {
+                identity: "m".into(),
+                layers: vec![1, 2],
+                experts_per_layer: 8,
+                expert_bytes: 10,
+            },
+            1,
+            Duration::from_secs(5),
+        );
+        let before = node.render_metrics();
+        assert!(
+            before.contains("switchyard_coordinator_workers 0"),
+            "{before}"
+        );
+        node.register(Request::new(RegisterRequest {
+            address: "127.0.0.1:1".into(),
+            memory_bytes: 1000,
+            device: "cpu".into(),
+            model: "m".into(),
+        }))
+        .await
+        .unwrap();
+        let text = node.render_metrics();
+        assert!(text.contains("switchyard_coordinator_workers 1"), "{text}");
+        assert!(text.contains("switchyard_coordinator_registrations_total 1"));
+        // A target exists, not yet loaded by the worker: pending.
+        assert!(
+            text.contains("switchyard_coordinator_placement_pending 1"),
+            "{text}"
+        );
+    }
 }

@@ -2,7 +2,8 @@
 """Checks the serving API with clients nobody here wrote: the official `openai` package against
 the HTTP API (completions, streaming chat, models, its error types), grpcio's reflection
 client against the gRPC API (discovering and calling InferenceService without .proto files),
-and `jsonschema` against the expert-load endpoint and a `switchyard loadtest` report.
+`jsonschema` against the expert-load endpoint and a `switchyard loadtest` report, and the
+official Prometheus client's parser against every node's `/metrics`.
 
 Starts `switchyard up` on loopback with an API key and an HTTP address, runs the checks, stops
 the cluster. Usage: check_serving_api.py PATH/TO/switchyard CACHE_DIR"""
@@ -20,6 +21,7 @@ import time
 import grpc
 import jsonschema
 import openai
+from prometheus_client.parser import text_string_to_metric_families
 from google.protobuf import descriptor_pool
 from google.protobuf.message_factory import GetMessageClass
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -36,8 +38,10 @@ def start(binary, cache):
          "--served-model-name", "tiny"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     grpc_addr = http_addr = None
+    metrics_urls = []
     deadline = time.time() + 180
     for line in up.stderr:
+        metrics_urls += re.findall(r"metrics (http://127\.0\.0\.1:\d+/metrics)", line)
         m = re.match(r"router · pid \d+ · (127\.0\.0\.1:\d+) · http (127\.0\.0\.1:\d+)", line)
         if m:
             grpc_addr, http_addr = m.group(1), m.group(2)
@@ -46,7 +50,8 @@ def start(binary, cache):
         if time.time() > deadline:
             raise SystemExit("switchyard up did not come up in 180 s")
     assert grpc_addr and http_addr, "the router printed no gRPC and HTTP addresses"
-    return up, grpc_addr, http_addr
+    assert len(metrics_urls) == 3, f"a coordinator and two workers with metrics: {metrics_urls}"
+    return up, grpc_addr, http_addr, metrics_urls + [f"http://{http_addr}/metrics"]
 
 
 def check_openai(http_addr):
@@ -172,13 +177,34 @@ def check_loadtest(binary, grpc_addr, http_addr):
     print("loadtest: gRPC and HTTP runs add up; report and expert load match their schemas")
 
 
+def check_metrics(urls):
+    expected = {
+        "switchyard_coordinator_workers", "switchyard_coordinator_live_version",
+        "switchyard_worker_tokens", "switchyard_worker_queue_wait_seconds",
+        "switchyard_requests", "switchyard_time_to_first_token_seconds",
+        "switchyard_expert_load_imbalance", "switchyard_dispatch_layer_seconds",
+    }
+    seen = set()
+    for url in urls:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        families = list(text_string_to_metric_families(text))
+        assert families, url
+        for f in families:
+            assert f.name.startswith("switchyard_"), f.name
+            seen.add(f.name)
+    missing = expected - seen
+    assert not missing, f"missing metric families {missing}; saw {sorted(seen)}"
+    print(f"prometheus: {len(urls)} nodes, {len(seen)} metric families parse")
+
+
 def main():
     binary, cache = sys.argv[1], sys.argv[2]
-    up, grpc_addr, http_addr = start(binary, cache)
+    up, grpc_addr, http_addr, metrics_urls = start(binary, cache)
     try:
         check_openai(http_addr)
         check_reflection(grpc_addr)
         check_loadtest(binary, grpc_addr, http_addr)
+        check_metrics(metrics_urls)
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(timeout=60)
