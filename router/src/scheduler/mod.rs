@@ -419,7 +419,20 @@ impl Worker {
                 .filter(|(_, n)| **n > 0)
                 .filter_map(|(seq, &n)| seq.input(n))
                 .collect();
-            self.backend.step(&mut inputs)
+            // A bug in a step must not take the scheduler (and every request) down with it:
+            // the batch fails with an internal error and serving goes on.
+            let backend = &self.backend;
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend.step(&mut inputs)))
+                .unwrap_or_else(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Err(RouterError::Runtime(format!(
+                        "internal error: a step panicked: {what}"
+                    )))
+                })
         };
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let vocab = self.backend.vocab_size();

@@ -14,6 +14,8 @@ const VOCAB: usize = 64;
 
 #[derive(Default)]
 struct Fake {
+    /// Panic in the step that sees this token.
+    panic_on: Option<u32>,
     /// Sleep per step, to let requests pile up.
     step_delay: Duration,
     /// Tokens per step, in order.
@@ -42,6 +44,11 @@ impl Backend for Fake {
     }
     fn step(&self, seqs: &mut [SeqInput<'_>]) -> Result<crate::backend::StepOutput, RouterError> {
         std::thread::sleep(self.step_delay);
+        if let Some(t) = self.panic_on
+            && seqs.iter().any(|s| s.tokens.contains(&t))
+        {
+            panic!("fake model bug");
+        }
         let mut logits = vec![0.0f32; seqs.len() * VOCAB];
         let mut sizes = Vec::new();
         for (i, s) in seqs.iter_mut().enumerate() {
@@ -350,4 +357,30 @@ fn random_lifecycles_never_leak_blocks() {
     assert_eq!(s.stats().blocks_used.load(Ordering::Relaxed), 0);
     assert!(finished > 1000 && cancelled > 100, "{finished} {cancelled}");
     assert!(s.stats().preemptions.load(Ordering::Relaxed) > 0);
+}
+
+#[test]
+fn a_panicking_step_fails_its_batch_and_serving_goes_on() {
+    let (_, s) = start(
+        Fake {
+            panic_on: Some(63),
+            ..Default::default()
+        },
+        config(32),
+    );
+    let (_, last) = collect(s.submit(request(vec![63], 4)).unwrap());
+    match last {
+        Event::Failed(e) => {
+            assert_eq!(e.code(), tonic::Code::Unavailable);
+            assert!(e.to_string().contains("fake model bug"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The scheduler is still there, and the failed sequence's blocks are back.
+    assert_eq!(
+        collect(s.submit(request(vec![5], 4)).unwrap()).0,
+        expected(&[5], 4)
+    );
+    wait_idle(&s);
+    assert_eq!(s.stats().blocks_used.load(Ordering::Relaxed), 0);
 }
