@@ -47,24 +47,7 @@ pub fn percentiles(values: &[f64]) -> Percentiles {
 }
 
 /// The expert-load window as the router reports it (`GET /v1/expert_load`).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct LoadSnapshot {
-    pub window_start_unix: f64,
-    pub window_seconds: f64,
-    pub experts_per_layer: usize,
-    pub top_k: usize,
-    pub layers: Vec<LayerLoad>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct LayerLoad {
-    pub layer: usize,
-    pub tokens: u64,
-    pub experts: Vec<u64>,
-    pub workers: BTreeMap<u32, u64>,
-    pub expert_imbalance: Option<f64>,
-    pub worker_imbalance: Option<f64>,
-}
+pub use switchyard_router::load::{LayerLoad, LoadSnapshot};
 
 /// One expert and its tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -59,7 +59,7 @@ pub struct ExpertLoad {
 }
 
 /// One layer's load in a [`LoadSnapshot`].
-#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct LayerLoad {
     /// The model's layer index.
     pub layer: usize,
@@ -76,7 +76,7 @@ pub struct LayerLoad {
 }
 
 /// The expert-load endpoint's reply (HTTP `GET /v1/expert_load`, gRPC `ExpertLoad`).
-#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct LoadSnapshot {
     /// Unix time the window began (start-up or the last reset).
     pub window_start_unix: f64,

@@ -30,23 +30,9 @@ use crate::metrics::RouterMetrics;
 use crate::request::ValidRequest;
 use sequence::{Sequence, StepOutcome};
 
-/// Why a sequence stopped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FinishReason {
-    /// `max_tokens` reached.
-    Length,
-    /// An end-of-sequence token, a stop token id or a stop string.
-    Stop,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Length => "length",
-            FinishReason::Stop => "stop",
-        }
-    }
-}
+/// Why a sequence stopped: `Length` (`max_tokens` reached) or `Stop` (an end-of-sequence
+/// token, a stop token id or a stop string) — the engine's own type.
+pub use switchyard_engine::generate::FinishReason;
 
 /// What a request's stream carries.
 #[derive(Clone, Debug)]
