@@ -172,7 +172,9 @@ impl ServingState {
 
     /// Validates and queues one request.
     pub fn submit(&self, raw: RawRequest) -> Result<RequestStream, RouterError> {
-        let valid = self.validate(raw)?;
+        let valid = self
+            .validate(raw)
+            .inspect_err(|_| self.metrics.outcome("invalid"))?;
         self.scheduler.submit(valid)
     }
 

@@ -367,6 +367,12 @@ fn grpc_errors_name_the_field_and_keep_the_server_up() {
         }
         let ok = c.generate_unary(request(2)).await.unwrap().into_inner();
         assert_eq!(ok.completion_tokens, request(2).max_new_tokens);
+        // Each refusal is counted (twelve: six cases, unary and streamed).
+        let metrics = s.state.render_metrics();
+        assert!(
+            metrics.contains("switchyard_requests_total{outcome=\"invalid\"} 12"),
+            "{metrics}"
+        );
     });
 }
 
