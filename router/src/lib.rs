@@ -10,10 +10,12 @@
 //!   behind the [`dispatch::Transport`] trait, and adds the partial sums;
 //! - [`grpc`]: the gRPC transport, a client per worker with TCP_NODELAY and deadlines;
 //! - [`remote`]: connects a pool of workers and checks they serve this model;
-//! - [`server`]: the router node's client API (a minimal unary generation for now).
-//!
-//! Streaming, HTTP, validation types and the continuous-batching scheduler arrive with the
-//! serving-API issue.
+//! - [`request`]: every client request checked once into a `ValidRequest`;
+//! - [`scheduler`]: continuous batching with chunked prefill over the paged KV cache,
+//!   admission control, preemption, cancellation and deadlines, behind [`backend::Backend`];
+//! - [`server`]: the gRPC client API (`InferenceService`, health, reflection) and the state the
+//!   APIs share; [`http`]: the OpenAI-compatible HTTP API;
+//! - [`metrics`]: the Prometheus metrics; [`load`]: exact per-(layer, expert) token counts.
 
 pub mod backend;
 pub mod coordinated;
