@@ -147,6 +147,28 @@ struct Output {
     prompt_tokens: usize,
 }
 
+impl Output {
+    /// Records one token, printing its text at once with `--stream`. `logprob` is the token's
+    /// and its alternatives `(id, logprob)`, when asked for.
+    fn token(
+        &mut self,
+        id: u32,
+        text: &str,
+        logprob: Option<(f32, Vec<(u32, f32)>)>,
+        stream: bool,
+    ) {
+        if stream {
+            show(text);
+        }
+        self.token_ids.push(id);
+        self.text.push_str(text);
+        if let Some((lp, top)) = logprob {
+            self.logprobs
+                .push(serde_json::json!({"id": id, "logprob": lp, "top": top}));
+        }
+    }
+}
+
 /// Prints pieces of text as they come (`--stream`).
 fn show(piece: &str) {
     let mut out = std::io::stdout().lock();
@@ -195,17 +217,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     while let Some(event) = stream.events.blocking_recv() {
         match event {
             Event::Token { id, text, logprobs } => {
-                if args.stream {
-                    show(&text);
-                }
-                out.token_ids.push(id);
-                out.text.push_str(&text);
-                if let Some(lp) = logprobs {
-                    out.logprobs.push(serde_json::json!({
-                        "id": id, "logprob": lp.logprob,
-                        "top": lp.top.iter().map(|(t, p)| serde_json::json!([t, p])).collect::<Vec<_>>(),
-                    }));
-                }
+                out.token(id, &text, logprobs.map(|l| (l.logprob, l.top)), args.stream);
             }
             Event::Finished { text, reason, .. } => {
                 if args.stream {
@@ -373,17 +385,8 @@ fn run_remote(args: &GenerateArgs) -> anyhow::Result<()> {
             .map_err(|s| anyhow::anyhow!("router returned {:?}: {}", s.code(), s.message()))?
         {
             if let Some(t) = msg.token {
-                if args.stream {
-                    show(&t.text);
-                }
-                out.token_ids.push(t.id);
-                out.text.push_str(&t.text);
-                if let Some(lp) = t.logprob {
-                    out.logprobs.push(serde_json::json!({
-                        "id": t.id, "logprob": lp,
-                        "top": t.top_logprobs.iter().map(|a| serde_json::json!([a.id, a.logprob])).collect::<Vec<_>>(),
-                    }));
-                }
+                let top = t.top_logprobs.iter().map(|a| (a.id, a.logprob)).collect();
+                out.token(t.id, &t.text, t.logprob.map(|lp| (lp, top)), args.stream);
             }
             if !msg.finish_reason.is_empty() {
                 if args.stream {

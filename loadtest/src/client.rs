@@ -132,11 +132,15 @@ impl Target {
                     .await
                     .map_err(|e| LoadtestError::Connect(format!("/v1/models: {e}")))?;
                 let name = j["data"][0]["id"].as_str().unwrap_or_default().to_string();
-                // The HTTP API does not publish the vocabulary; stay within every preset's.
-                Ok((
-                    j["data"][0]["vocab_size"].as_u64().unwrap_or(512) as u32,
-                    name,
-                ))
+                // Switchyard lists the vocabulary with the model; other servers may not.
+                let vocab = j["data"][0]["vocab_size"].as_u64().ok_or_else(|| {
+                    LoadtestError::Input(
+                        "/v1/models does not report vocab_size, so random prompt ids cannot be \
+                         drawn: give --dataset"
+                            .into(),
+                    )
+                })?;
+                Ok((vocab as u32, name))
             }
         }
     }

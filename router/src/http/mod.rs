@@ -9,6 +9,7 @@ pub mod openai;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -34,11 +35,12 @@ use openai::{ChatRequest, CompletionRequest, ErrorBody, UsageOut};
 pub const MAX_BODY_BYTES: usize = 8 << 20;
 
 /// An error as OpenAI shapes it, with the status from the shared error table.
-struct ApiError(RouterError);
+/// Shared, because one failed step fails several requests with the same error.
+struct ApiError(Arc<RouterError>);
 
 impl From<RouterError> for ApiError {
     fn from(e: RouterError) -> Self {
-        ApiError(e)
+        ApiError(Arc::new(e))
     }
 }
 
@@ -47,7 +49,7 @@ impl IntoResponse for ApiError {
         let status =
             StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = (status, axum::Json(ErrorBody::from_error(&self.0))).into_response();
-        if let RouterError::Overloaded { retry_after_s, .. } = self.0 {
+        if let RouterError::Overloaded { retry_after_s, .. } = *self.0 {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
@@ -103,7 +105,7 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { "body".into() } else { path };
-        ApiError(RouterError::invalid(field, e.into_inner().to_string()))
+        ApiError::from(RouterError::invalid(field, e.into_inner().to_string()))
     })
 }
 
@@ -210,17 +212,12 @@ async fn collect(mut stream: RequestStream) -> Result<Collected, ApiError> {
                 return Ok(out);
             }
             Event::Failed(e) => {
-                return Err(ApiError(match Arc::try_unwrap(e) {
-                    Ok(e) => e,
-                    Err(e) => RouterError::Runtime(e.to_string()),
-                }));
+                return Err(ApiError(e));
             }
         }
     }
     Err(RouterError::ShuttingDown.into())
 }
-
-use std::sync::Arc;
 
 /// Completions-style logprobs of some tokens.
 fn completion_logprobs(state: &ServingState, tokens: &[(u32, Option<TokenLogprobs>)]) -> Value {
@@ -467,5 +464,27 @@ fn sse_events(
             }
         }
         yield Ok(SseEvent::default().data("[DONE]"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_step_error_keeps_its_status() {
+        // One failed step hands the same error to every request in it.
+        let shared = Arc::new(RouterError::DeadlineExceeded(250));
+        let _other_request = shared.clone();
+        let response = ApiError(shared).into_response();
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        let overloaded = ApiError::from(RouterError::Overloaded {
+            waiting: 3,
+            limit: 3,
+            retry_after_s: 1,
+        })
+        .into_response();
+        assert_eq!(overloaded.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(overloaded.headers()[header::RETRY_AFTER], "1");
     }
 }

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
-use switchyard_engine::model::{BlockPool, KvCache, SeqInput};
+use switchyard_engine::model::{BlockPool, KvLayout, SeqInput};
 use switchyard_engine::sampling::TokenLogprobs;
 use switchyard_engine::tokenizer::TextTokenizer;
 use tokio::sync::mpsc as async_mpsc;
@@ -127,6 +127,8 @@ pub struct Scheduler {
     waiting: Arc<AtomicUsize>,
     next_id: Arc<AtomicUsize>,
     config: SchedulerConfig,
+    /// The shape of the pool's blocks, which every sequence's cache takes.
+    layout: KvLayout,
     stats: Arc<SchedulerStats>,
     metrics: Arc<RouterMetrics>,
 }
@@ -152,7 +154,8 @@ impl Scheduler {
         stats
             .blocks_total
             .store(config.kv_blocks, Ordering::Relaxed);
-        let pool = BlockPool::new(backend.kv_layout(config.block_size), config.kv_blocks);
+        let layout = backend.kv_layout(config.block_size);
+        let pool = BlockPool::new(layout, config.kv_blocks);
         let worker = Worker {
             backend,
             tokenizer,
@@ -174,6 +177,7 @@ impl Scheduler {
             waiting,
             next_id: Arc::new(AtomicUsize::new(1)),
             config,
+            layout,
             stats,
             metrics,
         })
@@ -207,7 +211,7 @@ impl Scheduler {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u64;
         let (events_tx, events) = async_mpsc::unbounded_channel();
         let prompt_tokens = request.prompt.len();
-        let seq = Sequence::new(id, request, events_tx);
+        let seq = Sequence::new(id, request, self.layout, events_tx);
         if self.tx.send(Msg::Submit(Box::new(seq))).is_err() {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(RouterError::ShuttingDown);
@@ -272,12 +276,7 @@ impl Worker {
 
     fn take(&mut self, msg: Msg) {
         match msg {
-            Msg::Submit(seq) => {
-                let mut seq = *seq;
-                seq.cache = Some(KvCache::pooled(*self.pool.layout()));
-                seq.start_sampler(self.backend.eos_token_ids());
-                self.waiting.push_back(seq);
-            }
+            Msg::Submit(seq) => self.waiting.push_back(*seq),
         }
     }
 
@@ -315,9 +314,7 @@ impl Worker {
     }
 
     fn release(&mut self, seq: &mut Sequence) {
-        if let Some(cache) = seq.cache.as_mut() {
-            self.pool.release(cache);
-        }
+        self.pool.release(&mut seq.cache);
     }
 
     /// Tokens each running sequence feeds this step (parallel to `running`); admits and
@@ -349,10 +346,7 @@ impl Worker {
                 break;
             };
             let n = seq.pending().min(budget);
-            let Some(cache) = seq.cache.as_mut() else {
-                break;
-            };
-            if !self.pool.grow(cache, n) {
+            if !self.pool.grow(&mut seq.cache, n) {
                 break;
             }
             let Some(mut seq) = self.waiting.pop_front() else {
@@ -374,17 +368,15 @@ impl Worker {
     /// (never an older one) until it fits. Returns false when `i` itself had to go.
     fn grow(&mut self, i: usize, n: usize, plan: &mut Vec<usize>) -> bool {
         loop {
-            let Some(cache) = self.running[i].cache.as_mut() else {
-                return false;
-            };
-            if self.pool.grow(cache, n) {
+            if self.pool.grow(&mut self.running[i].cache, n) {
                 return true;
             }
             let youngest = self.running.len() - 1;
             let mut victim = self.running.remove(youngest);
             plan.remove(youngest);
+            // Back to waiting with an empty cache, recomputed on re-admission; its sampler
+            // keeps its state, so the output continues unchanged.
             self.release(&mut victim);
-            victim.preempted();
             self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
             self.metrics.preemptions.inc();
             debug!(request = victim.id, "preempted for cache blocks");

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use switchyard_engine::model::{KvCache, SeqInput};
+use switchyard_engine::model::{KvCache, KvLayout, SeqInput};
 use switchyard_engine::sampling::{self, Sampler};
 use switchyard_engine::tokenizer::{IncrementalDecoder, TextTokenizer};
 use tokio::sync::mpsc::UnboundedSender;
@@ -25,9 +25,9 @@ pub(super) struct Sequence {
     /// Prompt then output; the last one may not be in the cache yet.
     tokens: Vec<u32>,
     prompt_len: usize,
-    /// Set when the scheduler takes the sequence in.
-    pub(super) cache: Option<KvCache>,
-    sampler: Option<Sampler>,
+    /// Blocks come from the scheduler's pool.
+    pub(super) cache: KvCache,
+    sampler: Sampler,
     events: UnboundedSender<Event>,
     detok: IncrementalDecoder,
     /// Decoded text not shown yet: it might begin a stop string.
@@ -39,15 +39,20 @@ pub(super) struct Sequence {
 }
 
 impl Sequence {
-    pub(super) fn new(id: u64, req: ValidRequest, events: UnboundedSender<Event>) -> Sequence {
+    pub(super) fn new(
+        id: u64,
+        req: ValidRequest,
+        layout: KvLayout,
+        events: UnboundedSender<Event>,
+    ) -> Sequence {
         let tokens = req.prompt.clone();
         Sequence {
             id,
             prompt_len: tokens.len(),
+            sampler: Sampler::new(req.sampling.clone(), &req.prompt),
             tokens,
             req,
-            cache: None,
-            sampler: None,
+            cache: KvCache::pooled(layout),
             events,
             detok: IncrementalDecoder::default(),
             held: String::new(),
@@ -70,12 +75,8 @@ impl Sequence {
         }
     }
 
-    pub(super) fn start_sampler(&mut self, _eos: &[u32]) {
-        self.sampler = Some(Sampler::new(self.req.sampling.clone(), &self.req.prompt));
-    }
-
     fn cached(&self) -> usize {
-        self.cache.as_ref().map_or(0, KvCache::len)
+        self.cache.len()
     }
 
     /// Tokens not in the cache yet.
@@ -86,10 +87,9 @@ impl Sequence {
     /// This step's input: the next `n` uncached tokens.
     pub(super) fn input(&mut self, n: usize) -> Option<SeqInput<'_>> {
         let start = self.cached();
-        let cache = self.cache.as_mut()?;
         Some(SeqInput {
             tokens: self.tokens.get(start..start + n)?,
-            cache,
+            cache: &mut self.cache,
         })
     }
 
@@ -107,10 +107,6 @@ impl Sequence {
             self.fail(RouterError::DeadlineExceeded(waited));
         }
     }
-
-    /// Back to waiting with an empty cache: everything is recomputed on re-admission. The
-    /// sampler keeps its state, so the output continues as if nothing happened.
-    pub(super) fn preempted(&mut self) {}
 
     pub(super) fn fail(self, error: RouterError) {
         self.fail_shared(Arc::new(error));
@@ -137,10 +133,7 @@ impl Sequence {
             // A prefill chunk that does not finish the prompt: nothing to draw yet.
             return StepOutcome::Continue;
         }
-        let Some(sampler) = self.sampler.as_mut() else {
-            return StepOutcome::Continue;
-        };
-        let token = sampler.sample(logits);
+        let token = self.sampler.sample(logits);
         let now = Instant::now();
         match self.last_token_at {
             None => metrics
