@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use switchyard_engine::bench::{self, BenchOptions, BenchReport};
-use switchyard_engine::model::{DeepseekModel, ExpertSelection, LoadOptions};
+use switchyard_engine::model::{CausalLm, ExpertSelection, LoadOptions};
 use switchyard_router::RemoteExperts;
 
 use crate::router::DispatchArgs;
@@ -145,7 +145,7 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         gen_len: args.gen_len,
         seed: args.seed,
     };
-    let model = DeepseekModel::load(&args.model, &LoadOptions::default())
+    let model = CausalLm::load(&args.model, &LoadOptions::default())
         .with_context(|| format!("loading {}", args.model.display()))?;
     let local = bench::run(&model, &bench_options)?;
     if args.workers == 0 {
@@ -170,7 +170,7 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         .context("the model has no routed experts")?;
     let has_shared = moe.n_shared_experts > 0;
     let (_nodes, addrs) = start_workers(&args, moe.n_routed_experts, has_shared)?;
-    let router = DeepseekModel::load(
+    let router = CausalLm::load(
         &args.model,
         &LoadOptions {
             experts: ExpertSelection::None,

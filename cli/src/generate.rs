@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use switchyard_engine::generate::{self, GenerateOptions, GenerateRequest, SamplingParams};
-use switchyard_engine::model::{AttentionMode, DeepseekModel, LoadOptions};
+use switchyard_engine::model::{AttentionMode, CausalLm, LoadOptions};
 use switchyard_engine::tokenizer::TextTokenizer;
 use switchyard_proto::v1::{GenerateRequest as Wire, GenerateResponse};
 use switchyard_router::backend::ModelBackend;
@@ -181,7 +181,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         return run_remote(&args);
     };
     let load_start = Instant::now();
-    let model = DeepseekModel::load(model_dir, &LoadOptions::default())
+    let model = CausalLm::load(model_dir, &LoadOptions::default())
         .with_context(|| format!("loading {}", model_dir.display()))?;
     let tokenizer = TextTokenizer::from_dir(model_dir)
         .with_context(|| format!("loading the tokenizer of {}", model_dir.display()))?
@@ -237,7 +237,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 /// `--dump-logits`: the engine's batch generation, which keeps every prompt position's logits.
 fn run_dump(
     args: &GenerateArgs,
-    model: &DeepseekModel,
+    model: &CausalLm,
     tokenizer: Option<&TextTokenizer>,
     load_s: f64,
 ) -> anyhow::Result<()> {

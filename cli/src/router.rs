@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use switchyard_engine::model::{DeepseekModel, ExpertSelection, LoadOptions};
+use switchyard_engine::model::{CausalLm, ExpertSelection, LoadOptions};
 use switchyard_engine::tokenizer::TextTokenizer;
 use switchyard_proto::v1::Dtype;
 use switchyard_router::RemoteExperts;
@@ -197,7 +197,7 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         metrics: metrics.dispatch.clone(),
         ..args.dispatch.options()
     };
-    let model = DeepseekModel::load(
+    let model = CausalLm::load(
         &args.model,
         &LoadOptions {
             experts: ExpertSelection::None,

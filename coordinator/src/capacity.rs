@@ -37,10 +37,10 @@ pub fn expert_bytes(config: &ModelConfig, dtype: WeightDType) -> u64 {
     }
 }
 
-/// Bytes of latent KV cache per token over all layers (bf16 latent + shared rope key).
+/// Bytes of KV cache per token over all layers in bf16 (MLA: latent + shared rope key; GQA:
+/// keys and values of the KV heads).
 pub fn kv_bytes_per_token(config: &ModelConfig) -> u64 {
-    let a = &config.attention;
-    (config.num_hidden_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * 2) as u64
+    (config.num_hidden_layers * config.attention.kv_row() * 2) as u64
 }
 
 /// Workers a token visits per MoE layer, on average, when its `k` experts fall uniformly over

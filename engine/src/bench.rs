@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
 
 use crate::error::{EngineError, Result};
-use crate::model::{DeepseekModel, ExpertExecutor, ForwardOptions, KvCache, LogitsFor, SeqInput};
+use crate::model::{CausalLm, ExpertExecutor, ForwardOptions, KvCache, LogitsFor, SeqInput};
 
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -49,13 +49,13 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 /// Runs prefill then `gen_len` greedy decode steps for each batch size, on random prompts.
-pub fn run(model: &DeepseekModel, options: &BenchOptions) -> Result<BenchReport> {
+pub fn run(model: &CausalLm, options: &BenchOptions) -> Result<BenchReport> {
     run_with(model, options, model)
 }
 
 /// Like [`run`], with the routed experts run by `experts` (e.g. remote workers).
 pub fn run_with(
-    model: &DeepseekModel,
+    model: &CausalLm,
     options: &BenchOptions,
     experts: &dyn ExpertExecutor,
 ) -> Result<BenchReport> {

@@ -3,7 +3,7 @@
 
 use crate::error::{EngineError, Result};
 use crate::model::{
-    AttentionMode, DeepseekModel, ExpertExecutor, ForwardOptions, KvCache, LogitsFor, SeqInput,
+    AttentionMode, CausalLm, ExpertExecutor, ForwardOptions, KvCache, LogitsFor, SeqInput,
 };
 use crate::tensor::Tensor;
 
@@ -49,7 +49,7 @@ pub struct GenerateOptions {
 }
 
 /// Validates one request against the model; errors name the field, the limit and the value.
-pub fn validate(model: &DeepseekModel, r: &GenerateRequest) -> Result<()> {
+pub fn validate(model: &CausalLm, r: &GenerateRequest) -> Result<()> {
     let c = model.config();
     if r.prompt.is_empty() {
         return Err(EngineError::input("prompt_ids", "must not be empty"));
@@ -93,7 +93,7 @@ pub fn validate(model: &DeepseekModel, r: &GenerateRequest) -> Result<()> {
 
 /// Generates for every request as one batch, with this process's own experts.
 pub fn generate(
-    model: &DeepseekModel,
+    model: &CausalLm,
     requests: &[GenerateRequest],
     options: GenerateOptions,
 ) -> Result<Vec<GenerateOutput>> {
@@ -102,7 +102,7 @@ pub fn generate(
 
 /// Generates for every request as one batch; routed experts go to `experts`.
 pub fn generate_with(
-    model: &DeepseekModel,
+    model: &CausalLm,
     requests: &[GenerateRequest],
     options: GenerateOptions,
     experts: &dyn ExpertExecutor,

@@ -15,12 +15,31 @@ use rand::{Rng, SeedableRng, rngs::StdRng, seq::SliceRandom};
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::{Value, json};
 
-use crate::config::ModelConfig;
+use crate::config::{AttentionConfig, ModelConfig, TopkMethod};
 use crate::dtype::{self, DType, F8E4M3_MAX};
 use crate::error::{EngineError, Result};
+use crate::model::mlp::PROJECTIONS;
 
-/// Built-in model shapes.
-pub const PRESETS: &[&str] = &["tiny", "mini", "deepseek-v3"];
+/// Built-in model shapes: DeepSeek's, then the GQA families' — real dimensions where the name
+/// is a published model's, small shapes of the same architecture otherwise, and `tiny-*` test
+/// shapes.
+pub const PRESETS: &[&str] = &[
+    "tiny",
+    "mini",
+    "deepseek-v3",
+    "llama-3.2-1b",
+    "qwen3-0.6b",
+    "gemma3-1b",
+    "qwen3-moe",
+    "mixtral-mini",
+    "mistral-mini",
+    "tiny-llama",
+    "tiny-qwen3",
+    "tiny-qwen3-moe",
+    "tiny-gemma3",
+    "tiny-mistral",
+    "tiny-mixtral",
+];
 
 /// Element type of the written weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,8 +104,152 @@ pub struct SynthSummary {
     pub files: Vec<PathBuf>,
 }
 
-/// The `config.json` of a preset, in DeepSeek's original schema.
+/// The `config.json` of a GQA-family preset, or `None` for DeepSeek's.
+fn gqa_preset(name: &str) -> Option<Value> {
+    let (arch, model_type, specific) = match name {
+        "llama-3.2-1b" => (
+            "LlamaForCausalLM",
+            "llama",
+            json!({"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+                "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+                "head_dim": 64, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+                "rope_theta": 500000.0, "tie_word_embeddings": true,
+                "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}),
+        ),
+        "qwen3-0.6b" => (
+            "Qwen3ForCausalLM",
+            "qwen3",
+            json!({"vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072,
+                "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+                "head_dim": 128, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+                "rope_theta": 1000000.0, "tie_word_embeddings": true,
+                "use_sliding_window": false, "sliding_window": null, "max_window_layers": 28}),
+        ),
+        "gemma3-1b" => (
+            "Gemma3ForCausalLM",
+            "gemma3_text",
+            json!({"vocab_size": 262144, "hidden_size": 1152, "intermediate_size": 6912,
+                "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1,
+                "head_dim": 256, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+                "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+                "sliding_window": 512, "sliding_window_pattern": 6,
+                "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh",
+                "final_logit_softcapping": null, "attn_logit_softcapping": null,
+                "tie_word_embeddings": true}),
+        ),
+        // Qwen3-30B-A3B's gate (128 experts, top 8, renormalised) on a small body.
+        "qwen3-moe" => (
+            "Qwen3MoeForCausalLM",
+            "qwen3_moe",
+            json!({"vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1536,
+                "moe_intermediate_size": 256, "num_hidden_layers": 8, "num_attention_heads": 8,
+                "num_key_value_heads": 2, "head_dim": 64, "num_experts": 128,
+                "num_experts_per_tok": 8, "norm_topk_prob": true, "decoder_sparse_step": 1,
+                "mlp_only_layers": [], "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+                "rope_theta": 1000000.0, "tie_word_embeddings": false,
+                "use_sliding_window": false, "sliding_window": null}),
+        ),
+        // Mixtral's gate (8 experts, top 2) on a small body.
+        "mixtral-mini" => (
+            "MixtralForCausalLM",
+            "mixtral",
+            json!({"vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 1792,
+                "num_hidden_layers": 4, "num_attention_heads": 16, "num_key_value_heads": 4,
+                "head_dim": 64, "num_local_experts": 8, "num_experts_per_tok": 2,
+                "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+                "rope_theta": 1000000.0, "sliding_window": null, "tie_word_embeddings": false}),
+        ),
+        "mistral-mini" => (
+            "MistralForCausalLM",
+            "mistral",
+            json!({"vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
+                "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 4,
+                "head_dim": 64, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+                "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": false}),
+        ),
+        "tiny-llama" => (
+            "LlamaForCausalLM",
+            "llama",
+            json!({"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "head_dim": 16, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+                "rope_theta": 500000.0, "tie_word_embeddings": true,
+                "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+        ),
+        "tiny-qwen3" => (
+            "Qwen3ForCausalLM",
+            "qwen3",
+            json!({"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "head_dim": 16, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+                "rope_theta": 1000000.0, "tie_word_embeddings": true}),
+        ),
+        "tiny-qwen3-moe" => (
+            "Qwen3MoeForCausalLM",
+            "qwen3_moe",
+            json!({"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                "moe_intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 16, "num_experts": 16,
+                "num_experts_per_tok": 4, "norm_topk_prob": true, "decoder_sparse_step": 1,
+                "mlp_only_layers": [0], "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+                "rope_theta": 1000000.0, "tie_word_embeddings": false}),
+        ),
+        "tiny-gemma3" => (
+            "Gemma3ForCausalLM",
+            "gemma3_text",
+            json!({"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 1,
+                "head_dim": 16, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+                "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+                "sliding_window": 8, "sliding_window_pattern": 3, "query_pre_attn_scalar": 16,
+                "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": true}),
+        ),
+        "tiny-mistral" => (
+            "MistralForCausalLM",
+            "mistral",
+            json!({"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
+                "head_dim": 16, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+                "rope_theta": 10000.0, "sliding_window": 8, "tie_word_embeddings": false}),
+        ),
+        "tiny-mixtral" => (
+            "MixtralForCausalLM",
+            "mixtral",
+            json!({"vocab_size": 512, "hidden_size": 64, "intermediate_size": 32,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "head_dim": 16, "num_local_experts": 8, "num_experts_per_tok": 2,
+                "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+                "sliding_window": null, "tie_word_embeddings": false}),
+        ),
+        _ => return None,
+    };
+    // Special tokens at 0 and 1, where the synthetic tokenizer puts them.
+    let mut config = json!({
+        "architectures": [arch],
+        "model_type": model_type,
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "use_cache": true,
+        "torch_dtype": "bfloat16",
+    });
+    if let (Some(c), Some(s)) = (config.as_object_mut(), specific.as_object()) {
+        c.extend(s.clone());
+    }
+    Some(config)
+}
+
+/// The `config.json` of a preset: DeepSeek's in its original schema, the others as their
+/// published `config.json` files spell them.
 pub fn preset_config(name: &str) -> Result<Value> {
+    if let Some(config) = gqa_preset(name) {
+        return Ok(config);
+    }
     let base = json!({
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -159,6 +322,8 @@ enum Init {
     Embedding,
     /// Norm scales: uniform in [0.8, 1.2].
     Norm,
+    /// Gemma's norms store `scale - 1`: uniform in [-0.2, 0.2].
+    NormOffset,
     /// `e_score_correction_bias`: uniform in [0, 0.1] — nonzero, so selection ≠ weighting —
     /// plus `skew / (rank + 1)` over a seeded ranking of the experts.
     RoutingBias { skew: f32 },
@@ -175,7 +340,6 @@ struct Spec {
 
 fn specs(c: &ModelConfig, expert_skew: f32) -> Vec<Spec> {
     let h = c.hidden_size;
-    let a = &c.attention;
     let heads = c.num_attention_heads;
     let mut out = Vec::new();
     let linear =
@@ -187,13 +351,32 @@ fn specs(c: &ModelConfig, expert_skew: f32) -> Vec<Spec> {
                 quantizable,
             });
         };
+    let norm_init = if c.norm.unit_offset {
+        Init::NormOffset
+    } else {
+        Init::Norm
+    };
     let norm = |out: &mut Vec<Spec>, name: String, dim: usize| {
         out.push(Spec {
             name,
             shape: vec![dim],
-            init: Init::Norm,
+            init: norm_init,
             quantizable: false,
         });
+    };
+    let mlp = |out: &mut Vec<Spec>, prefix: String, [g, u, d]: [&str; 3], inter: usize| {
+        for (name, shape, fan_in) in [
+            (g, vec![inter, h], h),
+            (u, vec![inter, h], h),
+            (d, vec![h, inter], inter),
+        ] {
+            out.push(Spec {
+                name: format!("{prefix}.{name}.weight"),
+                shape,
+                init: Init::Linear { fan_in },
+                quantizable: true,
+            });
+        }
     };
     out.push(Spec {
         name: "model.embed_tokens.weight".into(),
@@ -205,85 +388,83 @@ fn specs(c: &ModelConfig, expert_skew: f32) -> Vec<Spec> {
         let p = format!("model.layers.{l}");
         norm(&mut out, format!("{p}.input_layernorm.weight"), h);
         let s = format!("{p}.self_attn");
-        match a.q_lora_rank {
-            Some(r) => {
-                linear(&mut out, format!("{s}.q_a_proj.weight"), r, h, true);
-                norm(&mut out, format!("{s}.q_a_layernorm.weight"), r);
+        match &c.attention {
+            AttentionConfig::Mla(a) => {
+                match a.q_lora_rank {
+                    Some(r) => {
+                        linear(&mut out, format!("{s}.q_a_proj.weight"), r, h, true);
+                        norm(&mut out, format!("{s}.q_a_layernorm.weight"), r);
+                        let rows = heads * a.qk_head_dim();
+                        linear(&mut out, format!("{s}.q_b_proj.weight"), rows, r, true);
+                    }
+                    None => {
+                        let rows = heads * a.qk_head_dim();
+                        linear(&mut out, format!("{s}.q_proj.weight"), rows, h, true);
+                    }
+                }
+                let kv_a = a.kv_lora_rank + a.qk_rope_head_dim;
                 linear(
                     &mut out,
-                    format!("{s}.q_b_proj.weight"),
-                    heads * a.qk_head_dim(),
-                    r,
+                    format!("{s}.kv_a_proj_with_mqa.weight"),
+                    kv_a,
+                    h,
+                    true,
+                );
+                norm(
+                    &mut out,
+                    format!("{s}.kv_a_layernorm.weight"),
+                    a.kv_lora_rank,
+                );
+                let kv_b = heads * (a.qk_nope_head_dim + a.v_head_dim);
+                linear(
+                    &mut out,
+                    format!("{s}.kv_b_proj.weight"),
+                    kv_b,
+                    a.kv_lora_rank,
+                    true,
+                );
+                linear(
+                    &mut out,
+                    format!("{s}.o_proj.weight"),
+                    h,
+                    heads * a.v_head_dim,
                     true,
                 );
             }
-            None => linear(
-                &mut out,
-                format!("{s}.q_proj.weight"),
-                heads * a.qk_head_dim(),
-                h,
-                true,
-            ),
+            AttentionConfig::Gqa(g) => {
+                let (q, kv) = (heads * g.head_dim, g.num_key_value_heads * g.head_dim);
+                linear(&mut out, format!("{s}.q_proj.weight"), q, h, true);
+                linear(&mut out, format!("{s}.k_proj.weight"), kv, h, true);
+                linear(&mut out, format!("{s}.v_proj.weight"), kv, h, true);
+                linear(&mut out, format!("{s}.o_proj.weight"), h, q, true);
+                if g.qk_norm {
+                    norm(&mut out, format!("{s}.q_norm.weight"), g.head_dim);
+                    norm(&mut out, format!("{s}.k_norm.weight"), g.head_dim);
+                }
+            }
         }
-        linear(
-            &mut out,
-            format!("{s}.kv_a_proj_with_mqa.weight"),
-            a.kv_lora_rank + a.qk_rope_head_dim,
-            h,
-            true,
-        );
-        norm(
-            &mut out,
-            format!("{s}.kv_a_layernorm.weight"),
-            a.kv_lora_rank,
-        );
-        linear(
-            &mut out,
-            format!("{s}.kv_b_proj.weight"),
-            heads * (a.qk_nope_head_dim + a.v_head_dim),
-            a.kv_lora_rank,
-            true,
-        );
-        linear(
-            &mut out,
-            format!("{s}.o_proj.weight"),
-            h,
-            heads * a.v_head_dim,
-            true,
-        );
         norm(&mut out, format!("{p}.post_attention_layernorm.weight"), h);
-        let mlp = |out: &mut Vec<Spec>, prefix: String, inter: usize| {
-            out.push(Spec {
-                name: format!("{prefix}.gate_proj.weight"),
-                shape: vec![inter, h],
-                init: Init::Linear { fan_in: h },
-                quantizable: true,
-            });
-            out.push(Spec {
-                name: format!("{prefix}.up_proj.weight"),
-                shape: vec![inter, h],
-                init: Init::Linear { fan_in: h },
-                quantizable: true,
-            });
-            out.push(Spec {
-                name: format!("{prefix}.down_proj.weight"),
-                shape: vec![h, inter],
-                init: Init::Linear { fan_in: inter },
-                quantizable: true,
-            });
-        };
+        if c.norm.sandwich {
+            norm(&mut out, format!("{p}.pre_feedforward_layernorm.weight"), h);
+            norm(
+                &mut out,
+                format!("{p}.post_feedforward_layernorm.weight"),
+                h,
+            );
+        }
         match (&c.moe, c.is_moe_layer(l)) {
             (Some(m), true) => {
+                let block = m.naming.block_prefix(l);
                 linear(
                     &mut out,
-                    format!("{p}.mlp.gate.weight"),
+                    format!("{block}.gate.weight"),
                     m.n_routed_experts,
                     h,
                     false,
                 );
-                if m.topk_method == crate::config::TopkMethod::NoAuxTc {
+                if m.topk_method == TopkMethod::NoAuxTc {
                     out.push(Spec {
-                        name: format!("{p}.mlp.gate.e_score_correction_bias"),
+                        name: format!("{block}.gate.e_score_correction_bias"),
                         shape: vec![m.n_routed_experts],
                         init: Init::RoutingBias { skew: expert_skew },
                         quantizable: false,
@@ -292,19 +473,26 @@ fn specs(c: &ModelConfig, expert_skew: f32) -> Vec<Spec> {
                 for e in 0..m.n_routed_experts {
                     mlp(
                         &mut out,
-                        format!("{p}.mlp.experts.{e}"),
+                        format!("{block}.experts.{e}"),
+                        m.naming.projections,
                         m.moe_intermediate_size,
                     );
                 }
                 if m.n_shared_experts > 0 {
                     mlp(
                         &mut out,
-                        format!("{p}.mlp.shared_experts"),
+                        format!("{block}.shared_experts"),
+                        PROJECTIONS,
                         m.moe_intermediate_size * m.n_shared_experts,
                     );
                 }
             }
-            _ => mlp(&mut out, format!("{p}.mlp"), c.intermediate_size),
+            _ => mlp(
+                &mut out,
+                format!("{p}.mlp"),
+                PROJECTIONS,
+                c.intermediate_size,
+            ),
         }
     }
     norm(&mut out, "model.norm.weight".into(), h);
@@ -338,6 +526,7 @@ fn generate(spec: &Spec, seed: u64) -> Vec<f32> {
             .map(|_| Distribution::<f32>::sample(&StandardNormal, &mut rng))
             .collect(),
         Init::Norm => (0..n).map(|_| rng.random_range(0.8f32..1.2)).collect(),
+        Init::NormOffset => (0..n).map(|_| rng.random_range(-0.2f32..0.2)).collect(),
         Init::RoutingBias { skew } => {
             let mut bias: Vec<f32> = (0..n).map(|_| rng.random_range(0.0f32..0.1)).collect();
             if skew != 0.0 {
@@ -459,7 +648,12 @@ pub fn synth(out: &Path, options: &SynthOptions) -> Result<SynthSummary> {
             obj.insert("num_hidden_layers".into(), json!(layers));
         }
         if let Some(experts) = options.experts {
-            obj.insert("n_routed_experts".into(), json!(experts));
+            let key = match obj.get("model_type").and_then(Value::as_str) {
+                Some("qwen3_moe") => "num_experts",
+                Some("mixtral") => "num_local_experts",
+                _ => "n_routed_experts",
+            };
+            obj.insert(key.into(), json!(experts));
         }
         match options.dtype {
             SynthDType::F32 => {
@@ -480,6 +674,20 @@ pub fn synth(out: &Path, options: &SynthOptions) -> Result<SynthSummary> {
         return Err(EngineError::input(
             "expert_skew",
             format!("must be >= 0, got {}", options.expert_skew),
+        ));
+    }
+    if options.expert_skew > 0.0
+        && parsed
+            .moe
+            .as_ref()
+            .is_none_or(|m| m.topk_method != TopkMethod::NoAuxTc)
+    {
+        return Err(EngineError::input(
+            "expert_skew",
+            format!(
+                "needs a gate with e_score_correction_bias (DeepSeek-V3 presets); preset {:?} has none, got {}",
+                options.preset, options.expert_skew
+            ),
         ));
     }
     let mut tensors = Vec::new();
@@ -554,8 +762,8 @@ pub fn synth(out: &Path, options: &SynthOptions) -> Result<SynthSummary> {
             &json!({"bos_token_id": parsed.bos_token_id, "eos_token_id": parsed.eos_token_ids.first(), "do_sample": false}),
         )?,
     ];
-    // A byte-level BPE the size of the vocabulary, so text works end to end. It puts DeepSeek's
-    // begin/end-of-sentence tokens at ids 0 and 1, which is what the presets declare.
+    // A byte-level BPE the size of the vocabulary, so text works end to end. It puts the
+    // begin/end-of-sentence tokens at ids 0 and 1, which is what every preset declares.
     if parsed.vocab_size >= 260
         && parsed.bos_token_id == Some(0)
         && parsed.eos_token_ids.first() == Some(&1)

@@ -9,7 +9,7 @@ use std::path::Path;
 use switchyard_engine::checkpoint::{Checkpoint, Precision};
 use switchyard_engine::model::experts::RoutedExperts;
 use switchyard_engine::model::{
-    DeepseekModel, ExpertSelection, ForwardOptions, LoadOptions, LogitsFor, SeqInput,
+    CausalLm, ExpertSelection, ForwardOptions, LoadOptions, LogitsFor, SeqInput,
 };
 use switchyard_engine::synth::{self, SynthDType, SynthOptions};
 
@@ -28,7 +28,7 @@ fn synth_tiny(dir: &Path, dtype: SynthDType, seed: u64, shard_bytes: u64) {
 }
 
 fn logits(dir: &Path, prompt: &[u32]) -> Vec<f32> {
-    let model = DeepseekModel::load(dir, &LoadOptions::default()).unwrap();
+    let model = CausalLm::load(dir, &LoadOptions::default()).unwrap();
     let mut cache = model.new_cache(prompt.len());
     model
         .forward(
@@ -129,7 +129,15 @@ fn loading_an_expert_subset_reads_only_its_shards() {
     synth_tiny(dir.path(), SynthDType::F32, 0, 32 << 10);
     let ck = Checkpoint::open(dir.path()).unwrap();
     let experts: BTreeSet<u32> = (0..4).collect();
-    let loaded = RoutedExperts::load(&ck, "model.layers.2.mlp", 2, &experts, 64, 32).unwrap();
+    let loaded = RoutedExperts::load(
+        &ck,
+        &switchyard_engine::config::MoeNaming::DEEPSEEK,
+        2,
+        &experts,
+        64,
+        32,
+    )
+    .unwrap();
     assert_eq!(loaded.expert_ids().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
     assert_eq!(loaded.size_in_bytes(), 4 * 3 * 64 * 32 * 4);
     let opened = ck.shards_opened();
@@ -155,15 +163,15 @@ fn loading_an_expert_subset_reads_only_its_shards() {
 fn model_loads_only_the_selected_experts() {
     let dir = tempfile::tempdir().unwrap();
     synth_tiny(dir.path(), SynthDType::Bf16, 0, u64::MAX);
-    let full = DeepseekModel::load(dir.path(), &LoadOptions::default()).unwrap();
-    let none = DeepseekModel::load(
+    let full = CausalLm::load(dir.path(), &LoadOptions::default()).unwrap();
+    let none = CausalLm::load(
         dir.path(),
         &LoadOptions {
             experts: ExpertSelection::None,
         },
     )
     .unwrap();
-    let some = DeepseekModel::load(
+    let some = CausalLm::load(
         dir.path(),
         &LoadOptions {
             experts: ExpertSelection::Only(BTreeMap::from([
@@ -177,7 +185,7 @@ fn model_loads_only_the_selected_experts() {
     assert_eq!(full.routed_expert_bytes(), 2 * 16 * per_expert);
     assert_eq!(none.routed_expert_bytes(), 0);
     assert_eq!(some.routed_expert_bytes(), 9 * per_expert);
-    let err = DeepseekModel::load(
+    let err = CausalLm::load(
         dir.path(),
         &LoadOptions {
             experts: ExpertSelection::Only(BTreeMap::from([(1, [16].into())])),
@@ -195,7 +203,7 @@ fn model_loads_only_the_selected_experts() {
 fn bad_inputs_are_errors_that_name_the_field() {
     let dir = tempfile::tempdir().unwrap();
     synth_tiny(dir.path(), SynthDType::Bf16, 0, u64::MAX);
-    let model = DeepseekModel::load(dir.path(), &LoadOptions::default()).unwrap();
+    let model = CausalLm::load(dir.path(), &LoadOptions::default()).unwrap();
     let mut cache = model.new_cache(4);
     let err = model
         .forward(
@@ -236,7 +244,7 @@ fn missing_or_misshapen_tensors_fail_loading_with_names() {
         text.replace("\"kv_lora_rank\": 32", "\"kv_lora_rank\": 40"),
     )
     .unwrap();
-    let err = DeepseekModel::load(dir.path(), &LoadOptions::default())
+    let err = CausalLm::load(dir.path(), &LoadOptions::default())
         .unwrap_err()
         .to_string();
     assert!(
@@ -258,7 +266,7 @@ fn routing_imbalance(skew: f32) -> Vec<f64> {
         },
     )
     .unwrap();
-    let model = DeepseekModel::load(dir.path(), &LoadOptions::default()).unwrap();
+    let model = CausalLm::load(dir.path(), &LoadOptions::default()).unwrap();
     let prompt: Vec<u32> = (0..400u32).map(|i| (i * 7919) % 510 + 2).collect();
     let mut cache = model.new_cache(prompt.len());
     let out = model

@@ -11,16 +11,31 @@ use serde::Deserialize;
 use switchyard_engine::checkpoint::{Checkpoint, Precision};
 use switchyard_engine::generate::{self, GenerateOptions, GenerateRequest};
 use switchyard_engine::model::{
-    AttentionMode, DeepseekModel, ForwardOptions, LoadOptions, LogitsFor, SeqInput,
+    AttentionMode, CausalLm, ForwardOptions, LoadOptions, LogitsFor, SeqInput,
 };
 
-const FIXTURES: &[&str] = &[
+/// DeepSeek-V3 / V2: MLA.
+const MLA_FIXTURES: &[&str] = &[
     "qlora_yarn_groups",
     "qproj_plain_nogroups",
     "qlora_yarn_two_dense_deepseek_schema",
     "v2_softmax_group_limited",
     "v2_lite_greedy",
 ];
+
+/// The GQA families, one fixture each (see `tools/make_parity_fixtures.py` for what each covers).
+const GQA_FIXTURES: &[&str] = &[
+    "llama_gqa_llama3_rope",
+    "qwen3_qknorm_sliding",
+    "qwen3_moe_softmax_topk",
+    "gemma3_local_global",
+    "mistral_sliding_window",
+    "mixtral_top2",
+];
+
+fn all_fixtures() -> impl Iterator<Item = &'static str> {
+    MLA_FIXTURES.iter().chain(GQA_FIXTURES).copied()
+}
 
 #[derive(Deserialize)]
 struct Reference {
@@ -52,7 +67,7 @@ fn reference(dir: &Path) -> (Reference, Vec<f32>) {
 }
 
 fn prompt_logits(
-    model: &DeepseekModel,
+    model: &CausalLm,
     prompt: &[u32],
     mode: AttentionMode,
 ) -> (Vec<f32>, LayerRouting) {
@@ -95,10 +110,10 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn prompt_logits_match_transformers_within_1e_4() {
-    for name in FIXTURES {
+    for name in all_fixtures() {
         let dir = fixture_dir(name);
         let (r, expected) = reference(&dir);
-        let model = DeepseekModel::load(&dir, &LoadOptions::default()).unwrap();
+        let model = CausalLm::load(&dir, &LoadOptions::default()).unwrap();
         let (logits, _) = prompt_logits(&model, &r.prompt_ids, AttentionMode::Expanded);
         let diff = max_abs_diff(&logits, &expected);
         assert!(diff <= 1e-4, "{name}: max |Δ logits| = {diff:e}");
@@ -107,10 +122,10 @@ fn prompt_logits_match_transformers_within_1e_4() {
 
 #[test]
 fn chosen_experts_match_transformers_per_layer() {
-    for name in FIXTURES {
+    for name in all_fixtures() {
         let dir = fixture_dir(name);
         let (r, _) = reference(&dir);
-        let model = DeepseekModel::load(&dir, &LoadOptions::default()).unwrap();
+        let model = CausalLm::load(&dir, &LoadOptions::default()).unwrap();
         let (_, routing) = prompt_logits(&model, &r.prompt_ids, AttentionMode::Expanded);
         assert_eq!(routing.len(), r.experts.len(), "{name}: MoE layer count");
         for (layer, ids) in &r.experts {
@@ -135,10 +150,10 @@ fn chosen_experts_match_transformers_per_layer() {
 
 #[test]
 fn greedy_ids_match_transformers() {
-    for name in FIXTURES {
+    for name in all_fixtures() {
         let dir = fixture_dir(name);
         let (r, _) = reference(&dir);
-        let model = DeepseekModel::load(&dir, &LoadOptions::default()).unwrap();
+        let model = CausalLm::load(&dir, &LoadOptions::default()).unwrap();
         let request = GenerateRequest {
             prompt: r.prompt_ids.clone(),
             max_new_tokens: r.greedy_ids.len(),
@@ -159,10 +174,10 @@ fn greedy_ids_match_transformers() {
 
 #[test]
 fn absorbed_attention_equals_expanded_attention() {
-    for name in FIXTURES {
+    for name in MLA_FIXTURES {
         let dir = fixture_dir(name);
         let (r, _) = reference(&dir);
-        let model = DeepseekModel::load(&dir, &LoadOptions::default()).unwrap();
+        let model = CausalLm::load(&dir, &LoadOptions::default()).unwrap();
         let (expanded, _) = prompt_logits(&model, &r.prompt_ids, AttentionMode::Expanded);
         let (absorbed, _) = prompt_logits(&model, &r.prompt_ids, AttentionMode::Absorbed);
         let diff = max_abs_diff(&expanded, &absorbed);
@@ -175,9 +190,19 @@ fn absorbed_attention_equals_expanded_attention() {
 
 #[test]
 fn batched_generation_equals_one_sequence_at_a_time() {
-    let dir = fixture_dir(FIXTURES[0]);
+    for name in [
+        MLA_FIXTURES[0],
+        "gemma3_local_global",
+        "mistral_sliding_window",
+    ] {
+        batched_equals_single(name);
+    }
+}
+
+fn batched_equals_single(name: &str) {
+    let dir = fixture_dir(name);
     let (r, _) = reference(&dir);
-    let model = DeepseekModel::load(&dir, &LoadOptions::default()).unwrap();
+    let model = CausalLm::load(&dir, &LoadOptions::default()).unwrap();
     // Different lengths, so prefill packs ragged sequences and decode runs them side by side.
     let requests: Vec<GenerateRequest> = [12usize, 5, 9]
         .iter()
@@ -203,7 +228,7 @@ fn batched_generation_equals_one_sequence_at_a_time() {
 
 #[test]
 fn bf16_checkpoint_stays_close_to_f32() {
-    let dir = fixture_dir(FIXTURES[0]);
+    let dir = fixture_dir(MLA_FIXTURES[0]);
     let (r, expected) = reference(&dir);
     let tmp = tempfile::tempdir().unwrap();
     std::fs::copy(dir.join("config.json"), tmp.path().join("config.json")).unwrap();
@@ -233,7 +258,7 @@ fn bf16_checkpoint_stays_close_to_f32() {
         })
         .collect();
     safetensors::serialize_to_file(views, None, &tmp.path().join("model.safetensors")).unwrap();
-    let model = DeepseekModel::load(tmp.path(), &LoadOptions::default()).unwrap();
+    let model = CausalLm::load(tmp.path(), &LoadOptions::default()).unwrap();
     let (logits, _) = prompt_logits(&model, &r.prompt_ids, AttentionMode::Auto);
     let vocab = expected.len() / r.prompt_ids.len();
     let mean = logits

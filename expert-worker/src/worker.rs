@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use switchyard_engine::checkpoint::Checkpoint;
+use switchyard_engine::config::MoeNaming;
 use switchyard_engine::model::ExpertSelection;
 use switchyard_engine::model::experts::{ExpertGroup, RoutedExperts};
 use switchyard_engine::model::mlp::Mlp;
@@ -60,6 +61,8 @@ pub struct ExpertWorker {
     layers: RwLock<BTreeMap<usize, RoutedExperts>>,
     dir: PathBuf,
     intermediate: usize,
+    /// The checkpoint's MoE tensor names (DeepSeek / Qwen3-MoE or Mixtral).
+    naming: MoeNaming,
     /// Shared experts of the held layers, when this worker also runs them.
     shared: BTreeMap<usize, Mlp>,
     max_message_bytes: usize,
@@ -96,7 +99,7 @@ impl ExpertWorker {
         for (layer, experts) in selection.iter().filter(|(_, e)| !e.is_empty()) {
             let loaded = RoutedExperts::load(
                 &ck,
-                &format!("model.layers.{layer}.mlp"),
+                &moe.naming,
                 *layer,
                 experts,
                 config.hidden_size,
@@ -114,6 +117,7 @@ impl ExpertWorker {
             layers: RwLock::new(layers),
             dir: dir.to_path_buf(),
             intermediate: moe.moe_intermediate_size,
+            naming: moe.naming,
             shared: BTreeMap::new(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         })
@@ -135,7 +139,7 @@ impl ExpertWorker {
         for layer in config.moe_layers() {
             let mlp = Mlp::new(
                 &ck,
-                &format!("model.layers.{layer}.mlp.shared_experts"),
+                &format!("{}.shared_experts", moe.naming.block_prefix(layer)),
                 config.hidden_size,
                 moe.moe_intermediate_size * moe.n_shared_experts,
             )?;
@@ -176,7 +180,7 @@ impl ExpertWorker {
                 let Some(ck) = ck.as_ref() else { continue };
                 let loaded = RoutedExperts::load(
                     ck,
-                    &format!("model.layers.{layer}.mlp"),
+                    &self.naming,
                     *layer,
                     &missing,
                     self.hidden,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use switchyard_engine::EngineError;
 use switchyard_engine::model::{
-    DeepseekModel, ExpertExecutor, ForwardOptions, ForwardTimings, KvLayout, LogitsFor, SeqInput,
+    CausalLm, ExpertExecutor, ForwardOptions, ForwardTimings, KvLayout, LogitsFor, SeqInput,
 };
 
 use crate::load::ExpertLoad;
@@ -39,22 +39,22 @@ pub struct StepOutput {
 /// The engine's model, its routed experts local or on expert workers.
 #[derive(Debug, Clone)]
 pub struct ModelBackend {
-    model: Arc<DeepseekModel>,
+    model: Arc<CausalLm>,
     /// `None`: the model holds its own experts.
     experts: Option<ExpertSource>,
     load: Arc<ExpertLoad>,
 }
 
 impl ModelBackend {
-    pub fn local(model: Arc<DeepseekModel>) -> ModelBackend {
+    pub fn local(model: Arc<CausalLm>) -> ModelBackend {
         ModelBackend::new(model, None)
     }
 
-    pub fn remote(model: Arc<DeepseekModel>, experts: ExpertSource) -> ModelBackend {
+    pub fn remote(model: Arc<CausalLm>, experts: ExpertSource) -> ModelBackend {
         ModelBackend::new(model, Some(experts))
     }
 
-    fn new(model: Arc<DeepseekModel>, experts: Option<ExpertSource>) -> ModelBackend {
+    fn new(model: Arc<CausalLm>, experts: Option<ExpertSource>) -> ModelBackend {
         let c = model.config();
         let (n, k) = c
             .moe
@@ -68,7 +68,7 @@ impl ModelBackend {
         }
     }
 
-    pub fn model(&self) -> &Arc<DeepseekModel> {
+    pub fn model(&self) -> &Arc<CausalLm> {
         &self.model
     }
 }

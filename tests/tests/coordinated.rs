@@ -12,7 +12,7 @@ use switchyard_coordinator::membership::ModelShape;
 use switchyard_coordinator::service::{self as coordinator, CoordinatorNode};
 use switchyard_engine::ModelConfig;
 use switchyard_engine::model::{
-    DeepseekModel, ExpertSelection, ForwardOptions, LoadOptions, LogitsFor, SeqInput,
+    CausalLm, ExpertSelection, ForwardOptions, LoadOptions, LogitsFor, SeqInput,
 };
 use switchyard_engine::synth::{self, SynthDType, SynthOptions};
 use switchyard_expert_worker::agent::{self, Membership};
@@ -24,10 +24,7 @@ use tokio::sync::oneshot;
 
 const PROMPT: &[u32] = &[1, 17, 42, 99, 3, 250, 7];
 
-fn logits(
-    model: &DeepseekModel,
-    experts: &dyn switchyard_engine::model::ExpertExecutor,
-) -> Vec<f32> {
+fn logits(model: &CausalLm, experts: &dyn switchyard_engine::model::ExpertExecutor) -> Vec<f32> {
     let mut cache = model.new_cache(PROMPT.len());
     model
         .forward_with(
@@ -84,7 +81,7 @@ fn router_follows_the_coordinator_through_a_worker_loss_and_a_coordinator_restar
     )
     .unwrap();
     let config = ModelConfig::from_dir(dir.path()).unwrap();
-    let local = DeepseekModel::load(dir.path(), &LoadOptions::default()).unwrap();
+    let local = CausalLm::load(dir.path(), &LoadOptions::default()).unwrap();
     let want = logits(&local, &local);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -145,7 +142,7 @@ fn router_follows_the_coordinator_through_a_worker_loss_and_a_coordinator_restar
     let experts =
         CoordinatedExperts::connect(&config, &coordinator_addr, options, Duration::from_secs(20))
             .unwrap();
-    let router = DeepseekModel::load(
+    let router = CausalLm::load(
         dir.path(),
         &LoadOptions {
             experts: ExpertSelection::None,

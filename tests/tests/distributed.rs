@@ -7,7 +7,7 @@ use std::path::Path;
 
 use switchyard_engine::generate::{self, GenerateOptions, GenerateRequest};
 use switchyard_engine::model::{
-    DeepseekModel, ExpertSelection, ForwardOptions, LoadOptions, LogitsFor, SeqInput,
+    CausalLm, ExpertSelection, ForwardOptions, LoadOptions, LogitsFor, SeqInput,
 };
 use switchyard_engine::synth::{self, SynthDType, SynthOptions};
 use switchyard_proto::v1::Dtype;
@@ -32,7 +32,7 @@ fn tiny_f32(dir: &Path) {
 }
 
 fn logits(
-    model: &DeepseekModel,
+    model: &CausalLm,
     experts: Option<&RemoteExperts>,
 ) -> (Vec<f32>, Vec<(usize, switchyard_engine::model::Routing)>) {
     let mut cache = model.new_cache(PROMPT.len());
@@ -53,7 +53,7 @@ fn logits(
     (out.logits.into_f32_vec(), out.routing)
 }
 
-fn greedy(model: &DeepseekModel, experts: Option<&RemoteExperts>) -> Vec<u32> {
+fn greedy(model: &CausalLm, experts: Option<&RemoteExperts>) -> Vec<u32> {
     let req = GenerateRequest {
         prompt: PROMPT.to_vec(),
         max_new_tokens: 12,
@@ -81,10 +81,10 @@ fn greedy(model: &DeepseekModel, experts: Option<&RemoteExperts>) -> Vec<u32> {
 fn router_with_1_2_and_4_workers_matches_the_single_process_engine() {
     let dir = tempfile::tempdir().unwrap();
     tiny_f32(dir.path());
-    let local = DeepseekModel::load(dir.path(), &LoadOptions::default()).unwrap();
+    let local = CausalLm::load(dir.path(), &LoadOptions::default()).unwrap();
     let (want_logits, _) = logits(&local, None);
     let want_tokens = greedy(&local, None);
-    let router = DeepseekModel::load(
+    let router = CausalLm::load(
         dir.path(),
         &LoadOptions {
             experts: ExpertSelection::None,
@@ -142,9 +142,9 @@ fn router_with_1_2_and_4_workers_matches_the_single_process_engine() {
 fn shared_experts_on_the_workers_give_the_same_result() {
     let dir = tempfile::tempdir().unwrap();
     tiny_f32(dir.path());
-    let local = DeepseekModel::load(dir.path(), &LoadOptions::default()).unwrap();
+    let local = CausalLm::load(dir.path(), &LoadOptions::default()).unwrap();
     let (want_logits, _) = logits(&local, None);
-    let router = DeepseekModel::load(
+    let router = CausalLm::load(
         dir.path(),
         &LoadOptions {
             experts: ExpertSelection::None,
@@ -185,7 +185,7 @@ fn shared_experts_on_the_workers_give_the_same_result() {
 fn a_token_crosses_the_wire_once_per_worker_per_layer() {
     let dir = tempfile::tempdir().unwrap();
     tiny_f32(dir.path());
-    let router = DeepseekModel::load(
+    let router = CausalLm::load(
         dir.path(),
         &LoadOptions {
             experts: ExpertSelection::None,
@@ -241,10 +241,10 @@ fn a_token_crosses_the_wire_once_per_worker_per_layer() {
 fn several_routers_share_one_worker_pool() {
     let dir = tempfile::tempdir().unwrap();
     tiny_f32(dir.path());
-    let local = DeepseekModel::load(dir.path(), &LoadOptions::default()).unwrap();
+    let local = CausalLm::load(dir.path(), &LoadOptions::default()).unwrap();
     let (want, _) = logits(&local, None);
     let sandbox = Sandbox::start(dir.path(), &["0-7", "8-15"]);
-    let router = DeepseekModel::load(
+    let router = CausalLm::load(
         dir.path(),
         &LoadOptions {
             experts: ExpertSelection::None,
@@ -288,9 +288,9 @@ fn several_routers_share_one_worker_pool() {
 fn calls_to_a_lost_worker_fail_over_to_replicas() {
     let dir = tempfile::tempdir().unwrap();
     tiny_f32(dir.path());
-    let local = DeepseekModel::load(dir.path(), &LoadOptions::default()).unwrap();
+    let local = CausalLm::load(dir.path(), &LoadOptions::default()).unwrap();
     let (want, _) = logits(&local, None);
-    let router = DeepseekModel::load(
+    let router = CausalLm::load(
         dir.path(),
         &LoadOptions {
             experts: ExpertSelection::None,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use switchyard_engine::model::{DeepseekModel, ExpertSelection, LoadOptions};
+use switchyard_engine::model::{CausalLm, ExpertSelection, LoadOptions};
 use switchyard_engine::synth::{self, SynthDType, SynthOptions};
 use switchyard_engine::tokenizer::TextTokenizer;
 use switchyard_proto::v1::inference_service_client::InferenceServiceClient;
@@ -63,7 +63,7 @@ impl Served {
         let dir = tempfile::tempdir().unwrap();
         tiny_f32(dir.path());
         let sandbox = Sandbox::start(dir.path(), &["0-7", "8-15"]);
-        let model = DeepseekModel::load(
+        let model = CausalLm::load(
             dir.path(),
             &LoadOptions {
                 experts: ExpertSelection::None,

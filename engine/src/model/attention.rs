@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use crate::checkpoint::Checkpoint;
-use crate::config::ModelConfig;
+use crate::config::{MlaConfig, ModelConfig};
 use crate::cpu::{self, ops};
 use crate::error::{EngineError, Result};
 use crate::model::cache::KvCache;
@@ -43,9 +43,10 @@ pub struct SeqSpan {
 
 /// The attention output, written by several tasks at once, each to its own (row, head) slices.
 #[derive(Clone, Copy)]
-struct SharedRows(*mut f32);
+pub(crate) struct SharedRows(pub(crate) *mut f32);
 
-// SAFETY: tasks write disjoint element ranges (see `MlaAttention::forward`).
+// SAFETY: tasks write disjoint element ranges (see `MlaAttention::forward` and
+// `GqaAttention::forward`).
 unsafe impl Send for SharedRows {}
 unsafe impl Sync for SharedRows {}
 
@@ -53,7 +54,7 @@ impl SharedRows {
     /// # Safety
     /// `start..start + len` must be in bounds and written by no other task.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+    pub(crate) unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
         // SAFETY: guaranteed by the caller.
         unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
     }
@@ -82,11 +83,11 @@ pub struct MlaAttention {
 impl MlaAttention {
     pub fn new(
         config: &ModelConfig,
+        a: &MlaConfig,
         ck: &Checkpoint,
         prefix: &str,
         rope: Arc<Rope>,
     ) -> Result<MlaAttention> {
-        let a = &config.attention;
         let h = config.hidden_size;
         let heads = config.num_attention_heads;
         let qk = a.qk_head_dim();

@@ -1,7 +1,8 @@
-//! The paged latent KV cache.
+//! The paged KV cache.
 //!
 //! Per layer and token, MLA caches only the normed compressed latent (`kv_lora_rank`) and the
-//! roped shared key (`qk_rope_head_dim`) — never per-head keys and values. Rows live in
+//! roped shared key (`qk_rope_head_dim`) — never per-head keys and values; GQA caches the roped
+//! keys and the values of the KV heads only (`2 × num_key_value_heads × head_dim`). Rows live in
 //! fixed-size blocks of `block_size` tokens (all layers of those tokens in one block), so a
 //! server can hand blocks out of a bounded [`BlockPool`], admit requests by free blocks, and
 //! get every block back when a sequence finishes, is cancelled or preempted — no fragmentation,
@@ -9,23 +10,23 @@
 
 use crate::error::{EngineError, Result};
 
-/// Block size of caches made outside a server (`DeepseekModel::new_cache`).
+/// Block size of caches made outside a server (`CausalLm::new_cache`).
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
 
 /// The shape of one cache block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvLayout {
     pub layers: usize,
-    pub kv_lora: usize,
-    pub rope: usize,
+    /// Floats per token per layer: MLA's latent then roped key, or GQA's keys then values.
+    pub row: usize,
     /// Tokens per block.
     pub block_size: usize,
 }
 
 impl KvLayout {
-    /// Floats per token per layer: the latent, then the roped key.
+    /// Floats per token per layer.
     pub fn row(&self) -> usize {
-        self.kv_lora + self.rope
+        self.row
     }
 
     /// Floats per block: `[layers, block_size, row]`.
@@ -48,7 +49,7 @@ impl KvLayout {
     }
 }
 
-/// One block: `[layers, block_size, kv_lora + rope]` floats.
+/// One block: `[layers, block_size, row]` floats.
 pub type KvBlock = Box<[f32]>;
 
 fn new_block(layout: &KvLayout) -> KvBlock {
@@ -143,7 +144,7 @@ impl KvCache {
         (pos / bs, (layer * bs + pos % bs) * row)
     }
 
-    /// The cached row of `pos` in `layer`: `[kv_lora + rope]`.
+    /// The cached row of `pos` in `layer`: `[row]`.
     pub(crate) fn row(&self, layer: usize, pos: usize) -> &[f32] {
         let (b, off) = self.offset(layer, pos);
         &self.blocks[b][off..off + self.layout.row()]
@@ -245,8 +246,7 @@ mod tests {
     fn layout() -> KvLayout {
         KvLayout {
             layers: 2,
-            kv_lora: 4,
-            rope: 2,
+            row: 6,
             block_size: 4,
         }
     }

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use rayon::prelude::*;
 
 use crate::checkpoint::Checkpoint;
+use crate::config::{Activation, MoeNaming};
 use crate::error::{EngineError, Result};
 use crate::model::gate::Routing;
 use crate::model::mlp::Mlp;
@@ -47,21 +48,29 @@ pub fn group_by_expert(routing: &Routing) -> Vec<ExpertGroup> {
 }
 
 impl RoutedExperts {
-    /// Loads `experts` of `layer` from `{prefix}.experts.{e}`.
+    /// Loads `experts` of `layer` from `{block}.experts.{e}` with the checkpoint's naming.
     pub fn load(
         ck: &Checkpoint,
-        prefix: &str,
+        naming: &MoeNaming,
         layer: usize,
         experts: &BTreeSet<u32>,
         hidden: usize,
         intermediate: usize,
     ) -> Result<RoutedExperts> {
+        let prefix = naming.block_prefix(layer);
         let loaded = experts
             .par_iter()
             .map(|&e| {
                 Ok((
                     e,
-                    Mlp::new(ck, &format!("{prefix}.experts.{e}"), hidden, intermediate)?,
+                    Mlp::load(
+                        ck,
+                        &format!("{prefix}.experts.{e}"),
+                        naming.projections,
+                        hidden,
+                        intermediate,
+                        Activation::Silu,
+                    )?,
                 ))
             })
             .collect::<Result<BTreeMap<_, _>>>()?;

@@ -212,8 +212,11 @@ mod tests {
             norm_topk_prob: true,
             scoring_func: scoring,
             topk_method: method,
-            first_k_dense_replace: 0,
-            moe_layer_freq: 1,
+            layers: crate::config::MoeLayers::DeepSeek {
+                first_k_dense_replace: 0,
+                moe_layer_freq: 1,
+            },
+            naming: crate::config::MoeNaming::DEEPSEEK,
         }
     }
 

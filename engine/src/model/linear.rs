@@ -62,7 +62,23 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(ck: &Checkpoint, name: &str, dim: usize, eps: f32) -> Result<RmsNorm> {
-        let weight = ck.load(name, &[dim], Precision::F32)?.into_f32_vec();
+        RmsNorm::load_styled(ck, name, dim, eps, false)
+    }
+
+    /// With `unit_offset`, the scale is `1 + weight` (Gemma's norms store the offset from 1).
+    pub fn load_styled(
+        ck: &Checkpoint,
+        name: &str,
+        dim: usize,
+        eps: f32,
+        unit_offset: bool,
+    ) -> Result<RmsNorm> {
+        let mut weight = ck.load(name, &[dim], Precision::F32)?.into_f32_vec();
+        if unit_offset {
+            for w in &mut weight {
+                *w += 1.0;
+            }
+        }
         Ok(RmsNorm { weight, eps })
     }
 

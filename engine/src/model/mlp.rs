@@ -1,36 +1,55 @@
-//! The SwiGLU feed-forward block: dense layers, the shared expert, and each routed expert.
+//! The gated feed-forward block (SwiGLU, or GeGLU for Gemma): dense layers, the shared expert,
+//! and each routed expert.
 
 use crate::checkpoint::Checkpoint;
+use crate::config::Activation;
 use crate::cpu::ops;
 use crate::error::Result;
 use crate::model::linear::Linear;
 use crate::tensor::Tensor;
 
-/// `down(silu(gate(x)) * up(x))`, with gate and up stacked into one GEMM.
+/// The usual projection names: `gate_proj`, `up_proj`, `down_proj`.
+pub const PROJECTIONS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+
+/// `down(act(gate(x)) * up(x))`, with gate and up stacked into one GEMM.
 #[derive(Debug, Clone)]
 pub struct Mlp {
     gate_up: Linear,
     down: Linear,
     intermediate: usize,
+    act: Activation,
 }
 
 impl Mlp {
-    /// Loads `{prefix}.gate_proj`, `.up_proj`, `.down_proj`.
+    /// Loads a SwiGLU block from `{prefix}.gate_proj`, `.up_proj`, `.down_proj`.
     pub fn new(ck: &Checkpoint, prefix: &str, hidden: usize, intermediate: usize) -> Result<Mlp> {
-        let gate = ck.load_weight(
-            &format!("{prefix}.gate_proj.weight"),
-            &[intermediate, hidden],
-        )?;
-        let up = ck.load_weight(&format!("{prefix}.up_proj.weight"), &[intermediate, hidden])?;
+        Mlp::load(
+            ck,
+            prefix,
+            PROJECTIONS,
+            hidden,
+            intermediate,
+            Activation::Silu,
+        )
+    }
+
+    /// Loads `{prefix}.{gate}`, `.{up}`, `.{down}` with the names given in that order (Mixtral's
+    /// experts call them `w1`, `w3`, `w2`).
+    pub fn load(
+        ck: &Checkpoint,
+        prefix: &str,
+        [gate, up, down]: [&str; 3],
+        hidden: usize,
+        intermediate: usize,
+        act: Activation,
+    ) -> Result<Mlp> {
+        let gate = ck.load_weight(&format!("{prefix}.{gate}.weight"), &[intermediate, hidden])?;
+        let up = ck.load_weight(&format!("{prefix}.{up}.weight"), &[intermediate, hidden])?;
         Ok(Mlp {
             gate_up: Linear::new(crate::tensor::concat_rows(&[&gate, &up])?)?,
-            down: Linear::load(
-                ck,
-                &format!("{prefix}.down_proj.weight"),
-                hidden,
-                intermediate,
-            )?,
+            down: Linear::load(ck, &format!("{prefix}.{down}.weight"), hidden, intermediate)?,
             intermediate,
+            act,
         })
     }
 
@@ -45,7 +64,14 @@ impl Mlp {
         for row in gu.chunks_exact(2 * self.intermediate) {
             let start = act.len();
             act.extend_from_slice(&row[..self.intermediate]);
-            ops::silu_mul_inplace(&mut act[start..], &row[self.intermediate..]);
+            match self.act {
+                Activation::Silu => {
+                    ops::silu_mul_inplace(&mut act[start..], &row[self.intermediate..])
+                }
+                Activation::GeluTanh => {
+                    ops::gelu_tanh_mul_inplace(&mut act[start..], &row[self.intermediate..])
+                }
+            }
         }
         self.down
             .forward(&Tensor::from_f32(&[tokens, self.intermediate], act)?)

@@ -1,13 +1,15 @@
-//! The model: one definition of the DeepSeek-V2/V3 family, its layers as separate modules.
+//! The model: one definition for DeepSeek-V2/V3 and the GQA families (Llama, Mistral, Mixtral,
+//! Qwen3, Qwen3-MoE, Gemma 3), its layers as separate modules.
 //!
 //! Each layer type is a struct with `new(config, weights)` and `forward`; architecture variants
 //! are knobs of [`crate::config::ModelConfig`], not copied model files.
 
 pub mod attention;
 pub mod cache;
-pub mod deepseek;
+pub mod causal_lm;
 pub mod experts;
 pub mod gate;
+pub mod gqa;
 pub mod linear;
 pub mod mlp;
 pub mod moe;
@@ -15,8 +17,8 @@ pub mod rope;
 
 pub use attention::AttentionMode;
 pub use cache::{BlockPool, KvBlock, KvCache, KvLayout};
-pub use deepseek::{
-    DeepseekModel, ExpertSelection, ForwardOptions, ForwardOutput, ForwardTimings, LoadOptions,
+pub use causal_lm::{
+    CausalLm, ExpertSelection, ForwardOptions, ForwardOutput, ForwardTimings, LoadOptions,
     LogitsFor, SeqInput,
 };
 pub use gate::Routing;

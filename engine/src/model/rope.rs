@@ -1,15 +1,20 @@
-//! Rotary position embedding in DeepSeek's interleaved-pair layout, with YaRN.
+//! Rotary position embedding: DeepSeek's interleaved pairs or the rotate-half layout, with
+//! YaRN, llama3 and linear frequency scaling.
 //!
-//! Pairs `(x[2i], x[2i+1])` rotate by `pos · inv_freq[i]`. transformers de-interleaves q and k
-//! before rotating; since both get the same permutation, attention scores are identical.
+//! Pair `i` rotates by `pos · inv_freq[i]`. Interleaved, the pair is `(x[2i], x[2i+1])`
+//! (transformers de-interleaves DeepSeek's q and k before rotating; both get the same
+//! permutation, so scores are identical); rotate-half, it is `(x[i], x[i + d/2])`.
 
-use crate::config::{RopeConfig, RopeScaling, YarnConfig, yarn_get_mscale};
+use crate::config::{
+    Llama3Scaling, RopeConfig, RopeScaling, RopeStyle, YarnConfig, yarn_get_mscale,
+};
 
 #[derive(Debug, Clone)]
 pub struct Rope {
     inv_freq: Vec<f32>,
     /// Scale applied to cos and sin (YaRN's attention factor; 1 otherwise).
     attention_factor: f32,
+    style: RopeStyle,
 }
 
 impl Rope {
@@ -19,12 +24,24 @@ impl Rope {
         let pos_freqs: Vec<f64> = (0..dim / 2)
             .map(|i| (base as f32).powf((2 * i) as f32 / dim as f32) as f64)
             .collect();
-        match &config.scaling {
-            RopeScaling::None => Rope {
-                inv_freq: pos_freqs.iter().map(|p| (1.0 / p) as f32).collect(),
-                attention_factor: 1.0,
-            },
+        let plain = || {
+            pos_freqs
+                .iter()
+                .map(|p| 1.0 / *p as f32)
+                .collect::<Vec<f32>>()
+        };
+        let (inv_freq, attention_factor) = match &config.scaling {
+            RopeScaling::None => (plain(), 1.0),
+            RopeScaling::Linear(factor) => {
+                (plain().iter().map(|f| f / *factor as f32).collect(), 1.0)
+            }
             RopeScaling::Yarn(y) => yarn(y, base, dim, &pos_freqs),
+            RopeScaling::Llama3(l) => (llama3(l, &plain()), 1.0),
+        };
+        Rope {
+            inv_freq,
+            attention_factor,
+            style: config.style,
         }
     }
 
@@ -34,19 +51,78 @@ impl Rope {
 
     /// Rotates `x` (length `dim`) in place for position `pos`.
     pub fn apply(&self, x: &mut [f32], pos: usize) {
+        let mut cs = vec![0.0; self.dim()];
+        self.cos_sin(pos, &mut cs);
+        self.apply_cos_sin(x, &cs);
+    }
+
+    /// `cos` then `sin` of every pair's angle at `pos` (scaled by the attention factor) into
+    /// `out: [dim]`, to rotate many heads of one token with [`apply_cos_sin`](Self::apply_cos_sin).
+    pub fn cos_sin(&self, pos: usize, out: &mut [f32]) {
+        let half = self.inv_freq.len();
         let p = pos as f32;
+        let (cos, sin) = out.split_at_mut(half);
         for (i, &f) in self.inv_freq.iter().enumerate() {
-            let angle = p * f;
-            let (s, c) = angle.sin_cos();
-            let (c, s) = (c * self.attention_factor, s * self.attention_factor);
-            let (a, b) = (x[2 * i], x[2 * i + 1]);
-            x[2 * i] = a * c - b * s;
-            x[2 * i + 1] = b * c + a * s;
+            let (s, c) = (p * f).sin_cos();
+            cos[i] = c * self.attention_factor;
+            sin[i] = s * self.attention_factor;
+        }
+    }
+
+    /// Rotates `x` (length `dim`) by angles from [`cos_sin`](Self::cos_sin).
+    pub fn apply_cos_sin(&self, x: &mut [f32], cs: &[f32]) {
+        let half = self.inv_freq.len();
+        let (cos, sin) = cs.split_at(half);
+        match self.style {
+            RopeStyle::Interleaved => {
+                for i in 0..half {
+                    let (c, s) = (cos[i], sin[i]);
+                    let (a, b) = (x[2 * i], x[2 * i + 1]);
+                    x[2 * i] = a * c - b * s;
+                    x[2 * i + 1] = b * c + a * s;
+                }
+            }
+            RopeStyle::Half => {
+                let (lo, hi) = x.split_at_mut(half);
+                for i in 0..half {
+                    let (c, s) = (cos[i], sin[i]);
+                    let (a, b) = (lo[i], hi[i]);
+                    lo[i] = a * c - b * s;
+                    hi[i] = b * c + a * s;
+                }
+            }
         }
     }
 }
 
-fn yarn(y: &YarnConfig, base: f64, dim: usize, pos_freqs: &[f64]) -> Rope {
+/// Llama 3.1's scaling: long wavelengths divided by the factor, short ones kept, a smooth blend
+/// between (f32, as transformers computes it).
+fn llama3(l: &Llama3Scaling, inv_freq: &[f32]) -> Vec<f32> {
+    let factor = l.factor as f32;
+    let old = l.original_max_position_embeddings as f32;
+    let (low, high) = (l.low_freq_factor as f32, l.high_freq_factor as f32);
+    let low_freq_wavelen = old / low;
+    let high_freq_wavelen = old / high;
+    inv_freq
+        .iter()
+        .map(|&f| {
+            let wavelen = 2.0 * std::f32::consts::PI / f;
+            let scaled = if wavelen > low_freq_wavelen {
+                f / factor
+            } else {
+                f
+            };
+            if wavelen < high_freq_wavelen || wavelen > low_freq_wavelen {
+                scaled
+            } else {
+                let smooth = (old / wavelen - low) / (high - low);
+                (1.0 - smooth) * scaled / factor + smooth * scaled
+            }
+        })
+        .collect()
+}
+
+fn yarn(y: &YarnConfig, base: f64, dim: usize, pos_freqs: &[f64]) -> (Vec<f32>, f32) {
     let attention_factor = y.attention_factor.unwrap_or_else(|| {
         if y.mscale != 0.0 && y.mscale_all_dim != 0.0 {
             yarn_get_mscale(y.factor, y.mscale) / yarn_get_mscale(y.factor, y.mscale_all_dim)
@@ -77,10 +153,7 @@ fn yarn(y: &YarnConfig, base: f64, dim: usize, pos_freqs: &[f64]) -> Rope {
                 as f32
         })
         .collect();
-    Rope {
-        inv_freq,
-        attention_factor: attention_factor as f32,
-    }
+    (inv_freq, attention_factor as f32)
 }
 
 #[cfg(test)]
@@ -93,6 +166,7 @@ mod tests {
             &RopeConfig {
                 theta: 10000.0,
                 scaling: RopeScaling::None,
+                style: RopeStyle::Interleaved,
             },
             8,
         );
@@ -118,6 +192,7 @@ mod tests {
             &RopeConfig {
                 theta: 10000.0,
                 scaling: RopeScaling::None,
+                style: RopeStyle::Interleaved,
             },
             64,
         );
@@ -133,6 +208,7 @@ mod tests {
                     mscale_all_dim: 1.0,
                     attention_factor: None,
                 }),
+                style: RopeStyle::Interleaved,
             },
             64,
         );

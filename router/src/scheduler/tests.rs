@@ -31,8 +31,7 @@ impl Backend for Fake {
     fn kv_layout(&self, block_size: usize) -> KvLayout {
         KvLayout {
             layers: 1,
-            kv_lora: 2,
-            rope: 2,
+            row: 4,
             block_size,
         }
     }

@@ -1,4 +1,8 @@
 //! The whole decoder: embeddings, layers, final norm and LM head, over a batch of sequences.
+//!
+//! One definition for every supported architecture: a layer is `norm → attention (MLA or GQA)
+//! → residual → norm → FFN (dense or MoE) → residual`, with Gemma's extra norms after attention
+//! and FFN, embedding scale and logit soft-capping as knobs of [`ModelConfig`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -6,12 +10,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::checkpoint::Checkpoint;
-use crate::config::ModelConfig;
+use crate::config::{AttentionConfig, ModelConfig};
+use crate::cpu::ops;
 use crate::error::{EngineError, Result};
 use crate::model::attention::{AttentionMode, MlaAttention, SeqSpan};
 use crate::model::cache::{DEFAULT_BLOCK_SIZE, KvCache, KvLayout};
 use crate::model::experts::RoutedExperts;
 use crate::model::gate::{Gate, Routing};
+use crate::model::gqa::GqaAttention;
 use crate::model::linear::{Linear, RmsNorm};
 use crate::model::mlp::Mlp;
 use crate::model::moe::{ExpertExecutor, Moe};
@@ -84,19 +90,40 @@ pub struct ForwardOutput {
 #[derive(Debug)]
 enum Ffn {
     Dense(Mlp),
-    Moe(Moe),
+    Moe(Box<Moe>),
+}
+
+#[derive(Debug)]
+enum Attention {
+    Mla(MlaAttention),
+    Gqa(GqaAttention),
+}
+
+impl Attention {
+    fn size_in_bytes(&self) -> usize {
+        match self {
+            Attention::Mla(a) => a.size_in_bytes(),
+            Attention::Gqa(a) => a.size_in_bytes(),
+        }
+    }
 }
 
 #[derive(Debug)]
 struct DecoderLayer {
     input_norm: RmsNorm,
-    attn: MlaAttention,
-    post_norm: RmsNorm,
+    attn: Attention,
+    /// On the attention output before the residual add (Gemma 3).
+    post_attn_norm: Option<RmsNorm>,
+    /// Before the FFN (`post_attention_layernorm` in pre-norm models, Gemma's
+    /// `pre_feedforward_layernorm`).
+    pre_ffn_norm: RmsNorm,
+    /// On the FFN output before the residual add (Gemma 3).
+    post_ffn_norm: Option<RmsNorm>,
     ffn: Ffn,
 }
 
 #[derive(Debug)]
-pub struct DeepseekModel {
+pub struct CausalLm {
     config: ModelConfig,
     /// `[vocab, hidden]`
     embed: Tensor,
@@ -105,22 +132,21 @@ pub struct DeepseekModel {
     lm_head: Linear,
 }
 
-impl DeepseekModel {
+impl CausalLm {
     /// Loads the model from a checkpoint directory.
-    pub fn load(dir: &Path, options: &LoadOptions) -> Result<DeepseekModel> {
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<CausalLm> {
         let config = ModelConfig::from_dir(dir)?;
         let ck = Checkpoint::open(dir)?;
-        DeepseekModel::new(config, &ck, options)
+        CausalLm::new(config, &ck, options)
     }
 
-    pub fn new(
-        config: ModelConfig,
-        ck: &Checkpoint,
-        options: &LoadOptions,
-    ) -> Result<DeepseekModel> {
+    pub fn new(config: ModelConfig, ck: &Checkpoint, options: &LoadOptions) -> Result<CausalLm> {
         let h = config.hidden_size;
-        let rope = Arc::new(Rope::new(&config.rope, config.attention.qk_rope_head_dim));
+        let mla_rope = Arc::new(Rope::new(&config.rope, config.rope_dim()));
         let embed = ck.load_weight("model.embed_tokens.weight", &[config.vocab_size, h])?;
+        let norm = |name: &str| {
+            RmsNorm::load_styled(ck, name, h, config.rms_norm_eps, config.norm.unit_offset)
+        };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
             let p = format!("model.layers.{l}");
@@ -141,50 +167,67 @@ impl DeepseekModel {
                             ),
                         ));
                     }
+                    let block = moe.naming.block_prefix(l);
                     let shared = if moe.n_shared_experts > 0 {
                         Some(Mlp::new(
                             ck,
-                            &format!("{p}.mlp.shared_experts"),
+                            &format!("{block}.shared_experts"),
                             h,
                             moe.moe_intermediate_size * moe.n_shared_experts,
                         )?)
                     } else {
                         None
                     };
-                    Ffn::Moe(Moe {
-                        gate: Gate::new(moe, ck, &format!("{p}.mlp.gate"), h)?,
+                    Ffn::Moe(Box::new(Moe {
+                        gate: Gate::new(moe, ck, &format!("{block}.gate"), h)?,
                         experts: RoutedExperts::load(
                             ck,
-                            &format!("{p}.mlp"),
+                            &moe.naming,
                             l,
                             &chosen,
                             h,
                             moe.moe_intermediate_size,
                         )?,
                         shared,
-                    })
+                    }))
                 }
-                _ => Ffn::Dense(Mlp::new(
+                _ => Ffn::Dense(Mlp::load(
                     ck,
                     &format!("{p}.mlp"),
+                    crate::model::mlp::PROJECTIONS,
                     h,
                     config.intermediate_size,
+                    config.hidden_act,
                 )?),
             };
+            let attn_prefix = format!("{p}.self_attn");
+            let attn = match &config.attention {
+                AttentionConfig::Mla(a) => Attention::Mla(MlaAttention::new(
+                    &config,
+                    a,
+                    ck,
+                    &attn_prefix,
+                    mla_rope.clone(),
+                )?),
+                AttentionConfig::Gqa(g) => {
+                    Attention::Gqa(GqaAttention::new(&config, g, ck, &attn_prefix, l)?)
+                }
+            };
+            let sandwich = config.norm.sandwich;
             layers.push(DecoderLayer {
-                input_norm: RmsNorm::load(
-                    ck,
-                    &format!("{p}.input_layernorm.weight"),
-                    h,
-                    config.rms_norm_eps,
-                )?,
-                attn: MlaAttention::new(&config, ck, &format!("{p}.self_attn"), rope.clone())?,
-                post_norm: RmsNorm::load(
-                    ck,
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    h,
-                    config.rms_norm_eps,
-                )?,
+                input_norm: norm(&format!("{p}.input_layernorm.weight"))?,
+                attn,
+                post_attn_norm: sandwich
+                    .then(|| norm(&format!("{p}.post_attention_layernorm.weight")))
+                    .transpose()?,
+                pre_ffn_norm: if sandwich {
+                    norm(&format!("{p}.pre_feedforward_layernorm.weight"))?
+                } else {
+                    norm(&format!("{p}.post_attention_layernorm.weight"))?
+                },
+                post_ffn_norm: sandwich
+                    .then(|| norm(&format!("{p}.post_feedforward_layernorm.weight")))
+                    .transpose()?,
                 ffn,
             });
         }
@@ -193,8 +236,8 @@ impl DeepseekModel {
         } else {
             Linear::load(ck, "lm_head.weight", config.vocab_size, h)?
         };
-        Ok(DeepseekModel {
-            norm: RmsNorm::load(ck, "model.norm.weight", h, config.rms_norm_eps)?,
+        Ok(CausalLm {
+            norm: norm("model.norm.weight")?,
             config,
             embed,
             layers,
@@ -208,11 +251,9 @@ impl DeepseekModel {
 
     /// The shape of this model's cache blocks.
     pub fn kv_layout(&self, block_size: usize) -> KvLayout {
-        let a = &self.config.attention;
         KvLayout {
             layers: self.layers.len(),
-            kv_lora: a.kv_lora_rank,
-            rope: a.qk_rope_head_dim,
+            row: self.config.attention.kv_row(),
             block_size,
         }
     }
@@ -311,10 +352,7 @@ impl DeepseekModel {
                 ));
             }
             let layout = s.cache.layout();
-            let a = &self.config.attention;
-            if (layout.layers, layout.kv_lora, layout.rope)
-                != (self.layers.len(), a.kv_lora_rank, a.qk_rope_head_dim)
-            {
+            if (layout.layers, layout.row) != (self.layers.len(), self.config.attention.kv_row()) {
                 return Err(EngineError::input(
                     format!("sequences[{i}].cache"),
                     format!("has layout {layout:?}, which is not this model's"),
@@ -338,12 +376,18 @@ impl DeepseekModel {
             let normed = layer.input_norm.forward(&x)?;
             let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
             let t = Instant::now();
-            let attn = layer
-                .attn
-                .forward(&normed, &spans, &mut caches, l, options.attention)?;
+            let mut attn = match &layer.attn {
+                Attention::Mla(a) => {
+                    a.forward(&normed, &spans, &mut caches, l, options.attention)?
+                }
+                Attention::Gqa(a) => a.forward(&normed, &spans, &mut caches, l)?,
+            };
             timings.attention += t.elapsed();
+            if let Some(n) = &layer.post_attn_norm {
+                n.forward_inplace(attn.as_f32_mut()?);
+            }
             add_inplace(&mut x, &attn)?;
-            let normed = layer.post_norm.forward(&x)?;
+            let normed = layer.pre_ffn_norm.forward(&x)?;
             let ffn = match &layer.ffn {
                 Ffn::Dense(m) => {
                     let t = Instant::now();
@@ -362,6 +406,10 @@ impl DeepseekModel {
                     out
                 }
             };
+            let mut ffn = ffn;
+            if let Some(n) = &layer.post_ffn_norm {
+                n.forward_inplace(ffn.as_f32_mut()?);
+            }
             add_inplace(&mut x, &ffn)?;
         }
         for s in seqs.iter_mut() {
@@ -380,7 +428,10 @@ impl DeepseekModel {
             }
         };
         let normed = self.norm.forward(&x)?;
-        let logits = self.lm_head.forward(&normed)?;
+        let mut logits = self.lm_head.forward(&normed)?;
+        if let Some(cap) = self.config.final_logit_softcapping {
+            ops::softcap_inplace(logits.as_f32_mut()?, cap);
+        }
         let accounted = timings.attention
             + timings.dense_ffn
             + timings.gate
@@ -418,6 +469,11 @@ impl DeepseekModel {
                 }
             }
         }
+        if let Some(scale) = self.config.embed_scale {
+            for v in &mut out {
+                *v *= scale;
+            }
+        }
         Tensor::from_f32(&[tokens, h], out)
     }
 }
@@ -429,7 +485,7 @@ fn add_inplace(x: &mut Tensor, y: &Tensor) -> Result<()> {
     Ok(())
 }
 
-impl ExpertExecutor for DeepseekModel {
+impl ExpertExecutor for CausalLm {
     fn run(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<Tensor> {
         match self.layers.get(layer).map(|l| &l.ffn) {
             Some(Ffn::Moe(m)) => m.experts.forward(x, routing),

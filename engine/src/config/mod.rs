@@ -1,8 +1,12 @@
 //! Model configuration: parsing and validating Hugging Face `config.json`.
 //!
-//! Accepts `deepseek_v3` and `deepseek_v2` in both schemas found in the wild: the original
-//! DeepSeek one (top-level `rope_theta` and `rope_scaling`) and the transformers-5 one
+//! Accepts `deepseek_v3` and `deepseek_v2` (here) and the GQA families `llama`, `mistral`,
+//! `mixtral`, `qwen3`, `qwen3_moe`, `gemma3_text` ([`families`]), in both schemas found in the
+//! wild: the original one (top-level `rope_theta` and `rope_scaling`) and the transformers-5 one
 //! (`rope_parameters`). Every value is checked once here; model code trusts [`ModelConfig`].
+//! Architectures differ only in the knobs of one [`ModelConfig`].
+
+mod families;
 
 use std::path::Path;
 
@@ -16,14 +20,52 @@ use crate::error::{EngineError, Result};
 pub enum Arch {
     DeepseekV2,
     DeepseekV3,
+    Llama,
+    Mistral,
+    Mixtral,
+    Qwen3,
+    Qwen3Moe,
+    Gemma3Text,
 }
+
+/// Every `model_type` this crate loads.
+pub const MODEL_TYPES: &[&str] = &[
+    "deepseek_v3",
+    "deepseek_v2",
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen3",
+    "qwen3_moe",
+    "gemma3_text",
+];
 
 impl Arch {
     pub fn model_type(self) -> &'static str {
         match self {
             Arch::DeepseekV2 => "deepseek_v2",
             Arch::DeepseekV3 => "deepseek_v3",
+            Arch::Llama => "llama",
+            Arch::Mistral => "mistral",
+            Arch::Mixtral => "mixtral",
+            Arch::Qwen3 => "qwen3",
+            Arch::Qwen3Moe => "qwen3_moe",
+            Arch::Gemma3Text => "gemma3_text",
         }
+    }
+
+    fn from_model_type(s: &str) -> Option<Arch> {
+        Some(match s {
+            "deepseek_v3" => Arch::DeepseekV3,
+            "deepseek_v2" => Arch::DeepseekV2,
+            "llama" => Arch::Llama,
+            "mistral" => Arch::Mistral,
+            "mixtral" => Arch::Mixtral,
+            "qwen3" => Arch::Qwen3,
+            "qwen3_moe" => Arch::Qwen3Moe,
+            "gemma3_text" => Arch::Gemma3Text,
+            _ => return None,
+        })
     }
 }
 
@@ -42,6 +84,62 @@ impl MlaConfig {
     pub fn qk_head_dim(&self) -> usize {
         self.qk_nope_head_dim + self.qk_rope_head_dim
     }
+}
+
+/// Grouped-query attention: MHA when `num_key_value_heads` equals the query heads, MQA at 1.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GqaConfig {
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    /// RMSNorm over each head's q and k before RoPE (Qwen3, Gemma 3).
+    pub qk_norm: bool,
+    /// Multiplies `q · k`: `head_dim^-0.5`, or Gemma's `query_pre_attn_scalar^-0.5`.
+    pub scale: f32,
+}
+
+/// The attention of every layer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttentionConfig {
+    /// Multi-head Latent Attention (DeepSeek-V2/V3).
+    Mla(MlaConfig),
+    /// MHA / GQA / MQA with a per-head key and value cache.
+    Gqa(GqaConfig),
+}
+
+impl AttentionConfig {
+    /// The MLA dimensions, for code that only serves MLA models.
+    pub fn mla(&self) -> Option<&MlaConfig> {
+        match self {
+            AttentionConfig::Mla(m) => Some(m),
+            AttentionConfig::Gqa(_) => None,
+        }
+    }
+
+    /// Floats cached per token per layer: MLA's latent and roped key, or GQA's keys and values.
+    pub fn kv_row(&self) -> usize {
+        match self {
+            AttentionConfig::Mla(m) => m.kv_lora_rank + m.qk_rope_head_dim,
+            AttentionConfig::Gqa(g) => 2 * g.num_key_value_heads * g.head_dim,
+        }
+    }
+}
+
+/// The FFN activation (the gate of the gated linear unit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU.
+    Silu,
+    /// GeGLU with the tanh approximation (`gelu_pytorch_tanh`, Gemma).
+    GeluTanh,
+}
+
+/// Where the RMSNorms sit and how their scale applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NormStyle {
+    /// Scale by `1 + weight` (Gemma) instead of `weight`.
+    pub unit_offset: bool,
+    /// Norms after attention and after the FFN too (Gemma 3's four norms per layer).
+    pub sandwich: bool,
 }
 
 /// How the gate turns logits into scores.
@@ -63,6 +161,49 @@ pub enum TopkMethod {
     GroupLimitedGreedy,
 }
 
+/// Which layers carry routed experts.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MoeLayers {
+    /// DeepSeek: from `first_k_dense_replace` on, every `moe_layer_freq`-th layer.
+    DeepSeek {
+        first_k_dense_replace: usize,
+        moe_layer_freq: usize,
+    },
+    /// Qwen3-MoE / Mixtral: layer `l` is sparse when `(l + 1) % sparse_step == 0` and it is not
+    /// in `mlp_only_layers`.
+    Sparse {
+        sparse_step: usize,
+        mlp_only_layers: Vec<usize>,
+    },
+}
+
+/// Tensor names of a checkpoint's MoE blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoeNaming {
+    /// The block under `model.layers.{l}`: `mlp` or Mixtral's `block_sparse_moe`.
+    pub block: &'static str,
+    /// An expert's gate, up and down projections: `gate_proj`, `up_proj`, `down_proj` or
+    /// Mixtral's `w1`, `w3`, `w2`.
+    pub projections: [&'static str; 3],
+}
+
+impl MoeNaming {
+    pub const DEEPSEEK: MoeNaming = MoeNaming {
+        block: "mlp",
+        projections: ["gate_proj", "up_proj", "down_proj"],
+    };
+    pub const MIXTRAL: MoeNaming = MoeNaming {
+        block: "block_sparse_moe",
+        projections: ["w1", "w3", "w2"],
+    };
+
+    /// `model.layers.{layer}.{block}`: the gate is `{this}.gate`, expert `e` is
+    /// `{this}.experts.{e}`.
+    pub fn block_prefix(&self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}", self.block)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct MoeConfig {
     pub n_routed_experts: usize,
@@ -75,8 +216,8 @@ pub struct MoeConfig {
     pub norm_topk_prob: bool,
     pub scoring_func: ScoringFunc,
     pub topk_method: TopkMethod,
-    pub first_k_dense_replace: usize,
-    pub moe_layer_freq: usize,
+    pub layers: MoeLayers,
+    pub naming: MoeNaming,
 }
 
 /// YaRN context extension parameters (as DeepSeek-V3 uses them).
@@ -92,16 +233,38 @@ pub struct YarnConfig {
     pub attention_factor: Option<f64>,
 }
 
+/// Llama 3.1's frequency scaling (`rope_type: llama3`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Llama3Scaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
     None,
+    /// Every frequency divided by the factor (`rope_type: linear`).
+    Linear(f64),
     Yarn(YarnConfig),
+    Llama3(Llama3Scaling),
+}
+
+/// Which elements of a head rotate together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs `(x[2i], x[2i+1])`: DeepSeek's layout.
+    Interleaved,
+    /// Pairs `(x[i], x[i + d/2])`: `rotate_half`, the Llama / Qwen / Gemma / Mistral layout.
+    Half,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct RopeConfig {
     pub theta: f64,
     pub scaling: RopeScaling,
+    pub style: RopeStyle,
 }
 
 /// A validated model configuration.
@@ -114,9 +277,21 @@ pub struct ModelConfig {
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
-    pub attention: MlaConfig,
+    pub attention: AttentionConfig,
     pub moe: Option<MoeConfig>,
     pub rope: RopeConfig,
+    /// RoPE of the sliding-window layers where it differs from [`rope`](Self::rope) (Gemma 3's
+    /// local theta).
+    pub rope_local: Option<RopeConfig>,
+    /// Tokens a sliding-window layer sees (itself included), and which layers slide.
+    pub sliding_window: Option<usize>,
+    pub sliding_layers: Vec<bool>,
+    pub hidden_act: Activation,
+    pub norm: NormStyle,
+    /// Embeddings are multiplied by this (Gemma: √hidden).
+    pub embed_scale: Option<f32>,
+    /// `tanh(logits / cap) · cap` on the LM head's output.
+    pub final_logit_softcapping: Option<f32>,
     pub rms_norm_eps: f32,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
@@ -140,9 +315,38 @@ impl ModelConfig {
 
     /// Whether layer `layer` has a routed-expert FFN.
     pub fn is_moe_layer(&self, layer: usize) -> bool {
-        self.moe.as_ref().is_some_and(|m| {
-            layer >= m.first_k_dense_replace && layer.is_multiple_of(m.moe_layer_freq)
+        self.moe.as_ref().is_some_and(|m| match &m.layers {
+            MoeLayers::DeepSeek {
+                first_k_dense_replace,
+                moe_layer_freq,
+            } => layer >= *first_k_dense_replace && layer.is_multiple_of(*moe_layer_freq),
+            MoeLayers::Sparse {
+                sparse_step,
+                mlp_only_layers,
+            } => (layer + 1).is_multiple_of(*sparse_step) && !mlp_only_layers.contains(&layer),
         })
+    }
+
+    /// The window of layer `layer` if it is a sliding-window layer.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window
+            .filter(|_| self.sliding_layers.get(layer).copied().unwrap_or(false))
+    }
+
+    /// The RoPE of layer `layer`.
+    pub fn rope_of(&self, layer: usize) -> &RopeConfig {
+        match (&self.rope_local, self.window(layer)) {
+            (Some(local), Some(_)) => local,
+            _ => &self.rope,
+        }
+    }
+
+    /// Dimension RoPE rotates per head.
+    pub fn rope_dim(&self) -> usize {
+        match &self.attention {
+            AttentionConfig::Mla(m) => m.qk_rope_head_dim,
+            AttentionConfig::Gqa(g) => g.head_dim,
+        }
     }
 
     /// Indices of the MoE layers.
@@ -167,7 +371,11 @@ impl ModelConfig {
 
     /// Softmax scale of attention scores, including YaRN's mscale² correction.
     pub fn softmax_scale(&self) -> f32 {
-        let mut scale = (self.attention.qk_head_dim() as f64).powf(-0.5);
+        let a = match &self.attention {
+            AttentionConfig::Mla(m) => m,
+            AttentionConfig::Gqa(g) => return g.scale,
+        };
+        let mut scale = (a.qk_head_dim() as f64).powf(-0.5);
         if let RopeScaling::Yarn(y) = &self.rope.scaling
             && y.mscale_all_dim != 0.0
         {
@@ -180,23 +388,31 @@ impl ModelConfig {
     /// Parameter count of the whole model.
     pub fn parameter_count(&self) -> u64 {
         let h = self.hidden_size as u64;
-        let a = &self.attention;
         let heads = self.num_attention_heads as u64;
-        let qk = a.qk_head_dim() as u64;
-        let q = match a.q_lora_rank {
-            Some(r) => h * r as u64 + r as u64 + r as u64 * heads * qk,
-            None => h * heads * qk,
+        let attn = match &self.attention {
+            AttentionConfig::Mla(a) => {
+                let qk = a.qk_head_dim() as u64;
+                let q = match a.q_lora_rank {
+                    Some(r) => h * r as u64 + r as u64 + r as u64 * heads * qk,
+                    None => h * heads * qk,
+                };
+                let kv_lora = a.kv_lora_rank as u64;
+                q + h * (kv_lora + a.qk_rope_head_dim as u64)
+                    + kv_lora
+                    + kv_lora * heads * (a.qk_nope_head_dim + a.v_head_dim) as u64
+                    + heads * a.v_head_dim as u64 * h
+            }
+            AttentionConfig::Gqa(g) => {
+                let d = g.head_dim as u64;
+                let kv = g.num_key_value_heads as u64;
+                2 * h * heads * d + 2 * h * kv * d + if g.qk_norm { 2 * d } else { 0 }
+            }
         };
-        let kv_lora = a.kv_lora_rank as u64;
-        let attn = q
-            + h * (kv_lora + a.qk_rope_head_dim as u64)
-            + kv_lora
-            + kv_lora * heads * (a.qk_nope_head_dim + a.v_head_dim) as u64
-            + heads * a.v_head_dim as u64 * h;
+        let norms = if self.norm.sandwich { 4 } else { 2 };
         let mut total =
             self.vocab_size as u64 * h * if self.tie_word_embeddings { 1 } else { 2 } + h;
         for layer in 0..self.num_hidden_layers {
-            total += attn + 2 * h;
+            total += attn + norms * h;
             total += match (&self.moe, self.is_moe_layer(layer)) {
                 (Some(m), true) => {
                     let e = m.moe_intermediate_size as u64;
@@ -256,6 +472,25 @@ struct RawConfig {
     rope_parameters: Option<Value>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
+    // The GQA families (see `families`).
+    num_key_value_heads: Option<i64>,
+    head_dim: Option<i64>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    sliding_window: Option<Value>,
+    use_sliding_window: Option<bool>,
+    max_window_layers: Option<i64>,
+    layer_types: Option<Vec<String>>,
+    sliding_window_pattern: Option<i64>,
+    query_pre_attn_scalar: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    hidden_activation: Option<String>,
+    rope_local_base_freq: Option<f64>,
+    partial_rotary_factor: Option<f64>,
+    num_experts: Option<i64>,
+    num_local_experts: Option<i64>,
+    decoder_sparse_step: Option<i64>,
+    mlp_only_layers: Option<Vec<i64>>,
 }
 
 fn positive(field: &str, value: Option<i64>) -> Result<usize> {
@@ -305,16 +540,17 @@ fn token_ids(field: &str, value: &Option<Value>) -> Result<Vec<u32>> {
 impl RawConfig {
     fn validate(self) -> Result<ModelConfig> {
         let arch = match self.model_type.as_deref() {
-            Some("deepseek_v3") => Arch::DeepseekV3,
-            Some("deepseek_v2") => Arch::DeepseekV2,
-            Some(other) => {
-                return Err(EngineError::config(
+            Some(t) => Arch::from_model_type(t).ok_or_else(|| {
+                EngineError::config(
                     "model_type",
-                    format!("must be one of deepseek_v3, deepseek_v2; got {other:?}"),
-                ));
-            }
+                    format!("must be one of {}; got {t:?}", MODEL_TYPES.join(", ")),
+                )
+            })?,
             None => return Err(EngineError::config("model_type", "is required but missing")),
         };
+        if !matches!(arch, Arch::DeepseekV2 | Arch::DeepseekV3) {
+            return self.validate_gqa_family(arch);
+        }
         if let Some(act) = self.hidden_act.as_deref()
             && act != "silu"
         {
@@ -332,17 +568,17 @@ impl RawConfig {
             None => None,
             v => Some(positive("q_lora_rank", v)?),
         };
-        let attention = MlaConfig {
+        let mla = MlaConfig {
             q_lora_rank,
             kv_lora_rank: positive("kv_lora_rank", self.kv_lora_rank)?,
             qk_nope_head_dim: positive("qk_nope_head_dim", self.qk_nope_head_dim)?,
             qk_rope_head_dim: positive("qk_rope_head_dim", self.qk_rope_head_dim)?,
             v_head_dim: positive("v_head_dim", self.v_head_dim)?,
         };
-        if !attention.qk_rope_head_dim.is_multiple_of(2) {
+        if !mla.qk_rope_head_dim.is_multiple_of(2) {
             return Err(EngineError::config(
                 "qk_rope_head_dim",
-                format!("must be even, got {}", attention.qk_rope_head_dim),
+                format!("must be even, got {}", mla.qk_rope_head_dim),
             ));
         }
 
@@ -356,7 +592,35 @@ impl RawConfig {
             self.max_position_embeddings,
             4096,
         )?;
-        let rope = self.rope_config(max_position_embeddings)?;
+        let rope = self.rope_config(max_position_embeddings, RopeStyle::Interleaved)?;
+        let rms_norm_eps = self.rms_norm_eps()?;
+        let (bos, eos_token_ids) = self.special_tokens(vocab_size)?;
+        Ok(ModelConfig {
+            arch,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            attention: AttentionConfig::Mla(mla),
+            moe,
+            rope,
+            rope_local: None,
+            sliding_window: None,
+            sliding_layers: vec![false; num_hidden_layers],
+            hidden_act: Activation::Silu,
+            norm: NormStyle::default(),
+            embed_scale: None,
+            final_logit_softcapping: None,
+            rms_norm_eps,
+            max_position_embeddings,
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            bos_token_id: bos.first().copied(),
+            eos_token_ids,
+        })
+    }
+
+    fn rms_norm_eps(&self) -> Result<f32> {
         let rms_norm_eps = self.rms_norm_eps.unwrap_or(1e-6);
         if !(rms_norm_eps > 0.0 && rms_norm_eps < 1.0) {
             return Err(EngineError::config(
@@ -364,6 +628,11 @@ impl RawConfig {
                 format!("must be in (0, 1), got {rms_norm_eps}"),
             ));
         }
+        Ok(rms_norm_eps as f32)
+    }
+
+    /// `(bos, eos)` token ids, each checked against the vocabulary.
+    fn special_tokens(&self, vocab_size: usize) -> Result<(Vec<u32>, Vec<u32>)> {
         let bos = token_ids("bos_token_id", &self.bos_token_id)?;
         let eos_token_ids = token_ids("eos_token_id", &self.eos_token_id)?;
         for (field, ids) in [("bos_token_id", &bos), ("eos_token_id", &eos_token_ids)] {
@@ -374,22 +643,7 @@ impl RawConfig {
                 ));
             }
         }
-        Ok(ModelConfig {
-            arch,
-            vocab_size,
-            hidden_size,
-            intermediate_size,
-            num_hidden_layers,
-            num_attention_heads,
-            attention,
-            moe,
-            rope,
-            rms_norm_eps: rms_norm_eps as f32,
-            max_position_embeddings,
-            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
-            bos_token_id: bos.first().copied(),
-            eos_token_ids,
-        })
+        Ok((bos, eos_token_ids))
     }
 
     fn moe_config(&self, arch: Arch, n_routed: Option<i64>) -> Result<MoeConfig> {
@@ -399,7 +653,7 @@ impl RawConfig {
         let num_experts_per_tok = positive("num_experts_per_tok", self.num_experts_per_tok)?;
         let default_scoring = match arch {
             Arch::DeepseekV3 => "sigmoid",
-            Arch::DeepseekV2 => "softmax",
+            _ => "softmax",
         };
         let scoring_func = match self.scoring_func.as_deref().unwrap_or(default_scoring) {
             "sigmoid" => ScoringFunc::Sigmoid,
@@ -413,7 +667,7 @@ impl RawConfig {
         };
         let default_method = match arch {
             Arch::DeepseekV3 => "noaux_tc",
-            Arch::DeepseekV2 => "greedy",
+            _ => "greedy",
         };
         let topk_method = match self.topk_method.as_deref().unwrap_or(default_method) {
             "noaux_tc" => TopkMethod::NoAuxTc,
@@ -480,15 +734,18 @@ impl RawConfig {
             norm_topk_prob: self.norm_topk_prob.unwrap_or(arch == Arch::DeepseekV3),
             scoring_func,
             topk_method,
-            first_k_dense_replace: match self.first_k_dense_replace {
-                None | Some(0) => 0,
-                v => positive("first_k_dense_replace", v)?,
+            layers: MoeLayers::DeepSeek {
+                first_k_dense_replace: match self.first_k_dense_replace {
+                    None | Some(0) => 0,
+                    v => positive("first_k_dense_replace", v)?,
+                },
+                moe_layer_freq: positive_or("moe_layer_freq", self.moe_layer_freq, 1)?,
             },
-            moe_layer_freq: positive_or("moe_layer_freq", self.moe_layer_freq, 1)?,
+            naming: MoeNaming::DEEPSEEK,
         })
     }
 
-    fn rope_config(&self, max_position_embeddings: usize) -> Result<RopeConfig> {
+    fn rope_config(&self, max_position_embeddings: usize, style: RopeStyle) -> Result<RopeConfig> {
         // transformers 5 folds theta and scaling into `rope_parameters`; the original schema keeps
         // `rope_theta` at the top level and the scaling dict in `rope_scaling`.
         let (params, field) = match (&self.rope_parameters, &self.rope_scaling) {
@@ -508,6 +765,28 @@ impl RawConfig {
                 ));
             }
         };
+        parse_rope(
+            params,
+            field,
+            self.rope_theta,
+            10000.0,
+            max_position_embeddings,
+            style,
+        )
+    }
+}
+
+/// One RoPE parameter dict (`rope_parameters`, `rope_scaling`, or one of Gemma 3's per-layer-type
+/// dicts), with `top_theta` the top-level `rope_theta` of the original schema.
+fn parse_rope(
+    params: Option<&Value>,
+    field: &str,
+    top_theta: Option<f64>,
+    default_theta: f64,
+    max_position_embeddings: usize,
+    style: RopeStyle,
+) -> Result<RopeConfig> {
+    {
         let num = |key: &str| -> Result<Option<f64>> {
             match params.and_then(|p| p.get(key)) {
                 None | Some(Value::Null) => Ok(None),
@@ -519,7 +798,7 @@ impl RawConfig {
                 }),
             }
         };
-        let theta = match num("rope_theta")?.or(self.rope_theta) {
+        let theta = match num("rope_theta")?.or(top_theta) {
             Some(t) if t > 0.0 && t.is_finite() => t,
             Some(t) => {
                 return Err(EngineError::config(
@@ -527,30 +806,62 @@ impl RawConfig {
                     format!("must be a positive number, got {t}"),
                 ));
             }
-            None => 10000.0,
+            None => default_theta,
         };
         let rope_type = params
             .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
             .and_then(Value::as_str)
             .unwrap_or("default");
+        let factor = |at_least: f64| -> Result<f64> {
+            match num("factor")? {
+                Some(f) if f >= at_least && f.is_finite() => Ok(f),
+                Some(f) => Err(EngineError::config(
+                    format!("{field}.factor"),
+                    format!("must be >= {at_least}, got {f}"),
+                )),
+                None => Err(EngineError::config(
+                    format!("{field}.factor"),
+                    format!("is required for {rope_type}"),
+                )),
+            }
+        };
         let scaling = match rope_type {
             "default" => RopeScaling::None,
-            "yarn" => {
-                let factor = match num("factor")? {
-                    Some(f) if f >= 1.0 && f.is_finite() => f,
-                    Some(f) => {
-                        return Err(EngineError::config(
-                            format!("{field}.factor"),
-                            format!("must be >= 1, got {f}"),
-                        ));
-                    }
-                    None => {
-                        return Err(EngineError::config(
-                            format!("{field}.factor"),
-                            "is required for yarn",
-                        ));
+            "linear" => RopeScaling::Linear(factor(1.0)?),
+            "llama3" => {
+                let required = |key: &str| -> Result<f64> {
+                    match num(key)? {
+                        Some(v) if v > 0.0 && v.is_finite() => Ok(v),
+                        Some(v) => Err(EngineError::config(
+                            format!("{field}.{key}"),
+                            format!("must be a positive number, got {v}"),
+                        )),
+                        None => Err(EngineError::config(
+                            format!("{field}.{key}"),
+                            "is required for llama3",
+                        )),
                     }
                 };
+                let low_freq_factor = required("low_freq_factor")?;
+                let high_freq_factor = required("high_freq_factor")?;
+                if high_freq_factor <= low_freq_factor {
+                    return Err(EngineError::config(
+                        format!("{field}.high_freq_factor"),
+                        format!(
+                            "must be > low_freq_factor ({low_freq_factor}), got {high_freq_factor}"
+                        ),
+                    ));
+                }
+                RopeScaling::Llama3(Llama3Scaling {
+                    factor: factor(1.0)?,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings: required("original_max_position_embeddings")?
+                        as usize,
+                })
+            }
+            "yarn" => {
+                let factor = factor(1.0)?;
                 let original = match num("original_max_position_embeddings")? {
                     Some(v) if v >= 1.0 => v as usize,
                     Some(v) => {
@@ -574,11 +885,17 @@ impl RawConfig {
             other => {
                 return Err(EngineError::config(
                     format!("{field}.rope_type"),
-                    format!("must be \"default\" or \"yarn\", got {other:?}"),
+                    format!(
+                        "must be one of \"default\", \"linear\", \"yarn\", \"llama3\"; got {other:?}"
+                    ),
                 ));
             }
         };
-        Ok(RopeConfig { theta, scaling })
+        Ok(RopeConfig {
+            theta,
+            scaling,
+            style,
+        })
     }
 }
 
@@ -605,7 +922,7 @@ mod tests {
     fn parses_the_original_deepseek_v3_schema() {
         let c = ModelConfig::from_json_str(V3_ORIGINAL).unwrap();
         assert_eq!(c.arch, Arch::DeepseekV3);
-        assert_eq!(c.attention.q_lora_rank, Some(1536));
+        assert_eq!(c.attention.mla().unwrap().q_lora_rank, Some(1536));
         let moe = c.moe.as_ref().unwrap();
         assert_eq!(moe.topk_method, TopkMethod::NoAuxTc);
         assert_eq!(moe.scoring_func, ScoringFunc::Sigmoid);
@@ -615,7 +932,7 @@ mod tests {
                 assert_eq!(y.factor, 40.0);
                 assert_eq!(y.original_max_position_embeddings, 4096);
             }
-            RopeScaling::None => panic!("expected yarn"),
+            other => panic!("expected yarn, got {other:?}"),
         }
         assert_eq!(c.moe_layers().len(), 58);
         assert!(!c.is_moe_layer(2) && c.is_moe_layer(3));
@@ -739,7 +1056,7 @@ mod tests {
         let moe = c.moe.unwrap();
         assert_eq!(moe.scoring_func, ScoringFunc::Softmax);
         assert_eq!(moe.topk_method, TopkMethod::Greedy);
-        assert_eq!(c.attention.q_lora_rank, None);
+        assert_eq!(c.attention.mla().unwrap().q_lora_rank, None);
         assert_eq!(c.rope.scaling, RopeScaling::None);
     }
 }
