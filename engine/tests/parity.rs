@@ -11,8 +11,9 @@ use serde::Deserialize;
 use switchyard_engine::checkpoint::{Checkpoint, Precision};
 use switchyard_engine::generate::{self, GenerateOptions, GenerateRequest};
 use switchyard_engine::model::{
-    AttentionMode, CausalLm, ForwardOptions, LoadOptions, LogitsFor, SeqInput,
+    AttentionMode, CausalLm, ForwardOptions, KvCache, KvLayout, LoadOptions, LogitsFor, SeqInput,
 };
+use switchyard_engine::sampling::argmax;
 
 /// DeepSeek-V3 / V2: MLA.
 const MLA_FIXTURES: &[&str] = &[
@@ -224,6 +225,48 @@ fn batched_equals_single(name: &str) {
         assert_eq!(b.token_ids, single[0].token_ids);
     }
     assert_eq!(batched[0].token_ids, r.greedy_ids[..8]);
+}
+
+/// Decoding token by token through a cache of 2-token blocks, the sliding-window layers give
+/// back their blocks as the window moves on; the greedy ids must not change, and the cache must
+/// hold fewer blocks than one that keeps every position.
+#[test]
+fn sliding_window_caches_give_blocks_back_and_keep_the_output() {
+    for name in [
+        "qwen3_qknorm_sliding",
+        "gemma3_local_global",
+        "mistral_sliding_window",
+    ] {
+        let dir = fixture_dir(name);
+        let (r, _) = reference(&dir);
+        let model = CausalLm::load(&dir, &LoadOptions::default()).unwrap();
+        let layout = model.kv_layout(2);
+        assert!(layout.window().is_some(), "{name}");
+        let mut cache = KvCache::new(layout.clone());
+        let mut next = r.prompt_ids.clone();
+        let mut ids = Vec::new();
+        for _ in 0..r.greedy_ids.len() {
+            let out = model
+                .forward(
+                    &mut [SeqInput {
+                        tokens: &next,
+                        cache: &mut cache,
+                    }],
+                    &ForwardOptions::default(),
+                )
+                .unwrap();
+            let id = argmax(out.logits.as_f32().unwrap()) as u32;
+            ids.push(id);
+            next = vec![id];
+        }
+        assert_eq!(ids, r.greedy_ids, "{name}");
+        let unbounded = KvLayout::new(layout.layers, layout.row, 2).blocks_for(cache.len(), 1);
+        assert!(
+            cache.num_blocks() < unbounded,
+            "{name}: {} blocks held, {unbounded} without windows",
+            cache.num_blocks()
+        );
+    }
 }
 
 #[test]

@@ -97,12 +97,13 @@ impl ServingState {
         let layout = backend.kv_layout(o.block_size);
         let kv_blocks = usize::try_from(o.kv_cache_bytes / layout.block_bytes().max(1) as u64)
             .unwrap_or(usize::MAX);
-        if kv_blocks == 0 {
+        let one_block = layout.blocks_for(o.block_size, o.max_batch_tokens);
+        if kv_blocks < one_block {
             return Err(RouterError::invalid(
                 "kv_cache_memory",
                 format!(
-                    "must hold at least one block ({} bytes: {} tokens × {} bytes), got {}",
-                    layout.block_bytes(),
+                    "must hold at least one block of every layer ({} bytes: {} tokens × {} bytes), got {}",
+                    one_block * layout.block_bytes(),
                     o.block_size,
                     layout.bytes_per_token(),
                     o.kv_cache_bytes
@@ -128,7 +129,7 @@ impl ServingState {
                 model_name: o.model_name.clone(),
                 vocab_size: config.vocab_size,
                 max_context: config.max_position_embeddings,
-                max_cached_tokens: kv_blocks.saturating_mul(o.block_size),
+                max_cached_tokens: layout.max_tokens(kv_blocks, o.max_batch_tokens),
                 default_max_tokens: o.default_max_tokens.max(1),
             },
             tokenizer,

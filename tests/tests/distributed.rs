@@ -330,3 +330,97 @@ fn calls_to_a_lost_worker_fail_over_to_replicas() {
     assert!(diff <= 1e-5, "after failover: max |Δ| = {diff:e}");
     assert!(rows(1) > 0 && rows(2) > 0, "the replicas took over");
 }
+
+/// The transformers-made Qwen3-MoE (softmax top-k, no renormalisation, a dense first layer) and
+/// Mixtral (`block_sparse_moe`, w1/w2/w3, top 2 renormalised) parity checkpoints, served by a
+/// router and two workers: the same logits as the single-process engine and transformers'
+/// greedy ids.
+#[test]
+fn qwen3_moe_and_mixtral_through_router_and_workers_match_transformers() {
+    struct Reference {
+        prompt_ids: Vec<u32>,
+        greedy_ids: Vec<u32>,
+    }
+    for (name, specs) in [
+        ("qwen3_moe_softmax_topk", ["0-7", "8-15"]),
+        ("mixtral_top2", ["0-3", "4-7"]),
+    ] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/parity")
+            .join(name);
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+                .unwrap();
+        let ids = |key: &str| -> Vec<u32> {
+            json[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect()
+        };
+        let r = Reference {
+            prompt_ids: ids("prompt_ids"),
+            greedy_ids: ids("greedy_ids"),
+        };
+        let local = CausalLm::load(&dir, &LoadOptions::default()).unwrap();
+        let router = CausalLm::load(
+            &dir,
+            &LoadOptions {
+                experts: ExpertSelection::None,
+            },
+        )
+        .unwrap();
+        assert_eq!(router.routed_expert_bytes(), 0, "{name}");
+        let sandbox = Sandbox::start(&dir, &specs);
+        let remote = RemoteExperts::connect(
+            router.config(),
+            &sandbox.addrs(),
+            DispatchOptions {
+                wire_dtype: Dtype::F32,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let run = |model: &CausalLm, experts: Option<&RemoteExperts>| {
+            let mut cache = model.new_cache(r.prompt_ids.len());
+            let mut seqs = [SeqInput {
+                tokens: &r.prompt_ids,
+                cache: &mut cache,
+            }];
+            let opts = ForwardOptions {
+                logits: LogitsFor::All,
+                ..Default::default()
+            };
+            match experts {
+                Some(e) => model.forward_with(&mut seqs, &opts, e),
+                None => model.forward(&mut seqs, &opts),
+            }
+            .unwrap()
+            .logits
+            .into_f32_vec()
+        };
+        let want = run(&local, None);
+        let got = run(&router, Some(&remote));
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff <= 1e-5, "{name}: max |Δ logits| = {diff:e}");
+        let req = GenerateRequest {
+            prompt: r.prompt_ids.clone(),
+            max_new_tokens: r.greedy_ids.len(),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let out = generate::generate_with(
+            &router,
+            std::slice::from_ref(&req),
+            GenerateOptions::default(),
+            &remote,
+        )
+        .unwrap();
+        assert_eq!(out[0].token_ids, r.greedy_ids, "{name}");
+    }
+}

@@ -251,11 +251,13 @@ impl CausalLm {
 
     /// The shape of this model's cache blocks.
     pub fn kv_layout(&self, block_size: usize) -> KvLayout {
-        KvLayout {
-            layers: self.layers.len(),
-            row: self.config.attention.kv_row(),
+        KvLayout::with_window(
+            self.layers.len(),
+            self.config.attention.kv_row(),
             block_size,
-        }
+            self.config.sliding_window,
+            &self.config.sliding_layers,
+        )
     }
 
     /// An empty, growable cache with room for `capacity` tokens.
@@ -352,7 +354,7 @@ impl CausalLm {
                 ));
             }
             let layout = s.cache.layout();
-            if (layout.layers, layout.row) != (self.layers.len(), self.config.attention.kv_row()) {
+            if *layout != self.kv_layout(layout.block_size) {
                 return Err(EngineError::input(
                     format!("sequences[{i}].cache"),
                     format!("has layout {layout:?}, which is not this model's"),

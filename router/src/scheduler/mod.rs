@@ -155,7 +155,7 @@ impl Scheduler {
             .blocks_total
             .store(config.kv_blocks, Ordering::Relaxed);
         let layout = backend.kv_layout(config.block_size);
-        let pool = BlockPool::new(layout, config.kv_blocks);
+        let pool = BlockPool::new(layout.clone(), config.kv_blocks);
         let worker = Worker {
             backend,
             tokenizer,
@@ -211,7 +211,7 @@ impl Scheduler {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u64;
         let (events_tx, events) = async_mpsc::unbounded_channel();
         let prompt_tokens = request.prompt.len();
-        let seq = Sequence::new(id, request, self.layout, events_tx);
+        let seq = Sequence::new(id, request, self.layout.clone(), events_tx);
         if self.tx.send(Msg::Submit(Box::new(seq))).is_err() {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(RouterError::ShuttingDown);

@@ -29,11 +29,7 @@ fn next_token(last: u32, pos: usize) -> u32 {
 
 impl Backend for Fake {
     fn kv_layout(&self, block_size: usize) -> KvLayout {
-        KvLayout {
-            layers: 1,
-            row: 4,
-            block_size,
-        }
+        KvLayout::new(1, 4, block_size)
     }
     fn vocab_size(&self) -> usize {
         VOCAB
