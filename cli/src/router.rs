@@ -3,7 +3,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
+use switchyard_engine::ModelConfig;
 use switchyard_engine::model::{CausalLm, ExpertSelection, LoadOptions};
 use switchyard_engine::tokenizer::TextTokenizer;
 use switchyard_proto::v1::Dtype;
@@ -164,11 +165,12 @@ pub struct RouterArgs {
     #[arg(long, env = "SWITCHYARD_MODEL")]
     model: PathBuf,
     /// Expert worker addresses, comma-separated; together they must hold every routed expert.
+    /// A model without routed experts (Llama, Qwen3, Gemma 3, Mistral) needs none: the router
+    /// runs it whole.
     #[arg(
         long,
         env = "SWITCHYARD_WORKERS",
         value_delimiter = ',',
-        required_unless_present = "coordinator",
         conflicts_with = "coordinator"
     )]
     workers: Vec<String>,
@@ -197,6 +199,16 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         metrics: metrics.dispatch.clone(),
         ..args.dispatch.options()
     };
+    let dense = ModelConfig::from_dir(&args.model)?.moe.is_none();
+    if dense && (args.coordinator.is_some() || !args.workers.is_empty()) {
+        bail!(
+            "{} has no routed experts: the router runs it whole; drop --workers / --coordinator",
+            args.model.display()
+        );
+    }
+    if !dense && args.coordinator.is_none() && args.workers.is_empty() {
+        bail!("the model has routed experts: give --workers ADDR,... or --coordinator ADDR");
+    }
     let model = CausalLm::load(
         &args.model,
         &LoadOptions {
@@ -208,6 +220,7 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading the tokenizer of {}", args.model.display()))?
         .map(Arc::new);
     let (source, workers) = match &args.coordinator {
+        _ if dense => (None, "dense model, no expert workers".to_string()),
         Some(coordinator) => {
             let experts = CoordinatedExperts::connect(
                 model.config(),
@@ -217,7 +230,7 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
             )
             .with_context(|| format!("following the coordinator at {coordinator}"))?;
             (
-                ExpertSource::Coordinated(experts),
+                Some(ExpertSource::Coordinated(experts)),
                 format!("placement from {coordinator}"),
             )
         }
@@ -225,13 +238,16 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
             let experts = RemoteExperts::connect(model.config(), &args.workers, dispatch.clone())
                 .context("connecting to the expert workers")?;
             (
-                ExpertSource::Static(Arc::new(experts)),
+                Some(ExpertSource::Static(Arc::new(experts))),
                 format!("{} expert workers", args.workers.len()),
             )
         }
     };
     let config = Arc::new(model.config().clone());
-    let backend = Arc::new(ModelBackend::remote(Arc::new(model), source.clone()));
+    let backend = Arc::new(match &source {
+        Some(source) => ModelBackend::remote(Arc::new(model), source.clone()),
+        None => ModelBackend::local(Arc::new(model)),
+    });
     let state = ServingState::start(backend, config, tokenizer, &options)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -5,8 +5,11 @@ use switchyard_engine::synth::{self, SynthDType, SynthOptions};
 
 #[derive(clap::Args, Debug)]
 pub struct SynthArgs {
-    /// Model shape: `tiny` (tests), `mini` (the 810 M benchmark model) or `deepseek-v3` (the
-    /// real dimensions; shrink with --layers / --experts).
+    /// Model shape. DeepSeek: `tiny` (tests), `mini` (the 810 M benchmark model),
+    /// `deepseek-v3` (the real dimensions; shrink with --layers / --experts). Other families:
+    /// `llama-3.2-1b`, `qwen3-0.6b`, `gemma3-1b` (real dimensions), `qwen3-moe` (128 experts,
+    /// top 8, small body), `mixtral-mini`, `mistral-mini`, and `tiny-llama`, `tiny-qwen3`,
+    /// `tiny-qwen3-moe`, `tiny-gemma3`, `tiny-mistral`, `tiny-mixtral` for tests.
     #[arg(long, env = "SWITCHYARD_PRESET")]
     preset: String,
     /// Output directory (created if missing).

@@ -18,7 +18,7 @@ pub struct UpArgs {
     /// the cache directory (once) and served.
     #[arg(long, env = "SWITCHYARD_MODEL")]
     model: Option<PathBuf>,
-    /// Built-in model to synthesise when no --model is given.
+    /// Built-in model to synthesise when no --model is given (any `synth --preset`).
     #[arg(long, env = "SWITCHYARD_PRESET", default_value = "tiny")]
     preset: String,
     /// With a synthesised preset: make the gate prefer some experts (see `synth --expert-skew`).
@@ -273,12 +273,11 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     let model = resolve_model(&args)?;
     let config = ModelConfig::from_dir(&model)?;
-    let moe = config
-        .moe
-        .as_ref()
-        .context("the model has no routed experts to place")?;
-    let experts = moe.n_routed_experts;
-    if args.workers > experts {
+    // A dense model (no routed experts) runs whole on the router: no coordinator, no workers.
+    let experts = config.moe.as_ref().map(|m| m.n_routed_experts);
+    if let Some(experts) = experts
+        && args.workers > experts
+    {
         bail!(
             "--workers must be <= the model's {experts} routed experts, got {}",
             args.workers
@@ -287,50 +286,15 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let shared_on_workers = args.dispatch.shared_expert_on == "workers";
     let model_arg = model.display().to_string();
     let mut cluster = Cluster(Vec::new());
-    let coordinator_args: Vec<String> = [
-        "coordinator",
-        "--model",
-        &model_arg,
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--replicas",
-        &args.replicas.to_string(),
-        "--lease-ms",
-        &args.lease_ms.to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
-    cluster
-        .0
-        .push(spawn("coordinator".into(), &coordinator_args, 1)?);
-    let coordinator = cluster.0[0].addr.clone();
-    for w in 0..args.workers {
-        let mut worker_args: Vec<String> = [
-            "worker",
-            "--model",
+    let coordinator = match experts {
+        Some(_) => Some(start_experts(
+            &args,
             &model_arg,
-            "--coordinator",
-            &coordinator,
-            "--memory",
-            &args.worker_memory.to_string(),
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ]
-        .map(String::from)
-        .to_vec();
-        if shared_on_workers {
-            worker_args.push("--with-shared-expert".into());
-        }
-        cluster.0.push(spawn(
-            format!("worker {w}"),
-            &worker_args,
-            args.worker_threads,
-        )?);
-    }
+            shared_on_workers,
+            &mut cluster,
+        )?),
+        None => None,
+    };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut routers = Vec::new();
     for r in 0..args.routers {
@@ -344,8 +308,6 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             "router",
             "--model",
             &model_arg,
-            "--coordinator",
-            &coordinator,
             "--listen",
             &listen,
             "--wire-dtype",
@@ -359,6 +321,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         ]
         .map(String::from)
         .to_vec();
+        if let Some(coordinator) = &coordinator {
+            router_args.extend(["--coordinator".to_string(), coordinator.clone()]);
+        }
         router_args.extend(args.serve.to_args());
         if r == 0
             && let Some(http) = &args.http_addr
@@ -395,18 +360,81 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     }
     let http = cluster.0.iter().find_map(|n| n.http.clone());
-    let held = experts_per_worker(&coordinator).unwrap_or_default();
+    let s = if routers.len() > 1 { "s" } else { "" };
     // The line scripts read: the router's address.
-    eprintln!(
-        "switchyard up: router{} {} · coordinator {coordinator} · {} workers holding {} of {} routed experts per MoE layer · model {}",
-        if routers.len() > 1 { "s" } else { "" },
-        routers.join(", "),
-        args.workers,
-        held,
-        experts,
-        model.display()
-    );
+    match (&coordinator, experts) {
+        (Some(coordinator), Some(experts)) => {
+            let held = experts_per_worker(coordinator).unwrap_or_default();
+            eprintln!(
+                "switchyard up: router{s} {} · coordinator {coordinator} · {} workers holding {} of {} routed experts per MoE layer · model {}",
+                routers.join(", "),
+                args.workers,
+                held,
+                experts,
+                model.display()
+            );
+        }
+        _ => eprintln!(
+            "switchyard up: router{s} {} · dense model, no expert workers · model {}",
+            routers.join(", "),
+            model.display()
+        ),
+    }
     finish(&args, &routers, http.as_deref(), cluster, &runtime, signals)
+}
+
+/// Starts the coordinator and the expert workers; returns the coordinator's address.
+fn start_experts(
+    args: &UpArgs,
+    model_arg: &str,
+    shared_on_workers: bool,
+    cluster: &mut Cluster,
+) -> anyhow::Result<String> {
+    let coordinator_args: Vec<String> = [
+        "coordinator",
+        "--model",
+        model_arg,
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--replicas",
+        &args.replicas.to_string(),
+        "--lease-ms",
+        &args.lease_ms.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    cluster
+        .0
+        .push(spawn("coordinator".into(), &coordinator_args, 1)?);
+    let coordinator = cluster.0[0].addr.clone();
+    for w in 0..args.workers {
+        let mut worker_args: Vec<String> = [
+            "worker",
+            "--model",
+            model_arg,
+            "--coordinator",
+            &coordinator,
+            "--memory",
+            &args.worker_memory.to_string(),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ]
+        .map(String::from)
+        .to_vec();
+        if shared_on_workers {
+            worker_args.push("--with-shared-expert".into());
+        }
+        cluster.0.push(spawn(
+            format!("worker {w}"),
+            &worker_args,
+            args.worker_threads,
+        )?);
+    }
+    Ok(coordinator)
 }
 
 /// Runs the demo generation, or serves until a signal.

@@ -395,6 +395,61 @@ fn up_brings_a_cluster_up_generates_through_it_and_stops_it() {
     assert_eq!(remote["token_ids"], local["token_ids"]);
 }
 
+/// Every family through `up`: MoE presets (Qwen3-MoE, Mixtral) with a coordinator and workers,
+/// dense ones (Llama, Qwen3, Gemma 3, Mistral) on the router alone; the tokens are what the
+/// single-process engine generates from the same checkpoint.
+#[test]
+fn up_serves_every_model_family() {
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    for preset in [
+        "tiny-qwen3-moe",
+        "tiny-mixtral",
+        "tiny-llama",
+        "tiny-qwen3",
+        "tiny-gemma3",
+        "tiny-mistral",
+    ] {
+        let out = switchyard(&[
+            "up",
+            "--preset",
+            preset,
+            "--workers",
+            "2",
+            "--router-addr",
+            "127.0.0.1:0",
+            "--cache-dir",
+            cache_dir,
+            "--demo-prompt-ids",
+            "1,17,42",
+            "--json",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{preset}: {stderr}");
+        let dense = stderr.contains("dense model, no expert workers");
+        assert_eq!(
+            dense,
+            !preset.contains("moe") && !preset.contains("mixtral"),
+            "{stderr}"
+        );
+        let remote: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let model = cache.path().join(format!("models/{preset}-bf16-seed0"));
+        let local = switchyard(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt-ids",
+            "1,17,42",
+            "--max-new-tokens",
+            "16",
+            "--ignore-eos",
+            "--json",
+        ]);
+        let local: serde_json::Value = serde_json::from_slice(&local.stdout).unwrap();
+        assert_eq!(remote["token_ids"], local["token_ids"], "{preset}");
+    }
+}
+
 #[test]
 fn sigterm_to_up_stops_every_node() {
     use std::io::BufRead;

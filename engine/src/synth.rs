@@ -838,6 +838,73 @@ mod tests {
     }
 
     #[test]
+    fn every_preset_is_a_valid_config_and_the_real_ones_have_their_size() {
+        for name in PRESETS {
+            let c = ModelConfig::from_json_str(&preset_config(name).unwrap().to_string())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let billions = c.parameter_count() as f64 / 1e9;
+            let want = match *name {
+                "llama-3.2-1b" => 1.236,
+                "qwen3-0.6b" => 0.596,
+                "gemma3-1b" => 1.0,
+                _ => continue,
+            };
+            assert!((billions - want).abs() < 0.01, "{name}: {billions} B");
+        }
+    }
+
+    #[test]
+    fn family_presets_write_what_their_loader_reads() {
+        for name in [
+            "tiny-llama",
+            "tiny-qwen3",
+            "tiny-qwen3-moe",
+            "tiny-gemma3",
+            "tiny-mistral",
+            "tiny-mixtral",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            synth(
+                dir.path(),
+                &SynthOptions {
+                    preset: name.into(),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let model = crate::model::CausalLm::load(dir.path(), &Default::default())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let mut cache = model.new_cache(4);
+            let out = model
+                .forward(
+                    &mut [crate::model::SeqInput {
+                        tokens: &[0, 5, 9, 300],
+                        cache: &mut cache,
+                    }],
+                    &Default::default(),
+                )
+                .unwrap();
+            assert!(out.logits.as_f32().unwrap().iter().all(|v| v.is_finite()));
+        }
+    }
+
+    #[test]
+    fn expert_skew_needs_a_routing_bias() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = synth(
+            dir.path(),
+            &SynthOptions {
+                preset: "tiny-mixtral".into(),
+                expert_skew: 0.5,
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("expert_skew") && err.contains("0.5"), "{err}");
+    }
+
+    #[test]
     fn full_deepseek_v3_refuses_with_a_size_message() {
         let dir = tempfile::tempdir().unwrap();
         let err = synth(
