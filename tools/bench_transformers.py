@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""The same benchmark as `switchyard bench`, on transformers' DeepseekV3ForCausalLM.
+"""The same benchmark as `switchyard bench`, on transformers' own model class for the checkpoint
+(DeepseekV3ForCausalLM, LlamaForCausalLM, Qwen3ForCausalLM, ... through AutoModelForCausalLM).
 
-Loads a checkpoint directory (e.g. one written by `switchyard synth --preset mini --dtype bf16`)
-in bf16 and reports prefill tok/s (one forward over `--prompt-len` random tokens per sequence)
-and greedy decode tok/s per batch size, with the KV cache, on `--threads` CPU threads.
+Loads a checkpoint directory (e.g. one written by `switchyard synth --preset mini --dtype bf16`
+or `--preset llama-3.2-1b`) in bf16 and reports prefill tok/s (one forward over `--prompt-len`
+random tokens per sequence), greedy decode tok/s per batch size with the KV cache, on
+`--threads` CPU threads, and the process's peak RSS.
 
     python3 tools/bench_transformers.py --model DIR --batch 1,8 --prompt-len 128 --gen-len 64
 
@@ -12,9 +14,10 @@ machines are shared and noisy, so only figures from one run compare.
 """
 
 import argparse
-import warnings
 import json
+import resource
 import time
+import warnings
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -54,7 +57,9 @@ def main():
                 "prefill_tok_s": batch * args.prompt_len / prefill,
                 "decode_tok_s": batch * args.gen_len / decode if args.gen_len else 0.0,
             })
-    print(json.dumps({"torch": torch.__version__, "threads": args.threads, "rows": rows}, indent=1))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print(json.dumps({"torch": torch.__version__, "model_type": model.config.model_type,
+                      "threads": args.threads, "peak_rss_bytes": peak, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

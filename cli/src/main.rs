@@ -67,7 +67,22 @@ enum Command {
     Up(up::UpArgs),
 }
 
+/// Keeps large activation buffers on the heap once touched. glibc serves allocations past its
+/// mmap threshold (at most 32 MiB) with a fresh mmap and returns them with munmap: a prefill's
+/// per-layer outputs (tens of MiB each) then fault in every page on each call and shoot down
+/// TLBs on each free, which cost about 15% of a batch-8 prefill in a profile. Raising the
+/// threshold and the trim threshold makes freed buffers reusable, already mapped.
+fn keep_large_buffers_mapped() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts allocator parameters; called once before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 30);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_large_buffers_mapped();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.runtime.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));

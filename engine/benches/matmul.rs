@@ -55,7 +55,7 @@ fn main() {
         .map(|w| w.clone().pack_for_matmul())
         .collect();
     for (layout, weights) in [("row-major", &weights), ("packed", &packed)] {
-        for m in [1usize, 2, 4, 8, 16, 64, 128] {
+        for m in [1usize, 2, 4, 8, 16, 64, 128, 512, 1024] {
             let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 / 13.0).collect();
             let mut out = vec![0.0f32; m * n];
             let reps = 3;

@@ -722,8 +722,15 @@ mod amx {
         c
     }
 
+    /// Bytes of weights one panel keeps hot in L2 while every row tile passes over it.
+    const PANEL_BYTES: usize = 256 << 10;
+
     /// Row blocks `b0..b1` (an even count, or running to the end) of a packed weight times all
     /// `m` activation rows, 16 rows × 32 outputs per tile pass.
+    ///
+    /// The blocks go in panels of about [`PANEL_BYTES`]: every row tile runs over one panel
+    /// before the next is touched, so a weight is read from memory once per call rather than
+    /// once per 16 rows (which made large prefills memory-bound).
     ///
     /// # Safety
     /// AMX must be granted; `x` holds `m` rounded up to 16 rows of `kp` bf16.
@@ -741,69 +748,127 @@ mod amx {
         let cfg = config();
         let kbs = kp / BLOCK_K;
         let block_bytes = BLOCK_K * BLOCK_N * 2;
-        let mut c = [0f32; 2 * BLOCK_N * 16];
+        // Four 16 × 16 f32 result tiles: (row tile 0, 1) × (column block 0, 1).
+        const TILE: usize = 16 * BLOCK_N;
+        let mut c = [0f32; 4 * TILE];
+        let mtiles = m.div_ceil(16);
         // SAFETY: a valid palette-1 configuration.
         unsafe { asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack)) };
-        for mt in 0..m.div_ceil(16) {
-            let mut nb = b0;
-            while nb < b1 {
-                // An odd last block pairs with itself; its second result is dropped.
-                let nb2 = if nb + 1 < b1 { nb + 1 } else { nb };
-                // SAFETY: pointers stay inside x and the packed data (kbs blocks each).
-                unsafe {
-                    let a = x.as_ptr().add(mt * 16 * kp);
-                    let w0 = w.data.as_ptr().add(nb * kbs * BLOCK_K * BLOCK_N);
-                    let w1 = w.data.as_ptr().add(nb2 * kbs * BLOCK_K * BLOCK_N);
-                    asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "2:",
-                        "tileloadd tmm4, [{a} + {astride}*1]",
-                        "tileloadd tmm6, [{w0} + {wstride}*1]",
-                        "tileloadd tmm7, [{w1} + {wstride}*1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "add {a}, 64",
-                        "add {w0}, {bb}",
-                        "add {w1}, {bb}",
-                        "dec {cnt}",
-                        "jnz 2b",
-                        "tilestored [{c0} + {cstride}*1], tmm0",
-                        "tilestored [{c1} + {cstride}*1], tmm1",
-                        a = inout(reg) a => _,
-                        w0 = inout(reg) w0 => _,
-                        w1 = inout(reg) w1 => _,
-                        cnt = inout(reg) kbs => _,
-                        astride = in(reg) kp * 2,
-                        wstride = in(reg) 64usize,
-                        bb = in(reg) block_bytes,
-                        c0 = in(reg) c.as_mut_ptr(),
-                        c1 = in(reg) c.as_mut_ptr().add(BLOCK_N * 16),
-                        cstride = in(reg) 64usize,
-                        options(nostack),
-                    );
-                }
-                for (t, blk) in
-                    [nb, nb2]
-                        .into_iter()
-                        .enumerate()
-                        .take(if nb2 != nb { 2 } else { 1 })
-                {
-                    let cols = (n - blk * BLOCK_N).min(BLOCK_N);
-                    for r in 0..16.min(m - mt * 16) {
-                        let src = &c[t * 256 + r * 16..t * 256 + r * 16 + cols];
-                        // SAFETY: row mt*16 + r < m, columns of block blk < n.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                src.as_ptr(),
-                                out.add((mt * 16 + r) * n + blk * BLOCK_N),
-                                cols,
+        let panel = (PANEL_BYTES / (kbs * block_bytes)).max(2) & !1;
+        let mut p0 = b0;
+        while p0 < b1 {
+            let p1 = (p0 + panel).min(b1);
+            let mut mt = 0;
+            while mt < mtiles {
+                // Two row tiles at a time where there are two: each weight tile loaded then
+                // feeds two tile products.
+                let pair = mt + 1 < mtiles;
+                let mut nb = p0;
+                while nb < p1 {
+                    // An odd last block pairs with itself; its second result is dropped.
+                    let nb2 = if nb + 1 < p1 { nb + 1 } else { nb };
+                    // SAFETY: pointers stay inside x (m rounded up to 16 rows, so row tile
+                    // mt + 1 exists when `pair`) and the packed data (kbs blocks each).
+                    unsafe {
+                        let a = x.as_ptr().add(mt * 16 * kp);
+                        let w0 = w.data.as_ptr().add(nb * kbs * BLOCK_K * BLOCK_N);
+                        let w1 = w.data.as_ptr().add(nb2 * kbs * BLOCK_K * BLOCK_N);
+                        if pair {
+                            asm!(
+                                "tilezero tmm0",
+                                "tilezero tmm1",
+                                "tilezero tmm2",
+                                "tilezero tmm3",
+                                "2:",
+                                "tileloadd tmm4, [{a} + {astride}*1]",
+                                "tileloadd tmm6, [{w0} + {wstride}*1]",
+                                "tileloadd tmm7, [{w1} + {wstride}*1]",
+                                "tileloadd tmm5, [{a2} + {astride}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                "add {a}, 64",
+                                "add {a2}, 64",
+                                "add {w0}, {bb}",
+                                "add {w1}, {bb}",
+                                "dec {cnt}",
+                                "jnz 2b",
+                                "tilestored [{c0} + {cstride}*1], tmm0",
+                                "tilestored [{c1} + {cstride}*1], tmm1",
+                                "tilestored [{c2} + {cstride}*1], tmm2",
+                                "tilestored [{c3} + {cstride}*1], tmm3",
+                                a = inout(reg) a => _,
+                                a2 = inout(reg) a.add(16 * kp) => _,
+                                w0 = inout(reg) w0 => _,
+                                w1 = inout(reg) w1 => _,
+                                cnt = inout(reg) kbs => _,
+                                astride = in(reg) kp * 2,
+                                wstride = in(reg) 64usize,
+                                bb = in(reg) block_bytes,
+                                c0 = in(reg) c.as_mut_ptr(),
+                                c1 = in(reg) c.as_mut_ptr().add(TILE),
+                                c2 = in(reg) c.as_mut_ptr().add(2 * TILE),
+                                c3 = in(reg) c.as_mut_ptr().add(3 * TILE),
+                                cstride = in(reg) 64usize,
+                                options(nostack),
+                            );
+                        } else {
+                            asm!(
+                                "tilezero tmm0",
+                                "tilezero tmm1",
+                                "2:",
+                                "tileloadd tmm4, [{a} + {astride}*1]",
+                                "tileloadd tmm6, [{w0} + {wstride}*1]",
+                                "tileloadd tmm7, [{w1} + {wstride}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "add {a}, 64",
+                                "add {w0}, {bb}",
+                                "add {w1}, {bb}",
+                                "dec {cnt}",
+                                "jnz 2b",
+                                "tilestored [{c0} + {cstride}*1], tmm0",
+                                "tilestored [{c1} + {cstride}*1], tmm1",
+                                a = inout(reg) a => _,
+                                w0 = inout(reg) w0 => _,
+                                w1 = inout(reg) w1 => _,
+                                cnt = inout(reg) kbs => _,
+                                astride = in(reg) kp * 2,
+                                wstride = in(reg) 64usize,
+                                bb = in(reg) block_bytes,
+                                c0 = in(reg) c.as_mut_ptr(),
+                                c1 = in(reg) c.as_mut_ptr().add(TILE),
+                                cstride = in(reg) 64usize,
+                                options(nostack),
                             );
                         }
                     }
+                    let row_tiles = if pair { 2 } else { 1 };
+                    let col_tiles = if nb2 != nb { 2 } else { 1 };
+                    for rt in 0..row_tiles {
+                        let r0 = (mt + rt) * 16;
+                        for (t, blk) in [nb, nb2].into_iter().enumerate().take(col_tiles) {
+                            let tile = &c[(rt * 2 + t) * TILE..(rt * 2 + t + 1) * TILE];
+                            let cols = (n - blk * BLOCK_N).min(BLOCK_N);
+                            for r in 0..16.min(m.saturating_sub(r0)) {
+                                let src = &tile[r * 16..r * 16 + cols];
+                                // SAFETY: row r0 + r < m, columns of block blk < n.
+                                unsafe {
+                                    std::ptr::copy_nonoverlapping(
+                                        src.as_ptr(),
+                                        out.add((r0 + r) * n + blk * BLOCK_N),
+                                        cols,
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    nb = nb2 + 1;
                 }
-                nb = nb2 + 1;
+                mt += if pair { 2 } else { 1 };
             }
+            p0 = p1;
         }
         // SAFETY: releases this thread's tile state.
         unsafe { asm!("tilerelease", options(nostack)) };
@@ -888,6 +953,7 @@ mod tests {
             (8, 33, 96),
             (19, 48, 100),
             (40, 64, 1024),
+            (70, 50, 96),
         ] {
             let x = pseudo(m * k, 5);
             let w = Tensor::from_f32(&[n, k], pseudo(n * k, 6))

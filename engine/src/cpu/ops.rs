@@ -55,12 +55,22 @@ pub fn sigmoid(x: f32) -> f32 {
 
 /// `acc += a * x`.
 pub fn axpy(acc: &mut [f32], a: f32, x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is present (checked above).
+        return unsafe { avx512::axpy(acc, a, x) };
+    }
     for (o, v) in acc.iter_mut().zip(x) {
         *o += a * v;
     }
 }
 
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is present (checked above).
+        return unsafe { avx512::dot(a, b) };
+    }
     let mut acc = [0.0f32; 8];
     let chunks = a.len() / 8;
     for c in 0..chunks {
@@ -75,6 +85,78 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// Attention's inner products run once per (query, key) and head: AVX-512 when the CPU has it.
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut i = 0;
+        // SAFETY: every load reads 16 floats at i < n - 15 of both slices.
+        unsafe {
+            while i + 32 <= n {
+                acc0 = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(a.as_ptr().add(i)),
+                    _mm512_loadu_ps(b.as_ptr().add(i)),
+                    acc0,
+                );
+                acc1 = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(a.as_ptr().add(i + 16)),
+                    _mm512_loadu_ps(b.as_ptr().add(i + 16)),
+                    acc1,
+                );
+                i += 32;
+            }
+            if i + 16 <= n {
+                acc0 = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(a.as_ptr().add(i)),
+                    _mm512_loadu_ps(b.as_ptr().add(i)),
+                    acc0,
+                );
+                i += 16;
+            }
+        }
+        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        for j in i..n {
+            s += a[j] * b[j];
+        }
+        s
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn axpy(acc: &mut [f32], a: f32, x: &[f32]) {
+        let n = acc.len().min(x.len());
+        let va = _mm512_set1_ps(a);
+        let mut i = 0;
+        // SAFETY: every access covers 16 floats at i < n - 15 of both slices.
+        unsafe {
+            while i + 16 <= n {
+                let o = acc.as_mut_ptr().add(i);
+                _mm512_storeu_ps(
+                    o,
+                    _mm512_fmadd_ps(va, _mm512_loadu_ps(x.as_ptr().add(i)), _mm512_loadu_ps(o)),
+                );
+                i += 16;
+            }
+        }
+        for j in i..n {
+            acc[j] += a * x[j];
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +167,24 @@ mod tests {
         rms_norm_inplace(&mut x, &[1.0, 2.0], 0.0);
         let inv = 1.0 / (12.5f32).sqrt();
         assert!((x[0] - 3.0 * inv).abs() < 1e-6 && (x[1] - 8.0 * inv).abs() < 1e-6);
+    }
+
+    #[test]
+    fn dot_and_axpy_match_the_plain_loops_on_every_length() {
+        for n in [0usize, 1, 7, 15, 16, 17, 31, 32, 33, 64, 100, 128, 129] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!((dot(&a, &b) - want).abs() < 1e-4, "dot n={n}");
+            let mut acc = b.clone();
+            axpy(&mut acc, 0.5, &a);
+            for i in 0..n {
+                assert!(
+                    (acc[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6,
+                    "axpy n={n} i={i}"
+                );
+            }
+        }
     }
 
     #[test]

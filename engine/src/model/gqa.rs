@@ -124,32 +124,125 @@ impl GqaAttention {
         let out = SharedRows(attn.as_mut_ptr());
         let caches: Vec<&KvCache> = caches.iter().map(|c| &**c).collect();
         let group = self.heads / self.kv_heads;
+        let failure = std::sync::Mutex::new(None);
         // One task per (sequence, query head): each writes its own columns of its own rows.
         crate::cpu::pool::global().run(spans.len() * self.heads, &|task| {
             let (s, head) = (task / self.heads, task % self.heads);
             let (span, cache) = (&spans[s], caches[s]);
             let kv_head = head / group;
             let (k_off, v_off) = (kv_head * d, kv_width + kv_head * d);
-            let mut scores = Vec::with_capacity(span.pos0 + span.len);
-            for t in 0..span.len {
-                let row = span.start + t;
-                let pos = span.pos0 + t;
-                let first = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                let q = &qkv_d[row * stride + head * d..row * stride + (head + 1) * d];
-                scores.clear();
-                scores.extend(
-                    (first..=pos)
-                        .map(|j| ops::dot(q, &cache.row(layer, j)[k_off..k_off + d]) * self.scale),
-                );
-                ops::softmax_inplace(&mut scores);
-                // SAFETY: this task alone writes columns head*d..(head+1)*d of the span's rows.
-                let o = unsafe { out.slice(row * q_width + head * d, d) };
-                for (j, &p) in (first..=pos).zip(&scores) {
-                    ops::axpy(o, p, &cache.row(layer, j)[v_off..v_off + d]);
+            if span.len > 1 {
+                let q_of = |t: usize| {
+                    let row = span.start + t;
+                    &qkv_d[row * stride + head * d..row * stride + (head + 1) * d]
+                };
+                let result = self.attend_chunk(span, cache, layer, q_of, k_off, v_off, |t| {
+                    // SAFETY: this task alone writes columns head*d..(head+1)*d of the span's rows.
+                    unsafe { out.slice((span.start + t) * q_width + head * d, d) }
+                });
+                if let Err(e) = result
+                    && let Ok(mut f) = failure.lock()
+                {
+                    f.get_or_insert(e);
+                }
+                return;
+            }
+            // One new token: the first query head of each KV group attends for the whole
+            // group, so each cached key and value row is read once for all heads that share it.
+            if head % group != 0 {
+                return;
+            }
+            let (row, pos) = (span.start, span.pos0);
+            let first = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let keys = pos + 1 - first;
+            // [group, keys]
+            let mut scores = vec![0.0f32; group * keys];
+            let q = |g: usize| {
+                let h = head + g;
+                &qkv_d[row * stride + h * d..row * stride + (h + 1) * d]
+            };
+            for (j, p) in (first..=pos).enumerate() {
+                let k = &cache.row(layer, p)[k_off..k_off + d];
+                for g in 0..group {
+                    scores[g * keys + j] = ops::dot(q(g), k) * self.scale;
+                }
+            }
+            for head_scores in scores.chunks_exact_mut(keys) {
+                ops::softmax_inplace(head_scores);
+            }
+            // SAFETY: this task alone writes columns of heads head..head+group of this row.
+            let mut outs: Vec<&mut [f32]> = (0..group)
+                .map(|g| unsafe { out.slice(row * q_width + (head + g) * d, d) })
+                .collect();
+            for (j, p) in (first..=pos).enumerate() {
+                let v = &cache.row(layer, p)[v_off..v_off + d];
+                for (g, o) in outs.iter_mut().enumerate() {
+                    ops::axpy(o, scores[g * keys + j], v);
                 }
             }
         });
+        if let Some(e) = failure.into_inner().ok().flatten() {
+            return Err(e);
+        }
         self.o.forward(&Tensor::from_f32(&[tokens, q_width], attn)?)
+    }
+
+    /// One query head over a chunk of several tokens as two GEMMs: the keys and values its
+    /// queries can see are gathered once (`K: [keys, d]`, `Vᵀ: [d, keys]`), then
+    /// `P = softmax(mask(Q Kᵀ · scale))` and `O = P V`. Writes row `t` of the chunk to `out(t)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_chunk<'a>(
+        &self,
+        span: &SeqSpan,
+        cache: &KvCache,
+        layer: usize,
+        q_of: impl Fn(usize) -> &'a [f32],
+        k_off: usize,
+        v_off: usize,
+        out: impl Fn(usize) -> &'a mut [f32],
+    ) -> Result<()> {
+        let d = self.head_dim;
+        let ctx = span.pos0 + span.len;
+        // The first key the chunk's first query sees; later queries see no earlier one.
+        let first = self.window.map_or(0, |w| (span.pos0 + 1).saturating_sub(w));
+        let keys = ctx - first;
+        let mut k = Vec::with_capacity(keys * d);
+        let mut v_t = vec![0.0f32; d * keys];
+        for (j, pos) in (first..ctx).enumerate() {
+            let row = cache.row(layer, pos);
+            k.extend_from_slice(&row[k_off..k_off + d]);
+            for (i, &v) in row[v_off..v_off + d].iter().enumerate() {
+                v_t[i * keys + j] = v;
+            }
+        }
+        let k = Tensor::from_f32(&[keys, d], k)?;
+        let v_t = Tensor::from_f32(&[d, keys], v_t)?;
+        let mut q = Vec::with_capacity(span.len * d);
+        for t in 0..span.len {
+            q.extend_from_slice(q_of(t));
+        }
+        // [len, keys]
+        let mut scores = vec![0.0f32; span.len * keys];
+        crate::cpu::matmul_t(&q, span.len, &k, &mut scores)?;
+        for (t, row) in scores.chunks_exact_mut(keys).enumerate() {
+            let pos = span.pos0 + t;
+            let lo = self.window.map_or(0, |w| (pos + 1).saturating_sub(w)) - first;
+            let hi = pos + 1 - first;
+            row[..lo].fill(0.0);
+            row[hi..].fill(0.0);
+            let visible = &mut row[lo..hi];
+            for s in visible.iter_mut() {
+                *s *= self.scale;
+            }
+            ops::softmax_inplace(visible);
+        }
+        // [len, d]
+        let mut o = vec![0.0f32; span.len * d];
+        crate::cpu::matmul_t(&scores, span.len, &v_t, &mut o)?;
+        for (t, row) in o.chunks_exact(d).enumerate() {
+            out(t).copy_from_slice(row);
+        }
+        Ok(())
     }
 
     /// Bytes of weights held.
