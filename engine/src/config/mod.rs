@@ -1,7 +1,7 @@
 //! Model configuration: parsing and validating Hugging Face `config.json`.
 //!
 //! Accepts `deepseek_v3` and `deepseek_v2` (here) and the GQA families `llama`, `mistral`,
-//! `mixtral`, `qwen3`, `qwen3_moe`, `gemma3_text` ([`families`]), in both schemas found in the
+//! `mixtral`, `qwen3`, `qwen3_moe`, `gemma3_text` (`families.rs`), in both schemas found in the
 //! wild: the original one (top-level `rope_theta` and `rope_scaling`) and the transformers-5 one
 //! (`rope_parameters`). Every value is checked once here; model code trusts [`ModelConfig`].
 //! Architectures differ only in the knobs of one [`ModelConfig`].
