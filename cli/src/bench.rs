@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// Compute threads of each worker process.
     #[arg(long, default_value_t = 1)]
     worker_threads: usize,
+    /// With --workers: where the workers run their experts (`cpu` or `cuda:N`).
+    #[arg(long, default_value = "cpu")]
+    worker_device: switchyard_engine::Device,
     #[command(flatten)]
     dispatch: DispatchArgs,
     /// Print the report as JSON.
@@ -81,6 +84,7 @@ fn start_workers(
                 "127.0.0.1:0",
             ])
             .args(shared.then_some("--with-shared-expert"))
+            .args(["--device", &args.worker_device.to_string()])
             .env("SWITCHYARD_THREADS", args.worker_threads.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

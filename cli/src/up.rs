@@ -30,6 +30,15 @@ pub struct UpArgs {
     /// Expert workers to start; the routed experts of every MoE layer are split evenly.
     #[arg(long, env = "SWITCHYARD_WORKERS_COUNT", default_value_t = 2)]
     workers: usize,
+    /// One expert worker per listed CUDA device (`--device cuda:N` each), instead of
+    /// `--workers` CPU workers; needs a binary built with `--features cuda`.
+    #[arg(
+        long,
+        env = "SWITCHYARD_GPUS",
+        value_delimiter = ',',
+        conflicts_with = "workers"
+    )]
+    gpus: Vec<usize>,
     /// Memory each worker offers for expert weights.
     #[arg(long, env = "SWITCHYARD_WORKER_MEMORY", default_value = "64GiB", value_parser = switchyard_coordinator::capacity::parse_bytes)]
     worker_memory: u64,
@@ -255,7 +264,16 @@ fn spawn(name: String, args: &[String], threads: usize) -> anyhow::Result<Node> 
     }
 }
 
-pub fn run(args: UpArgs) -> anyhow::Result<()> {
+pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
+    if !args.gpus.is_empty() {
+        args.workers = args.gpus.len();
+        // Fail here, once and clearly, rather than in every worker process.
+        for &gpu in &args.gpus {
+            switchyard_engine::Device::Cuda(gpu)
+                .check()
+                .with_context(|| format!("--gpus: device {gpu}"))?;
+        }
+    }
     if args.workers == 0 {
         bail!("--workers must be >= 1, got 0");
     }
@@ -427,6 +445,9 @@ fn start_experts(
         .to_vec();
         if shared_on_workers {
             worker_args.push("--with-shared-expert".into());
+        }
+        if let Some(gpu) = args.gpus.get(w) {
+            worker_args.extend(["--device".to_string(), format!("cuda:{gpu}")]);
         }
         cluster.0.push(spawn(
             format!("worker {w}"),

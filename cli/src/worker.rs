@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use switchyard_engine::tensor::Compute;
 use switchyard_expert_worker::{ExpertSpec, ExpertWorker, agent, service};
 
 #[derive(clap::Args, Debug)]
@@ -40,12 +41,18 @@ pub struct WorkerArgs {
     /// Serve Prometheus metrics at `http://ADDR/metrics`; port 0 picks a free port (printed).
     #[arg(long, env = "SWITCHYARD_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Where the routed experts live and run: `cpu`, or `cuda:N` (a binary built with
+    /// `--features cuda`; checked at start-up, before anything loads).
+    #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu")]
+    device: switchyard_engine::Device,
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let compute =
+        Compute::open(args.device).with_context(|| format!("opening --device {}", args.device))?;
     let worker = match &args.experts {
-        Some(spec) => load(&args, spec)?,
-        None => ExpertWorker::empty(&args.model)
+        Some(spec) => load(&args, spec, compute)?,
+        None => ExpertWorker::empty_on(&args.model, compute)
             .with_context(|| format!("opening {}", args.model.display()))?,
     }
     .with_max_message_bytes(args.max_message_bytes);
@@ -94,7 +101,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 coordinator: coordinator.clone(),
                 advertise: args.advertise.clone().unwrap_or_else(|| addr.to_string()),
                 memory_bytes: args.memory,
-                device: "cpu".into(),
+                device: args.device.to_string(),
                 model,
             };
             tokio::spawn(agent::run(worker.clone(), membership))
@@ -118,13 +125,13 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     })
 }
 
-fn load(args: &WorkerArgs, spec: &ExpertSpec) -> anyhow::Result<ExpertWorker> {
+fn load(args: &WorkerArgs, spec: &ExpertSpec, compute: Compute) -> anyhow::Result<ExpertWorker> {
     let bar = indicatif::ProgressBar::new(0).with_message("loading experts");
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let worker = ExpertWorker::load_with_progress(&args.model, spec, &|done, total| {
+    let worker = ExpertWorker::load_on(&args.model, spec, compute, &|done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })

@@ -450,6 +450,58 @@ fn up_serves_every_model_family() {
     }
 }
 
+/// `--device cuda:N` on a machine (or build) without CUDA fails at start-up with the device
+/// named and the reason, never a panic; a malformed device names the value.
+#[test]
+fn a_cuda_device_without_cuda_is_a_clear_start_up_error() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), "bf16");
+    let model = dir.path().to_str().unwrap();
+    for args in [
+        &[
+            "worker",
+            "--model",
+            model,
+            "--experts",
+            "all",
+            "--device",
+            "cuda:0",
+            "--listen",
+            "127.0.0.1:0",
+        ][..],
+        &[
+            "up",
+            "--gpus",
+            "0",
+            "--model",
+            model,
+            "--router-addr",
+            "127.0.0.1:0",
+        ][..],
+    ] {
+        let out = switchyard(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains("cuda:0"), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("--features cuda") || stderr.contains("not present"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    let out = switchyard(&[
+        "worker",
+        "--model",
+        model,
+        "--experts",
+        "all",
+        "--device",
+        "gpu7",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("gpu7"), "{stderr}");
+}
+
 #[test]
 fn sigterm_to_up_stops_every_node() {
     use std::io::BufRead;

@@ -41,6 +41,10 @@ pub enum EngineError {
     /// remote expert worker); the message names where and why.
     #[error("expert execution failed: {0}")]
     Executor(String),
+
+    /// A compute device that cannot be used (no driver, no such device, a CUDA call failed).
+    #[error("device: {0}")]
+    Device(String),
 }
 
 impl EngineError {

@@ -2,12 +2,15 @@
 //! the model layers, and single-process generation.
 //!
 //! The router, the expert workers and the command line build on this crate; it knows nothing of
-//! networks. Today the CPU backend is the only one; [`tensor::Device`] is where CUDA joins.
+//! networks. The CPU backend runs everything; with the `cuda` feature, the `cuda` module runs routed
+//! experts on a CUDA device (`Device::Cuda`).
 
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod generate;

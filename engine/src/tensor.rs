@@ -14,17 +14,84 @@ use crate::cpu::packed::PackedBf16;
 use crate::dtype::DType;
 use crate::error::{EngineError, Result};
 
-/// Where a tensor's storage lives.
+/// Where a process computes, and where a tensor's storage lives. Tensors are host tensors
+/// today; a CUDA device holds the weights of the layers it runs (the `cuda` module).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Device {
     #[default]
     Cpu,
+    /// CUDA device `N` (`cuda:N`), with the `cuda` feature.
+    Cuda(usize),
 }
 
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    /// `cpu`, `cuda` (device 0) or `cuda:N`.
+    fn from_str(s: &str) -> std::result::Result<Device, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("must be `cpu`, `cuda` or `cuda:N`, got {s:?}")),
+        }
+    }
+}
+
+/// An opened compute device: what layers that run somewhere other than the host hold.
+#[derive(Clone, Debug, Default)]
+pub enum Compute {
+    #[default]
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(std::sync::Arc<crate::cuda::Gpu>),
+}
+
+impl Compute {
+    /// Opens `device`; fails (never panics) when it cannot be used.
+    pub fn open(device: Device) -> Result<Compute> {
+        match device {
+            Device::Cpu => Ok(Compute::Cpu),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => Ok(Compute::Cuda(crate::cuda::Gpu::open(n)?)),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => device.check().map(|_| Compute::Cpu),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            Compute::Cpu => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Compute::Cuda(gpu) => Device::Cuda(gpu.ordinal()),
+        }
+    }
+}
+
+impl Device {
+    /// Checks at start-up that this device can be used: for CUDA, that the driver, cuBLAS and
+    /// NVRTC libraries load and the device exists (never a panic from a missing library).
+    pub fn check(self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => crate::cuda::Gpu::open(n).map(|_| ()),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(n) => Err(EngineError::Device(format!(
+                "cuda:{n} was asked for, but this binary was built without CUDA support; rebuild with `--features cuda`"
+            ))),
         }
     }
 }

@@ -138,7 +138,7 @@ fn loading_an_expert_subset_reads_only_its_shards() {
         32,
     )
     .unwrap();
-    assert_eq!(loaded.expert_ids().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    assert_eq!(loaded.expert_ids(), vec![0, 1, 2, 3]);
     assert_eq!(loaded.size_in_bytes(), 4 * 3 * 64 * 32 * 4);
     let opened = ck.shards_opened();
     let mut files = BTreeSet::new();

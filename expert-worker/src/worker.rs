@@ -11,7 +11,8 @@ use switchyard_engine::config::MoeNaming;
 use switchyard_engine::model::ExpertSelection;
 use switchyard_engine::model::experts::{ExpertGroup, RoutedExperts};
 use switchyard_engine::model::mlp::Mlp;
-use switchyard_engine::{ModelConfig, Tensor};
+use switchyard_engine::tensor::Compute;
+use switchyard_engine::{Device, ModelConfig, Tensor};
 use switchyard_proto::codec;
 use switchyard_proto::v1::{self, Dtype, ForwardRequest, InfoResponse, LayerExperts};
 
@@ -63,6 +64,8 @@ pub struct ExpertWorker {
     intermediate: usize,
     /// The checkpoint's MoE tensor names (DeepSeek / Qwen3-MoE or Mixtral).
     naming: MoeNaming,
+    /// Where the routed experts live and run (shared experts stay on the host).
+    compute: Compute,
     /// Shared experts of the held layers, when this worker also runs them.
     shared: BTreeMap<usize, Mlp>,
     max_message_bytes: usize,
@@ -82,6 +85,17 @@ impl ExpertWorker {
         spec: &ExpertSpec,
         progress: &dyn Fn(usize, usize),
     ) -> Result<ExpertWorker, WorkerError> {
+        Self::load_on(dir, spec, Compute::Cpu, progress)
+    }
+
+    /// Loads the experts `spec` names onto `compute` (host memory or a CUDA device), where
+    /// this worker then runs them.
+    pub fn load_on(
+        dir: &Path,
+        spec: &ExpertSpec,
+        compute: Compute,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<ExpertWorker, WorkerError> {
         let config = ModelConfig::from_dir(dir)?;
         let ExpertSelection::Only(selection) = spec.resolve(&config)? else {
             return Err(WorkerError::Spec(
@@ -97,7 +111,8 @@ impl ExpertWorker {
         let total = selection.values().filter(|e| !e.is_empty()).count();
         progress(0, total);
         for (layer, experts) in selection.iter().filter(|(_, e)| !e.is_empty()) {
-            let loaded = RoutedExperts::load(
+            let loaded = RoutedExperts::load_on(
+                &compute,
                 &ck,
                 &moe.naming,
                 *layer,
@@ -118,6 +133,7 @@ impl ExpertWorker {
             dir: dir.to_path_buf(),
             intermediate: moe.moe_intermediate_size,
             naming: moe.naming,
+            compute,
             shared: BTreeMap::new(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         })
@@ -159,7 +175,7 @@ impl ExpertWorker {
         let current: BTreeMap<usize, BTreeSet<u32>> = self
             .read_layers()
             .iter()
-            .map(|(l, e)| (*l, e.expert_ids().collect()))
+            .map(|(l, e)| (*l, e.expert_ids().into_iter().collect()))
             .collect();
         // Opened only if something is missing: a repeated placement update reads nothing.
         let mut ck: Option<Checkpoint> = None;
@@ -178,7 +194,8 @@ impl ExpertWorker {
                     ck = Some(Checkpoint::open(&self.dir)?);
                 }
                 let Some(ck) = ck.as_ref() else { continue };
-                let loaded = RoutedExperts::load(
+                let loaded = RoutedExperts::load_on(
+                    &self.compute,
                     ck,
                     &self.naming,
                     *layer,
@@ -186,27 +203,41 @@ impl ExpertWorker {
                     self.hidden,
                     self.intermediate,
                 )?;
-                gained.insert(*layer, loaded.into_experts());
+                gained.insert(*layer, loaded);
             }
         }
         let mut layers = self.layers.write().unwrap_or_else(|e| e.into_inner());
-        let old = std::mem::take(&mut *layers);
-        let mut old: BTreeMap<usize, BTreeMap<u32, switchyard_engine::model::mlp::Mlp>> = old
-            .into_iter()
-            .map(|(l, e)| (l, e.into_experts()))
-            .collect();
+        let mut old = std::mem::take(&mut *layers);
         for (layer, want) in assignment.iter().filter(|(_, w)| !w.is_empty()) {
-            let mut experts = old.remove(layer).unwrap_or_default();
-            experts.retain(|e, _| want.contains(e));
-            experts.extend(gained.remove(layer).unwrap_or_default());
-            layers.insert(*layer, RoutedExperts::from_experts(*layer, experts));
+            let have = old
+                .remove(layer)
+                .unwrap_or_else(|| RoutedExperts::from_experts(*layer, BTreeMap::new()));
+            let new = gained
+                .remove(layer)
+                .unwrap_or_else(|| RoutedExperts::from_experts(*layer, BTreeMap::new()));
+            layers.insert(*layer, have.merge(want, new));
         }
         Ok(())
     }
 
     /// An empty worker for `dir`'s model, to be filled by [`ExpertWorker::apply`].
     pub fn empty(dir: &Path) -> Result<ExpertWorker, WorkerError> {
-        Self::load(dir, &ExpertSpec::PerLayer(BTreeMap::new()))
+        Self::empty_on(dir, Compute::Cpu)
+    }
+
+    /// An empty worker whose experts will live on `compute`.
+    pub fn empty_on(dir: &Path, compute: Compute) -> Result<ExpertWorker, WorkerError> {
+        Self::load_on(
+            dir,
+            &ExpertSpec::PerLayer(BTreeMap::new()),
+            compute,
+            &|_, _| {},
+        )
+    }
+
+    /// Where this worker's routed experts live.
+    pub fn device(&self) -> Device {
+        self.compute.device()
     }
 
     pub fn with_max_message_bytes(mut self, bytes: usize) -> Self {
@@ -237,7 +268,7 @@ impl ExpertWorker {
                 .iter()
                 .map(|(&layer, e)| LayerExperts {
                     layer: layer as u32,
-                    experts: e.expert_ids().collect(),
+                    experts: e.expert_ids(),
                 })
                 .collect(),
             hidden_size: self.hidden as u32,

@@ -14,13 +14,18 @@ use crate::config::{Activation, MoeNaming};
 use crate::error::{EngineError, Result};
 use crate::model::gate::Routing;
 use crate::model::mlp::Mlp;
+use crate::tensor::Compute;
 use crate::tensor::Tensor;
 
-/// The experts of one MoE layer that this process holds.
+/// The experts of one MoE layer that this process holds: in host memory, or (feature `cuda`)
+/// on a CUDA device.
 #[derive(Debug, Default)]
 pub struct RoutedExperts {
     layer: usize,
     experts: BTreeMap<u32, Mlp>,
+    /// The experts on a device instead of `experts`.
+    #[cfg(feature = "cuda")]
+    gpu: Option<crate::cuda::GpuExperts>,
 }
 
 /// Rows of the batch routed to one expert, with their weights.
@@ -74,30 +79,91 @@ impl RoutedExperts {
                 ))
             })
             .collect::<Result<BTreeMap<_, _>>>()?;
-        Ok(RoutedExperts {
-            layer,
-            experts: loaded,
-        })
+        Ok(RoutedExperts::from_experts(layer, loaded))
     }
 
-    /// Experts already loaded, keyed by id (for adding to or trimming a layer's set).
+    /// Loads `experts` of `layer` where `compute` says: host memory, or a CUDA device.
+    pub fn load_on(
+        compute: &Compute,
+        ck: &Checkpoint,
+        naming: &MoeNaming,
+        layer: usize,
+        experts: &BTreeSet<u32>,
+        hidden: usize,
+        intermediate: usize,
+    ) -> Result<RoutedExperts> {
+        match compute {
+            Compute::Cpu => RoutedExperts::load(ck, naming, layer, experts, hidden, intermediate),
+            #[cfg(feature = "cuda")]
+            Compute::Cuda(gpu) => Ok(RoutedExperts {
+                gpu: Some(crate::cuda::GpuExperts::load(
+                    gpu.clone(),
+                    ck,
+                    naming,
+                    layer,
+                    experts,
+                    hidden,
+                    intermediate,
+                )?),
+                ..RoutedExperts::from_experts(layer, BTreeMap::new())
+            }),
+        }
+    }
+
+    /// Experts already loaded, keyed by id.
     pub fn from_experts(layer: usize, experts: BTreeMap<u32, Mlp>) -> RoutedExperts {
-        RoutedExperts { layer, experts }
+        RoutedExperts {
+            layer,
+            experts,
+            #[cfg(feature = "cuda")]
+            gpu: None,
+        }
     }
 
-    pub fn into_experts(self) -> BTreeMap<u32, Mlp> {
-        self.experts
+    /// Keeps the experts in `keep` and adds those of `gained` (same layer, same place): how a
+    /// worker moves to a new placement.
+    pub fn merge(mut self, keep: &BTreeSet<u32>, gained: RoutedExperts) -> RoutedExperts {
+        self.experts.retain(|e, _| keep.contains(e));
+        self.experts.extend(gained.experts);
+        #[cfg(feature = "cuda")]
+        {
+            self.gpu = match (self.gpu, gained.gpu) {
+                (Some(mut have), Some(new)) => {
+                    have.retain(keep);
+                    have.extend(new);
+                    Some(have)
+                }
+                (Some(mut have), None) => {
+                    have.retain(keep);
+                    Some(have)
+                }
+                (None, new) => new,
+            };
+        }
+        self
     }
 
     pub fn holds(&self, expert: u32) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.holds(expert);
+        }
         self.experts.contains_key(&expert)
     }
 
-    pub fn expert_ids(&self) -> impl Iterator<Item = u32> + '_ {
-        self.experts.keys().copied()
+    pub fn expert_ids(&self) -> Vec<u32> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.expert_ids().collect();
+        }
+        self.experts.keys().copied().collect()
     }
 
     pub fn size_in_bytes(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.size_in_bytes();
+        }
         self.experts.values().map(Mlp::size_in_bytes).sum()
     }
 
@@ -115,6 +181,10 @@ impl RoutedExperts {
 
     /// Runs pre-grouped rows (what an expert worker receives) → `[tokens, hidden]`.
     pub fn forward_groups(&self, x: &Tensor, groups: &[ExpertGroup]) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.forward_groups(x, groups);
+        }
         let (tokens, hidden) = x.dims2()?;
         let xd = x.as_f32()?;
         for g in groups {

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The CUDA backend on a GPU machine, in one go (well under 8 minutes): builds with
+# `--features cuda`, runs every GPU-against-CPU test (they fail, not skip, if no device opens
+# here), then a short benchmark of the same expert layer on the device and on the host.
+#
+#   tests/gpu/run.sh            # from the repository root; prints figures to report
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export CARGO_TERM_COLOR=never
+
+echo "== nvidia-smi"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+
+echo "== build (release, --features cuda)"
+cargo build --release --locked -p switchyard --features cuda
+
+echo "== GPU tests against the CPU"
+out=$(cargo test --release --locked -p switchyard-engine --features cuda --test gpu -- --nocapture --test-threads 1 2>&1)
+echo "$out"
+if grep -q SKIPPED <<<"$out"; then
+    echo "error: the GPU tests skipped on a machine that should have a device" >&2
+    exit 1
+fi
+
+echo "== benchmark: router + one worker, experts on cuda:0, then on the CPU (mini, bf16)"
+model=target/gpu-bench/mini
+mkdir -p target/gpu-bench
+[ -f "$model/config.json" ] || target/release/switchyard synth --preset mini --dtype bf16 --out "$model"
+for device in cuda:0 cpu; do
+    echo "-- experts on $device"
+    target/release/switchyard bench --model "$model" --batch 1,8,64 --prompt-len 64 --gen-len 32 \
+        --workers 1 --worker-threads 8 --worker-device "$device"
+done
