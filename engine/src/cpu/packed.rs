@@ -58,6 +58,21 @@ impl PackedBf16 {
         out
     }
 
+    /// Appends row `j` (`k` values) to `out`, widened to f32: an embedding lookup from a tied
+    /// LM-head weight.
+    pub fn row_into(&self, j: usize, out: &mut Vec<f32>) {
+        let kbs = self.k_padded() / BLOCK_K;
+        let (nb, jj) = (j / BLOCK_N, j % BLOCK_N);
+        for kb in 0..kbs {
+            let block = &self.data[(nb * kbs + kb) * BLOCK..(nb * kbs + kb + 1) * BLOCK];
+            let take = (self.k - kb * BLOCK_K).min(BLOCK_K);
+            for kr in 0..take {
+                let bits = block[(kr / 2) * 2 * BLOCK_N + jj * 2 + kr % 2];
+                out.push(f32::from(half::bf16::from_bits(bits)));
+            }
+        }
+    }
+
     pub fn n(&self) -> usize {
         self.n
     }
@@ -89,6 +104,15 @@ mod tests {
                 n.next_multiple_of(16) * k.next_multiple_of(32)
             );
             assert_eq!(p.unpack(), w, "{n}x{k}");
+            for j in 0..n {
+                let mut row = Vec::new();
+                p.row_into(j, &mut row);
+                let want: Vec<f32> = w[j * k..(j + 1) * k]
+                    .iter()
+                    .map(|&b| f32::from(half::bf16::from_bits(b)))
+                    .collect();
+                assert_eq!(row, want, "{n}x{k} row {j}");
+            }
         }
     }
 }

@@ -125,8 +125,9 @@ struct DecoderLayer {
 #[derive(Debug)]
 pub struct CausalLm {
     config: ModelConfig,
-    /// `[vocab, hidden]`
-    embed: Tensor,
+    /// `[vocab, hidden]`; `None` with tied embeddings, whose rows are read from the LM head's
+    /// (re-laid) weight instead of keeping the table twice.
+    embed: Option<Tensor>,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -231,10 +232,13 @@ impl CausalLm {
                 ffn,
             });
         }
-        let lm_head = if config.tie_word_embeddings {
-            Linear::new(embed.clone())?
+        let (embed, lm_head) = if config.tie_word_embeddings {
+            (None, Linear::new(embed)?)
         } else {
-            Linear::load(ck, "lm_head.weight", config.vocab_size, h)?
+            (
+                Some(embed),
+                Linear::load(ck, "lm_head.weight", config.vocab_size, h)?,
+            )
         };
         Ok(CausalLm {
             norm: norm("model.norm.weight")?,
@@ -284,13 +288,7 @@ impl CausalLm {
                     }
             })
             .sum();
-        layers
-            + self.embed.size_in_bytes()
-            + if self.config.tie_word_embeddings {
-                0
-            } else {
-                self.lm_head.size_in_bytes()
-            }
+        layers + self.embed.as_ref().map_or(0, Tensor::size_in_bytes) + self.lm_head.size_in_bytes()
     }
 
     /// Bytes of routed-expert weights held.
@@ -450,11 +448,12 @@ impl CausalLm {
     fn embed_tokens(&self, ids: impl Iterator<Item = u32>, tokens: usize) -> Result<Tensor> {
         let h = self.config.hidden_size;
         let mut out = Vec::with_capacity(tokens * h);
-        match self.embed.cpu_storage() {
-            CpuStorage::Bf16Packed(_) => {
-                return Err(EngineError::Shape(
-                    "the embedding table must be row-major".into(),
-                ));
+        let table = self.embed.as_ref().unwrap_or_else(|| self.lm_head.weight());
+        match table.cpu_storage() {
+            CpuStorage::Bf16Packed(p) => {
+                for id in ids {
+                    p.row_into(id as usize, &mut out);
+                }
             }
             CpuStorage::F32(e) => {
                 for id in ids {
