@@ -10,7 +10,7 @@ use std::cell::RefCell;
 
 use half::bf16;
 
-use crate::cpu::packed::PackedBf16;
+use crate::cpu::packed::{BLOCK_K, PackedBf16};
 use crate::error::{EngineError, Result};
 use crate::tensor::{CpuStorage, Tensor};
 
@@ -95,16 +95,31 @@ fn matmul_packed(x: &[f32], m: usize, w: &PackedBf16, out: &mut [f32]) {
 
 fn matmul_packed_with(x: &[f32], m: usize, w: &PackedBf16, out: &mut [f32], use_amx: bool) {
     let (n, k, kp) = (w.n(), w.k(), w.k_padded());
-    // Activations as bf16, each row padded with zeros to the packed width (and, for AMX, the
-    // rows padded to whole 16-row tiles).
+    // Activations as bf16, each row padded with zeros to the packed width. For AMX the rows are
+    // padded to whole 16-row tiles and laid out tile by tile — `[row tile][k block][16 rows ×
+    // 32]` — so each tile load reads 1 KiB of consecutive memory instead of 16 rows a whole
+    // row apart (one page apart at k = 2048).
     let rows = if use_amx { m.next_multiple_of(16) } else { m };
     BF16_SCRATCH.with(|scratch| {
         let mut xb = scratch.borrow_mut();
         xb.clear();
         xb.resize(rows * kp, 0);
-        for (dst, src) in xb.chunks_exact_mut(kp).zip(x.chunks_exact(k)) {
-            for (d, &v) in dst.iter_mut().zip(src) {
-                *d = bf16::from_f32(v).to_bits();
+        if use_amx {
+            let kbs = kp / BLOCK_K;
+            for (r, src) in x.chunks_exact(k).enumerate() {
+                let (mt, rr) = (r / 16, r % 16);
+                for (kb, chunk) in src.chunks(BLOCK_K).enumerate() {
+                    let base = ((mt * kbs + kb) * 16 + rr) * BLOCK_K;
+                    for (d, &v) in xb[base..base + chunk.len()].iter_mut().zip(chunk) {
+                        *d = bf16::from_f32(v).to_bits();
+                    }
+                }
+            }
+        } else {
+            for (dst, src) in xb.chunks_exact_mut(kp).zip(x.chunks_exact(k)) {
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    *d = bf16::from_f32(v).to_bits();
+                }
             }
         }
         let xb = &xb[..];
@@ -733,7 +748,8 @@ mod amx {
     /// once per 16 rows (which made large prefills memory-bound).
     ///
     /// # Safety
-    /// AMX must be granted; `x` holds `m` rounded up to 16 rows of `kp` bf16.
+    /// AMX must be granted; `x` holds `m` rounded up to 16 rows of `kp` bf16, tile by tile
+    /// (`[row tile][k block][16 × 32]`).
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn gemm_packed(
         x: &[u16],
@@ -771,6 +787,7 @@ mod amx {
                     // mt + 1 exists when `pair`) and the packed data (kbs blocks each).
                     unsafe {
                         let a = x.as_ptr().add(mt * 16 * kp);
+                        let a2 = x.as_ptr().add((mt + 1).min(mtiles - 1) * 16 * kp);
                         let w0 = w.data.as_ptr().add(nb * kbs * BLOCK_K * BLOCK_N);
                         let w1 = w.data.as_ptr().add(nb2 * kbs * BLOCK_K * BLOCK_N);
                         if pair {
@@ -788,8 +805,8 @@ mod amx {
                                 "tdpbf16ps tmm1, tmm4, tmm7",
                                 "tdpbf16ps tmm2, tmm5, tmm6",
                                 "tdpbf16ps tmm3, tmm5, tmm7",
-                                "add {a}, 64",
-                                "add {a2}, 64",
+                                "add {a}, {ab}",
+                                "add {a2}, {ab}",
                                 "add {w0}, {bb}",
                                 "add {w1}, {bb}",
                                 "dec {cnt}",
@@ -799,13 +816,14 @@ mod amx {
                                 "tilestored [{c2} + {cstride}*1], tmm2",
                                 "tilestored [{c3} + {cstride}*1], tmm3",
                                 a = inout(reg) a => _,
-                                a2 = inout(reg) a.add(16 * kp) => _,
+                                a2 = inout(reg) a2 => _,
                                 w0 = inout(reg) w0 => _,
                                 w1 = inout(reg) w1 => _,
                                 cnt = inout(reg) kbs => _,
-                                astride = in(reg) kp * 2,
+                                astride = in(reg) 64usize,
                                 wstride = in(reg) 64usize,
                                 bb = in(reg) block_bytes,
+                                ab = in(reg) 16 * BLOCK_K * 2,
                                 c0 = in(reg) c.as_mut_ptr(),
                                 c1 = in(reg) c.as_mut_ptr().add(TILE),
                                 c2 = in(reg) c.as_mut_ptr().add(2 * TILE),
@@ -823,7 +841,7 @@ mod amx {
                                 "tileloadd tmm7, [{w1} + {wstride}*1]",
                                 "tdpbf16ps tmm0, tmm4, tmm6",
                                 "tdpbf16ps tmm1, tmm4, tmm7",
-                                "add {a}, 64",
+                                "add {a}, {ab}",
                                 "add {w0}, {bb}",
                                 "add {w1}, {bb}",
                                 "dec {cnt}",
@@ -834,9 +852,10 @@ mod amx {
                                 w0 = inout(reg) w0 => _,
                                 w1 = inout(reg) w1 => _,
                                 cnt = inout(reg) kbs => _,
-                                astride = in(reg) kp * 2,
+                                astride = in(reg) 64usize,
                                 wstride = in(reg) 64usize,
                                 bb = in(reg) block_bytes,
+                                ab = in(reg) 16 * BLOCK_K * 2,
                                 c0 = in(reg) c.as_mut_ptr(),
                                 c1 = in(reg) c.as_mut_ptr().add(TILE),
                                 cstride = in(reg) 64usize,
