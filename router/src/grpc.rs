@@ -271,11 +271,47 @@ impl Transport for GrpcTransport {
             let reply = client
                 .forward(req)
                 .await
-                .map_err(|s| failed(s.code(), s.message().to_string()))?;
+                .map_err(|s| failed(call_code(&s), s.message().to_string()))?;
             reply
                 .into_inner()
                 .output
                 .ok_or_else(|| failed(tonic::Code::Internal, "reply without output".into()))
         })
+    }
+}
+
+/// The code a failed expert call counts as. tonic reports a connection that broke mid-call (a
+/// worker killed or restarted: a reset stream, a GOAWAY) as `Internal` with an
+/// `h2 protocol error` or `transport error` message; that is the worker being gone, which a
+/// replica can fix, so it counts as `Unavailable`. Expert calls are pure, so retrying them is
+/// safe.
+fn call_code(status: &tonic::Status) -> tonic::Code {
+    let message = status.message();
+    match status.code() {
+        tonic::Code::Internal | tonic::Code::Unknown
+            if message.starts_with("h2 protocol error")
+                || message.starts_with("transport error") =>
+        {
+            tonic::Code::Unavailable
+        }
+        code => code,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_that_broke_mid_call_counts_as_unavailable() {
+        let broken = tonic::Status::internal("h2 protocol error: http2 error");
+        assert_eq!(call_code(&broken), tonic::Code::Unavailable);
+        let transport = tonic::Status::unknown("transport error");
+        assert_eq!(call_code(&transport), tonic::Code::Unavailable);
+        // A worker's own internal error is not a lost connection.
+        let bug = tonic::Status::internal("expert 3 failed: shape error");
+        assert_eq!(call_code(&bug), tonic::Code::Internal);
+        let bad = tonic::Status::invalid_argument("hidden size");
+        assert_eq!(call_code(&bad), tonic::Code::InvalidArgument);
     }
 }
