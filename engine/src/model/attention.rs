@@ -188,20 +188,24 @@ impl MlaAttention {
         let ckv = ckv.as_f32()?;
         let qd = q.as_f32_mut()?;
         let row_width = self.kv_lora + self.rope_dim;
+        // cos and sin of one position, shared by every head's query and the key.
+        let mut cs = vec![0.0f32; self.rope_dim];
         for (span, cache) in spans.iter().zip(caches.iter_mut()) {
             for t in 0..span.len {
                 let row = span.start + t;
                 let pos = span.pos0 + t;
+                self.rope.cos_sin(pos, &mut cs);
                 for head in 0..self.heads {
                     let off = row * self.heads * qk + head * qk + self.nope;
-                    self.rope.apply(&mut qd[off..off + self.rope_dim], pos);
+                    self.rope
+                        .apply_cos_sin(&mut qd[off..off + self.rope_dim], &cs);
                 }
                 let c = &ckv[row * row_width..(row + 1) * row_width];
                 let dst = cache.row_mut(layer, pos);
                 dst.copy_from_slice(c);
                 let (latent, k_rope) = dst.split_at_mut(self.kv_lora);
                 self.kv_norm.forward_inplace(latent);
-                self.rope.apply(k_rope, pos);
+                self.rope.apply_cos_sin(k_rope, &cs);
             }
         }
         let q = &*qd;

@@ -68,11 +68,6 @@ impl GqaAttention {
         })
     }
 
-    /// Floats per cached token: keys then values of the KV heads.
-    pub fn kv_row(&self) -> usize {
-        2 * self.kv_heads * self.head_dim
-    }
-
     /// `x: [tokens, hidden] → [tokens, hidden]`. Writes each sequence's new keys and values
     /// into its cache at `layer` (`caches[i]` belongs to `spans[i]` and has room for them).
     pub fn forward(

@@ -49,7 +49,9 @@ impl Rope {
         self.inv_freq.len() * 2
     }
 
-    /// Rotates `x` (length `dim`) in place for position `pos`.
+    /// Rotates `x` (length `dim`) in place for position `pos`. Allocates its angles: to rotate
+    /// many vectors of one position, use [`cos_sin`](Self::cos_sin) once and
+    /// [`apply_cos_sin`](Self::apply_cos_sin) on each.
     pub fn apply(&self, x: &mut [f32], pos: usize) {
         let mut cs = vec![0.0; self.dim()];
         self.cos_sin(pos, &mut cs);
