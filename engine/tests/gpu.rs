@@ -8,10 +8,21 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use std::time::Instant;
+
+use half::bf16;
 use switchyard_engine::checkpoint::Checkpoint;
-use switchyard_engine::config::MoeNaming;
-use switchyard_engine::cuda::{Gpu, GpuExperts};
+use switchyard_engine::config::{
+    Llama3Scaling, MoeConfig, MoeLayers, MoeNaming, RopeConfig, RopeScaling, RopeStyle,
+    ScoringFunc, TopkMethod, YarnConfig,
+};
+use switchyard_engine::cpu::ops;
+use switchyard_engine::cuda::{Gpu, GpuExperts, GpuGate, GpuRope, LatentCache};
+use switchyard_engine::model::attention::latent_attention;
 use switchyard_engine::model::experts::{ExpertGroup, RoutedExperts};
+use switchyard_engine::model::gate::Gate;
+use switchyard_engine::model::rope::Rope;
+use switchyard_engine::sampling::argmax;
 use switchyard_engine::synth::{self, SynthOptions};
 use switchyard_engine::{ModelConfig, Tensor};
 
@@ -25,10 +36,16 @@ fn gpu() -> Option<Arc<Gpu>> {
     }
 }
 
+/// Values in [-1, 1) with 24 bits of resolution (splitmix64), so ties are as rare as in real
+/// activations and routing has no accidental near-ties.
 fn pseudo(len: usize, seed: u32) -> Vec<f32> {
-    (0..len)
+    (0..len as u64)
         .map(|i| {
-            ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0
+            let mut z = (i ^ (u64::from(seed) << 32)).wrapping_add(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
         })
         .collect()
 }
@@ -47,7 +64,7 @@ fn gpu_experts_match_cpu_experts() {
     let (h, i) = (config.hidden_size, moe.moe_intermediate_size);
     let cpu = RoutedExperts::load(&ck, &MoeNaming::DEEPSEEK, 1, &experts, h, i).unwrap();
     let dev = GpuExperts::load(gpu, &ck, &MoeNaming::DEEPSEEK, 1, &experts, h, i).unwrap();
-    for tokens in [1usize, 7, 64] {
+    for tokens in [1usize, 7, 64, 300] {
         let x = Tensor::from_f32(&[tokens, h], pseudo(tokens * h, tokens as u32)).unwrap();
         // Each token to 4 experts, spread over all of them, with uneven weights.
         let mut groups: Vec<ExpertGroup> = (0..moe.n_routed_experts as u32)
@@ -57,7 +74,8 @@ fn gpu_experts_match_cpu_experts() {
             })
             .collect();
         for t in 0..tokens {
-            for j in 0..4 {
+            // Tokens past 64 go to fewer experts, so row counts differ between experts.
+            for j in 0..if t < 64 { 4 } else { 1 + t % 3 } {
                 let e = (t * 5 + j * 3) % moe.n_routed_experts;
                 groups[e].rows.push(t as u32);
                 groups[e].weights.push(0.1 + 0.2 * j as f32);
@@ -95,4 +113,391 @@ fn gpu_experts_refuse_an_expert_they_do_not_hold() {
     }];
     let err = dev.forward_groups(&x, &groups).unwrap_err().to_string();
     assert!(err.contains("expert 5"), "{err}");
+}
+
+/// The largest |a − b| over two slices of equal length.
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// Tolerances: f32 kernels against f32 CPU code differ only by summation order and by the
+/// device's `expf` / `sincosf` (within 2 ulp), so 1e-5 relative to the values' scale.
+const F32_TOL: f32 = 1e-5;
+
+#[test]
+fn rms_norm_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, dim) = (5, 1000);
+    let x = pseudo(rows * dim, 3);
+    let w = pseudo(dim, 11);
+    let mut want = x.clone();
+    ops::rms_norm_inplace(&mut want, &w, 1e-6);
+    let mut dev = gpu.upload(&x).unwrap();
+    let w_dev = gpu.upload(&w).unwrap();
+    gpu.rms_norm(&mut dev, rows, &w_dev, dim, 1e-6).unwrap();
+    let got = gpu.download(&dev).unwrap();
+    let d = max_diff(&want, &got[..rows * dim]);
+    eprintln!("rms_norm: max |Δ| {d:e}");
+    assert!(d <= F32_TOL * 4.0, "{d:e}");
+}
+
+#[test]
+fn rope_matches_cpu_for_each_layout_and_scaling() {
+    let Some(gpu) = gpu() else { return };
+    let yarn = RopeScaling::Yarn(YarnConfig {
+        factor: 40.0,
+        original_max_position_embeddings: 4096,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+        mscale: 1.0,
+        mscale_all_dim: 1.0,
+        attention_factor: None,
+    });
+    let llama3 = RopeScaling::Llama3(Llama3Scaling {
+        factor: 32.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192,
+    });
+    let cases = [
+        (RopeStyle::Interleaved, yarn, 64),
+        (RopeStyle::Half, llama3, 64),
+        (RopeStyle::Half, RopeScaling::None, 128),
+    ];
+    let positions = [0i32, 1, 17, 4095, 100_000];
+    let (heads, offset) = (3, 2);
+    for (style, scaling, dim) in cases {
+        let rope = Rope::new(
+            &RopeConfig {
+                theta: 10_000.0,
+                scaling,
+                style,
+            },
+            dim,
+        );
+        let stride = offset + dim + 3;
+        let tokens = positions.len();
+        let x = pseudo(tokens * heads * stride, dim as u32);
+        let mut want = x.clone();
+        for (t, &p) in positions.iter().enumerate() {
+            for h in 0..heads {
+                let at = (t * heads + h) * stride + offset;
+                rope.apply(&mut want[at..at + dim], p as usize);
+            }
+        }
+        let table = GpuRope::new(&gpu, &rope).unwrap();
+        let mut dev = gpu.upload(&x).unwrap();
+        let pos = gpu.upload(&positions).unwrap();
+        gpu.rope(&mut dev, &pos, &table, tokens, heads, stride, offset)
+            .unwrap();
+        let got = gpu.download(&dev).unwrap();
+        let d = max_diff(&want, &got[..want.len()]);
+        eprintln!("rope {style:?} dim {dim}: max |Δ| {d:e}");
+        assert!(d <= 1e-4, "{style:?}: {d:e}");
+    }
+}
+
+#[test]
+fn embedding_rows_match_the_bf16_table() {
+    let Some(gpu) = gpu() else { return };
+    let (vocab, h) = (1000, 96);
+    let table: Vec<u16> = pseudo(vocab * h, 5)
+        .iter()
+        .map(|v| bf16::from_f32(*v).to_bits())
+        .collect();
+    let ids = [0u32, 999, 17, 17, 500];
+    let scale = (h as f32).sqrt();
+    let dev = gpu.upload(&table).unwrap();
+    let got = gpu
+        .download(&gpu.embed(&dev, vocab, h, &ids, scale).unwrap())
+        .unwrap();
+    for (r, &id) in ids.iter().enumerate() {
+        for c in 0..h {
+            let want = bf16::from_bits(table[id as usize * h + c]).to_f32() * scale;
+            assert_eq!(got[r * h + c], want, "row {r} col {c}");
+        }
+    }
+    let err = gpu
+        .embed(&dev, vocab, h, &[1000], 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("input_ids") && err.contains("1000"), "{err}");
+}
+
+fn moe(experts: usize, k: usize, groups: usize, topk_group: usize) -> MoeConfig {
+    MoeConfig {
+        n_routed_experts: experts,
+        n_shared_experts: 0,
+        moe_intermediate_size: 8,
+        num_experts_per_tok: k,
+        n_group: groups,
+        topk_group,
+        routed_scaling_factor: 1.0,
+        norm_topk_prob: false,
+        scoring_func: ScoringFunc::Softmax,
+        topk_method: TopkMethod::Greedy,
+        layers: MoeLayers::DeepSeek {
+            first_k_dense_replace: 0,
+            moe_layer_freq: 1,
+        },
+        naming: MoeNaming::DEEPSEEK,
+    }
+}
+
+/// Every gate flavour picks the CPU's experts in the CPU's order, with its weights.
+#[test]
+fn gate_routing_matches_cpu_for_every_flavour() {
+    let Some(gpu) = gpu() else { return };
+    let deepseek_v3 = MoeConfig {
+        scoring_func: ScoringFunc::Sigmoid,
+        topk_method: TopkMethod::NoAuxTc,
+        norm_topk_prob: true,
+        routed_scaling_factor: 2.5,
+        ..moe(256, 8, 8, 4)
+    };
+    let deepseek_v2 = MoeConfig {
+        topk_method: TopkMethod::GroupLimitedGreedy,
+        routed_scaling_factor: 16.0,
+        ..moe(160, 6, 8, 3)
+    };
+    let qwen3_moe = moe(128, 8, 1, 1);
+    let mixtral = MoeConfig {
+        norm_topk_prob: true,
+        ..moe(8, 2, 1, 1)
+    };
+    let hidden = 48;
+    let tokens = 37;
+    for (name, config) in [
+        ("deepseek-v3", deepseek_v3),
+        ("deepseek-v2", deepseek_v2),
+        ("qwen3-moe", qwen3_moe),
+        ("mixtral", mixtral),
+    ] {
+        let e = config.n_routed_experts;
+        let w = pseudo(e * hidden, e as u32);
+        let bias = (config.topk_method == TopkMethod::NoAuxTc)
+            .then(|| pseudo(e, 99).iter().map(|v| v * 0.1).collect::<Vec<f32>>());
+        let cpu = Gate::from_parts(
+            &config,
+            Tensor::from_f32(&[e, hidden], w.clone()).unwrap(),
+            bias.clone(),
+        )
+        .unwrap();
+        let dev = GpuGate::new(gpu.clone(), &config, &w, hidden, bias.as_deref()).unwrap();
+        // From the same logits: the same experts, the same order, the same weights.
+        let logits: Vec<f32> = pseudo(tokens * e, 7).iter().map(|v| v * 4.0).collect();
+        let want = cpu.route_logits(&logits);
+        let got = dev
+            .route_logits(&gpu.upload(&logits).unwrap(), tokens)
+            .unwrap();
+        assert_eq!(want.ids, got.ids, "{name}: experts");
+        let d = max_diff(&want.weights, &got.weights);
+        eprintln!("gate {name}: same experts, weights max |Δ| {d:e}");
+        assert!(d <= F32_TOL * config.routed_scaling_factor, "{name}: {d:e}");
+        // The device's f32 GEMM gives the logits within summation order of an f64 product,
+        // and `forward` is that GEMM then the routing above.
+        let x = pseudo(tokens * hidden, 21);
+        let x_dev = gpu.upload(&x).unwrap();
+        let mut logits_dev = gpu.zeros::<f32>(tokens * e).unwrap();
+        gpu.gemm_f32(
+            &x_dev,
+            tokens,
+            hidden,
+            &gpu.upload(&w).unwrap(),
+            e,
+            &mut logits_dev,
+        )
+        .unwrap();
+        let got_logits = gpu.download(&logits_dev).unwrap();
+        for t in 0..tokens {
+            for j in 0..e {
+                let want: f64 = (0..hidden)
+                    .map(|c| f64::from(x[t * hidden + c]) * f64::from(w[j * hidden + c]))
+                    .sum();
+                let d = (got_logits[t * e + j] as f64 - want).abs();
+                assert!(
+                    d <= 1e-5 * hidden as f64,
+                    "{name}: logit [{t}, {j}] off by {d:e}"
+                );
+            }
+        }
+        let routed = dev.forward(&x_dev, tokens).unwrap();
+        assert_eq!(
+            routed,
+            dev.route_logits(&logits_dev, tokens).unwrap(),
+            "{name}"
+        );
+    }
+    // Shapes the kernel cannot hold are refused at construction.
+    let err = GpuGate::new(gpu.clone(), &moe(1024, 8, 1, 1), &[], 4, None).unwrap_err();
+    assert!(err.to_string().contains("1024 experts"), "{err}");
+}
+
+#[test]
+fn argmax_and_softmax_match_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, vocab) = (4, 50_000);
+    let mut logits = pseudo(rows * vocab, 13);
+    // Ties: the first maximum wins, as on the CPU.
+    logits[17] = 9.0;
+    logits[40_000] = 9.0;
+    logits[vocab + 49_999] = 5.0;
+    logits[2 * vocab..3 * vocab].fill(-3.0);
+    let dev = gpu.upload(&logits).unwrap();
+    let got = gpu.argmax_rows(&dev, rows, vocab).unwrap();
+    let want: Vec<u32> = logits
+        .chunks_exact(vocab)
+        .map(|r| argmax(r) as u32)
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(&got[..3], &[17, 49_999, 0]);
+
+    for temperature in [1.0f32, 0.7] {
+        let mut want = logits.clone();
+        for row in want.chunks_exact_mut(vocab) {
+            row.iter_mut().for_each(|v| *v /= temperature);
+            ops::softmax_inplace(row);
+        }
+        let mut dev = gpu.upload(&logits).unwrap();
+        gpu.softmax_rows(&mut dev, rows, vocab, temperature)
+            .unwrap();
+        let got = gpu.download(&dev).unwrap();
+        let d = max_diff(&want, &got[..want.len()]);
+        eprintln!("softmax T={temperature}: max |Δ| {d:e}");
+        assert!(d <= 1e-6, "{d:e}");
+    }
+}
+
+/// MLA decode over a paged latent cache: sequences of 1, 17 and 300 rows in shuffled blocks.
+#[test]
+fn mla_decode_matches_cpu_latent_attention() {
+    let Some(gpu) = gpu() else { return };
+    let (heads, rank, rope, block) = (4, 64, 16, 16);
+    let width = rank + rope;
+    let ctx_lens = [1usize, 17, 300];
+    let blocks_needed: Vec<usize> = ctx_lens.iter().map(|c| c.div_ceil(block)).collect();
+    let total_blocks: usize = blocks_needed.iter().sum::<usize>() + 3;
+    let rows = pseudo(total_blocks * block * width, 31);
+    // Block tables: blocks handed out in a scrambled order.
+    let mut free: Vec<u32> = (0..total_blocks as u32)
+        .map(|b| (b * 7) % total_blocks as u32)
+        .collect();
+    let tables: Vec<Vec<u32>> = blocks_needed
+        .iter()
+        .map(|&n| free.drain(..n).collect())
+        .collect();
+    let seqs = ctx_lens.len();
+    let q_abs = pseudo(seqs * heads * rank, 41);
+    let q_pe = pseudo(seqs * heads * rope, 43);
+    let scale = 0.1;
+    let mut want = vec![0.0f32; seqs * heads * rank];
+    let mut scores = vec![0.0f32; 300];
+    for s in 0..seqs {
+        let row = |l: usize| {
+            let at = (tables[s][l / block] as usize * block + l % block) * width;
+            &rows[at..at + width]
+        };
+        for h in 0..heads {
+            let q = (s * heads + h) * rank;
+            let qp = (s * heads + h) * rope;
+            latent_attention(
+                &q_abs[q..q + rank],
+                &q_pe[qp..qp + rope],
+                ctx_lens[s],
+                row,
+                scale,
+                &mut scores,
+                &mut want[q..q + rank],
+            );
+        }
+    }
+    let cache = LatentCache::from_rows(&gpu, &rows, block, rank, rope).unwrap();
+    let out = gpu
+        .mla_decode(
+            &gpu.upload(&q_abs).unwrap(),
+            &gpu.upload(&q_pe).unwrap(),
+            &cache,
+            &tables,
+            &ctx_lens,
+            heads,
+            scale,
+        )
+        .unwrap();
+    let got = gpu.download(&out).unwrap();
+    let d = max_diff(&want, &got[..want.len()]);
+    eprintln!("mla_decode: max |Δ| {d:e}");
+    assert!(d <= 1e-5, "{d:e}");
+    // A block table shorter than the context is an error, not a read past it.
+    let err = gpu
+        .mla_decode(
+            &gpu.upload(&q_abs).unwrap(),
+            &gpu.upload(&q_pe).unwrap(),
+            &cache,
+            &[vec![0], vec![1], vec![2]],
+            &ctx_lens,
+            heads,
+            scale,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("for a context of 17"), "{err}");
+}
+
+/// Throughput of one MoE layer's routed experts at DeepSeek-V3's shape (hidden 7168,
+/// intermediate 2048), 32 experts, 1 to 256 rows per expert: the batched GEMMs' TFLOP/s
+/// (6 · rows · hidden · intermediate per call, the upload of x and the download included).
+/// Run by tests/gpu/run.sh (`--ignored`); prints figures, asserts nothing about speed.
+#[test]
+#[ignore = "benchmark: run by tests/gpu/run.sh on a GPU machine"]
+fn expert_layer_throughput() {
+    let Some(gpu) = gpu() else { return };
+    let (h, inter, n_exp, k) = (7168usize, 2048usize, 32u32, 8usize);
+    let weights = |len: usize, seed: u32| -> Vec<u16> {
+        pseudo(len, seed)
+            .iter()
+            .map(|v| bf16::from_f32(v * 0.02).to_bits())
+            .collect()
+    };
+    let experts = GpuExperts::from_host(
+        gpu.clone(),
+        3,
+        h,
+        inter,
+        (0..n_exp).map(|e| (e, weights(2 * inter * h, e), weights(h * inter, e + 100))),
+    )
+    .unwrap();
+    eprintln!("device: {} ({} GiB)", gpu.name(), gpu.total_memory() >> 30);
+    for per_expert in [1usize, 2, 4, 8, 16, 32, 64, 128, 256] {
+        // Each token to k consecutive experts: every expert gets exactly `per_expert` rows.
+        let tokens = per_expert * n_exp as usize / k;
+        let mut groups: Vec<ExpertGroup> = (0..n_exp)
+            .map(|e| ExpertGroup {
+                expert: e,
+                ..Default::default()
+            })
+            .collect();
+        for t in 0..tokens {
+            for j in 0..k {
+                let e = (t * k + j) % n_exp as usize;
+                groups[e].rows.push(t as u32);
+                groups[e].weights.push(1.0 / k as f32);
+            }
+        }
+        let x = Tensor::from_f32(&[tokens, h], pseudo(tokens * h, 1)).unwrap();
+        experts.forward_groups(&x, &groups).unwrap();
+        let iters = 10;
+        let start = Instant::now();
+        for _ in 0..iters {
+            experts.forward_groups(&x, &groups).unwrap();
+        }
+        let secs = start.elapsed().as_secs_f64() / iters as f64;
+        let flops = 6.0 * (tokens * k) as f64 * h as f64 * inter as f64;
+        eprintln!(
+            "experts: {per_expert:>3} rows/expert ({tokens:>4} tokens, top-{k} of {n_exp}): {:>8.3} ms  {:>7.1} TFLOP/s",
+            secs * 1e3,
+            flops / secs / 1e12
+        );
+    }
 }

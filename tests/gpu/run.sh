@@ -15,12 +15,17 @@ echo "== build (release, --features cuda)"
 cargo build --release --locked -p switchyard --features cuda
 
 echo "== GPU tests against the CPU"
+cargo test --release --locked -p switchyard-engine --features cuda --lib cuda::
 out=$(cargo test --release --locked -p switchyard-engine --features cuda --test gpu -- --nocapture --test-threads 1 2>&1)
 echo "$out"
-if grep -q SKIPPED <<<"$out"; then
+if grep -q "SKIPPED (no usable CUDA device)" <<<"$out"; then
     echo "error: the GPU tests skipped on a machine that should have a device" >&2
     exit 1
 fi
+
+echo "== benchmark: one expert layer at DeepSeek-V3's shape, 1..256 rows per expert"
+cargo test --release --locked -p switchyard-engine --features cuda --test gpu \
+    expert_layer_throughput -- --ignored --nocapture
 
 echo "== benchmark: router + one worker, experts on cuda:0, then on the CPU (mini, bf16)"
 model=target/gpu-bench/mini

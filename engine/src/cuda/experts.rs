@@ -1,19 +1,20 @@
 //! The routed experts of one MoE layer on a CUDA device.
 //!
 //! Like [`crate::model::experts::RoutedExperts`] it consumes routing and never sees the gate:
-//! the batch's rows go up once (bf16), each expert gathers its rows, runs gate-and-up and down
-//! as two cuBLAS GEMMs around a SwiGLU kernel, and adds its weighted output into the combined
-//! rows on the device; one `[tokens, hidden]` f32 result comes back.
+//! the batch's rows go up once (bf16) and are laid out expert by expert; gate-and-up and down
+//! run as batched cuBLAS GEMMs (one call per run of experts with equal row counts) around a
+//! SwiGLU kernel; each token sums its weighted expert rows on the device, and one
+//! `[tokens, hidden]` f32 result comes back.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 use half::bf16;
 
 use crate::checkpoint::{Checkpoint, Precision};
 use crate::config::MoeNaming;
-use crate::cuda::Gpu;
+use crate::cuda::{GemmShape, Gpu, i32_of, launch_config};
 use crate::error::{EngineError, Result};
 use crate::model::experts::ExpertGroup;
 use crate::tensor::{CpuStorage, Tensor};
@@ -57,23 +58,6 @@ fn bf16_bits(t: Tensor) -> Result<Vec<u16>> {
     }
 }
 
-/// Threads per block of the element-wise kernels.
-const THREADS: u32 = 256;
-
-fn launch_config(elements: usize) -> Result<LaunchConfig> {
-    let blocks = u32::try_from(elements.div_ceil(THREADS as usize))
-        .map_err(|_| EngineError::Shape(format!("{elements} elements in one launch")))?;
-    Ok(LaunchConfig {
-        grid_dim: (blocks.max(1), 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    })
-}
-
-fn i32_of(v: usize, what: &str) -> Result<i32> {
-    i32::try_from(v).map_err(|_| EngineError::Shape(format!("{what} = {v} is over i32")))
-}
-
 impl GpuExperts {
     /// Loads `experts` of `layer` from the checkpoint onto `gpu` (bf16).
     pub fn load(
@@ -87,7 +71,7 @@ impl GpuExperts {
     ) -> Result<GpuExperts> {
         let prefix = naming.block_prefix(layer);
         let [gate, up, down] = naming.projections;
-        let mut loaded = BTreeMap::new();
+        let mut loaded = GpuExperts::from_host(gpu, layer, hidden, intermediate, [])?;
         for &e in experts {
             let p = format!("{prefix}.experts.{e}");
             let w = |name: &str, shape: &[usize]| {
@@ -97,21 +81,48 @@ impl GpuExperts {
             let mut gate_up = w(gate, &[intermediate, hidden])?;
             gate_up.extend(w(up, &[intermediate, hidden])?);
             let down = w(down, &[hidden, intermediate])?;
-            loaded.insert(
-                e,
-                GpuExpert {
-                    gate_up: gpu.upload(&gate_up)?,
-                    down: gpu.upload(&down)?,
-                },
-            );
+            loaded.insert(e, &gate_up, &down)?;
         }
-        Ok(GpuExperts {
+        Ok(loaded)
+    }
+
+    /// Experts from host weights as bf16 bits: per expert, gate rows then up rows
+    /// `[2 · intermediate, hidden]`, and down `[hidden, intermediate]`.
+    pub fn from_host(
+        gpu: Arc<Gpu>,
+        layer: usize,
+        hidden: usize,
+        intermediate: usize,
+        experts: impl IntoIterator<Item = (u32, Vec<u16>, Vec<u16>)>,
+    ) -> Result<GpuExperts> {
+        let mut held = GpuExperts {
             gpu,
             layer,
             hidden,
             intermediate,
-            experts: loaded,
-        })
+            experts: BTreeMap::new(),
+        };
+        for (e, gate_up, down) in experts {
+            held.insert(e, &gate_up, &down)?;
+        }
+        Ok(held)
+    }
+
+    fn insert(&mut self, expert: u32, gate_up: &[u16], down: &[u16]) -> Result<()> {
+        let (h, i) = (self.hidden, self.intermediate);
+        if gate_up.len() != 2 * i * h || down.len() != h * i {
+            return Err(EngineError::Shape(format!(
+                "expert {expert}: gate-and-up of {} and down of {} values for hidden {h}, intermediate {i}",
+                gate_up.len(),
+                down.len()
+            )));
+        }
+        let expert_weights = GpuExpert {
+            gate_up: self.gpu.upload(gate_up)?,
+            down: self.gpu.upload(down)?,
+        };
+        self.experts.insert(expert, expert_weights);
+        Ok(())
     }
 
     pub fn layer(&self) -> usize {
@@ -142,6 +153,11 @@ impl GpuExperts {
     }
 
     /// `x: [tokens, hidden]` → `[tokens, hidden]`: for each group, Σ weight × expert(rows).
+    ///
+    /// The groups' rows are laid out expert after expert, experts with equal row counts side
+    /// by side, so each run of equal counts is one batched GEMM for gate-and-up and one for
+    /// down (a decode step of a few rows per expert is a handful of cuBLAS calls, not two per
+    /// expert). Every token then sums its experts' rows in a fixed order (no atomics).
     pub fn forward_groups(&self, x: &Tensor, groups: &[ExpertGroup]) -> Result<Tensor> {
         let (tokens, h) = x.dims2()?;
         if h != self.hidden {
@@ -150,30 +166,163 @@ impl GpuExperts {
                 self.hidden
             )));
         }
+        let plan = Plan::new(groups, tokens, |e| self.holds(e), self.layer)?;
         let gpu = &self.gpu;
         let stream = gpu.stream();
         let inter = self.intermediate;
+        let total = plan.perm.len();
+        let mut out = gpu.zeros::<f32>(tokens * h)?;
+        if total == 0 {
+            return Tensor::from_f32(&[tokens, h], vec![0.0; tokens * h]);
+        }
         let xb: Vec<u16> = x
             .as_f32()?
             .iter()
             .map(|v| bf16::from_f32(*v).to_bits())
             .collect();
         let x_dev = gpu.upload(&xb)?;
-        let mut out = gpu.zeros::<f32>(tokens * h)?;
-        let (h_i, inter_i) = (i32_of(h, "hidden")?, i32_of(inter, "intermediate")?);
+        let perm = gpu.upload(&plan.perm)?;
+        let offsets = gpu.upload(&plan.token_offsets)?;
+        let idx = gpu.upload(&plan.token_rows)?;
+        let w = gpu.upload(&plan.weights)?;
+        let (total_i, h_i, inter_i) = (
+            i32_of(total, "rows")?,
+            i32_of(h, "hidden")?,
+            i32_of(inter, "intermediate")?,
+        );
+        // [total, hidden] bf16: each expert's rows, expert after expert.
+        let mut xg = gpu.zeros::<u16>(total * h)?;
+        let mut b = stream.launch_builder(&gpu.kernels.gather_rows_bf16);
+        b.arg(&x_dev)
+            .arg(&perm)
+            .arg(&mut xg)
+            .arg(&total_i)
+            .arg(&h_i);
+        // SAFETY: reads x[perm[r], :] (rows checked < tokens by the plan), writes total·h.
+        unsafe { b.launch(launch_config(total * h)?) }.map_err(|e| gpu.err("gather", e))?;
+        // [total, 2 · inter] f32, [total, inter] bf16, [total, hidden] f32
+        let mut gu = gpu.zeros::<f32>(total * 2 * inter)?;
+        let mut act = gpu.zeros::<u16>(total * inter)?;
+        let mut y = gpu.zeros::<f32>(total * h)?;
+        {
+            // Raw addresses for the pointer arrays. All work is on the one stream, which orders
+            // it, and the buffers live (and are freed stream-ordered) past the last use.
+            let xg_p = xg.device_ptr(stream).0;
+            let gu_p = gu.device_ptr_mut(stream).0;
+            let act_p = act.device_ptr_mut(stream).0;
+            let y_p = y.device_ptr_mut(stream).0;
+            // Per run of equal counts: [A (activations), B (weights), C (outputs)] pointers
+            // for gate-and-up, then for down, all in one upload.
+            let mut ptrs: Vec<u64> = Vec::with_capacity(plan.order.len() * 6);
+            let mut runs = Vec::new();
+            for run in plan.runs() {
+                let base = ptrs.len();
+                let mut gate_up = [Vec::new(), Vec::new(), Vec::new()];
+                let mut down = [Vec::new(), Vec::new(), Vec::new()];
+                for &(expert, offset, _) in run {
+                    let e = &self.experts[&expert];
+                    let wgu = e.gate_up.device_ptr(stream).0;
+                    let wd = e.down.device_ptr(stream).0;
+                    let off = offset as u64;
+                    gate_up[0].push(xg_p + off * h as u64 * 2);
+                    gate_up[1].push(wgu);
+                    gate_up[2].push(gu_p + off * 2 * inter as u64 * 4);
+                    down[0].push(act_p + off * inter as u64 * 2);
+                    down[1].push(wd);
+                    down[2].push(y_p + off * h as u64 * 4);
+                }
+                for v in gate_up.iter().chain(&down) {
+                    ptrs.extend(v);
+                }
+                runs.push((base, run.len(), run[0].2));
+            }
+            let ptrs_dev = gpu.upload(&ptrs)?;
+            let p0 = ptrs_dev.device_ptr(stream).0;
+            // The runs' GEMMs of one projection: `first` picks its three pointer arrays (0 for
+            // gate-and-up, 3 for down), `out` and `k` its shape.
+            let project = |first: usize, out: usize, k: usize| -> Result<()> {
+                for &(base, n_exp, rows) in &runs {
+                    let arr = |j: usize| p0 + ((base + (first + j) * n_exp) * 8) as u64;
+                    // SAFETY: the pointer arrays hold n_exp device addresses of buffers sized
+                    // rows·k (bf16 activations), out·k (weights) and rows·out (f32), inside the
+                    // allocations above and the held experts.
+                    unsafe {
+                        gpu.gemm_batched_bf16_f32(
+                            arr(0),
+                            arr(1),
+                            arr(2),
+                            n_exp,
+                            GemmShape { m: rows, n: out, k },
+                        )?;
+                    }
+                }
+                Ok(())
+            };
+            project(0, 2 * inter, h)?;
+            let mut b = stream.launch_builder(&gpu.kernels.silu_mul_bf16);
+            b.arg(&gu).arg(&mut act).arg(&total_i).arg(&inter_i);
+            // SAFETY: reads total·2·inter, writes total·inter elements.
+            unsafe { b.launch(launch_config(total * inter)?) }.map_err(|e| gpu.err("swiglu", e))?;
+            project(3, h, inter)?;
+        }
+        let tokens_i = i32_of(tokens, "tokens")?;
+        let mut b = stream.launch_builder(&gpu.kernels.combine_rows);
+        b.arg(&y)
+            .arg(&offsets)
+            .arg(&idx)
+            .arg(&w)
+            .arg(&mut out)
+            .arg(&tokens_i)
+            .arg(&h_i);
+        // SAFETY: token t reads rows idx[offsets[t]..offsets[t+1]] < total of y and their
+        // weights, and writes its own h elements.
+        unsafe { b.launch(launch_config(tokens * h)?) }.map_err(|e| gpu.err("combine", e))?;
+        let host = gpu.download(&out)?;
+        Tensor::from_f32(&[tokens, h], host[..tokens * h].to_vec())
+    }
+}
+
+/// Where each routed row goes for one call: the layout of the experts' rows (experts with
+/// equal counts adjacent) and, per token, which of those rows to sum.
+#[derive(Debug)]
+struct Plan {
+    /// `(expert, first row, rows)` in layout order.
+    order: Vec<(u32, usize, usize)>,
+    /// Source token of each laid-out row.
+    perm: Vec<i32>,
+    /// Gate weight of each laid-out row.
+    weights: Vec<f32>,
+    /// CSR over tokens: token t sums rows `token_rows[token_offsets[t]..token_offsets[t+1]]`.
+    token_offsets: Vec<i32>,
+    token_rows: Vec<i32>,
+}
+
+impl Plan {
+    /// Checks the call against the experts held (`holds`) and lays it out.
+    fn new(
+        groups: &[ExpertGroup],
+        tokens: usize,
+        holds: impl Fn(u32) -> bool,
+        layer: usize,
+    ) -> Result<Plan> {
+        let mut active: Vec<&ExpertGroup> = Vec::with_capacity(groups.len());
         for g in groups {
-            let expert = self.experts.get(&g.expert).ok_or_else(|| {
-                EngineError::input(
-                    "experts",
+            if !holds(g.expert) {
+                return Err(EngineError::input(
+                    "expert",
+                    format!("expert {} of layer {} is not held here", g.expert, layer),
+                ));
+            }
+            if g.weights.len() != g.rows.len() {
+                return Err(EngineError::input(
+                    "weights",
                     format!(
-                        "expert {} of layer {} is not held here",
-                        g.expert, self.layer
+                        "expert {} has {} rows and {} weights",
+                        g.expert,
+                        g.rows.len(),
+                        g.weights.len()
                     ),
-                )
-            })?;
-            let n = g.rows.len();
-            if n == 0 {
-                continue;
+                ));
             }
             if let Some(&bad) = g.rows.iter().find(|&&r| r as usize >= tokens) {
                 return Err(EngineError::input(
@@ -181,45 +330,121 @@ impl GpuExperts {
                     format!("row {bad} is out of range for {tokens} tokens"),
                 ));
             }
-            let n_i = i32_of(n, "rows")?;
-            let rows: Vec<i32> = g.rows.iter().map(|&r| r as i32).collect();
-            let rows_dev = gpu.upload(&rows)?;
-            let w_dev = gpu.upload(&g.weights)?;
-            // [n, hidden] bf16
-            let mut xg = gpu.zeros::<u16>(n * h)?;
-            let mut b = stream.launch_builder(&gpu.kernels.gather_rows_bf16);
-            b.arg(&x_dev)
-                .arg(&rows_dev)
-                .arg(&mut xg)
-                .arg(&n_i)
-                .arg(&h_i);
-            // SAFETY: the kernel reads x[rows[r], :] (rows checked < tokens) and writes n·h.
-            unsafe { b.launch(launch_config(n * h)?) }.map_err(|e| gpu.err("gather", e))?;
-            // [n, 2 · inter] f32
-            let mut gu = gpu.zeros::<f32>(n * 2 * inter)?;
-            gpu.gemm_bf16_f32(&xg, n, h, &expert.gate_up, 2 * inter, &mut gu)?;
-            // [n, inter] bf16
-            let mut act = gpu.zeros::<u16>(n * inter)?;
-            let mut b = stream.launch_builder(&gpu.kernels.silu_mul_bf16);
-            b.arg(&gu).arg(&mut act).arg(&n_i).arg(&inter_i);
-            // SAFETY: reads n·2·inter, writes n·inter elements.
-            unsafe { b.launch(launch_config(n * inter)?) }.map_err(|e| gpu.err("swiglu", e))?;
-            // [n, hidden] f32
-            let mut y = gpu.zeros::<f32>(n * h)?;
-            gpu.gemm_bf16_f32(&act, n, inter, &expert.down, h, &mut y)?;
-            let mut b = stream.launch_builder(&gpu.kernels.scatter_add_weighted);
-            b.arg(&y)
-                .arg(&rows_dev)
-                .arg(&w_dev)
-                .arg(&mut out)
-                .arg(&n_i)
-                .arg(&h_i);
-            // SAFETY: reads n·h and n weights, adds into out[rows[r], :] (rows < tokens).
-            unsafe { b.launch(launch_config(n * h)?) }.map_err(|e| gpu.err("combine", e))?;
+            if g.rows.is_empty() {
+                continue;
+            }
+            active.push(g);
         }
-        let host = stream
-            .clone_dtoh(&out)
-            .map_err(|e| gpu.err("copying from the device", e))?;
-        Tensor::from_f32(&[tokens, h], host[..tokens * h].to_vec())
+        // Equal counts side by side (then by expert, so the layout is deterministic).
+        active.sort_by_key(|g| (g.rows.len(), g.expert));
+        let total: usize = active.iter().map(|g| g.rows.len()).sum();
+        i32_of(total, "routed rows")?;
+        let mut order = Vec::with_capacity(active.len());
+        let mut perm = Vec::with_capacity(total);
+        let mut weights = Vec::with_capacity(total);
+        let mut per_token = vec![0i32; tokens + 1];
+        for g in &active {
+            order.push((g.expert, perm.len(), g.rows.len()));
+            for (&r, &w) in g.rows.iter().zip(&g.weights) {
+                perm.push(r as i32);
+                weights.push(w);
+                per_token[r as usize + 1] += 1;
+            }
+        }
+        for t in 0..tokens {
+            per_token[t + 1] += per_token[t];
+        }
+        let mut cursor = per_token.clone();
+        let mut token_rows = vec![0i32; total];
+        for (row, &t) in perm.iter().enumerate() {
+            let slot = &mut cursor[t as usize];
+            token_rows[*slot as usize] = row as i32;
+            *slot += 1;
+        }
+        Ok(Plan {
+            order,
+            perm,
+            weights,
+            token_offsets: per_token,
+            token_rows,
+        })
+    }
+
+    /// The layout in runs of experts with equal row counts.
+    fn runs(&self) -> impl Iterator<Item = &[(u32, usize, usize)]> {
+        self.order.chunk_by(|a, b| a.2 == b.2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(expert: u32, rows: &[u32], weights: &[f32]) -> ExpertGroup {
+        ExpertGroup {
+            expert,
+            rows: rows.to_vec(),
+            weights: weights.to_vec(),
+        }
+    }
+
+    /// The device path's bookkeeping, run on the host: laying rows out by the plan, giving
+    /// every laid-out row a value that names its (expert, token), and summing per token
+    /// through the CSR gives each token exactly Σ weight × value over its groups.
+    #[test]
+    fn plan_sums_each_tokens_expert_rows_once_and_batches_equal_counts() {
+        let groups = [
+            group(7, &[0, 2, 3], &[0.5, 0.25, 1.0]),
+            group(1, &[1], &[2.0]),
+            group(4, &[3, 0, 1], &[0.125, 4.0, 8.0]),
+            group(9, &[], &[]),
+            group(2, &[2], &[3.0]),
+            // The same expert twice in one call, as the CPU path accepts.
+            group(4, &[4], &[0.75]),
+        ];
+        let tokens = 6;
+        let plan = Plan::new(&groups, tokens, |_| true, 3).unwrap();
+        // Layout: the 1-row groups then the 3-row ones, by expert; the empty one skipped.
+        assert_eq!(
+            plan.order,
+            vec![(1, 0, 1), (2, 1, 1), (4, 2, 1), (4, 3, 3), (7, 6, 3)]
+        );
+        let runs: Vec<Vec<u32>> = plan
+            .runs()
+            .map(|r| r.iter().map(|&(e, _, _)| e).collect())
+            .collect();
+        assert_eq!(runs, vec![vec![1, 2, 4], vec![4, 7]]);
+        let value = |expert: u32, token: i32| (expert * 100) as f32 + token as f32;
+        let y: Vec<f32> = plan
+            .order
+            .iter()
+            .flat_map(|&(e, off, n)| (off..off + n).map(move |r| (e, r)))
+            .map(|(e, r)| value(e, plan.perm[r]))
+            .collect();
+        for t in 0..tokens {
+            let range = plan.token_offsets[t] as usize..plan.token_offsets[t + 1] as usize;
+            let got: f32 = plan.token_rows[range]
+                .iter()
+                .map(|&r| plan.weights[r as usize] * y[r as usize])
+                .sum();
+            let want: f32 = groups
+                .iter()
+                .flat_map(|g| g.rows.iter().zip(&g.weights).map(move |(&r, &w)| (g, r, w)))
+                .filter(|&(_, r, _)| r as usize == t)
+                .map(|(g, _, w)| w * value(g.expert, t as i32))
+                .sum();
+            assert_eq!(got, want, "token {t}");
+        }
+        // Token 5 has no experts: an empty range.
+        assert_eq!(plan.token_offsets[5], plan.token_offsets[6]);
+    }
+
+    #[test]
+    fn plan_refuses_bad_calls_by_name() {
+        let err =
+            |groups: &[ExpertGroup]| Plan::new(groups, 2, |e| e < 8, 5).unwrap_err().to_string();
+        assert!(err(&[group(9, &[0], &[1.0])]).contains("expert 9 of layer 5 is not held"));
+        assert!(err(&[group(1, &[2], &[1.0])]).contains("row 2 is out of range for 2 tokens"));
+        assert!(err(&[group(1, &[0, 1], &[1.0])]).contains("2 rows and 1 weights"));
     }
 }

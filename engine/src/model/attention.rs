@@ -26,6 +26,31 @@ pub enum AttentionMode {
     Absorbed,
 }
 
+/// The absorbed form's core for one query of one head (`q_abs = W_UKᵀ q_nope`): over `ctx`
+/// cached rows (`row(l)`: the latent `c_l`, then the roped shared key `k_l`),
+/// `score_l = (q_abs · c_l + q_pe · k_l) · scale` and `out = Σ_l softmax(score)_l · c_l`.
+/// `scores` holds at least `ctx` values; `out` is as long as `q_abs`.
+pub fn latent_attention<'a>(
+    q_abs: &[f32],
+    q_pe: &[f32],
+    ctx: usize,
+    row: impl Fn(usize) -> &'a [f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let rank = q_abs.len();
+    for (l, s) in scores[..ctx].iter_mut().enumerate() {
+        let (c, kr) = row(l).split_at(rank);
+        *s = (ops::dot(q_abs, c) + ops::dot(q_pe, kr)) * scale;
+    }
+    ops::softmax_inplace(&mut scores[..ctx]);
+    out.fill(0.0);
+    for (l, &p) in scores[..ctx].iter().enumerate() {
+        ops::axpy(out, p, &row(l)[..rank]);
+    }
+}
+
 #[derive(Debug)]
 enum QProj {
     Lora { a: Linear, norm: RmsNorm, b: Linear },
@@ -348,15 +373,15 @@ impl MlaAttention {
             // q_abs = W_UKᵀ q_nope: [kv_lora]
             q_abs.fill(0.0);
             cpu::matmul_nn_rows(qn, 1, self.nope, &self.w_uk[head], 0, &mut q_abs)?;
-            for (l, s) in scores[..visible].iter_mut().enumerate() {
-                let (c, kr) = cache.row(layer, l).split_at(self.kv_lora);
-                *s = (ops::dot(&q_abs, c) + ops::dot(qr, kr)) * self.scale;
-            }
-            ops::softmax_inplace(&mut scores[..visible]);
-            o_lat.fill(0.0);
-            for (l, &p) in scores[..visible].iter().enumerate() {
-                ops::axpy(&mut o_lat, p, &cache.row(layer, l)[..self.kv_lora]);
-            }
+            latent_attention(
+                &q_abs,
+                qr,
+                visible,
+                |l| cache.row(layer, l),
+                self.scale,
+                &mut scores,
+                &mut o_lat,
+            );
             // out_h = W_UV o_lat: [v]
             // SAFETY: this task alone writes columns head*v..(head+1)*v of the span's rows.
             let o = unsafe { out.slice(row * width + head * self.v_dim, self.v_dim) };

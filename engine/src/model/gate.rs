@@ -81,6 +81,14 @@ impl Gate {
         // [tokens, n_routed_experts]
         let mut logits = vec![0.0f32; tokens * e];
         cpu::matmul_t(x.as_f32()?, tokens, &self.weight, &mut logits)?;
+        Ok(self.route_logits(&logits))
+    }
+
+    /// Routing from gate logits `[tokens, n_routed_experts]` (whole rows; a trailing partial
+    /// row is ignored).
+    pub fn route_logits(&self, logits: &[f32]) -> Routing {
+        let e = self.config.n_routed_experts;
+        let tokens = logits.len() / e.max(1);
         let k = self.config.num_experts_per_tok;
         let mut routing = Routing {
             k,
@@ -91,7 +99,7 @@ impl Gate {
         for row in logits.chunks_exact(e) {
             self.route_token(row, &mut scratch, &mut routing);
         }
-        Ok(routing)
+        routing
     }
 
     fn route_token(&self, logits: &[f32], s: &mut GateScratch, out: &mut Routing) {

@@ -49,6 +49,20 @@ impl Rope {
         self.inv_freq.len() * 2
     }
 
+    /// Each pair's frequency, scaling applied.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
+    /// The factor on cos and sin (YaRN's attention factor; 1 otherwise).
+    pub fn attention_factor(&self) -> f32 {
+        self.attention_factor
+    }
+
+    pub fn style(&self) -> RopeStyle {
+        self.style
+    }
+
     /// Rotates `x` (length `dim`) in place for position `pos`. Allocates its angles: to rotate
     /// many vectors of one position, use [`cos_sin`](Self::cos_sin) once and
     /// [`apply_cos_sin`](Self::apply_cos_sin) on each.
