@@ -171,7 +171,6 @@ impl GpuExperts {
         let stream = gpu.stream();
         let inter = self.intermediate;
         let total = plan.perm.len();
-        let mut out = gpu.zeros::<f32>(tokens * h)?;
         if total == 0 {
             return Tensor::from_f32(&[tokens, h], vec![0.0; tokens * h]);
         }
@@ -190,8 +189,11 @@ impl GpuExperts {
             i32_of(h, "hidden")?,
             i32_of(inter, "intermediate")?,
         );
+        // SAFETY (the five buffers): the gather writes all of xg; every laid-out row belongs
+        // to exactly one run, so the GEMMs write all of gu and y; SwiGLU writes all of act;
+        // the combine writes every element of out (zero for a token without experts).
         // [total, hidden] bf16: each expert's rows, expert after expert.
-        let mut xg = gpu.zeros::<u16>(total * h)?;
+        let mut xg = unsafe { gpu.scratch::<u16>(total * h)? };
         let mut b = stream.launch_builder(&gpu.kernels.gather_rows_bf16);
         b.arg(&x_dev)
             .arg(&perm)
@@ -201,9 +203,11 @@ impl GpuExperts {
         // SAFETY: reads x[perm[r], :] (rows checked < tokens by the plan), writes total·h.
         unsafe { b.launch(launch_config(total * h)?) }.map_err(|e| gpu.err("gather", e))?;
         // [total, 2 · inter] f32, [total, inter] bf16, [total, hidden] f32
-        let mut gu = gpu.zeros::<f32>(total * 2 * inter)?;
-        let mut act = gpu.zeros::<u16>(total * inter)?;
-        let mut y = gpu.zeros::<f32>(total * h)?;
+        let mut gu = unsafe { gpu.scratch::<f32>(total * 2 * inter)? };
+        let mut act = unsafe { gpu.scratch::<u16>(total * inter)? };
+        let mut y = unsafe { gpu.scratch::<f32>(total * h)? };
+        // [tokens, hidden] f32
+        let mut out = unsafe { gpu.scratch::<f32>(tokens * h)? };
         {
             // Raw addresses for the pointer arrays. All work is on the one stream, which orders
             // it, and the buffers live (and are freed stream-ordered) past the last use.
@@ -211,38 +215,23 @@ impl GpuExperts {
             let gu_p = gu.device_ptr_mut(stream).0;
             let act_p = act.device_ptr_mut(stream).0;
             let y_p = y.device_ptr_mut(stream).0;
-            // Per run of equal counts: [A (activations), B (weights), C (outputs)] pointers
-            // for gate-and-up, then for down, all in one upload.
-            let mut ptrs: Vec<u64> = Vec::with_capacity(plan.order.len() * 6);
-            let mut runs = Vec::new();
-            for run in plan.runs() {
-                let base = ptrs.len();
-                let mut gate_up = [Vec::new(), Vec::new(), Vec::new()];
-                let mut down = [Vec::new(), Vec::new(), Vec::new()];
-                for &(expert, offset, _) in run {
-                    let e = &self.experts[&expert];
-                    let wgu = e.gate_up.device_ptr(stream).0;
-                    let wd = e.down.device_ptr(stream).0;
-                    let off = offset as u64;
-                    gate_up[0].push(xg_p + off * h as u64 * 2);
-                    gate_up[1].push(wgu);
-                    gate_up[2].push(gu_p + off * 2 * inter as u64 * 4);
-                    down[0].push(act_p + off * inter as u64 * 2);
-                    down[1].push(wd);
-                    down[2].push(y_p + off * h as u64 * 4);
-                }
-                for v in gate_up.iter().chain(&down) {
-                    ptrs.extend(v);
-                }
-                runs.push((base, run.len(), run[0].2));
-            }
+            let buffers = Buffers {
+                xg: xg_p,
+                gu: gu_p,
+                act: act_p,
+                y: y_p,
+            };
+            let (ptrs, runs) = plan.pointer_arrays(buffers, h, inter, |expert| {
+                let e = &self.experts[&expert];
+                (e.gate_up.device_ptr(stream).0, e.down.device_ptr(stream).0)
+            });
             let ptrs_dev = gpu.upload(&ptrs)?;
             let p0 = ptrs_dev.device_ptr(stream).0;
             // The runs' GEMMs of one projection: `first` picks its three pointer arrays (0 for
             // gate-and-up, 3 for down), `out` and `k` its shape.
             let project = |first: usize, out: usize, k: usize| -> Result<()> {
-                for &(base, n_exp, rows) in &runs {
-                    let arr = |j: usize| p0 + ((base + (first + j) * n_exp) * 8) as u64;
+                for run in &runs {
+                    let arr = |j: usize| run.array(p0, first + j);
                     // SAFETY: the pointer arrays hold n_exp device addresses of buffers sized
                     // rows·k (bf16 activations), out·k (weights) and rows·out (f32), inside the
                     // allocations above and the held experts.
@@ -251,8 +240,12 @@ impl GpuExperts {
                             arr(0),
                             arr(1),
                             arr(2),
-                            n_exp,
-                            GemmShape { m: rows, n: out, k },
+                            run.experts,
+                            GemmShape {
+                                m: run.rows,
+                                n: out,
+                                k,
+                            },
                         )?;
                     }
                 }
@@ -370,9 +363,75 @@ impl Plan {
         })
     }
 
+    /// The pointer arrays of the batched GEMMs, all in one buffer: per run of equal counts,
+    /// `n` activation, `n` weight and `n` output addresses for gate-and-up, then the same three
+    /// for down (`n` the run's experts). `weights(e)` gives expert `e`'s gate-and-up and down
+    /// addresses. Byte offsets follow the layout: bf16 rows of `hidden` (xg) and
+    /// `intermediate` (act), f32 rows of `2 · intermediate` (gu) and `hidden` (y).
+    fn pointer_arrays(
+        &self,
+        buffers: Buffers,
+        hidden: usize,
+        intermediate: usize,
+        weights: impl Fn(u32) -> (u64, u64),
+    ) -> (Vec<u64>, Vec<Run>) {
+        let (h, inter) = (hidden as u64, intermediate as u64);
+        let mut ptrs: Vec<u64> = Vec::with_capacity(self.order.len() * 6);
+        let mut runs = Vec::new();
+        for run in self.runs() {
+            let base = ptrs.len();
+            let mut arrays: [Vec<u64>; 6] = Default::default();
+            for &(expert, offset, _) in run {
+                let (gate_up, down) = weights(expert);
+                let off = offset as u64;
+                arrays[0].push(buffers.xg + off * h * 2);
+                arrays[1].push(gate_up);
+                arrays[2].push(buffers.gu + off * 2 * inter * 4);
+                arrays[3].push(buffers.act + off * inter * 2);
+                arrays[4].push(down);
+                arrays[5].push(buffers.y + off * h * 4);
+            }
+            for a in &arrays {
+                ptrs.extend(a);
+            }
+            runs.push(Run {
+                base,
+                experts: run.len(),
+                rows: run[0].2,
+            });
+        }
+        (ptrs, runs)
+    }
+
     /// The layout in runs of experts with equal row counts.
     fn runs(&self) -> impl Iterator<Item = &[(u32, usize, usize)]> {
         self.order.chunk_by(|a, b| a.2 == b.2)
+    }
+}
+
+/// Device addresses of one call's buffers.
+#[derive(Clone, Copy, Debug)]
+struct Buffers {
+    xg: u64,
+    gu: u64,
+    act: u64,
+    y: u64,
+}
+
+/// One batched GEMM pair: `experts` problems of `rows` rows each, whose pointer arrays start at
+/// element `base` of the pointer buffer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Run {
+    base: usize,
+    experts: usize,
+    rows: usize,
+}
+
+impl Run {
+    /// The device address of pointer array `j` (0–2 gate-and-up, 3–5 down) when the pointer
+    /// buffer starts at `buffer`.
+    fn array(&self, buffer: u64, j: usize) -> u64 {
+        buffer + ((self.base + j * self.experts) * 8) as u64
     }
 }
 
@@ -437,6 +496,71 @@ mod tests {
         }
         // Token 5 has no experts: an empty range.
         assert_eq!(plan.token_offsets[5], plan.token_offsets[6]);
+    }
+
+    /// Each problem of a batched GEMM reads and writes its own expert's rows: the activation
+    /// and output spans of the problems are disjoint, contiguous in layout order and inside
+    /// their buffers, and the weights are the right expert's.
+    #[test]
+    fn pointer_arrays_address_each_experts_rows() {
+        let groups = [
+            group(7, &[0, 2, 3], &[0.5, 0.25, 1.0]),
+            group(1, &[1], &[2.0]),
+            group(4, &[3, 0, 1], &[0.125, 4.0, 8.0]),
+            group(2, &[2], &[3.0]),
+        ];
+        let plan = Plan::new(&groups, 4, |_| true, 0).unwrap();
+        let (h, inter) = (16usize, 8usize);
+        let bufs = Buffers {
+            xg: 1 << 32,
+            gu: 2 << 32,
+            act: 3 << 32,
+            y: 4 << 32,
+        };
+        let weights = |e: u32| ((10 + u64::from(e)) << 32, (20 + u64::from(e)) << 32);
+        let (ptrs, runs) = plan.pointer_arrays(bufs, h, inter, weights);
+        assert_eq!(
+            runs,
+            vec![
+                Run {
+                    base: 0,
+                    experts: 2,
+                    rows: 1
+                },
+                Run {
+                    base: 12,
+                    experts: 2,
+                    rows: 3
+                }
+            ]
+        );
+        assert_eq!(ptrs.len(), 24);
+        // Row widths in bytes of xg, gu, act, y.
+        let widths = [h * 2, 2 * inter * 4, inter * 2, h * 4];
+        let starts = [bufs.xg, bufs.gu, bufs.act, bufs.y];
+        let mut next = starts;
+        let p0 = 1000;
+        // Problems follow the layout order across runs.
+        let mut problem = 0;
+        for run in &runs {
+            for i in 0..run.experts {
+                let at = |j: usize| ptrs[((run.array(p0, j) - p0) / 8) as usize + i];
+                let (expert, offset, rows) = plan.order[problem];
+                problem += 1;
+                assert_eq!(rows, run.rows);
+                // Activations and outputs: [xg, gu] for gate-and-up, [act, y] for down.
+                for (k, j) in [(0, 0), (1, 2), (2, 3), (3, 5)] {
+                    assert_eq!(at(j), starts[k] + (offset * widths[k]) as u64, "array {j}");
+                    assert_eq!(at(j), next[k], "array {j}: spans are contiguous");
+                    next[k] += (rows * widths[k]) as u64;
+                }
+                assert_eq!((at(1), at(4)), weights(expert));
+            }
+        }
+        // Every span ends inside its buffer: total rows × width.
+        for k in 0..4 {
+            assert_eq!(next[k], starts[k] + (plan.perm.len() * widths[k]) as u64);
+        }
     }
 
     #[test]
