@@ -340,7 +340,14 @@ fn expert_layer_throughput() {
         (0..n_exp).map(|e| (e, weights(2 * inter * h, e), weights(h * inter, e + 100))),
     )
     .unwrap();
-    eprintln!("device: {} ({} GiB)", gpu.name(), gpu.total_memory() >> 30);
+    let peak = gpu.bf16_peak_tflops();
+    eprintln!(
+        "device: {} ({} GiB, compute {:?}), dense bf16 peak {}",
+        gpu.name(),
+        gpu.total_memory() >> 30,
+        gpu.compute_capability(),
+        peak.map_or("unknown".into(), |p| format!("{p:.0} TFLOP/s"))
+    );
     for per_expert in [1usize, 2, 4, 8, 16, 32, 64, 128, 256] {
         // Each token to k consecutive experts: every expert gets exactly `per_expert` rows.
         let tokens = per_expert * n_exp as usize / k;
@@ -366,10 +373,14 @@ fn expert_layer_throughput() {
         }
         let secs = start.elapsed().as_secs_f64() / iters as f64;
         let flops = 6.0 * (tokens * k) as f64 * h as f64 * inter as f64;
+        let tflops = flops / secs / 1e12;
         eprintln!(
-            "experts: {per_expert:>3} rows/expert ({tokens:>4} tokens, top-{k} of {n_exp}): {:>8.3} ms  {:>7.1} TFLOP/s",
+            "experts: {per_expert:>3} rows/expert ({tokens:>4} tokens, top-{k} of {n_exp}): {:>8.3} ms  {tflops:>7.1} TFLOP/s{}",
             secs * 1e3,
-            flops / secs / 1e12
+            peak.map_or(String::new(), |p| format!(
+                "  ({:.1}% of peak)",
+                100.0 * tflops / p
+            ))
         );
     }
 }

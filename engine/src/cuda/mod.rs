@@ -85,6 +85,10 @@ pub struct Gpu {
     ordinal: usize,
     name: String,
     total_memory: usize,
+    /// Compute capability, streaming multiprocessors, and their clock in kHz.
+    capability: (i32, i32),
+    sms: i32,
+    clock_khz: i32,
     stream: Arc<CudaStream>,
     blas: Mutex<CudaBlas>,
     pub(crate) kernels: Kernels,
@@ -130,6 +134,11 @@ impl Gpu {
             CudaContext::new(ordinal).map_err(|e| device_err(ordinal, "creating a context", e))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
         let total_memory = ctx.total_mem().unwrap_or(0);
+        let capability = ctx.compute_capability().unwrap_or((0, 0));
+        let attribute = |a| ctx.attribute(a).unwrap_or(0);
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let sms = attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT);
+        let clock_khz = attribute(A::CU_DEVICE_ATTRIBUTE_CLOCK_RATE);
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| device_err(ordinal, "creating a cuBLAS handle", e))?;
@@ -159,6 +168,9 @@ impl Gpu {
             ordinal,
             name,
             total_memory,
+            capability,
+            sms,
+            clock_khz,
             stream,
             blas: Mutex::new(blas),
             kernels,
@@ -177,6 +189,23 @@ impl Gpu {
     /// Bytes of device memory.
     pub fn total_memory(&self) -> usize {
         self.total_memory
+    }
+
+    /// Compute capability `(major, minor)`.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.capability
+    }
+
+    /// Dense bf16 tensor-core peak in TFLOP/s at the reported maximum clock, for the
+    /// architectures whose per-SM rate is known (Ampere A100 8.0: 2,048 FLOP per SM and
+    /// clock; Hopper 9.0: 4,096); `None` for others.
+    pub fn bf16_peak_tflops(&self) -> Option<f64> {
+        let per_sm_clock = match self.capability {
+            (8, 0) => 2048.0,
+            (9, 0) => 4096.0,
+            _ => return None,
+        };
+        Some(per_sm_clock * f64::from(self.sms) * f64::from(self.clock_khz) * 1e3 / 1e12)
     }
 
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
