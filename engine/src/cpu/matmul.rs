@@ -973,6 +973,8 @@ mod tests {
             (19, 48, 100),
             (40, 64, 1024),
             (70, 50, 96),
+            // AMX: several weight panels of 2 blocks, an odd last block, k of 50 blocks.
+            (33, 300, 1600),
         ] {
             let x = pseudo(m * k, 5);
             let w = Tensor::from_f32(&[n, k], pseudo(n * k, 6))
