@@ -12,27 +12,33 @@ echo "== nvidia-smi"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 
 echo "== build (release, --features cuda)"
-cargo build --release --locked -p switchyard --features cuda
+# Every step has a time limit, so a hang cannot eat a lent machine's budget.
+timeout 300 cargo build --release --locked -p switchyard --features cuda
 
 echo "== GPU tests against the CPU"
-cargo test --release --locked -p switchyard-engine --features cuda --lib cuda::
-out=$(cargo test --release --locked -p switchyard-engine --features cuda --test gpu -- --nocapture --test-threads 1 2>&1)
+timeout 200 cargo test --release --locked -p switchyard-engine --features cuda --lib cuda::
+status=0
+out=$(timeout 120 cargo test --release --locked -p switchyard-engine --features cuda --test gpu -- --nocapture --test-threads 1 2>&1) || status=$?
 echo "$out"
+if [ "$status" -ne 0 ]; then
+    echo "error: the GPU tests failed (exit $status)" >&2
+    exit "$status"
+fi
 if grep -q "SKIPPED (no usable CUDA device)" <<<"$out"; then
     echo "error: the GPU tests skipped on a machine that should have a device" >&2
     exit 1
 fi
 
 echo "== benchmark: one expert layer at DeepSeek-V3's shape, 1..256 rows per expert"
-cargo test --release --locked -p switchyard-engine --features cuda --test gpu \
+timeout 120 cargo test --release --locked -p switchyard-engine --features cuda --test gpu \
     expert_layer_throughput -- --ignored --nocapture
 
 echo "== benchmark: router + one worker, experts on cuda:0, then on the CPU (mini, bf16)"
 model=target/gpu-bench/mini
 mkdir -p target/gpu-bench
-[ -f "$model/config.json" ] || target/release/switchyard synth --preset mini --dtype bf16 --out "$model"
+[ -f "$model/config.json" ] || timeout 120 target/release/switchyard synth --preset mini --dtype bf16 --out "$model"
 for device in cuda:0 cpu; do
     echo "-- experts on $device"
-    target/release/switchyard bench --model "$model" --batch 1,8,64 --prompt-len 64 --gen-len 32 \
+    timeout 120 target/release/switchyard bench --model "$model" --batch 1,8,64 --prompt-len 64 --gen-len 32 \
         --workers 1 --worker-threads 8 --worker-device "$device"
 done
