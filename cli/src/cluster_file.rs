@@ -14,7 +14,7 @@
 //! host = "node-b"
 //! addr = "10.0.0.2:50061"         # listened on and advertised to routers
 //! memory = "120GiB"
-//! device = "cpu"
+//! device = "cpu"                  # or "cuda:N": the worker's experts on that GPU
 //! threads = 16
 //!
 //! [[routers]]
@@ -121,12 +121,11 @@ impl ClusterFile {
             if w.threads == 0 {
                 bail!("`workers.threads` must be >= 1, got 0 (worker {})", w.addr);
             }
-            if w.device != "cpu" {
-                bail!(
-                    "`workers.device` must be \"cpu\" (the CUDA backend is not built yet), got {:?}",
-                    w.device
-                );
-            }
+            // Parsed here so a typo fails before anything starts; whether this binary and
+            // host can open the device is the worker's start-up check.
+            w.device
+                .parse::<switchyard_engine::Device>()
+                .map_err(|e| anyhow::anyhow!("`workers.device` {e} (worker {})", w.addr))?;
         }
         Ok(())
     }
@@ -198,6 +197,13 @@ mod tests {
                 "`replicas` must be >= 1",
             ),
             (
+                GOOD.replace(
+                    "[[workers]]\n        addr = \"127.0.0.1:2\"",
+                    "[[workers]]\n        addr = \"127.0.0.1:2\"\n        device = \"gpu0\"",
+                ),
+                "`workers.device` must be `cpu`, `cuda` or `cuda:N`, got \"gpu0\"",
+            ),
+            (
                 GOOD.replace("model = \"/m\"", "model = \"/m\"\n        colour = 1"),
                 "colour",
             ),
@@ -205,6 +211,15 @@ mod tests {
             let err = format!("{:#}", parse(&text).unwrap_err());
             assert!(err.contains(needle), "{needle}: {err}");
         }
+    }
+
+    #[test]
+    fn workers_may_name_a_cuda_device() {
+        let text = GOOD.replace(
+            "[[workers]]\n        addr = \"127.0.0.1:2\"",
+            "[[workers]]\n        addr = \"127.0.0.1:2\"\n        device = \"cuda:1\"",
+        );
+        assert_eq!(parse(&text).unwrap().workers[0].device, "cuda:1");
     }
 
     #[test]

@@ -549,6 +549,8 @@ fn run_file(
             &w.addr,
             "--advertise",
             &w.addr,
+            "--device",
+            &w.device,
         ]);
         cluster.0.push(spawn(format!("worker {i}"), &a, w.threads)?);
     }

@@ -19,6 +19,7 @@ use switchyard_engine::cpu::ops;
 use switchyard_engine::cuda::{Gpu, GpuExperts, GpuGate, GpuRope, LatentCache};
 use switchyard_engine::model::experts::{ExpertGroup, RoutedExperts};
 use switchyard_engine::model::gate::Gate;
+use switchyard_engine::model::mlp::Mlp;
 use switchyard_engine::sampling::argmax;
 use switchyard_engine::synth::{self, SynthOptions};
 use switchyard_engine::{ModelConfig, Tensor};
@@ -77,6 +78,45 @@ fn gpu_experts_match_cpu_experts() {
             diff <= 1e-2 * scale.max(1.0),
             "{tokens} tokens: max |Δ| = {diff:e}"
         );
+    }
+}
+
+/// A layer's shared expert on the device (held as one expert, applied to chosen rows with
+/// unit weights, as a GPU worker runs it) gives the CPU MLP's rows.
+#[test]
+fn gpu_shared_expert_matches_cpu_mlp() {
+    let Some(gpu) = gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    synth::synth(dir.path(), &SynthOptions::default()).unwrap();
+    let config = ModelConfig::from_dir(dir.path()).unwrap();
+    let moe = config.moe.clone().unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let (h, i) = (
+        config.hidden_size,
+        moe.moe_intermediate_size * moe.n_shared_experts,
+    );
+    let prefix = format!("{}.shared_experts", moe.naming.block_prefix(1));
+    let cpu = Mlp::new(&ck, &prefix, h, i).unwrap();
+    let dev = GpuExperts::load_mlp(gpu, &ck, &prefix, 1, h, i).unwrap();
+    let tokens = 9;
+    let x = Tensor::from_f32(&[tokens, h], pseudo(tokens * h, 77)).unwrap();
+    let rows = vec![0u32, 3, 4, 8];
+    let group = ExpertGroup {
+        expert: 0,
+        rows: rows.clone(),
+        weights: vec![1.0; rows.len()],
+    };
+    let got = dev.forward_groups(&x, &[group]).unwrap().into_f32_vec();
+    let want = cpu.forward(&x).unwrap().into_f32_vec();
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for t in 0..tokens {
+        let (w, g) = (&want[t * h..(t + 1) * h], &got[t * h..(t + 1) * h]);
+        if rows.contains(&(t as u32)) {
+            let d = max_diff(w, g);
+            assert!(d <= 1e-2 * scale.max(1.0), "row {t}: max |Δ| {d:e}");
+        } else {
+            assert!(g.iter().all(|&v| v == 0.0), "row {t} was not asked for");
+        }
     }
 }
 

@@ -64,13 +64,21 @@ pub struct ExpertWorker {
     intermediate: usize,
     /// The checkpoint's MoE tensor names (DeepSeek / Qwen3-MoE or Mixtral).
     naming: MoeNaming,
-    /// Where the routed experts live and run (shared experts stay on the host).
+    /// Where the routed experts (and any shared experts) live and run.
     compute: Compute,
     /// Shared experts of the held layers, when this worker also runs them.
-    shared: BTreeMap<usize, Mlp>,
+    shared: BTreeMap<usize, SharedExpert>,
     max_message_bytes: usize,
     pub stats: WorkerStats,
     pub metrics: crate::metrics::WorkerMetrics,
+}
+
+/// A layer's shared expert, held where the worker's routed experts run.
+#[derive(Debug)]
+enum SharedExpert {
+    Host(Mlp),
+    #[cfg(feature = "cuda")]
+    Device(switchyard_engine::cuda::GpuExperts),
 }
 
 impl ExpertWorker {
@@ -151,15 +159,28 @@ impl ExpertWorker {
             return Err(WorkerError::Spec("the model has no shared experts".into()));
         }
         let ck = Checkpoint::open(dir)?;
+        let (hidden, intermediate) = (
+            config.hidden_size,
+            moe.moe_intermediate_size * moe.n_shared_experts,
+        );
         // Every MoE layer: under a coordinator the held layers change over time.
         for layer in config.moe_layers() {
-            let mlp = Mlp::new(
-                &ck,
-                &format!("{}.shared_experts", moe.naming.block_prefix(layer)),
-                config.hidden_size,
-                moe.moe_intermediate_size * moe.n_shared_experts,
-            )?;
-            self.shared.insert(layer, mlp);
+            let prefix = format!("{}.shared_experts", moe.naming.block_prefix(layer));
+            let shared = match &self.compute {
+                Compute::Cpu => SharedExpert::Host(Mlp::new(&ck, &prefix, hidden, intermediate)?),
+                #[cfg(feature = "cuda")]
+                Compute::Cuda(gpu) => {
+                    SharedExpert::Device(switchyard_engine::cuda::GpuExperts::load_mlp(
+                        gpu.clone(),
+                        &ck,
+                        &prefix,
+                        layer,
+                        hidden,
+                        intermediate,
+                    )?)
+                }
+            };
+            self.shared.insert(layer, shared);
         }
         Ok(self)
     }
@@ -273,7 +294,7 @@ impl ExpertWorker {
                 .collect(),
             hidden_size: self.hidden as u32,
             dtype: "bf16".into(),
-            device: "cpu".into(),
+            device: self.compute.device().to_string(),
             expert_bytes: self.expert_bytes() as u64,
             model: self.model.clone(),
             shared_expert_layers: self.shared.keys().map(|&l| l as u32).collect(),
@@ -342,24 +363,46 @@ impl ExpertWorker {
         x: &Tensor,
         out: &mut Tensor,
     ) -> Result<(), WorkerError> {
-        let mlp = self.shared.get(&layer).ok_or_else(|| {
+        let shared = self.shared.get(&layer).ok_or_else(|| {
             WorkerError::NotHeld(format!(
                 "the shared expert of layer {layer} is not held by this worker"
             ))
         })?;
         let (n, h) = x.dims2()?;
-        let xd = x.as_f32()?;
-        let mut gathered = Vec::with_capacity(rows.len() * h);
-        for &r in rows {
-            if r as usize >= n {
-                return Err(WorkerError::invalid(
-                    "shared_rows",
-                    format!("must be < rows ({n}), got {r}"),
-                ));
-            }
-            gathered.extend_from_slice(&xd[r as usize * h..(r as usize + 1) * h]);
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= n) {
+            return Err(WorkerError::invalid(
+                "shared_rows",
+                format!("must be < rows ({n}), got {r}"),
+            ));
         }
-        let y = mlp.forward(&Tensor::from_f32(&[rows.len(), h], gathered)?)?;
+        // [rows.len(), hidden], row j the MLP of x[rows[j]]
+        let y = match shared {
+            SharedExpert::Host(mlp) => {
+                let xd = x.as_f32()?;
+                let mut gathered = Vec::with_capacity(rows.len() * h);
+                for &r in rows {
+                    gathered.extend_from_slice(&xd[r as usize * h..(r as usize + 1) * h]);
+                }
+                mlp.forward(&Tensor::from_f32(&[rows.len(), h], gathered)?)?
+            }
+            // The device gathers the rows itself: one group of them, unit weights, gives
+            // [n, hidden] with the MLP in the listed rows (zeros elsewhere).
+            #[cfg(feature = "cuda")]
+            SharedExpert::Device(mlp) => {
+                let group = ExpertGroup {
+                    expert: 0,
+                    rows: rows.to_vec(),
+                    weights: vec![1.0; rows.len()],
+                };
+                let full = mlp.forward_groups(x, std::slice::from_ref(&group))?;
+                let fd = full.as_f32()?;
+                let mut picked = Vec::with_capacity(rows.len() * h);
+                for &r in rows {
+                    picked.extend_from_slice(&fd[r as usize * h..(r as usize + 1) * h]);
+                }
+                Tensor::from_f32(&[rows.len(), h], picked)?
+            }
+        };
         let (yd, od) = (y.as_f32()?, out.as_f32_mut()?);
         for (j, &r) in rows.iter().enumerate() {
             for (o, v) in od[r as usize * h..(r as usize + 1) * h]

@@ -58,6 +58,23 @@ fn bf16_bits(t: Tensor) -> Result<Vec<u16>> {
     }
 }
 
+/// An MLP's weights at `prefix` as bf16 bits: gate rows then up rows, and down.
+fn load_mlp_bits(
+    ck: &Checkpoint,
+    prefix: &str,
+    [gate, up, down]: [&str; 3],
+    hidden: usize,
+    intermediate: usize,
+) -> Result<(Vec<u16>, Vec<u16>)> {
+    let w = |name: &str, shape: &[usize]| {
+        ck.load(&format!("{prefix}.{name}.weight"), shape, Precision::Bf16)
+            .and_then(bf16_bits)
+    };
+    let mut gate_up = w(gate, &[intermediate, hidden])?;
+    gate_up.extend(w(up, &[intermediate, hidden])?);
+    Ok((gate_up, w(down, &[hidden, intermediate])?))
+}
+
 impl GpuExperts {
     /// Loads `experts` of `layer` from the checkpoint onto `gpu` (bf16).
     pub fn load(
@@ -70,20 +87,39 @@ impl GpuExperts {
         intermediate: usize,
     ) -> Result<GpuExperts> {
         let prefix = naming.block_prefix(layer);
-        let [gate, up, down] = naming.projections;
         let mut loaded = GpuExperts::from_host(gpu, layer, hidden, intermediate, [])?;
         for &e in experts {
-            let p = format!("{prefix}.experts.{e}");
-            let w = |name: &str, shape: &[usize]| {
-                ck.load(&format!("{p}.{name}.weight"), shape, Precision::Bf16)
-                    .and_then(bf16_bits)
-            };
-            let mut gate_up = w(gate, &[intermediate, hidden])?;
-            gate_up.extend(w(up, &[intermediate, hidden])?);
-            let down = w(down, &[hidden, intermediate])?;
+            let (gate_up, down) = load_mlp_bits(
+                ck,
+                &format!("{prefix}.experts.{e}"),
+                naming.projections,
+                hidden,
+                intermediate,
+            )?;
             loaded.insert(e, &gate_up, &down)?;
         }
         Ok(loaded)
+    }
+
+    /// One SwiGLU MLP at `prefix` (a layer's shared experts, `….mlp.shared_experts`, with
+    /// `gate_proj` / `up_proj` / `down_proj`) held as expert `0`: one group of rows with unit
+    /// weights then gives the MLP of those rows.
+    pub fn load_mlp(
+        gpu: Arc<Gpu>,
+        ck: &Checkpoint,
+        prefix: &str,
+        layer: usize,
+        hidden: usize,
+        intermediate: usize,
+    ) -> Result<GpuExperts> {
+        let (gate_up, down) = load_mlp_bits(
+            ck,
+            prefix,
+            crate::model::mlp::PROJECTIONS,
+            hidden,
+            intermediate,
+        )?;
+        GpuExperts::from_host(gpu, layer, hidden, intermediate, [(0, gate_up, down)])
     }
 
     /// Experts from host weights as bf16 bits: per expert, gate rows then up rows
