@@ -1,14 +1,17 @@
-//! The CUDA backend (feature `cuda`): a device context with cuBLAS and NVRTC-compiled kernels,
-//! and the routed experts of a layer held and run on the device.
+//! The CUDA backend (feature `cuda`): a device context with cuBLAS and NVRTC-compiled kernels
+//! (`kernels.cu`), the routed experts of a layer held and run on the device (`experts`), and
+//! device twins of the router's ops (`ops`).
 //!
 //! Everything is loaded at run time through `cudarc`'s dynamic loading, so the crate builds on
 //! machines without CUDA. `cudarc` panics when a library it needs is missing, so [`Gpu::open`]
 //! probes the driver, cuBLAS and NVRTC libraries first and turns their absence, a missing
 //! device or a failed call into [`EngineError::Device`] naming the device and the cause.
 //!
-//! GEMMs are cuBLAS `GemmEx` with bf16 operands and f32 accumulation and output, the rounding
-//! points of the CPU path (activations become bf16 before each GEMM). The kernels are compiled
-//! from source strings at start-up (no `nvcc` at build time) and use no CUDA headers.
+//! Expert GEMMs are cuBLAS `GemmBatchedEx` with bf16 operands and f32 accumulation and output,
+//! the rounding points of the CPU path (activations become bf16 before each GEMM); the gate's
+//! logits are an f32 `GemmEx`, as the CPU computes them in f32. The kernels are compiled from source at
+//! start-up (no `nvcc` at build time) and use no CUDA headers, which also lets
+//! `engine/tests/kernels_on_cpu.rs` build them with g++ and run them on the CPU.
 
 mod experts;
 mod ops;
@@ -142,7 +145,10 @@ impl Gpu {
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| device_err(ordinal, "creating a cuBLAS handle", e))?;
-        let ptx = compile_kernels().map_err(|e| device_err(ordinal, "kernels", e))?;
+        let ptx = compile_kernels().map_err(|e| match e {
+            EngineError::Device(m) => EngineError::Device(format!("cuda:{ordinal}: {m}")),
+            e => e,
+        })?;
         let module = ctx
             .load_module(ptx)
             .map_err(|e| device_err(ordinal, "loading kernels", e))?;
