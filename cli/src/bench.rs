@@ -38,6 +38,10 @@ pub struct BenchArgs {
     /// With --workers: where the workers run their experts (`cpu` or `cuda:N`).
     #[arg(long, default_value = "cpu")]
     worker_device: switchyard_engine::Device,
+    /// Where the model's projections, dense FFNs, shared experts and LM head run, in the
+    /// single-process run and in the router (`cpu` or `cuda:N`), as `router --device`.
+    #[arg(long, default_value = "cpu")]
+    router_device: switchyard_engine::Device,
     #[command(flatten)]
     dispatch: DispatchArgs,
     /// Print the report as JSON.
@@ -149,8 +153,11 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         gen_len: args.gen_len,
         seed: args.seed,
     };
-    let model = CausalLm::load(&args.model, &LoadOptions::default())
+    let compute = switchyard_engine::tensor::Compute::open(args.router_device)
+        .with_context(|| format!("opening --router-device {}", args.router_device))?;
+    let mut model = CausalLm::load(&args.model, &LoadOptions::default())
         .with_context(|| format!("loading {}", args.model.display()))?;
+    model.offload(&compute)?;
     let local = bench::run(&model, &bench_options)?;
     if args.workers == 0 {
         if args.json {
@@ -174,12 +181,13 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         .context("the model has no routed experts")?;
     let has_shared = moe.n_shared_experts > 0;
     let (_nodes, addrs) = start_workers(&args, moe.n_routed_experts, has_shared)?;
-    let router = CausalLm::load(
+    let mut router = CausalLm::load(
         &args.model,
         &LoadOptions {
             experts: ExpertSelection::None,
         },
     )?;
+    router.offload(&compute)?;
     // Both placements of the shared expert, when the model has one.
     let modes: &[bool] = if has_shared { &[false, true] } else { &[false] };
     let mut runs = Vec::new();

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use switchyard_engine::ModelConfig;
 use switchyard_engine::model::{CausalLm, ExpertSelection, LoadOptions};
+use switchyard_engine::tensor::Compute;
 use switchyard_engine::tokenizer::TextTokenizer;
 use switchyard_proto::v1::Dtype;
 use switchyard_router::RemoteExperts;
@@ -186,6 +187,11 @@ pub struct RouterArgs {
     /// Also serve the OpenAI-compatible HTTP API on this address; port 0 picks a free port.
     #[arg(long, env = "SWITCHYARD_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
+    /// Where the router's projections, dense FFNs, shared experts and LM head run: `cpu`, or
+    /// `cuda:N` (a binary built with `--features cuda`; checked at start-up, before anything
+    /// loads). Attention over the KV cache, norms, RoPE, the gate and sampling stay on the CPU.
+    #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu")]
+    device: switchyard_engine::Device,
     #[command(flatten)]
     dispatch: DispatchArgs,
     #[command(flatten)]
@@ -193,6 +199,8 @@ pub struct RouterArgs {
 }
 
 pub fn run(args: RouterArgs) -> anyhow::Result<()> {
+    let compute =
+        Compute::open(args.device).with_context(|| format!("opening --device {}", args.device))?;
     let metrics = RouterMetrics::new();
     let options = args.serve.options(&args.model, metrics.clone())?;
     let dispatch = DispatchOptions {
@@ -209,13 +217,16 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
     if !dense && args.coordinator.is_none() && args.workers.is_empty() {
         bail!("the model has routed experts: give --workers ADDR,... or --coordinator ADDR");
     }
-    let model = CausalLm::load(
+    let mut model = CausalLm::load(
         &args.model,
         &LoadOptions {
             experts: ExpertSelection::None,
         },
     )
     .with_context(|| format!("loading {}", args.model.display()))?;
+    model
+        .offload(&compute)
+        .with_context(|| format!("moving the model's projections to {}", args.device))?;
     let tokenizer = TextTokenizer::from_dir(&args.model)
         .with_context(|| format!("loading the tokenizer of {}", args.model.display()))?
         .map(Arc::new);

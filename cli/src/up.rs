@@ -39,6 +39,10 @@ pub struct UpArgs {
         conflicts_with = "workers"
     )]
     gpus: Vec<usize>,
+    /// Where each router runs its projections, dense FFNs, shared experts and LM head (`cpu`
+    /// or `cuda:N`; passed on as `router --device`).
+    #[arg(long, env = "SWITCHYARD_ROUTER_DEVICE", default_value = "cpu")]
+    router_device: switchyard_engine::Device,
     /// Memory each worker offers for expert weights.
     #[arg(long, env = "SWITCHYARD_WORKER_MEMORY", default_value = "64GiB", value_parser = switchyard_coordinator::capacity::parse_bytes)]
     worker_memory: u64,
@@ -274,6 +278,7 @@ pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("--gpus: device {gpu}"))?;
         }
     }
+    args.router_device.check().context("--router-device")?;
     if args.workers == 0 {
         bail!("--workers must be >= 1, got 0");
     }
@@ -336,6 +341,8 @@ pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
             &args.dispatch.expert_deadline_ms.to_string(),
             "--expert-calls",
             &args.dispatch.expert_calls,
+            "--device",
+            &args.router_device.to_string(),
         ]
         .map(String::from)
         .to_vec();
@@ -578,6 +585,8 @@ fn run_file(
             &args.dispatch.shared_expert_on,
             "--expert-calls",
             &args.dispatch.expert_calls,
+            "--device",
+            &args.router_device.to_string(),
         ]));
         a.extend(args.serve.to_args());
         if let Some(http) = &r.http {

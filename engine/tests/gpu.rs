@@ -20,8 +20,10 @@ use switchyard_engine::cuda::{Gpu, GpuExperts, GpuGate, GpuRope, LatentCache};
 use switchyard_engine::model::experts::{ExpertGroup, RoutedExperts};
 use switchyard_engine::model::gate::Gate;
 use switchyard_engine::model::mlp::Mlp;
+use switchyard_engine::model::{CausalLm, ForwardOptions, LoadOptions, SeqInput};
 use switchyard_engine::sampling::argmax;
-use switchyard_engine::synth::{self, SynthOptions};
+use switchyard_engine::synth::{self, SynthDType, SynthOptions};
+use switchyard_engine::tensor::Compute;
 use switchyard_engine::{ModelConfig, Tensor};
 
 fn gpu() -> Option<Arc<Gpu>> {
@@ -117,6 +119,62 @@ fn gpu_shared_expert_matches_cpu_mlp() {
         } else {
             assert!(g.iter().all(|&v| v == 0.0), "row {t} was not asked for");
         }
+    }
+}
+
+/// A model whose projections, dense FFNs, shared experts and LM head run on the device
+/// (`router --device cuda:N`) gives the host model's logits and greedy tokens: DeepSeek (MLA,
+/// shared experts) in bf16 and f32, and Llama (GQA, tied embeddings) in bf16.
+#[test]
+fn offloaded_model_matches_the_host_model() {
+    let Some(gpu) = gpu() else { return };
+    let compute = Compute::Cuda(gpu);
+    for (preset, dtype) in [
+        ("tiny", SynthDType::Bf16),
+        ("tiny", SynthDType::F32),
+        ("tiny-llama", SynthDType::Bf16),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SynthOptions {
+            preset: preset.into(),
+            dtype,
+            ..Default::default()
+        };
+        synth::synth(dir.path(), &options).unwrap();
+        let host = CausalLm::load(dir.path(), &LoadOptions::default()).unwrap();
+        let mut dev = CausalLm::load(dir.path(), &LoadOptions::default()).unwrap();
+        dev.offload(&compute).unwrap();
+        let prompt = [1u32, 17, 42, 5, 9, 100, 3];
+        let run = |model: &CausalLm| {
+            let mut cache = model.new_cache(prompt.len() + 4);
+            let mut logits = Vec::new();
+            let mut tokens = prompt.to_vec();
+            let mut fed = 0;
+            for _ in 0..4 {
+                let out = model
+                    .forward(
+                        &mut [SeqInput {
+                            tokens: &tokens[fed..],
+                            cache: &mut cache,
+                        }],
+                        &ForwardOptions::default(),
+                    )
+                    .unwrap()
+                    .logits
+                    .into_f32_vec();
+                fed = tokens.len();
+                tokens.push(argmax(&out) as u32);
+                logits.extend(out);
+            }
+            (logits, tokens)
+        };
+        let (want, want_tokens) = run(&host);
+        let (got, got_tokens) = run(&dev);
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = max_diff(&want, &got);
+        eprintln!("{preset} {dtype:?} offloaded: logits max |Δ| {d:e} of {scale:e}");
+        assert!(d <= 1e-2 * scale.max(1.0), "{preset} {dtype:?}: {d:e}");
+        assert_eq!(want_tokens, got_tokens, "{preset} {dtype:?}");
     }
 }
 

@@ -33,12 +33,12 @@ echo "== benchmark: one expert layer at DeepSeek-V3's shape, 1..256 rows per exp
 timeout 120 cargo test --release --locked -p switchyard-engine --features cuda --test gpu \
     expert_layer_throughput -- --ignored --nocapture
 
-echo "== benchmark: router + one worker, experts on cuda:0, then on the CPU (mini, bf16)"
+echo "== benchmark: mini (bf16) in one process and as router + one worker, on cuda:0 then on the CPU"
 model=target/gpu-bench/mini
 mkdir -p target/gpu-bench
 [ -f "$model/config.json" ] || timeout 120 target/release/switchyard synth --preset mini --dtype bf16 --out "$model"
 for device in cuda:0 cpu; do
-    echo "-- experts on $device"
+    echo "-- router projections and worker experts on $device"
     timeout 120 target/release/switchyard bench --model "$model" --batch 1,8,64 --prompt-len 64 --gen-len 32 \
-        --workers 1 --worker-threads 8 --worker-device "$device"
+        --workers 1 --worker-threads 8 --worker-device "$device" --router-device "$device"
 done

@@ -14,6 +14,7 @@
 //! `engine/tests/kernels_on_cpu.rs` build them with g++ and run them on the CPU.
 
 mod experts;
+mod linear;
 mod ops;
 
 use std::sync::{Arc, Mutex};
@@ -29,6 +30,7 @@ use cudarc::driver::{
 use crate::error::{EngineError, Result};
 
 pub use experts::GpuExperts;
+pub use linear::DeviceMatrix;
 pub use ops::{GpuGate, GpuRope, LatentCache};
 
 /// The kernels, as CUDA C compiled by NVRTC (see the file for what each mirrors on the CPU).
@@ -263,6 +265,20 @@ impl Gpu {
             .map_err(|e| self.err("allocating device memory", e))
     }
 
+    /// `c[m, n] = a[m, k] · b[n, k]ᵀ` with `a` and `b` bf16 (bits), f32 accumulation and `c`
+    /// f32 (overwritten).
+    pub(crate) fn gemm_bf16_f32(
+        &self,
+        a: &CudaSlice<u16>,
+        m: usize,
+        k: usize,
+        b: &CudaSlice<u16>,
+        n: usize,
+        c: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.gemm_checked(a, b, c, GemmShape { m, n, k }, cudaDataType_t::CUDA_R_16BF)
+    }
+
     /// `c[m, n] = a[m, k] · b[n, k]ᵀ` in f32 throughout (the gate's logits, as the CPU computes
     /// them in f32).
     pub fn gemm_f32(
@@ -274,6 +290,19 @@ impl Gpu {
         n: usize,
         c: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        self.gemm_checked(a, b, c, GemmShape { m, n, k }, cudaDataType_t::CUDA_R_32F)
+    }
+
+    /// [`gemm_raw`](Self::gemm_raw) on buffers checked to hold the shape.
+    fn gemm_checked<T>(
+        &self,
+        a: &CudaSlice<T>,
+        b: &CudaSlice<T>,
+        c: &mut CudaSlice<f32>,
+        shape: GemmShape,
+        input: cudaDataType_t,
+    ) -> Result<()> {
+        let GemmShape { m, n, k } = shape;
         for (what, have, need) in [
             ("a", a.len(), m * k),
             ("b", b.len(), n * k),
@@ -289,18 +318,27 @@ impl Gpu {
         let (a_ptr, _a) = a.device_ptr(&self.stream);
         let (b_ptr, _b) = b.device_ptr(&self.stream);
         let (c_ptr, _c) = c.device_ptr_mut(&self.stream);
-        // SAFETY: sizes checked above.
-        unsafe { self.gemm_raw_f32(a_ptr, b_ptr, c_ptr, GemmShape { m, n, k }) }
+        // SAFETY: sizes checked above; the callers pair `input` with `T`.
+        unsafe { self.gemm_raw(a_ptr, b_ptr, c_ptr, shape, input) }
     }
 
-    /// One row-major f32 GEMM `c[m, n] = a[m, k] · b[n, k]ᵀ`.
+    /// One row-major GEMM `c[m, n] = a[m, k] · b[n, k]ᵀ`, `a` and `b` of type `input`, f32
+    /// accumulation and `c`.
     ///
     /// cuBLAS is column-major: row-major `c` is column-major `cᵀ [n, m] = b · aᵀ`, so `b` goes
     /// first, transposed.
     ///
     /// # Safety
-    /// The pointers are device buffers of this context holding m·k, n·k and m·n f32s.
-    unsafe fn gemm_raw_f32(&self, a: u64, b: u64, c: u64, shape: GemmShape) -> Result<()> {
+    /// The pointers are device buffers of this context holding m·k and n·k elements of
+    /// `input` and m·n f32s.
+    unsafe fn gemm_raw(
+        &self,
+        a: u64,
+        b: u64,
+        c: u64,
+        shape: GemmShape,
+        input: cudaDataType_t,
+    ) -> Result<()> {
         let Some((m, n, k)) = shape.dims(self)? else {
             return Ok(());
         };
@@ -317,10 +355,10 @@ impl Gpu {
                 k,
                 (&alpha) as *const f32 as *const _,
                 b as *const _,
-                cudaDataType_t::CUDA_R_32F,
+                input,
                 k,
                 a as *const _,
-                cudaDataType_t::CUDA_R_32F,
+                input,
                 k,
                 (&beta) as *const f32 as *const _,
                 c as *mut _,

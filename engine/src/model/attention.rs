@@ -390,6 +390,23 @@ impl MlaAttention {
         Ok(())
     }
 
+    /// Moves the projections onto `compute`; the per-head W_UK / W_UV, used by attention over
+    /// the cache, stay on the host with it.
+    pub fn offload(&mut self, compute: &crate::tensor::Compute) -> Result<()> {
+        match &mut self.q {
+            QProj::Lora { a, b, .. } => {
+                a.offload(compute)?;
+                b.offload(compute)?;
+            }
+            QProj::Direct(p) => {
+                p.offload(compute)?;
+            }
+        }
+        self.kv_a.offload(compute)?;
+        self.o.offload(compute)?;
+        Ok(())
+    }
+
     /// Bytes of weights held.
     pub fn size_in_bytes(&self) -> usize {
         let q = match &self.q {

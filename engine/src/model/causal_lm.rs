@@ -93,6 +93,9 @@ enum Ffn {
     Moe(Box<Moe>),
 }
 
+// One per layer, built once and never moved in the forward pass: the variants' sizes differ
+// by a few hundred bytes of handles, not by the weights (those are on the heap or device).
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Attention {
     Mla(MlaAttention),
@@ -247,6 +250,34 @@ impl CausalLm {
             layers,
             lm_head,
         })
+    }
+
+    /// Moves the model's projections, dense FFNs, shared experts and LM head onto `compute`
+    /// (`router --device cuda:N`); attention over the cache, norms, RoPE, the gate and
+    /// sampling stay on the host, and routed experts stay where they were loaded (expert
+    /// workers hold theirs on their own devices). A tied LM head keeps its host copy as the
+    /// embedding table.
+    pub fn offload(&mut self, compute: &crate::tensor::Compute) -> Result<()> {
+        for layer in &mut self.layers {
+            match &mut layer.attn {
+                Attention::Mla(a) => a.offload(compute)?,
+                Attention::Gqa(a) => a.offload(compute)?,
+            }
+            match &mut layer.ffn {
+                Ffn::Dense(mlp) => mlp.offload(compute)?,
+                Ffn::Moe(moe) => {
+                    if let Some(shared) = &mut moe.shared {
+                        shared.offload(compute)?;
+                    }
+                }
+            }
+        }
+        if let Some(table) = self.lm_head.offload(compute)?
+            && self.embed.is_none()
+        {
+            self.embed = Some(table);
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -448,7 +479,12 @@ impl CausalLm {
     fn embed_tokens(&self, ids: impl Iterator<Item = u32>, tokens: usize) -> Result<Tensor> {
         let h = self.config.hidden_size;
         let mut out = Vec::with_capacity(tokens * h);
-        let table = self.embed.as_ref().unwrap_or_else(|| self.lm_head.weight());
+        // Tied embeddings read the LM head's weight; `offload` keeps a host copy in `embed`.
+        let table = self
+            .embed
+            .as_ref()
+            .or(self.lm_head.host_weight())
+            .ok_or_else(|| EngineError::Shape("no host embedding table".into()))?;
         match table.cpu_storage() {
             CpuStorage::Bf16Packed(p) => {
                 for id in ids {

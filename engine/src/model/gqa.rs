@@ -241,6 +241,13 @@ impl GqaAttention {
     }
 
     /// Bytes of weights held.
+    /// Moves the projections onto `compute`; attention over the cache stays on the host.
+    pub fn offload(&mut self, compute: &crate::tensor::Compute) -> Result<()> {
+        self.qkv.offload(compute)?;
+        self.o.offload(compute)?;
+        Ok(())
+    }
+
     pub fn size_in_bytes(&self) -> usize {
         self.qkv.size_in_bytes() + self.o.size_in_bytes()
     }

@@ -3,19 +3,31 @@
 use crate::checkpoint::{Checkpoint, Precision};
 use crate::cpu::{self, ops};
 use crate::error::Result;
-use crate::tensor::Tensor;
+use crate::tensor::{Compute, Tensor};
 
-/// `y = x · Wᵀ` with `W: [out_features, in_features]` kept in checkpoint precision.
+/// `y = x · Wᵀ` with `W: [out_features, in_features]` kept in checkpoint precision, in host
+/// memory or (after [`offload`](Linear::offload)) on a device.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    out_features: usize,
+    in_features: usize,
+    weight: Weight,
+}
+
+#[derive(Debug, Clone)]
+enum Weight {
+    Host(Tensor),
+    #[cfg(feature = "cuda")]
+    Device(std::sync::Arc<crate::cuda::DeviceMatrix>),
 }
 
 impl Linear {
     pub fn new(weight: Tensor) -> Result<Linear> {
-        weight.dims2()?;
+        let (out_features, in_features) = weight.dims2()?;
         Ok(Linear {
-            weight: weight.pack_for_matmul(),
+            out_features,
+            in_features,
+            weight: Weight::Host(weight.pack_for_matmul()),
         })
     }
 
@@ -29,27 +41,62 @@ impl Linear {
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.shape()[0]
+        self.out_features
     }
 
     pub fn in_features(&self) -> usize {
-        self.weight.shape()[1]
+        self.in_features
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The weight when it is in host memory.
+    pub fn host_weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            Weight::Host(w) => Some(w),
+            #[cfg(feature = "cuda")]
+            Weight::Device(_) => None,
+        }
     }
 
+    /// Bytes of weight held, wherever it is.
     pub fn size_in_bytes(&self) -> usize {
-        self.weight.size_in_bytes()
+        match &self.weight {
+            Weight::Host(w) => w.size_in_bytes(),
+            #[cfg(feature = "cuda")]
+            Weight::Device(d) => d.size_in_bytes(),
+        }
+    }
+
+    /// Moves the weight onto `compute` (nothing to do for the host) and hands back the host
+    /// copy it replaced, for a caller that still needs it (a tied embedding table).
+    pub fn offload(&mut self, compute: &Compute) -> Result<Option<Tensor>> {
+        match compute {
+            Compute::Cpu => Ok(None),
+            #[cfg(feature = "cuda")]
+            Compute::Cuda(gpu) => {
+                let Weight::Host(w) = &self.weight else {
+                    return Ok(None);
+                };
+                let device = crate::cuda::DeviceMatrix::upload(gpu.clone(), w)?;
+                match std::mem::replace(&mut self.weight, Weight::Device(device.into())) {
+                    Weight::Host(w) => Ok(Some(w)),
+                    Weight::Device(_) => Ok(None),
+                }
+            }
+        }
     }
 
     /// `x: [tokens, in] → [tokens, out]`
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (tokens, _) = x.dims2()?;
-        let mut out = Tensor::zeros(&[tokens, self.out_features()]);
-        cpu::matmul_t(x.as_f32()?, tokens, &self.weight, out.as_f32_mut()?)?;
-        Ok(out)
+        match &self.weight {
+            Weight::Host(w) => {
+                let (tokens, _) = x.dims2()?;
+                let mut out = Tensor::zeros(&[tokens, self.out_features]);
+                cpu::matmul_t(x.as_f32()?, tokens, w, out.as_f32_mut()?)?;
+                Ok(out)
+            }
+            #[cfg(feature = "cuda")]
+            Weight::Device(d) => d.forward(x),
+        }
     }
 }
 

@@ -21,6 +21,13 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// Moves both projections onto `compute`.
+    pub fn offload(&mut self, compute: &crate::tensor::Compute) -> Result<()> {
+        self.gate_up.offload(compute)?;
+        self.down.offload(compute)?;
+        Ok(())
+    }
+
     /// Loads a SwiGLU block from `{prefix}.gate_proj`, `.up_proj`, `.down_proj`.
     pub fn new(ck: &Checkpoint, prefix: &str, hidden: usize, intermediate: usize) -> Result<Mlp> {
         Mlp::load(
