@@ -124,7 +124,7 @@ fn gpu_shared_expert_matches_cpu_mlp() {
 
 /// A model whose projections, dense FFNs, shared experts and LM head run on the device
 /// (`router --device cuda:N`) gives the host model's logits and greedy tokens: DeepSeek (MLA,
-/// shared experts) in bf16 and f32, and Llama (GQA, tied embeddings) in bf16.
+/// shared experts) in bf16 and f32, Llama (GQA, tied embeddings) and Gemma 3 (GeGLU) in bf16.
 #[test]
 fn offloaded_model_matches_the_host_model() {
     let Some(gpu) = gpu() else { return };
@@ -133,6 +133,7 @@ fn offloaded_model_matches_the_host_model() {
         ("tiny", SynthDType::Bf16),
         ("tiny", SynthDType::F32),
         ("tiny-llama", SynthDType::Bf16),
+        ("tiny-gemma3", SynthDType::Bf16),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let options = SynthOptions {

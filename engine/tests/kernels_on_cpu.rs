@@ -85,7 +85,8 @@ fn bits(v: &[f32]) -> Vec<u16> {
 }
 
 type GatherFn = unsafe extern "C" fn(u32, u32, u32, *const u16, *const i32, *mut u16, i32, i32);
-type SiluMulFn = unsafe extern "C" fn(u32, u32, u32, *const f32, *mut u16, i32, i32);
+type GluBf16Fn = unsafe extern "C" fn(u32, u32, u32, *const f32, *mut u16, i32, i32, i32);
+type GluF32Fn = unsafe extern "C" fn(u32, u32, u32, *const f32, *mut f32, i32, i32, i32);
 type CombineFn = unsafe extern "C" fn(
     u32,
     u32,
@@ -187,26 +188,52 @@ fn expert_kernels_gather_activate_and_combine() {
         );
     }
 
+    // The gated activations, SwiGLU and GeGLU, rounded to bf16 or kept in f32: bit for bit
+    // the CPU's (same operations in the same order, the same libm).
     let inter = 24;
     let gu: Vec<f32> = pseudo(n * 2 * inter, 2).iter().map(|v| v * 6.0).collect();
-    let mut act = vec![0u16; n * inter];
-    let silu = emu.kernel::<SiluMulFn>("silu_mul_bf16");
-    // SAFETY: as above.
-    unsafe {
-        silu(
-            blocks(n * inter),
-            1,
-            THREADS,
-            gu.as_ptr(),
-            act.as_mut_ptr(),
-            n as i32,
-            inter as i32,
-        )
-    };
-    for r in 0..n {
-        let mut g = gu[r * 2 * inter..r * 2 * inter + inter].to_vec();
-        ops::silu_mul_inplace(&mut g, &gu[r * 2 * inter + inter..(r + 1) * 2 * inter]);
-        assert_eq!(act[r * inter..(r + 1) * inter], bits(&g)[..], "row {r}");
+    let glu_bf16 = emu.kernel::<GluBf16Fn>("glu_bf16");
+    let glu_f32 = emu.kernel::<GluF32Fn>("glu_f32");
+    for gelu in [0, 1] {
+        let mut want = Vec::with_capacity(n * inter);
+        for r in 0..n {
+            let mut g = gu[r * 2 * inter..r * 2 * inter + inter].to_vec();
+            let u = &gu[r * 2 * inter + inter..(r + 1) * 2 * inter];
+            if gelu == 1 {
+                ops::gelu_tanh_mul_inplace(&mut g, u);
+            } else {
+                ops::silu_mul_inplace(&mut g, u);
+            }
+            want.extend(g);
+        }
+        let mut act = vec![0u16; n * inter];
+        let mut act32 = vec![f32::NAN; n * inter];
+        let (grid, n_i, inter_i) = (blocks(n * inter), n as i32, inter as i32);
+        // SAFETY: as above.
+        unsafe {
+            glu_bf16(
+                grid,
+                1,
+                THREADS,
+                gu.as_ptr(),
+                act.as_mut_ptr(),
+                n_i,
+                inter_i,
+                gelu,
+            );
+            glu_f32(
+                grid,
+                1,
+                THREADS,
+                gu.as_ptr(),
+                act32.as_mut_ptr(),
+                n_i,
+                inter_i,
+                gelu,
+            );
+        };
+        assert_eq!(act, bits(&want), "gelu={gelu}");
+        assert_eq!(act32, want, "gelu={gelu}");
     }
 
     // Laid-out rows 0..7; token t sums the rows listed for it.

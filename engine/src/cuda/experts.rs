@@ -288,8 +288,13 @@ impl GpuExperts {
                 Ok(())
             };
             project(0, 2 * inter, h)?;
-            let mut b = stream.launch_builder(&gpu.kernels.silu_mul_bf16);
-            b.arg(&gu).arg(&mut act).arg(&total_i).arg(&inter_i);
+            let silu = 0i32;
+            let mut b = stream.launch_builder(&gpu.kernels.glu_bf16);
+            b.arg(&gu)
+                .arg(&mut act)
+                .arg(&total_i)
+                .arg(&inter_i)
+                .arg(&silu);
             // SAFETY: reads total·2·inter, writes total·inter elements.
             unsafe { b.launch(launch_config(total * inter)?) }.map_err(|e| gpu.err("swiglu", e))?;
             project(3, h, inter)?;

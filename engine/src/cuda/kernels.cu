@@ -65,14 +65,29 @@ extern "C" __global__ void gather_rows_bf16(const unsigned short* x, const int* 
     }
 }
 
-// out[r, c] = silu(gu[r, c]) * gu[r, inter + c] as bf16; gu is f32 [n, 2 * inter].
-extern "C" __global__ void silu_mul_bf16(const float* gu, unsigned short* out, int n, int inter) {
+// The gated activation of one element: silu(g) · u, or (gelu) GeGLU with the tanh GELU
+// (CPU: cpu::ops::silu_mul_inplace / gelu_tanh_mul_inplace, same operation order).
+__device__ __forceinline__ float glu(float g, float u, int gelu) {
+    if (gelu) return 0.5f * g * (1.0f + tanhf(0.7978846f * (g + 0.044715f * g * g * g))) * u;
+    return g / (1.0f + expf(-g)) * u;
+}
+
+// out[r, c] = glu(gu[r, c], gu[r, inter + c]) as bf16; gu is f32 [n, 2 * inter] (gate | up).
+extern "C" __global__ void glu_bf16(const float* gu, unsigned short* out, int n, int inter,
+                                    int gelu) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < (long)n * inter) {
         long r = i / inter, c = i % inter;
-        float g = gu[r * 2 * inter + c];
-        float u = gu[r * 2 * inter + inter + c];
-        out[i] = f32_to_bf16(g / (1.0f + expf(-g)) * u);
+        out[i] = f32_to_bf16(glu(gu[r * 2 * inter + c], gu[r * 2 * inter + inter + c], gelu));
+    }
+}
+
+// As glu_bf16, kept in f32 (for f32 weights, whose GEMMs take f32 activations).
+extern "C" __global__ void glu_f32(const float* gu, float* out, int n, int inter, int gelu) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (long)n * inter) {
+        long r = i / inter, c = i % inter;
+        out[i] = glu(gu[r * 2 * inter + c], gu[r * 2 * inter + inter + c], gelu);
     }
 }
 

@@ -4,15 +4,16 @@
 //! Weights keep their checkpoint precision — bf16 ones run as bf16 × bf16 GEMMs with f32
 //! accumulation on activations rounded to bf16 (the CPU's packed-kernel rounding points), f32
 //! ones as f32 GEMMs — so the device gives the CPU's results within summation order. Each call
-//! uploads its activations and downloads its output: the ops between the GEMMs (attention over
-//! the cache, norms, RoPE, the gate, sampling) still run on the host.
+//! uploads its activations and downloads its output (an MLP's two projections and its gated
+//! activation run as one device call): the ops between them (attention over the cache, norms,
+//! RoPE, the gate, sampling) still run on the host.
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::bf16;
 
-use crate::cuda::Gpu;
+use crate::cuda::{Gpu, i32_of, launch_config};
 use crate::error::{EngineError, Result};
 use crate::tensor::{CpuStorage, Tensor};
 
@@ -68,8 +69,65 @@ impl DeviceMatrix {
         self.out_features * self.in_features * per
     }
 
-    /// `x: [tokens, in]` (host) → `[tokens, out]` (host).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// A gated MLP on the device, `down(act(gate) · up)` with `gate_up: [2 · inter, hidden]`
+    /// (gate rows then up rows) and `down: [hidden, inter]`: one upload, two GEMMs around the
+    /// activation kernel (SwiGLU, or GeGLU with `gelu`), one download. The activation is
+    /// rounded to bf16 for a bf16 `down`, as the CPU's packed kernel rounds it.
+    pub fn mlp(
+        gate_up: &DeviceMatrix,
+        down: &DeviceMatrix,
+        x: &Tensor,
+        gelu: bool,
+    ) -> Result<Tensor> {
+        let (tokens, hidden) = x.dims2()?;
+        let inter = down.in_features;
+        if !Arc::ptr_eq(&gate_up.gpu, &down.gpu)
+            || gate_up.out_features != 2 * inter
+            || gate_up.in_features != hidden
+            || down.out_features != hidden
+        {
+            return Err(EngineError::Shape(format!(
+                "mlp of gate-and-up [{}, {}] and down [{}, {inter}] on one device for input width {hidden}",
+                gate_up.out_features, gate_up.in_features, down.out_features
+            )));
+        }
+        let gpu = &gate_up.gpu;
+        // SAFETY: the GEMMs and the activation kernel write all of gu, act and out before
+        // anything reads them (an empty batch returns first).
+        let mut out = unsafe { gpu.scratch::<f32>(tokens * hidden)? };
+        if tokens > 0 {
+            let mut gu = unsafe { gpu.scratch::<f32>(tokens * 2 * inter)? };
+            gate_up.gemm_into(x, &mut gu)?;
+            let (n, i) = (i32_of(tokens, "tokens")?, i32_of(inter, "intermediate")?);
+            let gelu = i32::from(gelu);
+            let cfg = launch_config(tokens * inter)?;
+            let stream = gpu.stream();
+            match &down.data {
+                Data::Bf16(w) => {
+                    let mut act = unsafe { gpu.scratch::<u16>(tokens * inter)? };
+                    let mut b = stream.launch_builder(&gpu.kernels.glu_bf16);
+                    b.arg(&gu).arg(&mut act).arg(&n).arg(&i).arg(&gelu);
+                    // SAFETY: reads tokens · 2 · inter, writes tokens · inter elements.
+                    unsafe { b.launch(cfg) }.map_err(|e| gpu.err("glu", e))?;
+                    gpu.gemm_bf16_f32(&act, tokens, inter, w, hidden, &mut out)?;
+                }
+                Data::F32(w) => {
+                    let mut act = unsafe { gpu.scratch::<f32>(tokens * inter)? };
+                    let mut b = stream.launch_builder(&gpu.kernels.glu_f32);
+                    b.arg(&gu).arg(&mut act).arg(&n).arg(&i).arg(&gelu);
+                    // SAFETY: as above.
+                    unsafe { b.launch(cfg) }.map_err(|e| gpu.err("glu", e))?;
+                    gpu.gemm_f32(&act, tokens, inter, w, hidden, &mut out)?;
+                }
+            }
+        }
+        let host = gpu.download(&out)?;
+        Tensor::from_f32(&[tokens, hidden], host[..tokens * hidden].to_vec())
+    }
+
+    /// `out[tokens, out_features] = x · Wᵀ` on the device, `x` uploaded in the weight's
+    /// precision.
+    fn gemm_into(&self, x: &Tensor, out: &mut CudaSlice<f32>) -> Result<()> {
         let (tokens, k) = x.dims2()?;
         if k != self.in_features {
             return Err(EngineError::Shape(format!(
@@ -77,22 +135,28 @@ impl DeviceMatrix {
                 self.in_features
             )));
         }
-        let n = self.out_features;
-        let gpu = &self.gpu;
-        // SAFETY: the GEMM writes all tokens · n elements (an empty product returns before
-        // reading it, and so does this function's slice of it).
-        let mut out = unsafe { gpu.scratch::<f32>(tokens * n)? };
-        if tokens > 0 && n > 0 {
-            let xd = x.as_f32()?;
-            match &self.data {
-                Data::Bf16(w) => {
-                    let xb: Vec<u16> = xd.iter().map(|v| bf16::from_f32(*v).to_bits()).collect();
-                    gpu.gemm_bf16_f32(&gpu.upload(&xb)?, tokens, k, w, n, &mut out)?;
-                }
-                Data::F32(w) => gpu.gemm_f32(&gpu.upload(xd)?, tokens, k, w, n, &mut out)?,
-            }
+        if tokens == 0 || self.out_features == 0 {
+            return Ok(());
         }
-        let host = gpu.download(&out)?;
+        let (gpu, n, xd) = (&self.gpu, self.out_features, x.as_f32()?);
+        match &self.data {
+            Data::Bf16(w) => {
+                let xb: Vec<u16> = xd.iter().map(|v| bf16::from_f32(*v).to_bits()).collect();
+                gpu.gemm_bf16_f32(&gpu.upload(&xb)?, tokens, k, w, n, out)
+            }
+            Data::F32(w) => gpu.gemm_f32(&gpu.upload(xd)?, tokens, k, w, n, out),
+        }
+    }
+
+    /// `x: [tokens, in]` (host) → `[tokens, out]` (host).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (tokens, _) = x.dims2()?;
+        let n = self.out_features;
+        // SAFETY: the GEMM writes all tokens · n elements (an empty product returns before
+        // anything reads it).
+        let mut out = unsafe { self.gpu.scratch::<f32>(tokens * n)? };
+        self.gemm_into(x, &mut out)?;
+        let host = self.gpu.download(&out)?;
         Tensor::from_f32(&[tokens, n], host[..tokens * n].to_vec())
     }
 }

@@ -37,9 +37,10 @@ pub use ops::{GpuGate, GpuRope, LatentCache};
 pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
 
 /// Every kernel the host launches, as named in [`KERNEL_SOURCE`].
-pub const KERNEL_NAMES: [&str; 10] = [
+pub const KERNEL_NAMES: [&str; 11] = [
     "gather_rows_bf16",
-    "silu_mul_bf16",
+    "glu_bf16",
+    "glu_f32",
     "combine_rows",
     "rms_norm_f32",
     "rope_f32",
@@ -73,7 +74,8 @@ fn device_err(ordinal: usize, what: &str, e: impl std::fmt::Display) -> EngineEr
 #[derive(Debug)]
 pub(crate) struct Kernels {
     pub(crate) gather_rows_bf16: CudaFunction,
-    pub(crate) silu_mul_bf16: CudaFunction,
+    pub(crate) glu_bf16: CudaFunction,
+    pub(crate) glu_f32: CudaFunction,
     pub(crate) combine_rows: CudaFunction,
     pub(crate) rms_norm_f32: CudaFunction,
     pub(crate) rope_f32: CudaFunction,
@@ -159,10 +161,11 @@ impl Gpu {
                 .load_function(name)
                 .map_err(|e| device_err(ordinal, &format!("kernel {name}"), e))
         };
-        let [a, b, c, d, e, f, g, h, i, j] = KERNEL_NAMES;
+        let [a, b, b2, c, d, e, f, g, h, i, j] = KERNEL_NAMES;
         let kernels = Kernels {
             gather_rows_bf16: load(a)?,
-            silu_mul_bf16: load(b)?,
+            glu_bf16: load(b)?,
+            glu_f32: load(b2)?,
             combine_rows: load(c)?,
             rms_norm_f32: load(d)?,
             rope_f32: load(e)?,

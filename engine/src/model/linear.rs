@@ -57,6 +57,15 @@ impl Linear {
         }
     }
 
+    /// The weight when it is on a device.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn device(&self) -> Option<&crate::cuda::DeviceMatrix> {
+        match &self.weight {
+            Weight::Device(d) => Some(d),
+            Weight::Host(_) => None,
+        }
+    }
+
     /// Bytes of weight held, wherever it is.
     pub fn size_in_bytes(&self) -> usize {
         match &self.weight {

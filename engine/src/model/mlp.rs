@@ -62,6 +62,12 @@ impl Mlp {
 
     /// `x: [tokens, hidden] → [tokens, hidden]`
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Offloaded: both projections and the activation in one device call.
+        #[cfg(feature = "cuda")]
+        if let (Some(gate_up), Some(down)) = (self.gate_up.device(), self.down.device()) {
+            let gelu = matches!(self.act, Activation::GeluTanh);
+            return crate::cuda::DeviceMatrix::mlp(gate_up, down, x, gelu);
+        }
         let (tokens, _) = x.dims2()?;
         // [tokens, 2 * intermediate]
         let gu = self.gate_up.forward(x)?;

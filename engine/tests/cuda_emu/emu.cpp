@@ -106,7 +106,9 @@ static void launch(void (*kernel)(Args...), unsigned gx, unsigned gy, unsigned b
 
 EMU(gather_rows_bf16, P(const unsigned short* x, const int* rows, unsigned short* out, int n, int h),
     P(x, rows, out, n, h))
-EMU(silu_mul_bf16, P(const float* gu, unsigned short* out, int n, int inter), P(gu, out, n, inter))
+EMU(glu_bf16, P(const float* gu, unsigned short* out, int n, int inter, int gelu),
+    P(gu, out, n, inter, gelu))
+EMU(glu_f32, P(const float* gu, float* out, int n, int inter, int gelu), P(gu, out, n, inter, gelu))
 EMU(combine_rows,
     P(const float* y, const int* offsets, const int* idx, const float* w, float* out, int tokens, int h),
     P(y, offsets, idx, w, out, tokens, h))
