@@ -9,8 +9,7 @@ use switchyard_engine::ModelConfig;
 #[derive(clap::Args, Debug)]
 pub struct PlanArgs {
     /// A preset name (`deepseek-v3`, `mini`, `qwen3-moe`, … see `synth --help`) or a
-    /// checkpoint directory; only its
-    /// config is read.
+    /// checkpoint directory; only its config is read.
     #[arg(long, env = "SWITCHYARD_MODEL")]
     model: String,
     /// Expert workers in the cluster.

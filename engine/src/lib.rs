@@ -2,8 +2,8 @@
 //! the model layers, and single-process generation.
 //!
 //! The router, the expert workers and the command line build on this crate; it knows nothing of
-//! networks. The CPU backend runs everything; with the `cuda` feature, the `cuda` module runs routed
-//! experts on a CUDA device (`Device::Cuda`).
+//! networks. The CPU backend runs everything; with the `cuda` feature, the `cuda` module runs
+//! routed experts, and the router's projections and FFNs, on a CUDA device (`Device::Cuda`).
 
 pub mod bench;
 pub mod checkpoint;

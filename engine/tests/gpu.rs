@@ -14,7 +14,7 @@ use std::time::Instant;
 use common::{MlaCase, ROPE_POSITIONS, gate_bias, gate_flavours, max_diff, moe, pseudo};
 use half::bf16;
 use switchyard_engine::checkpoint::Checkpoint;
-use switchyard_engine::config::MoeNaming;
+use switchyard_engine::config::{MoeConfig, MoeNaming};
 use switchyard_engine::cpu::ops;
 use switchyard_engine::cuda::{Gpu, GpuExperts, GpuGate, GpuRope, LatentCache};
 use switchyard_engine::model::experts::{ExpertGroup, RoutedExperts};
@@ -36,16 +36,23 @@ fn gpu() -> Option<Arc<Gpu>> {
     }
 }
 
-/// Routed experts of a `tiny` bf16 layer on the device give the CPU's combined rows within
-/// bf16 rounding of the activations (both paths round them at the same points).
-#[test]
-fn gpu_experts_match_cpu_experts() {
-    let Some(gpu) = gpu() else { return };
+/// A `tiny` DeepSeek checkpoint (kept alive by the returned directory), its config and MoE
+/// config, opened.
+fn tiny() -> (tempfile::TempDir, ModelConfig, MoeConfig, Checkpoint) {
     let dir = tempfile::tempdir().unwrap();
     synth::synth(dir.path(), &SynthOptions::default()).unwrap();
     let config = ModelConfig::from_dir(dir.path()).unwrap();
     let moe = config.moe.clone().unwrap();
     let ck = Checkpoint::open(dir.path()).unwrap();
+    (dir, config, moe, ck)
+}
+
+/// Routed experts of a `tiny` bf16 layer on the device give the CPU's combined rows within
+/// bf16 rounding of the activations (both paths round them at the same points).
+#[test]
+fn gpu_experts_match_cpu_experts() {
+    let Some(gpu) = gpu() else { return };
+    let (_dir, config, moe, ck) = tiny();
     let experts: BTreeSet<u32> = (0..moe.n_routed_experts as u32).collect();
     let (h, i) = (config.hidden_size, moe.moe_intermediate_size);
     let cpu = RoutedExperts::load(&ck, &MoeNaming::DEEPSEEK, 1, &experts, h, i).unwrap();
@@ -88,11 +95,7 @@ fn gpu_experts_match_cpu_experts() {
 #[test]
 fn gpu_shared_expert_matches_cpu_mlp() {
     let Some(gpu) = gpu() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    synth::synth(dir.path(), &SynthOptions::default()).unwrap();
-    let config = ModelConfig::from_dir(dir.path()).unwrap();
-    let moe = config.moe.clone().unwrap();
-    let ck = Checkpoint::open(dir.path()).unwrap();
+    let (_dir, config, moe, ck) = tiny();
     let (h, i) = (
         config.hidden_size,
         moe.moe_intermediate_size * moe.n_shared_experts,
@@ -183,9 +186,7 @@ fn offloaded_model_matches_the_host_model() {
 #[test]
 fn gpu_experts_refuse_an_expert_they_do_not_hold() {
     let Some(gpu) = gpu() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    synth::synth(dir.path(), &SynthOptions::default()).unwrap();
-    let ck = Checkpoint::open(dir.path()).unwrap();
+    let (_dir, _, _, ck) = tiny();
     let dev = GpuExperts::load(gpu, &ck, &MoeNaming::DEEPSEEK, 1, &[0, 1].into(), 64, 32).unwrap();
     let x = Tensor::from_f32(&[1, 64], vec![0.5; 64]).unwrap();
     let groups = [ExpertGroup {
@@ -283,7 +284,7 @@ fn gate_routing_matches_cpu_for_every_flavour() {
             bias.clone(),
         )
         .unwrap();
-        let dev = GpuGate::new(gpu.clone(), &config, &w, hidden, bias.as_deref()).unwrap();
+        let dev = GpuGate::from_gate(gpu.clone(), &cpu).unwrap();
         // From the same logits: the same experts, the same order, the same weights.
         let logits: Vec<f32> = pseudo(tokens * e, 7).iter().map(|v| v * 4.0).collect();
         let want = cpu.route_logits(&logits);

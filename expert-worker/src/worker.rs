@@ -232,10 +232,10 @@ impl ExpertWorker {
         for (layer, want) in assignment.iter().filter(|(_, w)| !w.is_empty()) {
             let have = old
                 .remove(layer)
-                .unwrap_or_else(|| RoutedExperts::from_experts(*layer, BTreeMap::new()));
+                .unwrap_or_else(|| RoutedExperts::empty(*layer));
             let new = gained
                 .remove(layer)
-                .unwrap_or_else(|| RoutedExperts::from_experts(*layer, BTreeMap::new()));
+                .unwrap_or_else(|| RoutedExperts::empty(*layer));
             layers.insert(*layer, have.merge(want, new));
         }
         Ok(())
@@ -375,18 +375,18 @@ impl ExpertWorker {
                 format!("must be < rows ({n}), got {r}"),
             ));
         }
-        // [rows.len(), hidden], row j the MLP of x[rows[j]]
-        let y = match shared {
+        // The MLP of x[rows[j]] is row j of y (host), or row rows[j] of y (device, which
+        // gathers the rows itself: one group of them with unit weights).
+        let (y, by_row) = match shared {
             SharedExpert::Host(mlp) => {
                 let xd = x.as_f32()?;
                 let mut gathered = Vec::with_capacity(rows.len() * h);
                 for &r in rows {
                     gathered.extend_from_slice(&xd[r as usize * h..(r as usize + 1) * h]);
                 }
-                mlp.forward(&Tensor::from_f32(&[rows.len(), h], gathered)?)?
+                let y = mlp.forward(&Tensor::from_f32(&[rows.len(), h], gathered)?)?;
+                (y, false)
             }
-            // The device gathers the rows itself: one group of them, unit weights, gives
-            // [n, hidden] with the MLP in the listed rows (zeros elsewhere).
             #[cfg(feature = "cuda")]
             SharedExpert::Device(mlp) => {
                 let group = ExpertGroup {
@@ -394,20 +394,15 @@ impl ExpertWorker {
                     rows: rows.to_vec(),
                     weights: vec![1.0; rows.len()],
                 };
-                let full = mlp.forward_groups(x, std::slice::from_ref(&group))?;
-                let fd = full.as_f32()?;
-                let mut picked = Vec::with_capacity(rows.len() * h);
-                for &r in rows {
-                    picked.extend_from_slice(&fd[r as usize * h..(r as usize + 1) * h]);
-                }
-                Tensor::from_f32(&[rows.len(), h], picked)?
+                (mlp.forward_groups(x, std::slice::from_ref(&group))?, true)
             }
         };
         let (yd, od) = (y.as_f32()?, out.as_f32_mut()?);
         for (j, &r) in rows.iter().enumerate() {
+            let src = if by_row { r as usize } else { j };
             for (o, v) in od[r as usize * h..(r as usize + 1) * h]
                 .iter_mut()
-                .zip(&yd[j * h..(j + 1) * h])
+                .zip(&yd[src * h..(src + 1) * h])
             {
                 *o += v;
             }

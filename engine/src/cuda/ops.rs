@@ -7,11 +7,10 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use crate::checkpoint::{Checkpoint, Precision};
 use crate::config::{MoeConfig, RopeStyle, ScoringFunc, TopkMethod};
 use crate::cuda::{Gpu, block_per, i32_of, launch_config};
 use crate::error::{EngineError, Result};
-use crate::model::gate::Routing;
+use crate::model::gate::{Gate, Routing};
 use crate::model::rope::Rope;
 
 /// A buffer too small for the op is a shape error naming it.
@@ -341,7 +340,7 @@ const MAX_EXPERTS: usize = 512;
 const MAX_GROUPS: usize = 64;
 
 /// The MoE gate on the device: f32 logits through cuBLAS, then one routing thread per token
-/// (CPU: [`crate::model::gate::Gate`]). Produces the same [`Routing`] the expert layer consumes.
+/// (CPU: [`Gate`]). Produces the same [`Routing`] the expert layer consumes.
 #[derive(Debug)]
 pub struct GpuGate {
     gpu: Arc<Gpu>,
@@ -355,26 +354,16 @@ pub struct GpuGate {
 }
 
 impl GpuGate {
-    /// Loads the gate at `prefix` (`….mlp.gate`) as [`Gate::new`](crate::model::gate::Gate::new)
-    /// does.
-    pub fn load(
-        gpu: Arc<Gpu>,
-        config: &MoeConfig,
-        ck: &Checkpoint,
-        prefix: &str,
-        hidden: usize,
-    ) -> Result<GpuGate> {
-        let e = config.n_routed_experts;
-        let weight = ck
-            .load(&format!("{prefix}.weight"), &[e, hidden], Precision::F32)?
-            .into_f32_vec();
-        let bias = if config.topk_method == TopkMethod::NoAuxTc {
-            let name = format!("{prefix}.e_score_correction_bias");
-            Some(ck.load(&name, &[e], Precision::F32)?.into_f32_vec())
-        } else {
-            None
-        };
-        GpuGate::new(gpu, config, &weight, hidden, bias.as_deref())
+    /// The CPU gate's weight, bias and configuration, on the device.
+    pub fn from_gate(gpu: Arc<Gpu>, gate: &Gate) -> Result<GpuGate> {
+        let (_, hidden) = gate.weight().dims2()?;
+        GpuGate::new(
+            gpu,
+            gate.config(),
+            gate.weight().as_f32()?,
+            hidden,
+            gate.bias(),
+        )
     }
 
     /// A gate from its weight `[experts, hidden]` and optional correction bias `[experts]`.

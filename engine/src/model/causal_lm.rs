@@ -134,6 +134,8 @@ pub struct CausalLm {
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
+    /// The cache's shape at [`DEFAULT_BLOCK_SIZE`]; checked against every sequence's cache.
+    kv_layout: KvLayout,
 }
 
 impl CausalLm {
@@ -243,12 +245,20 @@ impl CausalLm {
                 Linear::load(ck, "lm_head.weight", config.vocab_size, h)?,
             )
         };
+        let kv_layout = KvLayout::with_window(
+            layers.len(),
+            config.attention.kv_row(),
+            DEFAULT_BLOCK_SIZE,
+            config.sliding_window,
+            &config.sliding_layers,
+        );
         Ok(CausalLm {
             norm: norm("model.norm.weight")?,
             config,
             embed,
             layers,
             lm_head,
+            kv_layout,
         })
     }
 
@@ -284,15 +294,11 @@ impl CausalLm {
         &self.config
     }
 
-    /// The shape of this model's cache blocks.
+    /// The shape of this model's cache blocks (built once; a copy shares its layer table).
     pub fn kv_layout(&self, block_size: usize) -> KvLayout {
-        KvLayout::with_window(
-            self.layers.len(),
-            self.config.attention.kv_row(),
-            block_size,
-            self.config.sliding_window,
-            &self.config.sliding_layers,
-        )
+        let mut layout = self.kv_layout.clone();
+        layout.block_size = block_size;
+        layout
     }
 
     /// An empty, growable cache with room for `capacity` tokens.

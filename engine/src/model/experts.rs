@@ -22,10 +22,17 @@ use crate::tensor::Tensor;
 #[derive(Debug, Default)]
 pub struct RoutedExperts {
     layer: usize,
-    experts: BTreeMap<u32, Mlp>,
-    /// The experts on a device instead of `experts`.
+    held: Held,
+}
+
+/// Where one layer's experts are: a worker keeps all of them in one place.
+#[derive(Debug, Default)]
+enum Held {
+    #[default]
+    Empty,
+    Host(BTreeMap<u32, Mlp>),
     #[cfg(feature = "cuda")]
-    gpu: Option<crate::cuda::GpuExperts>,
+    Device(crate::cuda::GpuExperts),
 }
 
 /// Rows of the batch routed to one expert, with their weights.
@@ -96,7 +103,8 @@ impl RoutedExperts {
             Compute::Cpu => RoutedExperts::load(ck, naming, layer, experts, hidden, intermediate),
             #[cfg(feature = "cuda")]
             Compute::Cuda(gpu) => Ok(RoutedExperts {
-                gpu: Some(crate::cuda::GpuExperts::load(
+                layer,
+                held: Held::Device(crate::cuda::GpuExperts::load(
                     gpu.clone(),
                     ck,
                     naming,
@@ -105,7 +113,6 @@ impl RoutedExperts {
                     hidden,
                     intermediate,
                 )?),
-                ..RoutedExperts::from_experts(layer, BTreeMap::new())
             }),
         }
     }
@@ -114,57 +121,77 @@ impl RoutedExperts {
     pub fn from_experts(layer: usize, experts: BTreeMap<u32, Mlp>) -> RoutedExperts {
         RoutedExperts {
             layer,
-            experts,
-            #[cfg(feature = "cuda")]
-            gpu: None,
+            held: Held::Host(experts),
         }
     }
 
-    /// Keeps the experts in `keep` and adds those of `gained` (same layer, same place): how a
-    /// worker moves to a new placement.
-    pub fn merge(mut self, keep: &BTreeSet<u32>, gained: RoutedExperts) -> RoutedExperts {
-        self.experts.retain(|e, _| keep.contains(e));
-        self.experts.extend(gained.experts);
-        #[cfg(feature = "cuda")]
-        {
-            self.gpu = match (self.gpu, gained.gpu) {
-                (Some(mut have), Some(new)) => {
-                    have.retain(keep);
-                    have.extend(new);
-                    Some(have)
-                }
-                (Some(mut have), None) => {
-                    have.retain(keep);
-                    Some(have)
-                }
-                (None, new) => new,
-            };
+    /// None of `layer`'s experts yet.
+    pub fn empty(layer: usize) -> RoutedExperts {
+        RoutedExperts {
+            layer,
+            held: Held::Empty,
         }
-        self
+    }
+
+    /// Keeps the experts in `keep` and adds those of `gained` (same layer): how a worker moves
+    /// to a new placement. Both sides are where the worker computes, or empty.
+    pub fn merge(self, keep: &BTreeSet<u32>, gained: RoutedExperts) -> RoutedExperts {
+        let held = match (self.held, gained.held) {
+            (Held::Host(mut have), Held::Host(new)) => {
+                have.retain(|e, _| keep.contains(e));
+                have.extend(new);
+                Held::Host(have)
+            }
+            (Held::Host(mut have), Held::Empty) => {
+                have.retain(|e, _| keep.contains(e));
+                Held::Host(have)
+            }
+            #[cfg(feature = "cuda")]
+            (Held::Device(mut have), Held::Device(new)) => {
+                have.retain(keep);
+                have.extend(new);
+                Held::Device(have)
+            }
+            #[cfg(feature = "cuda")]
+            (Held::Device(mut have), Held::Empty) => {
+                have.retain(keep);
+                Held::Device(have)
+            }
+            // Nothing to keep: the gained experts are the whole set. (A worker never mixes
+            // host and device experts; were it to, the held side would be dropped here.)
+            (_, new) => new,
+        };
+        RoutedExperts {
+            layer: self.layer,
+            held,
+        }
     }
 
     pub fn holds(&self, expert: u32) -> bool {
-        #[cfg(feature = "cuda")]
-        if let Some(g) = &self.gpu {
-            return g.holds(expert);
+        match &self.held {
+            Held::Empty => false,
+            Held::Host(experts) => experts.contains_key(&expert),
+            #[cfg(feature = "cuda")]
+            Held::Device(g) => g.holds(expert),
         }
-        self.experts.contains_key(&expert)
     }
 
     pub fn expert_ids(&self) -> Vec<u32> {
-        #[cfg(feature = "cuda")]
-        if let Some(g) = &self.gpu {
-            return g.expert_ids().collect();
+        match &self.held {
+            Held::Empty => Vec::new(),
+            Held::Host(experts) => experts.keys().copied().collect(),
+            #[cfg(feature = "cuda")]
+            Held::Device(g) => g.expert_ids().collect(),
         }
-        self.experts.keys().copied().collect()
     }
 
     pub fn size_in_bytes(&self) -> usize {
-        #[cfg(feature = "cuda")]
-        if let Some(g) = &self.gpu {
-            return g.size_in_bytes();
+        match &self.held {
+            Held::Empty => 0,
+            Held::Host(experts) => experts.values().map(Mlp::size_in_bytes).sum(),
+            #[cfg(feature = "cuda")]
+            Held::Device(g) => g.size_in_bytes(),
         }
-        self.experts.values().map(Mlp::size_in_bytes).sum()
     }
 
     /// `x: [tokens, hidden]` with routing → `[tokens, hidden]`: Σ weight × expert(x) per token.
@@ -181,14 +208,17 @@ impl RoutedExperts {
 
     /// Runs pre-grouped rows (what an expert worker receives) → `[tokens, hidden]`.
     pub fn forward_groups(&self, x: &Tensor, groups: &[ExpertGroup]) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if let Some(g) = &self.gpu {
-            return g.forward_groups(x, groups);
-        }
+        let empty = BTreeMap::new();
+        let experts = match &self.held {
+            Held::Empty => &empty,
+            Held::Host(experts) => experts,
+            #[cfg(feature = "cuda")]
+            Held::Device(g) => return g.forward_groups(x, groups),
+        };
         let (tokens, hidden) = x.dims2()?;
         let xd = x.as_f32()?;
         for g in groups {
-            if !self.holds(g.expert) {
+            if !experts.contains_key(&g.expert) {
                 return Err(EngineError::input(
                     "expert",
                     format!(
@@ -208,7 +238,7 @@ impl RoutedExperts {
         // activation and both GEMMs of different experts proceed side by side with no
         // synchronisation between them. A single big group still splits its GEMMs.
         let run_expert = |g: &ExpertGroup| -> Result<Tensor> {
-            let mlp = &self.experts[&g.expert];
+            let mlp = &experts[&g.expert];
             // [rows, hidden]
             let mut gathered = Vec::with_capacity(g.rows.len() * hidden);
             for &r in &g.rows {

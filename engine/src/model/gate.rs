@@ -74,6 +74,20 @@ impl Gate {
         })
     }
 
+    /// `[n_routed_experts, hidden]` f32.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The correction bias (`e_score_correction_bias`), when the gate selects with one.
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+
+    pub fn config(&self) -> &MoeConfig {
+        &self.config
+    }
+
     /// `x: [tokens, hidden]` → routing `[tokens, num_experts_per_tok]`.
     pub fn forward(&self, x: &Tensor) -> Result<Routing> {
         let (tokens, _) = x.dims2()?;
