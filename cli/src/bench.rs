@@ -39,9 +39,10 @@ pub struct BenchArgs {
     #[arg(long, default_value = "cpu")]
     worker_device: switchyard_engine::Device,
     /// Where the model's projections, dense FFNs, shared experts and LM head run, in the
-    /// single-process run and in the router (`cpu` or `cuda:N`), as `router --device`.
+    /// single-process run and in the router (`cpu`, `cuda:N` or `cuda:0,1,…`), as
+    /// `router --device`.
     #[arg(long, default_value = "cpu")]
-    router_device: switchyard_engine::Device,
+    router_device: switchyard_engine::Devices,
     #[command(flatten)]
     dispatch: DispatchArgs,
     /// Print the report as JSON.
@@ -153,7 +154,7 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         gen_len: args.gen_len,
         seed: args.seed,
     };
-    let compute = switchyard_engine::tensor::Compute::open(args.router_device)
+    let compute = switchyard_engine::tensor::Compute::open_all(&args.router_device)
         .with_context(|| format!("opening --router-device {}", args.router_device))?;
     let mut model = CausalLm::load(&args.model, &LoadOptions::default())
         .with_context(|| format!("loading {}", args.model.display()))?;

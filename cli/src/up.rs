@@ -39,10 +39,10 @@ pub struct UpArgs {
         conflicts_with = "workers"
     )]
     gpus: Vec<usize>,
-    /// Where each router runs its projections, dense FFNs, shared experts and LM head (`cpu`
-    /// or `cuda:N`; passed on as `router --device`).
+    /// Where each router runs its projections, dense FFNs, shared experts and LM head (`cpu`,
+    /// `cuda:N`, or `cuda:0,1,…` split over those GPUs; passed on as `router --device`).
     #[arg(long, env = "SWITCHYARD_ROUTER_DEVICE", default_value = "cpu")]
-    router_device: switchyard_engine::Device,
+    router_device: switchyard_engine::Devices,
     /// Memory each worker offers for expert weights.
     #[arg(long, env = "SWITCHYARD_WORKER_MEMORY", default_value = "64GiB", value_parser = switchyard_coordinator::capacity::parse_bytes)]
     worker_memory: u64,

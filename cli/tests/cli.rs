@@ -496,6 +496,24 @@ fn a_cuda_device_without_cuda_is_a_clear_start_up_error() {
             "--router-addr",
             "127.0.0.1:0",
         ][..],
+        &[
+            "router",
+            "--model",
+            model,
+            "--device",
+            "cuda:0,1",
+            "--listen",
+            "127.0.0.1:0",
+        ][..],
+        &[
+            "up",
+            "--router-device",
+            "cuda:0,1",
+            "--model",
+            model,
+            "--router-addr",
+            "127.0.0.1:0",
+        ][..],
     ] {
         let out = switchyard(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -518,6 +536,12 @@ fn a_cuda_device_without_cuda_is_a_clear_start_up_error() {
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("gpu7"), "{stderr}");
+    let out = switchyard(&["router", "--model", model, "--device", "cuda:1,1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("cuda:1 appears twice"),
+        "{stderr}"
+    );
 }
 
 #[test]

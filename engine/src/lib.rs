@@ -22,4 +22,4 @@ pub mod tokenizer;
 
 pub use config::ModelConfig;
 pub use error::{EngineError, Result};
-pub use tensor::{Device, Tensor};
+pub use tensor::{Device, Devices, Tensor};

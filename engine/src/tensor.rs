@@ -50,6 +50,69 @@ impl std::str::FromStr for Device {
     }
 }
 
+/// Where the router's weights go: the host (`cpu`), one GPU (`cuda:N`), or several GPUs of
+/// one node (`cuda:0,1,…`) that split every projection between them, tensor-parallel over
+/// NCCL. Never empty; a list holds distinct CUDA devices only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Devices(Vec<Device>);
+
+impl Devices {
+    pub fn one(device: Device) -> Devices {
+        Devices(vec![device])
+    }
+
+    pub fn as_slice(&self) -> &[Device] {
+        &self.0
+    }
+
+    /// Checks at start-up that the devices can be used (see [`Device::check`]); a group also
+    /// needs the NCCL library.
+    pub fn check(&self) -> Result<()> {
+        Compute::open_all(self).map(|_| ())
+    }
+}
+
+impl fmt::Display for Devices {
+    /// `cpu`, `cuda:N`, or `cuda:0,cuda:1,…` (which parses back).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            d.fmt(f)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Devices {
+    type Err = String;
+
+    /// `cpu`, `cuda`, `cuda:N`, or a list of GPUs `cuda:0,1,…` (also `cuda:0,cuda:1`).
+    fn from_str(s: &str) -> std::result::Result<Devices, String> {
+        if !s.contains(',') {
+            return s.parse().map(Devices::one);
+        }
+        let list = s.strip_prefix("cuda:").ok_or_else(|| {
+            format!("a list of devices must be CUDA devices, `cuda:0,1,…`, got {s:?}")
+        })?;
+        let mut ordinals: Vec<usize> = Vec::new();
+        for item in list.split(',') {
+            let n = item
+                .trim()
+                .strip_prefix("cuda:")
+                .unwrap_or(item.trim())
+                .parse()
+                .map_err(|_| format!("{item:?} in {s:?} is not a CUDA device number"))?;
+            if ordinals.contains(&n) {
+                return Err(format!("cuda:{n} appears twice in {s:?}"));
+            }
+            ordinals.push(n);
+        }
+        Ok(Devices(ordinals.into_iter().map(Device::Cuda).collect()))
+    }
+}
+
 /// An opened compute device: what layers that run somewhere other than the host hold.
 #[derive(Clone, Debug, Default)]
 pub enum Compute {
@@ -57,6 +120,9 @@ pub enum Compute {
     Cpu,
     #[cfg(feature = "cuda")]
     Cuda(std::sync::Arc<crate::cuda::Gpu>),
+    /// Several GPUs of one node splitting each projection (tensor parallelism).
+    #[cfg(feature = "cuda")]
+    CudaGroup(std::sync::Arc<crate::cuda::GpuGroup>),
 }
 
 impl Compute {
@@ -71,11 +137,37 @@ impl Compute {
         }
     }
 
+    /// Opens one device, or several as a tensor-parallel group.
+    pub fn open_all(devices: &Devices) -> Result<Compute> {
+        match devices.as_slice() {
+            [one] => Compute::open(*one),
+            #[cfg(feature = "cuda")]
+            many => {
+                let ordinals: Vec<usize> = many
+                    .iter()
+                    .filter_map(|d| match d {
+                        Device::Cuda(n) => Some(*n),
+                        Device::Cpu => None,
+                    })
+                    .collect();
+                Ok(Compute::CudaGroup(crate::cuda::GpuGroup::open(&ordinals)?))
+            }
+            #[cfg(not(feature = "cuda"))]
+            many => Err(EngineError::Device(format!(
+                "{} was asked for, but this binary was built without CUDA support; rebuild with `--features cuda`",
+                Devices(many.to_vec())
+            ))),
+        }
+    }
+
+    /// The device, or the first of a group.
     pub fn device(&self) -> Device {
         match self {
             Compute::Cpu => Device::Cpu,
             #[cfg(feature = "cuda")]
             Compute::Cuda(gpu) => Device::Cuda(gpu.ordinal()),
+            #[cfg(feature = "cuda")]
+            Compute::CudaGroup(group) => Device::Cuda(group.gpus()[0].ordinal()),
         }
     }
 }
@@ -361,6 +453,44 @@ pub fn concat_rows(parts: &[&Tensor]) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn devices_parse_one_device_or_a_list_of_gpus() {
+        let parse = |s: &str| s.parse::<Devices>();
+        assert_eq!(parse("cpu").unwrap().as_slice(), [Device::Cpu]);
+        assert_eq!(parse("cuda").unwrap().as_slice(), [Device::Cuda(0)]);
+        assert_eq!(parse("cuda:3").unwrap().as_slice(), [Device::Cuda(3)]);
+        let two = [Device::Cuda(0), Device::Cuda(1)];
+        assert_eq!(parse("cuda:0,1").unwrap().as_slice(), two);
+        assert_eq!(parse("cuda:0,cuda:1").unwrap().as_slice(), two);
+        assert_eq!(parse("cuda:0, 1").unwrap().as_slice(), two);
+        for d in ["cpu", "cuda:2", "cuda:0,1,2"] {
+            let devices = parse(d).unwrap();
+            assert_eq!(parse(&devices.to_string()).unwrap(), devices, "{d}");
+        }
+        let err = parse("cuda:0,0").unwrap_err();
+        assert!(err.contains("cuda:0 appears twice"), "{err}");
+        let err = parse("cpu,cuda:0").unwrap_err();
+        assert!(err.contains("must be CUDA devices"), "{err}");
+        let err = parse("cuda:0,x").unwrap_err();
+        assert!(
+            err.contains("\"x\"") && err.contains("not a CUDA device number"),
+            "{err}"
+        );
+        assert!(parse("gpu").is_err());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn a_gpu_group_without_cuda_support_is_a_clear_error() {
+        let err = Compute::open_all(&"cuda:0,1".parse().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cuda:0,cuda:1") && err.contains("--features cuda"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn tensor_rejects_data_that_does_not_fill_its_shape() {

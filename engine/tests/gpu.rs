@@ -16,7 +16,7 @@ use half::bf16;
 use switchyard_engine::checkpoint::Checkpoint;
 use switchyard_engine::config::{MoeConfig, MoeNaming};
 use switchyard_engine::cpu::ops;
-use switchyard_engine::cuda::{Gpu, GpuExperts, GpuGate, GpuRope, LatentCache};
+use switchyard_engine::cuda::{Gpu, GpuExperts, GpuGate, GpuGroup, GpuRope, LatentCache};
 use switchyard_engine::model::experts::{ExpertGroup, RoutedExperts};
 use switchyard_engine::model::gate::Gate;
 use switchyard_engine::model::mlp::Mlp;
@@ -131,7 +131,28 @@ fn gpu_shared_expert_matches_cpu_mlp() {
 #[test]
 fn offloaded_model_matches_the_host_model() {
     let Some(gpu) = gpu() else { return };
-    let compute = Compute::Cuda(gpu);
+    matches_the_host_model(&Compute::Cuda(gpu), "offloaded");
+}
+
+/// The same over two GPUs (`router --device cuda:0,1`): queries and output projections split
+/// by heads, MLPs by their intermediate slice, the LM head by vocabulary, partial sums reduced
+/// over NCCL. Needs two devices and libnccl.
+#[test]
+fn model_split_over_two_gpus_matches_the_host_model() {
+    if gpu().is_none() {
+        return;
+    }
+    let group = match GpuGroup::open(&[0, 1]) {
+        Ok(group) => group,
+        Err(e) => {
+            eprintln!("SKIPPED (no two CUDA devices with NCCL): {e}");
+            return;
+        }
+    };
+    matches_the_host_model(&Compute::CudaGroup(group), "split over cuda:0,1");
+}
+
+fn matches_the_host_model(compute: &Compute, how: &str) {
     for (preset, dtype) in [
         ("tiny", SynthDType::Bf16),
         ("tiny", SynthDType::F32),
@@ -147,7 +168,7 @@ fn offloaded_model_matches_the_host_model() {
         synth::synth(dir.path(), &options).unwrap();
         let host = CausalLm::load(dir.path(), &LoadOptions::default()).unwrap();
         let mut dev = CausalLm::load(dir.path(), &LoadOptions::default()).unwrap();
-        dev.offload(&compute).unwrap();
+        dev.offload(compute).unwrap();
         let prompt = [1u32, 17, 42, 5, 9, 100, 3];
         let run = |model: &CausalLm| {
             let mut cache = model.new_cache(prompt.len() + 4);
@@ -176,7 +197,7 @@ fn offloaded_model_matches_the_host_model() {
         let (got, got_tokens) = run(&dev);
         let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = max_diff(&want, &got);
-        eprintln!("{preset} {dtype:?} offloaded: logits max |Δ| {d:e} of {scale:e}");
+        eprintln!("{preset} {dtype:?} {how}: logits max |Δ| {d:e} of {scale:e}");
         assert!(d <= 1e-2 * scale.max(1.0), "{preset} {dtype:?}: {d:e}");
         assert_eq!(want_tokens, got_tokens, "{preset} {dtype:?}");
     }

@@ -179,6 +179,12 @@ impl ExpertWorker {
                         intermediate,
                     )?)
                 }
+                #[cfg(feature = "cuda")]
+                Compute::CudaGroup(_) => {
+                    let mut mlp = Mlp::new(&ck, &prefix, hidden, intermediate)?;
+                    mlp.offload(&self.compute)?;
+                    SharedExpert::Host(mlp)
+                }
             };
             self.shared.insert(layer, shared);
         }

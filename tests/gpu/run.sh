@@ -37,8 +37,11 @@ echo "== benchmark: mini (bf16) in one process and as router + one worker, on cu
 model=target/gpu-bench/mini
 mkdir -p target/gpu-bench
 [ -f "$model/config.json" ] || timeout 120 target/release/switchyard synth --preset mini --dtype bf16 --out "$model"
-for device in cuda:0 cpu; do
+devices=(cuda:0 cpu)
+# Two GPUs or more: the router's weights split over the first two as well (NCCL).
+if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then devices=(cuda:0,1 "${devices[@]}"); fi
+for device in "${devices[@]}"; do
     echo "-- router projections and worker experts on $device"
     timeout 120 target/release/switchyard bench --model "$model" --batch 1,8,64 --prompt-len 64 --gen-len 32 \
-        --workers 1 --worker-threads 8 --worker-device "$device" --router-device "$device"
+        --workers 1 --worker-threads 8 --worker-device "${device%%,*}" --router-device "$device"
 done

@@ -15,6 +15,7 @@ use half::bf16;
 
 use crate::cuda::{Gpu, i32_of, launch_config};
 use crate::error::{EngineError, Result};
+use crate::model::shard::{Shard, submatrix};
 use crate::tensor::{CpuStorage, Tensor};
 
 #[derive(Debug)]
@@ -52,6 +53,37 @@ impl DeviceMatrix {
         })
     }
 
+    /// Copies one rank's part of a host weight (see [`crate::model::shard`]) to the device
+    /// in the weight's precision. `bits` is the weight as bf16 bits when it is bf16 (unpacked
+    /// once by the caller for all ranks).
+    pub(crate) fn upload_shard(
+        gpu: Arc<Gpu>,
+        w: &Tensor,
+        bits: Option<&[u16]>,
+        shard: &Shard,
+    ) -> Result<DeviceMatrix> {
+        let (_, in_features) = w.dims2()?;
+        let data = match (w.cpu_storage(), bits) {
+            (CpuStorage::F32(v), _) => Data::F32(gpu.upload(&submatrix(v, in_features, shard))?),
+            (_, Some(bits)) => Data::Bf16(gpu.upload(&submatrix(bits, in_features, shard))?),
+            (_, None) => {
+                return Err(EngineError::Shape(
+                    "a bf16 weight's shard needs its bits".into(),
+                ));
+            }
+        };
+        Ok(DeviceMatrix {
+            gpu,
+            data,
+            out_features: shard.out_features(),
+            in_features: shard.in_features(),
+        })
+    }
+
+    pub(crate) fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
     pub fn out_features(&self) -> usize {
         self.out_features
     }
@@ -80,6 +112,23 @@ impl DeviceMatrix {
         gelu: bool,
     ) -> Result<Tensor> {
         let (tokens, hidden) = x.dims2()?;
+        // SAFETY: `mlp_into` writes all tokens · hidden elements (an empty batch reads none).
+        let mut out = unsafe { gate_up.gpu.scratch::<f32>(tokens * hidden)? };
+        DeviceMatrix::mlp_into(gate_up, down, x, gelu, &mut out)?;
+        let host = gate_up.gpu.download(&out)?;
+        Tensor::from_f32(&[tokens, hidden], host[..tokens * hidden].to_vec())
+    }
+
+    /// [`mlp`](Self::mlp) into a device buffer of at least `[tokens, hidden]` (left on the
+    /// device, for a reduction over ranks).
+    pub(crate) fn mlp_into(
+        gate_up: &DeviceMatrix,
+        down: &DeviceMatrix,
+        x: &Tensor,
+        gelu: bool,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (tokens, hidden) = x.dims2()?;
         let inter = down.in_features;
         if !Arc::ptr_eq(&gate_up.gpu, &down.gpu)
             || gate_up.out_features != 2 * inter
@@ -92,9 +141,14 @@ impl DeviceMatrix {
             )));
         }
         let gpu = &gate_up.gpu;
-        // SAFETY: the GEMMs and the activation kernel write all of gu, act and out before
-        // anything reads them (an empty batch returns first).
-        let mut out = unsafe { gpu.scratch::<f32>(tokens * hidden)? };
+        if out.len() < tokens * hidden {
+            return Err(gpu.err(
+                "mlp",
+                format!("output holds {}, needs {}", out.len(), tokens * hidden),
+            ));
+        }
+        // SAFETY (scratch below): the GEMMs and the activation kernel write all of gu and act
+        // before anything reads them.
         if tokens > 0 {
             let mut gu = unsafe { gpu.scratch::<f32>(tokens * 2 * inter)? };
             gate_up.gemm_into(x, &mut gu)?;
@@ -109,7 +163,7 @@ impl DeviceMatrix {
                     b.arg(&gu).arg(&mut act).arg(&n).arg(&i).arg(&gelu);
                     // SAFETY: reads tokens · 2 · inter, writes tokens · inter elements.
                     unsafe { b.launch(cfg) }.map_err(|e| gpu.err("glu", e))?;
-                    gpu.gemm_bf16_f32(&act, tokens, inter, w, hidden, &mut out)?;
+                    gpu.gemm_bf16_f32(&act, tokens, inter, w, hidden, out)?;
                 }
                 Data::F32(w) => {
                     let mut act = unsafe { gpu.scratch::<f32>(tokens * inter)? };
@@ -117,17 +171,16 @@ impl DeviceMatrix {
                     b.arg(&gu).arg(&mut act).arg(&n).arg(&i).arg(&gelu);
                     // SAFETY: as above.
                     unsafe { b.launch(cfg) }.map_err(|e| gpu.err("glu", e))?;
-                    gpu.gemm_f32(&act, tokens, inter, w, hidden, &mut out)?;
+                    gpu.gemm_f32(&act, tokens, inter, w, hidden, out)?;
                 }
             }
         }
-        let host = gpu.download(&out)?;
-        Tensor::from_f32(&[tokens, hidden], host[..tokens * hidden].to_vec())
+        Ok(())
     }
 
     /// `out[tokens, out_features] = x · Wᵀ` on the device, `x` uploaded in the weight's
     /// precision.
-    fn gemm_into(&self, x: &Tensor, out: &mut CudaSlice<f32>) -> Result<()> {
+    pub(crate) fn gemm_into(&self, x: &Tensor, out: &mut CudaSlice<f32>) -> Result<()> {
         let (tokens, k) = x.dims2()?;
         if k != self.in_features {
             return Err(EngineError::Shape(format!(

@@ -1,6 +1,7 @@
 //! The CUDA backend (feature `cuda`): a device context with cuBLAS and NVRTC-compiled kernels
-//! (`kernels.cu`), the routed experts of a layer held and run on the device (`experts`), and
-//! device twins of the router's ops (`ops`).
+//! (`kernels.cu`), the routed experts of a layer held and run on the device (`experts`),
+//! device twins of the router's ops (`ops`), the router's weights on one device (`linear`) or
+//! split over several with NCCL reductions (`parallel`).
 //!
 //! Everything is loaded at run time through `cudarc`'s dynamic loading, so the crate builds on
 //! machines without CUDA. `cudarc` panics when a library it needs is missing, so [`Gpu::open`]
@@ -16,6 +17,7 @@
 mod experts;
 mod linear;
 mod ops;
+mod parallel;
 
 use std::sync::{Arc, Mutex};
 
@@ -32,6 +34,7 @@ use crate::error::{EngineError, Result};
 pub use experts::GpuExperts;
 pub use linear::DeviceMatrix;
 pub use ops::{GpuGate, GpuRope, LatentCache};
+pub use parallel::{GpuGroup, ShardedMatrix};
 
 /// The kernels, as CUDA C compiled by NVRTC (see the file for what each mirrors on the CPU).
 pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
@@ -223,6 +226,16 @@ impl Gpu {
         &self.stream
     }
 
+    /// Makes this device's context current on the calling thread. cudarc's own calls do this;
+    /// the raw cuBLAS calls must, since a thread driving several devices (a tensor-parallel
+    /// group) may have left another one current.
+    fn bind(&self) -> Result<()> {
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| self.err("making the context current", e))
+    }
+
     pub(crate) fn err(&self, what: &str, e: impl std::fmt::Display) -> EngineError {
         device_err(self.ordinal, what, e)
     }
@@ -347,6 +360,7 @@ impl Gpu {
         };
         let (alpha, beta) = (1.0f32, 0.0f32);
         let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+        self.bind()?;
         // SAFETY: guaranteed by the caller; the handle belongs to this stream.
         unsafe {
             cudarc::cublas::result::gemm_ex(
@@ -395,6 +409,7 @@ impl Gpu {
         let batch = i32_of(batch, "batch")?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+        self.bind()?;
         // SAFETY: guaranteed by the caller; the handle belongs to this stream.
         unsafe {
             cudarc::cublas::sys::cublasGemmBatchedEx(
@@ -521,5 +536,13 @@ mod tests {
         );
         let err = crate::Device::Cuda(3).check().unwrap_err().to_string();
         assert!(err.contains("cuda:3"), "{err}");
+        let group = "cuda:2,5".parse::<crate::Devices>().unwrap();
+        let err = group.check().unwrap_err().to_string();
+        assert!(
+            err.contains("cuda:2") && err.contains("not present"),
+            "{err}"
+        );
+        let err = GpuGroup::open(&[4]).unwrap_err().to_string();
+        assert!(err.contains("at least two GPUs, got cuda:4"), "{err}");
     }
 }

@@ -12,8 +12,9 @@ use crate::config::{MlaConfig, ModelConfig};
 use crate::cpu::{self, ops};
 use crate::error::{EngineError, Result};
 use crate::model::cache::KvCache;
-use crate::model::linear::{Linear, RmsNorm};
+use crate::model::linear::{Linear, Projection, RmsNorm};
 use crate::model::rope::Rope;
+use crate::model::shard::Parallel;
 use crate::tensor::Tensor;
 
 /// How attention over the cache is computed.
@@ -390,21 +391,32 @@ impl MlaAttention {
         Ok(())
     }
 
-    /// Moves the projections onto `compute`; the per-head W_UK / W_UV, used by attention over
-    /// the cache, stay on the host with it.
-    pub fn offload(&mut self, compute: &crate::tensor::Compute) -> Result<()> {
-        match &mut self.q {
-            QProj::Lora { a, b, .. } => {
-                a.offload(compute)?;
-                b.offload(compute)?;
-            }
-            QProj::Direct(p) => {
-                p.offload(compute)?;
-            }
-        }
-        self.kv_a.offload(compute)?;
-        self.o.offload(compute)?;
-        Ok(())
+    /// The projections that move to a device (`router --device`), with how each splits over
+    /// several GPUs: the queries and the output projection by heads (the output's partial
+    /// sums reduced over NCCL), the low-rank projections by columns. The per-head W_UK /
+    /// W_UV, used by attention over the cache, stay on the host with it.
+    pub fn projections(&mut self) -> Vec<Projection<'_>> {
+        let by_head = Parallel::Columns {
+            granule: self.nope + self.rope_dim,
+        };
+        let columns = Parallel::Columns { granule: 1 };
+        let mut out = match &mut self.q {
+            QProj::Lora { a, b, .. } => vec![
+                Projection::new(a, columns, "q_a_proj"),
+                Projection::new(b, by_head, "q_b_proj"),
+            ],
+            QProj::Direct(p) => vec![Projection::new(p, by_head, "q_proj")],
+        };
+        out.push(Projection::new(
+            &mut self.kv_a,
+            columns,
+            "kv_a_proj_with_mqa",
+        ));
+        let heads = Parallel::Rows {
+            granule: self.v_dim,
+        };
+        out.push(Projection::new(&mut self.o, heads, "o_proj"));
+        out
     }
 
     /// Bytes of weights held.

@@ -18,11 +18,15 @@ use crate::model::cache::{DEFAULT_BLOCK_SIZE, KvCache, KvLayout};
 use crate::model::experts::RoutedExperts;
 use crate::model::gate::{Gate, Routing};
 use crate::model::gqa::GqaAttention;
-use crate::model::linear::{Linear, RmsNorm};
+use crate::model::linear::{Linear, Projection, RmsNorm};
 use crate::model::mlp::Mlp;
 use crate::model::moe::{ExpertExecutor, Moe};
 use crate::model::rope::Rope;
+use crate::model::shard::Parallel;
 use crate::tensor::{CpuStorage, Tensor};
+
+/// The LM head's name among the projections.
+const LM_HEAD: &str = "lm_head";
 
 /// Which routed experts a process loads.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -263,31 +267,67 @@ impl CausalLm {
     }
 
     /// Moves the model's projections, dense FFNs, shared experts and LM head onto `compute`
-    /// (`router --device cuda:N`); attention over the cache, norms, RoPE, the gate and
-    /// sampling stay on the host, and routed experts stay where they were loaded (expert
-    /// workers hold theirs on their own devices). A tied LM head keeps its host copy as the
-    /// embedding table.
+    /// (`router --device cuda:N`, or split over `cuda:0,1,…`); attention over the cache, norms,
+    /// RoPE, the gate and sampling stay on the host, and routed experts stay where they were
+    /// loaded (expert workers hold theirs on their own devices). A tied LM head keeps its host
+    /// copy as the embedding table. Over a group of GPUs every split is checked before the
+    /// first weight moves.
     pub fn offload(&mut self, compute: &crate::tensor::Compute) -> Result<()> {
-        for layer in &mut self.layers {
-            match &mut layer.attn {
-                Attention::Mla(a) => a.offload(compute)?,
-                Attention::Gqa(a) => a.offload(compute)?,
-            }
-            match &mut layer.ffn {
-                Ffn::Dense(mlp) => mlp.offload(compute)?,
-                Ffn::Moe(moe) => {
-                    if let Some(shared) = &mut moe.shared {
-                        shared.offload(compute)?;
-                    }
-                }
+        #[cfg(feature = "cuda")]
+        if let crate::tensor::Compute::CudaGroup(group) = compute {
+            self.check_split(group.gpus().len())?;
+        }
+        let mut table = None;
+        for (prefix, p) in self.projections() {
+            let lm_head = p.name == LM_HEAD;
+            let host = p.offload(compute, &prefix)?;
+            if lm_head {
+                table = host;
             }
         }
-        if let Some(table) = self.lm_head.offload(compute)?
+        if let Some(table) = table
             && self.embed.is_none()
         {
             self.embed = Some(table);
         }
         Ok(())
+    }
+
+    /// Checks that every projection [`offload`](Self::offload) moves splits over `ranks`
+    /// GPUs (each rank whole heads, a non-empty slice of every MLP), naming the first that
+    /// does not.
+    pub fn check_split(&mut self, ranks: usize) -> Result<()> {
+        for (prefix, p) in self.projections() {
+            p.check_split(ranks, &prefix)?;
+        }
+        Ok(())
+    }
+
+    /// Every projection that moves to a device, after the prefix naming it in errors.
+    fn projections(&mut self) -> Vec<(String, Projection<'_>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let attn = match &mut layer.attn {
+                Attention::Mla(a) => a.projections(),
+                Attention::Gqa(a) => a.projections(),
+            };
+            let prefix = format!("model.layers.{i}.self_attn.");
+            out.extend(attn.into_iter().map(|p| (prefix.clone(), p)));
+            let (prefix, mlp) = match &mut layer.ffn {
+                Ffn::Dense(mlp) => (format!("model.layers.{i}.mlp."), mlp),
+                Ffn::Moe(moe) => match &mut moe.shared {
+                    Some(shared) => (format!("model.layers.{i}.mlp.shared_experts."), shared),
+                    None => continue,
+                },
+            };
+            out.extend(mlp.projections().into_iter().map(|p| (prefix.clone(), p)));
+        }
+        let vocab = Parallel::Columns { granule: 1 };
+        out.push((
+            String::new(),
+            Projection::new(&mut self.lm_head, vocab, LM_HEAD),
+        ));
+        out
     }
 
     pub fn config(&self) -> &ModelConfig {

@@ -114,6 +114,10 @@ impl RoutedExperts {
                     intermediate,
                 )?),
             }),
+            #[cfg(feature = "cuda")]
+            Compute::CudaGroup(group) => Err(crate::EngineError::Device(format!(
+                "routed experts are held on one device each, not split over {group:?}: run one expert worker per GPU (`switchyard up --gpus`)"
+            ))),
         }
     }
 

@@ -10,8 +10,9 @@ use crate::cpu::ops;
 use crate::error::{EngineError, Result};
 use crate::model::attention::{SeqSpan, SharedRows};
 use crate::model::cache::KvCache;
-use crate::model::linear::{Linear, RmsNorm};
+use crate::model::linear::{Linear, Projection, RmsNorm};
 use crate::model::rope::Rope;
+use crate::model::shard::Parallel;
 use crate::tensor::{Tensor, concat_rows};
 
 #[derive(Debug)]
@@ -242,10 +243,14 @@ impl GqaAttention {
 
     /// Bytes of weights held.
     /// Moves the projections onto `compute`; attention over the cache stays on the host.
-    pub fn offload(&mut self, compute: &crate::tensor::Compute) -> Result<()> {
-        self.qkv.offload(compute)?;
-        self.o.offload(compute)?;
-        Ok(())
+    /// The projections that move to a device; over several GPUs q, k and v split by heads
+    /// and the output projection's partial sums are reduced over NCCL.
+    pub fn projections(&mut self) -> Vec<Projection<'_>> {
+        let granule = self.head_dim;
+        vec![
+            Projection::new(&mut self.qkv, Parallel::Columns { granule }, "qkv_proj"),
+            Projection::new(&mut self.o, Parallel::Rows { granule }, "o_proj"),
+        ]
     }
 
     pub fn size_in_bytes(&self) -> usize {

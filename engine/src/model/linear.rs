@@ -3,10 +3,11 @@
 use crate::checkpoint::{Checkpoint, Precision};
 use crate::cpu::{self, ops};
 use crate::error::Result;
+use crate::model::shard::Parallel;
 use crate::tensor::{Compute, Tensor};
 
 /// `y = x · Wᵀ` with `W: [out_features, in_features]` kept in checkpoint precision, in host
-/// memory or (after [`offload`](Linear::offload)) on a device.
+/// memory or (after [`offload`](Linear::offload)) on a device or split over several.
 #[derive(Debug, Clone)]
 pub struct Linear {
     out_features: usize,
@@ -19,6 +20,8 @@ enum Weight {
     Host(Tensor),
     #[cfg(feature = "cuda")]
     Device(std::sync::Arc<crate::cuda::DeviceMatrix>),
+    #[cfg(feature = "cuda")]
+    Sharded(std::sync::Arc<crate::cuda::ShardedMatrix>),
 }
 
 impl Linear {
@@ -53,16 +56,25 @@ impl Linear {
         match &self.weight {
             Weight::Host(w) => Some(w),
             #[cfg(feature = "cuda")]
-            Weight::Device(_) => None,
+            Weight::Device(_) | Weight::Sharded(_) => None,
         }
     }
 
-    /// The weight when it is on a device.
+    /// The weight when it is on one device.
     #[cfg(feature = "cuda")]
     pub(crate) fn device(&self) -> Option<&crate::cuda::DeviceMatrix> {
         match &self.weight {
             Weight::Device(d) => Some(d),
-            Weight::Host(_) => None,
+            Weight::Host(_) | Weight::Sharded(_) => None,
+        }
+    }
+
+    /// The weight when it is split over several devices.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn sharded(&self) -> Option<&crate::cuda::ShardedMatrix> {
+        match &self.weight {
+            Weight::Sharded(s) => Some(s),
+            Weight::Host(_) | Weight::Device(_) => None,
         }
     }
 
@@ -72,12 +84,22 @@ impl Linear {
             Weight::Host(w) => w.size_in_bytes(),
             #[cfg(feature = "cuda")]
             Weight::Device(d) => d.size_in_bytes(),
+            #[cfg(feature = "cuda")]
+            Weight::Sharded(s) => s.size_in_bytes(),
         }
     }
 
     /// Moves the weight onto `compute` (nothing to do for the host) and hands back the host
-    /// copy it replaced, for a caller that still needs it (a tied embedding table).
-    pub fn offload(&mut self, compute: &Compute) -> Result<Option<Tensor>> {
+    /// copy it replaced, for a caller that still needs it (a tied embedding table). On a group
+    /// of GPUs the weight is split as `parallel` says; `name` names it in errors.
+    pub fn offload(
+        &mut self,
+        compute: &Compute,
+        parallel: Parallel,
+        name: &str,
+    ) -> Result<Option<Tensor>> {
+        #[cfg(not(feature = "cuda"))]
+        let _ = (parallel, name);
         match compute {
             Compute::Cpu => Ok(None),
             #[cfg(feature = "cuda")]
@@ -86,11 +108,25 @@ impl Linear {
                     return Ok(None);
                 };
                 let device = crate::cuda::DeviceMatrix::upload(gpu.clone(), w)?;
-                match std::mem::replace(&mut self.weight, Weight::Device(device.into())) {
-                    Weight::Host(w) => Ok(Some(w)),
-                    Weight::Device(_) => Ok(None),
-                }
+                Ok(self.replace_host(Weight::Device(device.into())))
             }
+            #[cfg(feature = "cuda")]
+            Compute::CudaGroup(group) => {
+                let Weight::Host(w) = &self.weight else {
+                    return Ok(None);
+                };
+                let sharded = crate::cuda::ShardedMatrix::upload(group, w, parallel, name)?;
+                Ok(self.replace_host(Weight::Sharded(sharded.into())))
+            }
+        }
+    }
+
+    /// Puts `placed` where the weight was, handing back the host copy it replaced.
+    #[cfg(feature = "cuda")]
+    fn replace_host(&mut self, placed: Weight) -> Option<Tensor> {
+        match std::mem::replace(&mut self.weight, placed) {
+            Weight::Host(w) => Some(w),
+            Weight::Device(_) | Weight::Sharded(_) => None,
         }
     }
 
@@ -105,7 +141,51 @@ impl Linear {
             }
             #[cfg(feature = "cuda")]
             Weight::Device(d) => d.forward(x),
+            #[cfg(feature = "cuda")]
+            Weight::Sharded(s) => s.forward(x),
         }
+    }
+}
+
+/// A projection of a layer as it moves to a device: how it splits over a tensor-parallel group
+/// and its checkpoint name (for errors).
+#[derive(Debug)]
+pub struct Projection<'a> {
+    pub linear: &'a mut Linear,
+    pub parallel: Parallel,
+    pub name: &'static str,
+}
+
+impl<'a> Projection<'a> {
+    pub fn new(linear: &'a mut Linear, parallel: Parallel, name: &'static str) -> Self {
+        Projection {
+            linear,
+            parallel,
+            name,
+        }
+    }
+
+    /// Checks that the projection splits over `ranks` GPUs, without moving anything.
+    pub fn check_split(&self, ranks: usize, prefix: &str) -> Result<()> {
+        let what = format!(
+            "{prefix}{} [{}, {}]",
+            self.name, self.linear.out_features, self.linear.in_features
+        );
+        crate::model::shard::shards(
+            self.parallel,
+            self.linear.out_features,
+            self.linear.in_features,
+            ranks,
+            &what,
+        )
+        .map(|_| ())
+    }
+
+    /// Moves the weight onto `compute` (see [`Linear::offload`]); `prefix` goes before its name
+    /// in errors.
+    pub fn offload(self, compute: &Compute, prefix: &str) -> Result<Option<Tensor>> {
+        let name = format!("{prefix}{}", self.name);
+        self.linear.offload(compute, self.parallel, &name)
     }
 }
 

@@ -5,7 +5,8 @@ use crate::checkpoint::Checkpoint;
 use crate::config::Activation;
 use crate::cpu::ops;
 use crate::error::Result;
-use crate::model::linear::Linear;
+use crate::model::linear::{Linear, Projection};
+use crate::model::shard::Parallel;
 use crate::tensor::Tensor;
 
 /// The usual projection names: `gate_proj`, `up_proj`, `down_proj`.
@@ -21,11 +22,22 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// Moves both projections onto `compute`.
+    /// Moves both projections onto `compute` (see [`projections`](Self::projections)).
     pub fn offload(&mut self, compute: &crate::tensor::Compute) -> Result<()> {
-        self.gate_up.offload(compute)?;
-        self.down.offload(compute)?;
+        for p in self.projections() {
+            p.offload(compute, "")?;
+        }
         Ok(())
+    }
+
+    /// Both projections; over several GPUs each holds a slice of the intermediate dimension
+    /// (gate and up rows, down columns), and the partial outputs are reduced over NCCL.
+    pub fn projections(&mut self) -> Vec<Projection<'_>> {
+        let down = Parallel::Rows { granule: 1 };
+        vec![
+            Projection::new(&mut self.gate_up, Parallel::GluColumns, "gate_up_proj"),
+            Projection::new(&mut self.down, down, "down_proj"),
+        ]
     }
 
     /// Loads a SwiGLU block from `{prefix}.gate_proj`, `.up_proj`, `.down_proj`.
@@ -67,6 +79,11 @@ impl Mlp {
         if let (Some(gate_up), Some(down)) = (self.gate_up.device(), self.down.device()) {
             let gelu = matches!(self.act, Activation::GeluTanh);
             return crate::cuda::DeviceMatrix::mlp(gate_up, down, x, gelu);
+        }
+        #[cfg(feature = "cuda")]
+        if let (Some(gate_up), Some(down)) = (self.gate_up.sharded(), self.down.sharded()) {
+            let gelu = matches!(self.act, Activation::GeluTanh);
+            return crate::cuda::ShardedMatrix::mlp(gate_up, down, x, gelu);
         }
         let (tokens, _) = x.dims2()?;
         // [tokens, 2 * intermediate]

@@ -14,6 +14,7 @@ pub mod linear;
 pub mod mlp;
 pub mod moe;
 pub mod rope;
+pub mod shard;
 
 pub use attention::AttentionMode;
 pub use cache::{BlockPool, KvBlock, KvCache, KvLayout};
