@@ -20,6 +20,7 @@
 //! [[routers]]
 //! host = "node-c"
 //! addr = "10.0.0.3:50051"
+//! device = "cuda:0,1"             # optional: `router --device` (default `up --router-device`)
 //! ```
 
 use std::collections::BTreeSet;
@@ -50,6 +51,10 @@ pub struct NodeEntry {
     /// Routers only: also serve the OpenAI-compatible HTTP API here.
     #[serde(default)]
     pub http: Option<String>,
+    /// Routers only: where the router's weights run (`cpu`, `cuda:N` or `cuda:0,1,…`, as
+    /// `router --device`); without it, `up --router-device`.
+    #[serde(default)]
+    pub device: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,6 +107,18 @@ impl ClusterFile {
         }
         if self.replicas == 0 {
             bail!("`replicas` must be >= 1, got 0");
+        }
+        if self.coordinator.http.is_some() || self.coordinator.device.is_some() {
+            bail!(
+                "`coordinator` takes `host` and `addr` only; `http` and `device` are for routers"
+            );
+        }
+        for r in &self.routers {
+            if let Some(device) = &r.device {
+                device
+                    .parse::<switchyard_engine::Devices>()
+                    .map_err(|e| anyhow::anyhow!("`routers.device` {e} (router {})", r.addr))?;
+            }
         }
         let mut seen = BTreeSet::new();
         let addrs = std::iter::once(("coordinator.addr", &self.coordinator.addr))
@@ -204,6 +221,20 @@ mod tests {
                 "`workers.device` must be `cpu`, `cuda` or `cuda:N`, got \"gpu0\"",
             ),
             (
+                GOOD.replace(
+                    "\"127.0.0.1:3\"",
+                    "\"127.0.0.1:3\"\n        device = \"cuda:0,0\"",
+                ),
+                "`routers.device` cuda:0 appears twice",
+            ),
+            (
+                GOOD.replace(
+                    "\"127.0.0.1:1\"",
+                    "\"127.0.0.1:1\"\n        device = \"cuda:0\"",
+                ),
+                "`coordinator` takes `host` and `addr` only",
+            ),
+            (
                 GOOD.replace("model = \"/m\"", "model = \"/m\"\n        colour = 1"),
                 "colour",
             ),
@@ -220,6 +251,19 @@ mod tests {
             "[[workers]]\n        addr = \"127.0.0.1:2\"\n        device = \"cuda:1\"",
         );
         assert_eq!(parse(&text).unwrap().workers[0].device, "cuda:1");
+    }
+
+    #[test]
+    fn routers_may_name_their_devices() {
+        let text = GOOD.replace(
+            "\"127.0.0.1:3\"",
+            "\"127.0.0.1:3\"\n        device = \"cuda:0,1\"",
+        );
+        assert_eq!(
+            parse(&text).unwrap().routers[0].device.as_deref(),
+            Some("cuda:0,1")
+        );
+        assert_eq!(parse(GOOD).unwrap().routers[0].device, None);
     }
 
     #[test]

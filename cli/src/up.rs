@@ -586,7 +586,9 @@ fn run_file(
             "--expert-calls",
             &args.dispatch.expert_calls,
             "--device",
-            &args.router_device.to_string(),
+            &r.device
+                .clone()
+                .unwrap_or_else(|| args.router_device.to_string()),
         ]));
         a.extend(args.serve.to_args());
         if let Some(http) = &r.http {
