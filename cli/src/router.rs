@@ -187,12 +187,12 @@ pub struct RouterArgs {
     /// Also serve the OpenAI-compatible HTTP API on this address; port 0 picks a free port.
     #[arg(long, env = "SWITCHYARD_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
-    /// Where the router's projections, dense FFNs, shared experts and LM head run: `cpu`,
+    /// Where the router's projections, dense FFNs, shared experts, MoE gates and LM head run: `cpu`,
     /// `cuda:N`, or several GPUs of this node, `cuda:0,1,…`, that split every projection
     /// between them (queries and the output projection by heads, MLPs by their intermediate
     /// slice, the LM head by vocabulary; partial sums reduced over NCCL). Needs a binary built
     /// with `--features cuda` (and libnccl for a list); checked at start-up, before anything
-    /// loads. Attention over the KV cache, norms, RoPE, the gate and sampling stay on the CPU.
+    /// loads. Attention over the KV cache, norms, RoPE and sampling stay on the CPU.
     #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu")]
     device: switchyard_engine::Devices,
     #[command(flatten)]

@@ -125,9 +125,10 @@ fn gpu_shared_expert_matches_cpu_mlp() {
     }
 }
 
-/// A model whose projections, dense FFNs, shared experts and LM head run on the device
-/// (`router --device cuda:N`) gives the host model's logits and greedy tokens: DeepSeek (MLA,
-/// shared experts) in bf16 and f32, Llama (GQA, tied embeddings) and Gemma 3 (GeGLU) in bf16.
+/// A model whose projections, dense FFNs, shared experts, MoE gates and LM head run on the
+/// device (`router --device cuda:N`) gives the host model's logits and greedy tokens: DeepSeek
+/// (MLA, sigmoid gate with groups, shared experts) in bf16 and f32, Llama (GQA, tied
+/// embeddings), Gemma 3 (GeGLU) and Qwen3-MoE (softmax gate) in bf16.
 #[test]
 fn offloaded_model_matches_the_host_model() {
     let Some(gpu) = gpu() else { return };
@@ -158,6 +159,7 @@ fn matches_the_host_model(compute: &Compute, how: &str) {
         ("tiny", SynthDType::F32),
         ("tiny-llama", SynthDType::Bf16),
         ("tiny-gemma3", SynthDType::Bf16),
+        ("tiny-qwen3-moe", SynthDType::Bf16),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let options = SynthOptions {

@@ -6,7 +6,8 @@
 //! ones as f32 GEMMs — so the device gives the CPU's results within summation order. Each call
 //! uploads its activations and downloads its output (an MLP's two projections and its gated
 //! activation run as one device call): the ops between them (attention over the cache, norms,
-//! RoPE, the gate, sampling) still run on the host.
+//! RoPE, sampling) still run on the host; the MoE gate runs on the device too
+//! ([`GpuGate`](crate::cuda::GpuGate)).
 
 use std::sync::Arc;
 

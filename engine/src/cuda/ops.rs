@@ -12,6 +12,7 @@ use crate::cuda::{Gpu, block_per, i32_of, launch_config};
 use crate::error::{EngineError, Result};
 use crate::model::gate::{Gate, Routing};
 use crate::model::rope::Rope;
+use crate::tensor::Tensor;
 
 /// A buffer too small for the op is a shape error naming it.
 fn need(what: &str, have: usize, need: usize) -> Result<()> {
@@ -425,6 +426,21 @@ impl GpuGate {
         self.gpu
             .gemm_f32(x, tokens, self.hidden, &self.weight, e, &mut logits)?;
         self.route_logits(&logits, tokens)
+    }
+
+    /// `x: [tokens, hidden]` on the host: one upload, then [`forward`](Self::forward).
+    pub fn forward_host(&self, x: &Tensor) -> Result<Routing> {
+        let (tokens, hidden) = x.dims2()?;
+        if hidden != self.hidden {
+            return Err(EngineError::Shape(format!(
+                "gate input has {hidden} columns, the gate takes {}",
+                self.hidden
+            )));
+        }
+        if tokens == 0 {
+            return self.route_logits(&self.gpu.zeros::<f32>(1)?, 0);
+        }
+        self.forward(&self.gpu.upload(x.as_f32()?)?, tokens)
     }
 
     /// Routing from gate logits `[tokens, experts]` already on the device.

@@ -266,9 +266,9 @@ impl CausalLm {
         })
     }
 
-    /// Moves the model's projections, dense FFNs, shared experts and LM head onto `compute`
-    /// (`router --device cuda:N`, or split over `cuda:0,1,…`); attention over the cache, norms,
-    /// RoPE, the gate and sampling stay on the host, and routed experts stay where they were
+    /// Moves the model's projections, dense FFNs, shared experts, MoE gates and LM head onto
+    /// `compute` (`router --device cuda:N`, or split over `cuda:0,1,…`, the gates on the
+    /// first GPU); attention over the cache, norms, RoPE and sampling stay on the host, and routed experts stay where they were
     /// loaded (expert workers hold theirs on their own devices). A tied LM head keeps its host
     /// copy as the embedding table. Over a group of GPUs every split is checked before the
     /// first weight moves.
@@ -276,6 +276,11 @@ impl CausalLm {
         #[cfg(feature = "cuda")]
         if let crate::tensor::Compute::CudaGroup(group) = compute {
             self.check_split(group.gpus().len())?;
+        }
+        for layer in &mut self.layers {
+            if let Ffn::Moe(moe) = &mut layer.ffn {
+                moe.gate.offload(compute)?;
+            }
         }
         let mut table = None;
         for (prefix, p) in self.projections() {

@@ -39,6 +39,9 @@ pub struct Gate {
     /// `e_score_correction_bias`: added for selection only.
     bias: Option<Vec<f32>>,
     config: MoeConfig,
+    /// The same gate on a device, after [`offload`](Gate::offload).
+    #[cfg(feature = "cuda")]
+    device: Option<crate::cuda::GpuGate>,
 }
 
 impl Gate {
@@ -55,6 +58,8 @@ impl Gate {
             weight,
             bias,
             config: config.clone(),
+            #[cfg(feature = "cuda")]
+            device: None,
         })
     }
 
@@ -71,7 +76,29 @@ impl Gate {
             weight: weight.to_f32(),
             bias,
             config: config.clone(),
+            #[cfg(feature = "cuda")]
+            device: None,
         })
+    }
+
+    /// Routes on `compute` from now on (the first GPU of a group): the f32 logits GEMM and the
+    /// selection run there and only the routing comes back. The host copy stays, so the CPU
+    /// path and this one are the same gate.
+    pub fn offload(&mut self, compute: &crate::tensor::Compute) -> Result<()> {
+        use crate::tensor::Compute;
+        match compute {
+            Compute::Cpu => {}
+            #[cfg(feature = "cuda")]
+            Compute::Cuda(gpu) => {
+                self.device = Some(crate::cuda::GpuGate::from_gate(gpu.clone(), self)?);
+            }
+            #[cfg(feature = "cuda")]
+            Compute::CudaGroup(group) => {
+                let gpu = group.gpus()[0].clone();
+                self.device = Some(crate::cuda::GpuGate::from_gate(gpu, self)?);
+            }
+        }
+        Ok(())
     }
 
     /// `[n_routed_experts, hidden]` f32.
@@ -91,6 +118,10 @@ impl Gate {
     /// `x: [tokens, hidden]` → routing `[tokens, num_experts_per_tok]`.
     pub fn forward(&self, x: &Tensor) -> Result<Routing> {
         let (tokens, _) = x.dims2()?;
+        #[cfg(feature = "cuda")]
+        if let Some(device) = &self.device {
+            return device.forward_host(x);
+        }
         let e = self.config.n_routed_experts;
         // [tokens, n_routed_experts]
         let mut logits = vec![0.0f32; tokens * e];
