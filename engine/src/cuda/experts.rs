@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
 
 use crate::checkpoint::{Checkpoint, Precision};
@@ -205,6 +205,7 @@ impl GpuExperts {
         let plan = Plan::new(groups, tokens, |e| self.holds(e), self.layer)?;
         let gpu = &self.gpu;
         let stream = gpu.stream();
+        let launch = gpu.launch();
         let inter = self.intermediate;
         let total = plan.perm.len();
         if total == 0 {
@@ -230,14 +231,9 @@ impl GpuExperts {
         // the combine writes every element of out (zero for a token without experts).
         // [total, hidden] bf16: each expert's rows, expert after expert.
         let mut xg = unsafe { gpu.scratch::<u16>(total * h)? };
-        let mut b = stream.launch_builder(&gpu.kernels.gather_rows_bf16);
-        b.arg(&x_dev)
-            .arg(&perm)
-            .arg(&mut xg)
-            .arg(&total_i)
-            .arg(&h_i);
+        let cfg = launch_config(total * h)?;
         // SAFETY: reads x[perm[r], :] (rows checked < tokens by the plan), writes total·h.
-        unsafe { b.launch(launch_config(total * h)?) }.map_err(|e| gpu.err("gather", e))?;
+        unsafe { launch.gather_rows_bf16(cfg, &x_dev, &perm, &mut xg, total_i, h_i) }?;
         // [total, 2 · inter] f32, [total, inter] bf16, [total, hidden] f32
         let mut gu = unsafe { gpu.scratch::<f32>(total * 2 * inter)? };
         let mut act = unsafe { gpu.scratch::<u16>(total * inter)? };
@@ -288,29 +284,16 @@ impl GpuExperts {
                 Ok(())
             };
             project(0, 2 * inter, h)?;
-            let silu = 0i32;
-            let mut b = stream.launch_builder(&gpu.kernels.glu_bf16);
-            b.arg(&gu)
-                .arg(&mut act)
-                .arg(&total_i)
-                .arg(&inter_i)
-                .arg(&silu);
+            let (cfg, silu) = (launch_config(total * inter)?, 0);
             // SAFETY: reads total·2·inter, writes total·inter elements.
-            unsafe { b.launch(launch_config(total * inter)?) }.map_err(|e| gpu.err("swiglu", e))?;
+            unsafe { launch.glu_bf16(cfg, &gu, &mut act, total_i, inter_i, silu) }?;
             project(3, h, inter)?;
         }
         let tokens_i = i32_of(tokens, "tokens")?;
-        let mut b = stream.launch_builder(&gpu.kernels.combine_rows);
-        b.arg(&y)
-            .arg(&offsets)
-            .arg(&idx)
-            .arg(&w)
-            .arg(&mut out)
-            .arg(&tokens_i)
-            .arg(&h_i);
+        let cfg = launch_config(tokens * h)?;
         // SAFETY: token t reads rows idx[offsets[t]..offsets[t+1]] < total of y and their
         // weights, and writes its own h elements.
-        unsafe { b.launch(launch_config(tokens * h)?) }.map_err(|e| gpu.err("combine", e))?;
+        unsafe { launch.combine_rows(cfg, &y, &offsets, &idx, &w, &mut out, tokens_i, h_i) }?;
         let host = gpu.download(&out)?;
         Tensor::from_f32(&[tokens, h], host[..tokens * h].to_vec())
     }

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use crate::cuda::{Gpu, i32_of, launch_config};
@@ -156,22 +156,17 @@ impl DeviceMatrix {
             let (n, i) = (i32_of(tokens, "tokens")?, i32_of(inter, "intermediate")?);
             let gelu = i32::from(gelu);
             let cfg = launch_config(tokens * inter)?;
-            let stream = gpu.stream();
             match &down.data {
                 Data::Bf16(w) => {
                     let mut act = unsafe { gpu.scratch::<u16>(tokens * inter)? };
-                    let mut b = stream.launch_builder(&gpu.kernels.glu_bf16);
-                    b.arg(&gu).arg(&mut act).arg(&n).arg(&i).arg(&gelu);
                     // SAFETY: reads tokens · 2 · inter, writes tokens · inter elements.
-                    unsafe { b.launch(cfg) }.map_err(|e| gpu.err("glu", e))?;
+                    unsafe { gpu.launch().glu_bf16(cfg, &gu, &mut act, n, i, gelu) }?;
                     gpu.gemm_bf16_f32(&act, tokens, inter, w, hidden, out)?;
                 }
                 Data::F32(w) => {
                     let mut act = unsafe { gpu.scratch::<f32>(tokens * inter)? };
-                    let mut b = stream.launch_builder(&gpu.kernels.glu_f32);
-                    b.arg(&gu).arg(&mut act).arg(&n).arg(&i).arg(&gelu);
                     // SAFETY: as above.
-                    unsafe { b.launch(cfg) }.map_err(|e| gpu.err("glu", e))?;
+                    unsafe { gpu.launch().glu_f32(cfg, &gu, &mut act, n, i, gelu) }?;
                     gpu.gemm_f32(&act, tokens, inter, w, hidden, out)?;
                 }
             }

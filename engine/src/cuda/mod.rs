@@ -1,7 +1,8 @@
 //! The CUDA backend (feature `cuda`): a device context with cuBLAS and NVRTC-compiled kernels
 //! (`kernels.cu`), the routed experts of a layer held and run on the device (`experts`),
 //! device twins of the router's ops (`ops`), the router's weights on one device (`linear`) or
-//! split over several with NCCL reductions (`parallel`).
+//! split over several with NCCL reductions (`parallel`), and one typed launcher per kernel,
+//! declared once and checked against the kernels' source (`launch`).
 //!
 //! Everything is loaded at run time through `cudarc`'s dynamic loading, so the crate builds on
 //! machines without CUDA. `cudarc` panics when a library it needs is missing, so [`Gpu::open`]
@@ -15,6 +16,7 @@
 //! `engine/tests/kernels_on_cpu.rs` build them with g++ and run them on the CPU.
 
 mod experts;
+mod launch;
 mod linear;
 mod ops;
 mod parallel;
@@ -25,34 +27,19 @@ use cudarc::cublas::CudaBlas;
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
 };
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
-};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
 
 use crate::error::{EngineError, Result};
 
 pub use experts::GpuExperts;
+pub use launch::KERNEL_NAMES;
+use launch::Kernels;
 pub use linear::DeviceMatrix;
 pub use ops::{GpuGate, GpuRope, LatentCache};
 pub use parallel::{GpuGroup, ShardedMatrix};
 
 /// The kernels, as CUDA C compiled by NVRTC (see the file for what each mirrors on the CPU).
 pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
-
-/// Every kernel the host launches, as named in [`KERNEL_SOURCE`].
-pub const KERNEL_NAMES: [&str; 11] = [
-    "gather_rows_bf16",
-    "glu_bf16",
-    "glu_f32",
-    "combine_rows",
-    "rms_norm_f32",
-    "rope_f32",
-    "embed_bf16",
-    "route_topk",
-    "argmax_rows",
-    "softmax_rows",
-    "mla_decode",
-];
 
 /// Compiles [`KERNEL_SOURCE`] to PTX with NVRTC. Needs only the NVRTC library, not a device or
 /// driver, so the kernels' source is checked wherever NVRTC is installed (CI installs it from
@@ -71,22 +58,6 @@ pub fn compile_kernels() -> Result<cudarc::nvrtc::Ptx> {
 /// Maps a `cudarc` error into the engine's, naming the device and what was being done.
 fn device_err(ordinal: usize, what: &str, e: impl std::fmt::Display) -> EngineError {
     EngineError::Device(format!("cuda:{ordinal}: {what}: {e}"))
-}
-
-/// The loaded kernels, in [`KERNEL_NAMES`] order.
-#[derive(Debug)]
-pub(crate) struct Kernels {
-    pub(crate) gather_rows_bf16: CudaFunction,
-    pub(crate) glu_bf16: CudaFunction,
-    pub(crate) glu_f32: CudaFunction,
-    pub(crate) combine_rows: CudaFunction,
-    pub(crate) rms_norm_f32: CudaFunction,
-    pub(crate) rope_f32: CudaFunction,
-    pub(crate) embed_bf16: CudaFunction,
-    pub(crate) route_topk: CudaFunction,
-    pub(crate) argmax_rows: CudaFunction,
-    pub(crate) softmax_rows: CudaFunction,
-    pub(crate) mla_decode: CudaFunction,
 }
 
 /// One CUDA device: its context, a stream, a cuBLAS handle and the compiled kernels. Work is
@@ -159,25 +130,7 @@ impl Gpu {
         let module = ctx
             .load_module(ptx)
             .map_err(|e| device_err(ordinal, "loading kernels", e))?;
-        let load = |name: &str| {
-            module
-                .load_function(name)
-                .map_err(|e| device_err(ordinal, &format!("kernel {name}"), e))
-        };
-        let [a, b, b2, c, d, e, f, g, h, i, j] = KERNEL_NAMES;
-        let kernels = Kernels {
-            gather_rows_bf16: load(a)?,
-            glu_bf16: load(b)?,
-            glu_f32: load(b2)?,
-            combine_rows: load(c)?,
-            rms_norm_f32: load(d)?,
-            rope_f32: load(e)?,
-            embed_bf16: load(f)?,
-            route_topk: load(g)?,
-            argmax_rows: load(h)?,
-            softmax_rows: load(i)?,
-            mla_decode: load(j)?,
-        };
+        let kernels = Kernels::load(&module, ordinal)?;
         Ok(Arc::new(Gpu {
             ordinal,
             name,

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
 use crate::config::{MoeConfig, RopeStyle, ScoringFunc, TopkMethod};
 use crate::cuda::{Gpu, block_per, i32_of, launch_config};
@@ -41,11 +41,11 @@ impl Gpu {
         need("x", x.len(), rows * dim)?;
         need("weight", weight.len(), dim)?;
         let dim = i32_of(dim, "dim")?;
-        let mut b = self.stream.launch_builder(&self.kernels.rms_norm_f32);
-        b.arg(x).arg(weight).arg(&dim).arg(&eps);
         // SAFETY: one block per row reads and writes its `dim` elements (sizes checked above).
-        unsafe { b.launch(block_per(rows, 1)?) }.map_err(|e| self.err("rms_norm", e))?;
-        Ok(())
+        unsafe {
+            self.launch()
+                .rms_norm_f32(block_per(rows, 1)?, x, weight, dim, eps)
+        }
     }
 
     /// Rotates dims `offset .. offset + rope.dim()` of every head of `x: [tokens, heads,
@@ -73,23 +73,23 @@ impl Gpu {
         }
         need("x", x.len(), tokens * heads * stride)?;
         need("positions", positions.len(), tokens)?;
-        let ints = [
-            i32_of(tokens, "tokens")?,
-            i32_of(heads, "heads")?,
-            i32_of(stride, "stride")?,
-            i32_of(offset, "offset")?,
-            i32_of(rope.half, "rope pairs")?,
-        ];
-        let interleaved = i32::from(rope.interleaved);
-        let mut b = self.stream.launch_builder(&self.kernels.rope_f32);
-        b.arg(x).arg(positions).arg(&rope.inv_freq);
-        for v in &ints {
-            b.arg(v);
-        }
-        b.arg(&rope.factor).arg(&interleaved);
+        let cfg = launch_config(pairs)?;
         // SAFETY: one thread per (token, head, pair) inside the checked sizes.
-        unsafe { b.launch(launch_config(pairs)?) }.map_err(|e| self.err("rope", e))?;
-        Ok(())
+        unsafe {
+            self.launch().rope_f32(
+                cfg,
+                x,
+                positions,
+                &rope.inv_freq,
+                i32_of(tokens, "tokens")?,
+                i32_of(heads, "heads")?,
+                i32_of(stride, "stride")?,
+                i32_of(offset, "offset")?,
+                i32_of(rope.half, "rope pairs")?,
+                rope.factor,
+                i32::from(rope.interleaved),
+            )
+        }
     }
 
     /// Rows of a bf16 table `[vocab, hidden]` for `ids`, times `scale`, as f32 `[ids, hidden]`
@@ -116,16 +116,12 @@ impl Gpu {
         let ids_i: Vec<i32> = ids.iter().map(|&id| id as i32).collect();
         let ids_dev = self.upload(&ids_i)?;
         let (n, h) = (i32_of(ids.len(), "ids")?, i32_of(hidden, "hidden")?);
-        let mut b = self.stream.launch_builder(&self.kernels.embed_bf16);
-        b.arg(table)
-            .arg(&ids_dev)
-            .arg(&mut out)
-            .arg(&n)
-            .arg(&h)
-            .arg(&scale);
+        let cfg = launch_config(ids.len() * hidden)?;
         // SAFETY: reads rows ids[r] < vocab of the table, writes ids·hidden elements.
-        unsafe { b.launch(launch_config(ids.len() * hidden)?) }
-            .map_err(|e| self.err("embed", e))?;
+        unsafe {
+            self.launch()
+                .embed_bf16(cfg, table, &ids_dev, &mut out, n, h, scale)
+        }?;
         Ok(out)
     }
 
@@ -146,10 +142,11 @@ impl Gpu {
         need("logits", logits.len(), rows * vocab)?;
         let mut ids = self.zeros::<i32>(rows)?;
         let v = i32_of(vocab, "vocab")?;
-        let mut b = self.stream.launch_builder(&self.kernels.argmax_rows);
-        b.arg(logits).arg(&v).arg(&mut ids);
         // SAFETY: one block per row reads its `vocab` logits and writes one id.
-        unsafe { b.launch(block_per(rows, 1)?) }.map_err(|e| self.err("argmax", e))?;
+        unsafe {
+            self.launch()
+                .argmax_rows(block_per(rows, 1)?, logits, v, &mut ids)
+        }?;
         let host = self.download(&ids)?;
         Ok(host[..rows].iter().map(|&i| i as u32).collect())
     }
@@ -174,11 +171,11 @@ impl Gpu {
         }
         need("x", x.len(), rows * vocab)?;
         let v = i32_of(vocab, "vocab")?;
-        let mut b = self.stream.launch_builder(&self.kernels.softmax_rows);
-        b.arg(x).arg(&v).arg(&temperature);
         // SAFETY: one block per row reads and writes its `vocab` elements.
-        unsafe { b.launch(block_per(rows, 1)?) }.map_err(|e| self.err("softmax", e))?;
-        Ok(())
+        unsafe {
+            self.launch()
+                .softmax_rows(block_per(rows, 1)?, x, v, temperature)
+        }
     }
 
     /// Decode attention of one query token per sequence over an MLA layer's latent cache, in
@@ -245,29 +242,28 @@ impl Gpu {
         let tables_dev = self.upload(&flat)?;
         let lens_dev = self.upload(&lens)?;
         let mut scratch = self.zeros::<f32>(seqs * heads * max_ctx)?;
-        let ints = [
-            i32_of(heads, "heads")?,
-            i32_of(cache.rank, "rank")?,
-            i32_of(cache.rope, "rope")?,
-            i32_of(cache.block, "block")?,
-            i32_of(max_blocks, "blocks per table")?,
-            i32_of(max_ctx, "context")?,
-        ];
-        let mut b = self.stream.launch_builder(&self.kernels.mla_decode);
-        b.arg(q_abs)
-            .arg(q_pe)
-            .arg(&cache.rows)
-            .arg(&tables_dev)
-            .arg(&lens_dev)
-            .arg(&mut scratch)
-            .arg(&mut out);
-        for v in &ints {
-            b.arg(v);
-        }
-        b.arg(&scale);
+        let cfg = block_per(heads, seqs)?;
         // SAFETY: one block per (head, sequence); rows come from checked block tables, the
         // scratch holds max_ctx scores per (sequence, head), queries and output sizes checked.
-        unsafe { b.launch(block_per(heads, seqs)?) }.map_err(|e| self.err("mla_decode", e))?;
+        unsafe {
+            self.launch().mla_decode(
+                cfg,
+                q_abs,
+                q_pe,
+                &cache.rows,
+                &tables_dev,
+                &lens_dev,
+                &mut scratch,
+                &mut out,
+                i32_of(heads, "heads")?,
+                i32_of(cache.rank, "rank")?,
+                i32_of(cache.rope, "rope")?,
+                i32_of(cache.block, "block")?,
+                i32_of(max_blocks, "blocks per table")?,
+                i32_of(max_ctx, "context")?,
+                scale,
+            )
+        }?;
         Ok(out)
     }
 }
@@ -464,28 +460,28 @@ impl GpuGate {
             TopkMethod::GroupLimitedGreedy => 1,
             TopkMethod::NoAuxTc => 2,
         };
-        let ints = [
-            i32::from(self.has_bias),
-            i32_of(tokens, "tokens")?,
-            i32_of(e, "experts")?,
-            i32_of(k, "experts per token")?,
-            i32::from(c.scoring_func == ScoringFunc::Softmax),
-            group_mode,
-            i32_of(c.n_group.max(1), "groups")?,
-            i32_of(c.topk_group, "topk_group")?,
-            i32::from(c.norm_topk_prob),
-        ];
-        let mut b = gpu.stream.launch_builder(&gpu.kernels.route_topk);
-        b.arg(logits).arg(&self.bias);
-        for v in &ints {
-            b.arg(v);
-        }
-        b.arg(&c.routed_scaling_factor)
-            .arg(&mut ids)
-            .arg(&mut weights);
+        let cfg = launch_config(tokens)?;
         // SAFETY: one thread per token reads its `experts` logits and writes k ids and weights;
         // the experts and groups fit the kernel's per-thread arrays (checked in `new`).
-        unsafe { b.launch(launch_config(tokens)?) }.map_err(|e| gpu.err("route", e))?;
+        unsafe {
+            gpu.launch().route_topk(
+                cfg,
+                logits,
+                &self.bias,
+                i32::from(self.has_bias),
+                i32_of(tokens, "tokens")?,
+                i32_of(e, "experts")?,
+                i32_of(k, "experts per token")?,
+                i32::from(c.scoring_func == ScoringFunc::Softmax),
+                group_mode,
+                i32_of(c.n_group.max(1), "groups")?,
+                i32_of(c.topk_group, "topk_group")?,
+                i32::from(c.norm_topk_prob),
+                c.routed_scaling_factor,
+                &mut ids,
+                &mut weights,
+            )
+        }?;
         let ids = gpu.download(&ids)?;
         let weights = gpu.download(&weights)?;
         Ok(Routing {
