@@ -9,4 +9,4 @@ pub mod ops;
 pub mod packed;
 pub mod pool;
 
-pub use matmul::{matmul_nn_rows, matmul_t};
+pub use matmul::{matmul_nn_rows, matmul_t, matmul_t_uninit};

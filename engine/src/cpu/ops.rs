@@ -15,17 +15,28 @@ pub fn rms_norm_inplace(x: &mut [f32], weight: &[f32], eps: f32) {
 /// `silu(gate) * up`, written into `gate`.
 pub fn silu_mul_inplace(gate: &mut [f32], up: &[f32]) {
     for (g, u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+        *g = silu_mul(*g, *u);
     }
+}
+
+/// `silu(g) · u`, one element of SwiGLU.
+#[inline]
+pub fn silu_mul(g: f32, u: f32) -> f32 {
+    g / (1.0 + (-g).exp()) * u
 }
 
 /// `gate = gelu_tanh(gate) * up` (GeGLU with transformers' `gelu_pytorch_tanh`).
 pub fn gelu_tanh_mul_inplace(gate: &mut [f32], up: &[f32]) {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     for (g, u) in gate.iter_mut().zip(up) {
-        let x = *g;
-        *g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh()) * u;
+        *g = gelu_tanh_mul(*g, *u);
     }
+}
+
+/// `gelu_tanh(x) · u`, one element of GeGLU.
+#[inline]
+pub fn gelu_tanh_mul(x: f32, u: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh()) * u
 }
 
 /// `tanh(x / cap) · cap` in place: logit soft-capping.

@@ -113,6 +113,26 @@ impl ComputePool {
         self.shared.resting.store(true, Ordering::Relaxed);
     }
 
+    /// Runs `f(i, chunk)` over `data` cut into chunks of `chunk` elements (the last may be
+    /// shorter), the chunks spread over the pool; returns when all are done.
+    pub fn for_each_chunk_mut<T: Send>(
+        &self,
+        data: &mut [T],
+        chunk: usize,
+        f: &(dyn Fn(usize, &mut [T]) + Sync),
+    ) {
+        let chunk = chunk.max(1);
+        let (len, ptr) = (data.len(), SendPtr(data.as_mut_ptr()));
+        self.run(len.div_ceil(chunk), &|i| {
+            let start = i * chunk;
+            let n = chunk.min(len - start);
+            // SAFETY: task i alone gets elements start..start + n, inside `data`, which
+            // outlives `run`.
+            let part = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(start), n) };
+            f(i, part);
+        });
+    }
+
     /// Runs `f(0..n_tasks)` across the pool and returns when every task is done.
     pub fn run(&self, n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
         if n_tasks == 0 {
@@ -226,6 +246,19 @@ impl Drop for ComputePool {
     }
 }
 
+/// A raw pointer the pool's tasks share, each using a disjoint part of what it points to.
+struct SendPtr<T>(*mut T);
+// SAFETY: tasks touch disjoint elements (see `for_each_chunk_mut`), and T: Send.
+unsafe impl<T: Send> Send for SendPtr<T> {}
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    // A method, so closures capture the whole (Sync) wrapper rather than its raw field.
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,6 +272,21 @@ mod tests {
                 hits[i].fetch_add(1, Ordering::Relaxed);
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+        }
+    }
+
+    #[test]
+    fn chunks_cover_the_data_once_each() {
+        let pool = ComputePool::new(3);
+        for (len, chunk) in [(0, 4), (1, 4), (10, 3), (12, 4), (100, 1)] {
+            let mut data = vec![0usize; len];
+            pool.for_each_chunk_mut(&mut data, chunk, &|i, part| {
+                for v in part.iter_mut() {
+                    *v += i + 1;
+                }
+            });
+            let want: Vec<usize> = (0..len).map(|j| j / chunk + 1).collect();
+            assert_eq!(data, want, "{len} in chunks of {chunk}");
         }
     }
 

@@ -241,10 +241,9 @@ impl GqaAttention {
         Ok(())
     }
 
-    /// Bytes of weights held.
-    /// Moves the projections onto `compute`; attention over the cache stays on the host.
-    /// The projections that move to a device; over several GPUs q, k and v split by heads
-    /// and the output projection's partial sums are reduced over NCCL.
+    /// The projections that move to a device (attention over the cache stays on the host);
+    /// over several GPUs q, k and v split by heads and the output projection's partial sums
+    /// are reduced over NCCL.
     pub fn projections(&mut self) -> Vec<Projection<'_>> {
         let granule = self.head_dim;
         vec![
@@ -253,6 +252,7 @@ impl GqaAttention {
         ]
     }
 
+    /// Bytes of weights held.
     pub fn size_in_bytes(&self) -> usize {
         self.qkv.size_in_bytes() + self.o.size_in_bytes()
     }

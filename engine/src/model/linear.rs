@@ -135,9 +135,12 @@ impl Linear {
         match &self.weight {
             Weight::Host(w) => {
                 let (tokens, _) = x.dims2()?;
-                let mut out = Tensor::zeros(&[tokens, self.out_features]);
-                cpu::matmul_t(x.as_f32()?, tokens, w, out.as_f32_mut()?)?;
-                Ok(out)
+                let len = tokens * self.out_features;
+                let mut out = Vec::with_capacity(len);
+                cpu::matmul_t_uninit(x.as_f32()?, tokens, w, &mut out.spare_capacity_mut()[..len])?;
+                // SAFETY: `matmul_t_uninit` wrote all `len` elements.
+                unsafe { out.set_len(len) };
+                Tensor::from_f32(&[tokens, self.out_features], out)
             }
             #[cfg(feature = "cuda")]
             Weight::Device(d) => d.forward(x),

@@ -9,6 +9,9 @@ use crate::model::linear::{Linear, Projection};
 use crate::model::shard::Parallel;
 use crate::tensor::Tensor;
 
+/// Activation elements below which a task is not worth handing to another thread.
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
+
 /// The usual projection names: `gate_proj`, `up_proj`, `down_proj`.
 pub const PROJECTIONS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 
@@ -86,25 +89,36 @@ impl Mlp {
             return crate::cuda::ShardedMatrix::mlp(gate_up, down, x, gelu);
         }
         let (tokens, _) = x.dims2()?;
+        let inter = self.intermediate;
         // [tokens, 2 * intermediate]
         let gu = self.gate_up.forward(x)?;
         let gu = gu.as_f32()?;
-        // [tokens, intermediate]
-        let mut act = Vec::with_capacity(tokens * self.intermediate);
-        for row in gu.chunks_exact(2 * self.intermediate) {
-            let start = act.len();
-            act.extend_from_slice(&row[..self.intermediate]);
-            match self.act {
-                Activation::Silu => {
-                    ops::silu_mul_inplace(&mut act[start..], &row[self.intermediate..])
+        // [tokens, intermediate], written once: the activation of a prefill is spread over the
+        // pool (on one thread it was ~8% of a dense prefill); rows are independent.
+        let len = tokens * inter;
+        let mut act = Vec::with_capacity(len);
+        let rows_per_task = (PARALLEL_MIN_ELEMENTS / inter.max(1)).max(1);
+        let glu = match self.act {
+            Activation::Silu => ops::silu_mul,
+            Activation::GeluTanh => ops::gelu_tanh_mul,
+        };
+        crate::cpu::pool::global().for_each_chunk_mut(
+            &mut act.spare_capacity_mut()[..len],
+            rows_per_task * inter,
+            &|i, rows| {
+                let first = i * rows_per_task;
+                for (r, out) in rows.chunks_exact_mut(inter).enumerate() {
+                    let row = &gu[(first + r) * 2 * inter..(first + r + 1) * 2 * inter];
+                    let (gate, up) = row.split_at(inter);
+                    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                        o.write(glu(g, u));
+                    }
                 }
-                Activation::GeluTanh => {
-                    ops::gelu_tanh_mul_inplace(&mut act[start..], &row[self.intermediate..])
-                }
-            }
-        }
-        self.down
-            .forward(&Tensor::from_f32(&[tokens, self.intermediate], act)?)
+            },
+        );
+        // SAFETY: the chunks cover all `len` elements, each row written whole.
+        unsafe { act.set_len(len) };
+        self.down.forward(&Tensor::from_f32(&[tokens, inter], act)?)
     }
 
     pub fn size_in_bytes(&self) -> usize {
