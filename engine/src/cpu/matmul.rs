@@ -201,16 +201,38 @@ unsafe fn to_bf16_bits_avx512(src: &[f32], dst: &mut [u16]) {
     }
 }
 
+fn check_shapes(x: usize, m: usize, n: usize, k: usize, out: usize) -> Result<()> {
+    if x != m * k || out != m * n {
+        return Err(EngineError::Shape(format!(
+            "matmul: x has {x} elements for [{m}, {k}], out has {out} for [{m}, {n}]"
+        )));
+    }
+    Ok(())
+}
+
+/// `out[m, n] = Σ_k x[m, k] · w[n, k]` for f32 slices, `w` holding `n` whole rows of `k` (a
+/// leading part of a larger matrix is one).
+pub fn matmul_t_f32(x: &[f32], m: usize, k: usize, w: &[f32], out: &mut [f32]) -> Result<()> {
+    let n = w.len().checked_div(k).unwrap_or(0);
+    if n * k != w.len() {
+        return Err(EngineError::Shape(format!(
+            "matmul: w has {} elements, not whole rows of {k}",
+            w.len()
+        )));
+    }
+    check_shapes(x.len(), m, n, k, out.len())?;
+    if m > 0 && n > 0 {
+        run_split(m, n, k, out, |n0, n1, o| {
+            gemm_f32(isa(), x, m, k, w, n0, n1, n, o)
+        });
+    }
+    Ok(())
+}
+
 /// `out[m, n] = Σ_k x[m, k] · w[n, k]`; `x` is `[m, k]` f32, `w` is `[n, k]` f32 or bf16.
 pub fn matmul_t(x: &[f32], m: usize, w: &Tensor, out: &mut [f32]) -> Result<()> {
     let (n, k) = w.dims2()?;
-    if x.len() != m * k || out.len() != m * n {
-        return Err(EngineError::Shape(format!(
-            "matmul: x has {} elements for [{m}, {k}], out has {} for [{m}, {n}]",
-            x.len(),
-            out.len()
-        )));
-    }
+    check_shapes(x.len(), m, n, k, out.len())?;
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -254,13 +276,7 @@ pub fn matmul_t_uninit(
     out: &mut [std::mem::MaybeUninit<f32>],
 ) -> Result<()> {
     let (n, k) = w.dims2()?;
-    if x.len() != m * k || out.len() != m * n {
-        return Err(EngineError::Shape(format!(
-            "matmul: x has {} elements for [{m}, {k}], out has {} for [{m}, {n}]",
-            x.len(),
-            out.len()
-        )));
-    }
+    check_shapes(x.len(), m, n, k, out.len())?;
     if let CpuStorage::Bf16Packed(pw) = w.cpu_storage() {
         if m > 0 && n > 0 {
             // SAFETY: `out` holds m · n elements, all of which the packed kernels store.

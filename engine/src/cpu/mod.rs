@@ -9,4 +9,4 @@ pub mod ops;
 pub mod packed;
 pub mod pool;
 
-pub use matmul::{matmul_nn_rows, matmul_t, matmul_t_uninit};
+pub use matmul::{matmul_nn_rows, matmul_t, matmul_t_f32, matmul_t_uninit};

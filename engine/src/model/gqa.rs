@@ -13,6 +13,12 @@ use crate::model::cache::KvCache;
 use crate::model::linear::{Linear, Projection, RmsNorm};
 use crate::model::rope::Rope;
 use crate::model::shard::Parallel;
+
+/// Queries of a prefill chunk whose attention runs as one pair of GEMMs: small enough that the
+/// causal mask's skipped keys matter on long prompts, big enough that the per-block overhead
+/// does not show on short ones (Qwen3-0.6B, one run: 1,024-token prefill 240-260 -> 359-360
+/// tok/s; 128 tokens unchanged within noise; 32 was ~4% slower at 128 tokens).
+const QUERY_BLOCK: usize = 64;
 use crate::tensor::{Tensor, concat_rows};
 
 #[derive(Debug)]
@@ -183,9 +189,11 @@ impl GqaAttention {
         self.o.forward(&Tensor::from_f32(&[tokens, q_width], attn)?)
     }
 
-    /// One query head over a chunk of several tokens as two GEMMs: the keys and values its
-    /// queries can see are gathered once (`K: [keys, d]`, `Vᵀ: [d, keys]`), then
-    /// `P = softmax(mask(Q Kᵀ · scale))` and `O = P V`. Writes row `t` of the chunk to `out(t)`.
+    /// One query head over a chunk of several tokens as GEMMs: the keys and values its queries
+    /// can see are gathered once (`K`, `V: [keys, d]`), then per block of [`QUERY_BLOCK`]
+    /// queries `P = softmax(mask(Q Kᵀ · scale))` and `O = P V` over only the keys that block
+    /// sees — under the causal mask that skips nearly half the products of a long chunk. Writes
+    /// row `t` of the chunk to `out(t)`.
     #[allow(clippy::too_many_arguments)]
     fn attend_chunk<'a>(
         &self,
@@ -203,40 +211,59 @@ impl GqaAttention {
         let first = self.window.map_or(0, |w| (span.pos0 + 1).saturating_sub(w));
         let keys = ctx - first;
         let mut k = Vec::with_capacity(keys * d);
-        let mut v_t = vec![0.0f32; d * keys];
-        for (j, pos) in (first..ctx).enumerate() {
+        let mut v = Vec::with_capacity(keys * d);
+        for pos in first..ctx {
             let row = cache.row(layer, pos);
             k.extend_from_slice(&row[k_off..k_off + d]);
-            for (i, &v) in row[v_off..v_off + d].iter().enumerate() {
-                v_t[i * keys + j] = v;
-            }
+            v.extend_from_slice(&row[v_off..v_off + d]);
         }
-        let k = Tensor::from_f32(&[keys, d], k)?;
-        let v_t = Tensor::from_f32(&[d, keys], v_t)?;
-        let mut q = Vec::with_capacity(span.len * d);
-        for t in 0..span.len {
-            q.extend_from_slice(q_of(t));
-        }
-        // [len, keys]
-        let mut scores = vec![0.0f32; span.len * keys];
-        crate::cpu::matmul_t(&q, span.len, &k, &mut scores)?;
-        for (t, row) in scores.chunks_exact_mut(keys).enumerate() {
+        // Keys `lo..hi` (relative to `first`) that query `t` of the chunk sees.
+        let visible = |t: usize| {
             let pos = span.pos0 + t;
             let lo = self.window.map_or(0, |w| (pos + 1).saturating_sub(w)) - first;
-            let hi = pos + 1 - first;
-            row[..lo].fill(0.0);
-            row[hi..].fill(0.0);
-            let visible = &mut row[lo..hi];
-            for s in visible.iter_mut() {
-                *s *= self.scale;
+            (lo, pos + 1 - first)
+        };
+        let (mut q, mut scores, mut v_t, mut o) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for t0 in (0..span.len).step_by(QUERY_BLOCK) {
+            let rows = QUERY_BLOCK.min(span.len - t0);
+            // The block's first query sees the earliest key, its last the latest.
+            let (lo, _) = visible(t0);
+            let (_, hi) = visible(t0 + rows - 1);
+            let n = hi - lo;
+            q.clear();
+            for t in t0..t0 + rows {
+                q.extend_from_slice(q_of(t));
             }
-            ops::softmax_inplace(visible);
-        }
-        // [len, d]
-        let mut o = vec![0.0f32; span.len * d];
-        crate::cpu::matmul_t(&scores, span.len, &v_t, &mut o)?;
-        for (t, row) in o.chunks_exact(d).enumerate() {
-            out(t).copy_from_slice(row);
+            // [rows, n]
+            scores.clear();
+            scores.resize(rows * n, 0.0);
+            crate::cpu::matmul_t_f32(&q, rows, d, &k[lo * d..hi * d], &mut scores)?;
+            for (r, row) in scores.chunks_exact_mut(n).enumerate() {
+                let (a, b) = visible(t0 + r);
+                let (a, b) = (a - lo, b - lo);
+                row[..a].fill(0.0);
+                row[b..].fill(0.0);
+                let seen = &mut row[a..b];
+                for s in seen.iter_mut() {
+                    *s *= self.scale;
+                }
+                ops::softmax_inplace(seen);
+            }
+            // Vᵀ of the block's keys: [d, n]
+            v_t.clear();
+            v_t.resize(d * n, 0.0);
+            for (j, vr) in v[lo * d..hi * d].chunks_exact(d).enumerate() {
+                for (i, &x) in vr.iter().enumerate() {
+                    v_t[i * n + j] = x;
+                }
+            }
+            // [rows, d]
+            o.clear();
+            o.resize(rows * d, 0.0);
+            crate::cpu::matmul_t_f32(&scores, rows, n, &v_t, &mut o)?;
+            for (r, row) in o.chunks_exact(d).enumerate() {
+                out(t0 + r).copy_from_slice(row);
+            }
         }
         Ok(())
     }
