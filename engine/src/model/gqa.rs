@@ -8,17 +8,12 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{GqaConfig, ModelConfig};
 use crate::cpu::ops;
 use crate::error::{EngineError, Result};
-use crate::model::attention::{SeqSpan, SharedRows};
+use crate::model::attention::{QUERY_BLOCK, SeqSpan, SharedRows};
 use crate::model::cache::KvCache;
 use crate::model::linear::{Linear, Projection, RmsNorm};
 use crate::model::rope::Rope;
 use crate::model::shard::Parallel;
 
-/// Queries of a prefill chunk whose attention runs as one pair of GEMMs: small enough that the
-/// causal mask's skipped keys matter on long prompts, big enough that the per-block overhead
-/// does not show on short ones (Qwen3-0.6B, one run: 1,024-token prefill 240-260 -> 359-360
-/// tok/s; 128 tokens unchanged within noise; 32 was ~4% slower at 128 tokens).
-const QUERY_BLOCK: usize = 64;
 use crate::tensor::{Tensor, concat_rows};
 
 #[derive(Debug)]
