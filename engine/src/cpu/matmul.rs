@@ -85,8 +85,10 @@ pub fn amx_available() -> bool {
 }
 
 /// Rows from which a packed GEMM uses AMX tiles: a tile pass costs the same for 1 or 16 rows,
-/// so below this the AVX512-BF16 kernel wins.
-pub const AMX_MIN_ROWS: usize = 2;
+/// so below this the AVX512-BF16 kernel wins. Measured on decode, two runs alternating: at 2
+/// rows AVX512-BF16 is ahead (Qwen3-0.6B 41-43 vs 36-37 tok/s, `mini` 103-111 vs 101-102), at
+/// 3 they tie, from 4 AMX leads (at 8 rows 114-120 vs 74-75).
+pub const AMX_MIN_ROWS: usize = 3;
 
 /// `x: [m, k]` f32 times a packed bf16 weight into `out: [m, n]`, every element written
 /// (stored, never read), so `out` may be uninitialised.
