@@ -76,6 +76,24 @@ pub fn axpy(acc: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// Asks the CPU to start loading `x` into cache (a hint: no effect on results). For reads the
+/// hardware prefetchers cannot predict, such as one head's slice of successive cached rows a
+/// page or more apart.
+#[inline]
+pub fn prefetch(x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in x.chunks(16) {
+        // SAFETY: a prefetch is only a hint; the address is inside `x`.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr().cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if avx512() {

@@ -158,7 +158,14 @@ impl GqaAttention {
                 let h = head + g;
                 &qkv_d[row * stride + h * d..row * stride + (h + 1) * d]
             };
+            // Each row's slice is a page or more from the last, which the hardware prefetchers do
+            // not follow: fetch a few rows ahead (Qwen3-0.6B, prompt 256, one run: batch-8
+            // decode 62-64 -> 68-74 tok/s at 4 rows ahead, 79-82 at 8).
+            const AHEAD: usize = 8;
             for (j, p) in (first..=pos).enumerate() {
+                if p + AHEAD <= pos {
+                    ops::prefetch(&cache.row(layer, p + AHEAD)[k_off..k_off + d]);
+                }
                 let k = &cache.row(layer, p)[k_off..k_off + d];
                 for g in 0..group {
                     scores[g * keys + j] = ops::dot(q(g), k) * self.scale;
@@ -172,6 +179,9 @@ impl GqaAttention {
                 .map(|g| unsafe { out.slice(row * q_width + (head + g) * d, d) })
                 .collect();
             for (j, p) in (first..=pos).enumerate() {
+                if p + AHEAD <= pos {
+                    ops::prefetch(&cache.row(layer, p + AHEAD)[v_off..v_off + d]);
+                }
                 let v = &cache.row(layer, p)[v_off..v_off + d];
                 for (g, o) in outs.iter_mut().enumerate() {
                     ops::axpy(o, scores[g * keys + j], v);
