@@ -24,6 +24,66 @@ use crate::tensor::Tensor;
 /// 128 tokens).
 pub(crate) const QUERY_BLOCK: usize = 64;
 
+/// One head's attention for a chunk of `len` queries over keys `[n, dk]` and values `[n, dv]`
+/// (contiguous rows): per block of [`QUERY_BLOCK`] queries, `P = softmax(mask(Q Kᵀ · scale))`
+/// and `O = P V` over only the keys the block sees — under the causal mask that skips nearly
+/// half the products of a long chunk. `visible(t)` is the key range `lo..hi` query `t` sees
+/// (both ends non-decreasing in `t`), `query(t, buf)` appends query `t` to `buf`, and
+/// `out(t, row)` takes output row `t`.
+pub(crate) fn attend_blocks(
+    len: usize,
+    (keys, dk): (&[f32], usize),
+    (values, dv): (&[f32], usize),
+    scale: f32,
+    visible: impl Fn(usize) -> (usize, usize),
+    mut query: impl FnMut(usize, &mut Vec<f32>),
+    mut out: impl FnMut(usize, &[f32]),
+) -> Result<()> {
+    let (mut q, mut scores, mut v_t, mut o) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for t0 in (0..len).step_by(QUERY_BLOCK) {
+        let rows = QUERY_BLOCK.min(len - t0);
+        // The block's first query sees the earliest key, its last the latest.
+        let (lo, _) = visible(t0);
+        let (_, hi) = visible(t0 + rows - 1);
+        let n = hi - lo;
+        q.clear();
+        for t in t0..t0 + rows {
+            query(t, &mut q);
+        }
+        // [rows, n]
+        scores.clear();
+        scores.resize(rows * n, 0.0);
+        cpu::matmul_t_f32(&q, rows, dk, &keys[lo * dk..hi * dk], &mut scores)?;
+        for (r, row) in scores.chunks_exact_mut(n).enumerate() {
+            let (a, b) = visible(t0 + r);
+            let (a, b) = (a - lo, b - lo);
+            row[..a].fill(0.0);
+            row[b..].fill(0.0);
+            let seen = &mut row[a..b];
+            for s in seen.iter_mut() {
+                *s *= scale;
+            }
+            ops::softmax_inplace(seen);
+        }
+        // Vᵀ of the block's keys: [dv, n]
+        v_t.clear();
+        v_t.resize(dv * n, 0.0);
+        for (j, vr) in values[lo * dv..hi * dv].chunks_exact(dv).enumerate() {
+            for (i, &x) in vr.iter().enumerate() {
+                v_t[i * n + j] = x;
+            }
+        }
+        // [rows, dv]
+        o.clear();
+        o.resize(rows * dv, 0.0);
+        cpu::matmul_t_f32(&scores, rows, n, &v_t, &mut o)?;
+        for (r, row) in o.chunks_exact(dv).enumerate() {
+            out(t0 + r, row);
+        }
+    }
+    Ok(())
+}
+
 /// How attention over the cache is computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum AttentionMode {
@@ -298,8 +358,8 @@ impl MlaAttention {
     }
 
     /// One head over one sequence with per-head keys and values expanded from the latents
-    /// (`latent: [ctx, kv_lora]`). Writes `out[row, head * v..]` for the span's rows. Like
-    /// GQA's prefill, each block of [`QUERY_BLOCK`] queries attends only the keys it sees.
+    /// (`latent: [ctx, kv_lora]`), through [`attend_blocks`]. Writes `out[row, head * v..]` for
+    /// the span's rows.
     #[allow(clippy::too_many_arguments)]
     fn attend_expanded(
         &self,
@@ -326,50 +386,24 @@ impl MlaAttention {
         // Values of this head, V = latent · W_UVᵀ in f32: [ctx, v]
         let mut values = vec![0.0f32; ctx * vd];
         cpu::matmul_t_f32(lat, ctx, self.kv_lora, &self.w_uv_f32[head], &mut values)?;
-        let (mut queries, mut scores, mut v_t, mut o) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for t0 in (0..span.len).step_by(QUERY_BLOCK) {
-            let rows = QUERY_BLOCK.min(span.len - t0);
-            // The block's last query sees keys 0..hi; earlier ones fewer (masked).
-            let hi = span.pos0 + t0 + rows;
-            queries.clear();
-            for t in t0..t0 + rows {
+        attend_blocks(
+            span.len,
+            (&keys, qk),
+            (&values, vd),
+            self.scale,
+            |t| (0, span.pos0 + t + 1),
+            |t, buf| {
                 let (qn, qr) = self.q_row(q, span.start + t, head);
-                queries.extend_from_slice(qn);
-                queries.extend_from_slice(qr);
-            }
-            // [rows, hi]
-            scores.clear();
-            scores.resize(rows * hi, 0.0);
-            cpu::matmul_t_f32(&queries, rows, qk, &keys[..hi * qk], &mut scores)?;
-            for (r, row) in scores.chunks_exact_mut(hi).enumerate() {
-                let visible = span.pos0 + t0 + r + 1;
-                for s in row[..visible].iter_mut() {
-                    *s *= self.scale;
-                }
-                ops::softmax_inplace(&mut row[..visible]);
-                row[visible..].fill(0.0);
-            }
-            // Vᵀ of the keys the block sees: [v, hi]
-            v_t.clear();
-            v_t.resize(vd * hi, 0.0);
-            for (j, vr) in values[..hi * vd].chunks_exact(vd).enumerate() {
-                for (i, &x) in vr.iter().enumerate() {
-                    v_t[i * hi + j] = x;
-                }
-            }
-            // [rows, v]
-            o.clear();
-            o.resize(rows * vd, 0.0);
-            cpu::matmul_t_f32(&scores, rows, hi, &v_t, &mut o)?;
-            for (r, src) in o.chunks_exact(vd).enumerate() {
-                let row = span.start + t0 + r;
+                buf.extend_from_slice(qn);
+                buf.extend_from_slice(qr);
+            },
+            |t, src| {
+                let row = span.start + t;
                 // SAFETY: this task alone writes columns head*v..(head+1)*v of the span's rows.
                 let dst = unsafe { out.slice(row * width + head * vd, vd) };
                 dst.copy_from_slice(src);
-            }
-        }
-        Ok(())
+            },
+        )
     }
 
     /// One head over one sequence, weight-absorbed: attention runs over the latents directly.

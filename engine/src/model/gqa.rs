@@ -8,7 +8,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{GqaConfig, ModelConfig};
 use crate::cpu::ops;
 use crate::error::{EngineError, Result};
-use crate::model::attention::{QUERY_BLOCK, SeqSpan, SharedRows};
+use crate::model::attention::{SeqSpan, SharedRows, attend_blocks};
 use crate::model::cache::KvCache;
 use crate::model::linear::{Linear, Projection, RmsNorm};
 use crate::model::rope::Rope;
@@ -195,10 +195,8 @@ impl GqaAttention {
     }
 
     /// One query head over a chunk of several tokens as GEMMs: the keys and values its queries
-    /// can see are gathered once (`K`, `V: [keys, d]`), then per block of [`QUERY_BLOCK`]
-    /// queries `P = softmax(mask(Q Kᵀ · scale))` and `O = P V` over only the keys that block
-    /// sees — under the causal mask that skips nearly half the products of a long chunk. Writes
-    /// row `t` of the chunk to `out(t)`.
+    /// can see are gathered once (`K`, `V: [keys, d]`), then [`attend_blocks`]. Writes row `t`
+    /// of the chunk to `out(t)`.
     #[allow(clippy::too_many_arguments)]
     fn attend_chunk<'a>(
         &self,
@@ -228,49 +226,15 @@ impl GqaAttention {
             let lo = self.window.map_or(0, |w| (pos + 1).saturating_sub(w)) - first;
             (lo, pos + 1 - first)
         };
-        let (mut q, mut scores, mut v_t, mut o) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for t0 in (0..span.len).step_by(QUERY_BLOCK) {
-            let rows = QUERY_BLOCK.min(span.len - t0);
-            // The block's first query sees the earliest key, its last the latest.
-            let (lo, _) = visible(t0);
-            let (_, hi) = visible(t0 + rows - 1);
-            let n = hi - lo;
-            q.clear();
-            for t in t0..t0 + rows {
-                q.extend_from_slice(q_of(t));
-            }
-            // [rows, n]
-            scores.clear();
-            scores.resize(rows * n, 0.0);
-            crate::cpu::matmul_t_f32(&q, rows, d, &k[lo * d..hi * d], &mut scores)?;
-            for (r, row) in scores.chunks_exact_mut(n).enumerate() {
-                let (a, b) = visible(t0 + r);
-                let (a, b) = (a - lo, b - lo);
-                row[..a].fill(0.0);
-                row[b..].fill(0.0);
-                let seen = &mut row[a..b];
-                for s in seen.iter_mut() {
-                    *s *= self.scale;
-                }
-                ops::softmax_inplace(seen);
-            }
-            // Vᵀ of the block's keys: [d, n]
-            v_t.clear();
-            v_t.resize(d * n, 0.0);
-            for (j, vr) in v[lo * d..hi * d].chunks_exact(d).enumerate() {
-                for (i, &x) in vr.iter().enumerate() {
-                    v_t[i * n + j] = x;
-                }
-            }
-            // [rows, d]
-            o.clear();
-            o.resize(rows * d, 0.0);
-            crate::cpu::matmul_t_f32(&scores, rows, n, &v_t, &mut o)?;
-            for (r, row) in o.chunks_exact(d).enumerate() {
-                out(t0 + r).copy_from_slice(row);
-            }
-        }
-        Ok(())
+        attend_blocks(
+            span.len,
+            (&k, d),
+            (&v, d),
+            self.scale,
+            visible,
+            |t, buf| buf.extend_from_slice(q_of(t)),
+            |t, row| out(t).copy_from_slice(row),
+        )
     }
 
     /// The projections that move to a device (attention over the cache stays on the host);

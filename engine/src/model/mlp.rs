@@ -12,6 +12,18 @@ use crate::tensor::Tensor;
 /// Activation elements below which a task is not worth handing to another thread.
 const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
 
+/// `out[i] = glu(gate[i], up[i])`, writing every element of `out`.
+fn write_glu(
+    out: &mut [std::mem::MaybeUninit<f32>],
+    gate: &[f32],
+    up: &[f32],
+    glu: impl Fn(f32, f32) -> f32,
+) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        o.write(glu(g, u));
+    }
+}
+
 /// The usual projection names: `gate_proj`, `up_proj`, `down_proj`.
 pub const PROJECTIONS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 
@@ -98,10 +110,6 @@ impl Mlp {
         let len = tokens * inter;
         let mut act = Vec::with_capacity(len);
         let rows_per_task = (PARALLEL_MIN_ELEMENTS / inter.max(1)).max(1);
-        let glu = match self.act {
-            Activation::Silu => ops::silu_mul,
-            Activation::GeluTanh => ops::gelu_tanh_mul,
-        };
         crate::cpu::pool::global().for_each_chunk_mut(
             &mut act.spare_capacity_mut()[..len],
             rows_per_task * inter,
@@ -110,8 +118,10 @@ impl Mlp {
                 for (r, out) in rows.chunks_exact_mut(inter).enumerate() {
                     let row = &gu[(first + r) * 2 * inter..(first + r + 1) * 2 * inter];
                     let (gate, up) = row.split_at(inter);
-                    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                        o.write(glu(g, u));
+                    // One loop per activation, each with its function inlined.
+                    match self.act {
+                        Activation::Silu => write_glu(out, gate, up, ops::silu_mul),
+                        Activation::GeluTanh => write_glu(out, gate, up, ops::gelu_tanh_mul),
                     }
                 }
             },
