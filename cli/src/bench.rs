@@ -1,13 +1,15 @@
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use switchyard_engine::bench::{self, BenchOptions, BenchReport};
-use switchyard_engine::model::{CausalLm, ExpertSelection, LoadOptions};
-use switchyard_router::RemoteExperts;
+use switchyard_engine::model::{CausalLm, LoadOptions};
+use switchyard_router::experts::DispatchOptions;
+use switchyard_router::metrics::{RouterMetrics, WorkerLabel};
+use switchyard_router::node::{Experts, RouterNode};
+use switchyard_router::server::ServingOptions;
 
 use crate::router::DispatchArgs;
 
@@ -116,6 +118,22 @@ fn start_workers(
     Ok((nodes, addrs))
 }
 
+/// A router node's serving settings for the benchmark, which drives the model directly: the
+/// scheduler it starts stays idle, so its KV pool is the smallest that starts.
+fn bench_serving() -> ServingOptions {
+    ServingOptions {
+        model_name: "bench".into(),
+        api_key: None,
+        kv_cache_bytes: 64 << 20,
+        block_size: 16,
+        max_batch_size: 1,
+        max_batch_tokens: 16,
+        max_waiting: 1,
+        default_max_tokens: 1,
+        metrics: RouterMetrics::new(),
+    }
+}
+
 fn print_table(title: &str, report: &BenchReport) {
     println!(
         "{title} · weights {:.1} MiB · {} threads",
@@ -182,30 +200,35 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         .context("the model has no routed experts")?;
     let has_shared = moe.n_shared_experts > 0;
     let (_nodes, addrs) = start_workers(&args, moe.n_routed_experts, has_shared)?;
-    let mut router = CausalLm::load(
-        &args.model,
-        &LoadOptions {
-            experts: ExpertSelection::None,
-        },
-    )?;
-    router.offload(&compute)?;
     // Both placements of the shared expert, when the model has one.
     let modes: &[bool] = if has_shared { &[false, true] } else { &[false] };
     let mut runs = Vec::new();
     for &on_workers in modes {
-        let options = switchyard_router::dispatch::DispatchOptions {
+        let options = DispatchOptions {
             shared_on_workers: on_workers,
             ..args.dispatch.options()
         };
-        let remote = RemoteExperts::connect(&config, &addrs, options)?;
-        let report = bench::run_with(&router, &bench_options, &remote)?;
+        // The router node as `switchyard router --workers` assembles it; the benchmark drives
+        // its model and expert pool directly, without the scheduler.
+        let node = RouterNode::load(
+            &args.model,
+            &compute,
+            Experts::Workers(addrs.clone()),
+            options,
+            &bench_serving(),
+        )?;
+        let pool = node.pool().context("the router node has no expert pool")?;
+        let step = pool.step()?;
+        let report = bench::run_with(node.model(), &bench_options, &step)?;
         // Wire volume per token per MoE layer, over everything this run sent and received.
+        let m = &pool.options().metrics;
         let (mut sent, mut received) = (0u64, 0u64);
-        for w in remote.workers() {
-            if let Some(s) = remote.dispatcher().stats(*w) {
-                sent += s.bytes_sent.load(Ordering::Relaxed);
-                received += s.bytes_received.load(Ordering::Relaxed);
-            }
+        for addr in &addrs {
+            let label = WorkerLabel {
+                worker: addr.clone(),
+            };
+            sent += m.bytes_sent.get_or_create(&label).get();
+            received += m.bytes_received.get_or_create(&label).get();
         }
         let tokens: usize = args
             .batch
@@ -220,7 +243,8 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
             .zip(&report.rows)
             .map(|(l, d)| d.decode_tok_s / l.decode_tok_s)
             .collect();
-        drop(remote);
+        drop(step);
+        drop(node);
         runs.push((
             if on_workers { "workers" } else { "router" },
             report,

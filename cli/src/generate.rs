@@ -12,10 +12,11 @@ use switchyard_engine::generate::{self, GenerateOptions, GenerateRequest, Sampli
 use switchyard_engine::model::{AttentionMode, CausalLm, LoadOptions};
 use switchyard_engine::tokenizer::TextTokenizer;
 use switchyard_proto::v1::{GenerateRequest as Wire, GenerateResponse};
-use switchyard_router::backend::ModelBackend;
+use switchyard_router::experts::DispatchOptions;
+use switchyard_router::node::{Experts, RouterNode};
 use switchyard_router::request::{Prompt, RawRequest};
 use switchyard_router::scheduler::Event;
-use switchyard_router::server::{ServingOptions, ServingState};
+use switchyard_router::server::ServingOptions;
 
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("target").required(true).args(["model", "router"])))]
@@ -194,8 +195,6 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         Some(text) => Prompt::Text(text.clone()),
         None => Prompt::Ids(args.prompt_ids.clone()),
     };
-    let config = Arc::new(model.config().clone());
-    let backend = Arc::new(ModelBackend::local(Arc::new(model)));
     let options = ServingOptions {
         model_name: String::new(),
         api_key: None,
@@ -207,7 +206,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         default_max_tokens: args.sampling.max_new_tokens.max(1),
         metrics: switchyard_router::metrics::RouterMetrics::new(),
     };
-    let state = ServingState::start(backend, config, tokenizer, &options)?;
+    let node = RouterNode::start(
+        model,
+        tokenizer,
+        Experts::InProcess,
+        DispatchOptions::default(),
+        &options,
+    )?;
+    let state = node.state();
     let start = Instant::now();
     let mut stream = state.submit(args.sampling.raw(prompt))?;
     let mut out = Output {

@@ -95,6 +95,12 @@ fn main() -> ExitCode {
             eprintln!("error: `--threads` must be >= 1, got 0");
             return ExitCode::from(2);
         }
+        // Both pools: the kernels' compute pool and rayon's (loading, per-expert work).
+        let got = switchyard_engine::cpu::pool::init_global(threads);
+        if got != threads {
+            eprintln!("error: asked for {threads} compute threads, could start {got}");
+            return ExitCode::FAILURE;
+        }
         if let Err(e) = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build_global()
@@ -121,6 +127,40 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Makes sure a node that is asked to stop does stop, even if its drain or a server's
+/// shutdown is wedged: on its own thread and runtime (so a blocked main runtime cannot delay
+/// it), it waits for the first Ctrl-C / SIGTERM, then exits the process `limit` later, or at
+/// once on a second signal. Start it before serving.
+pub(crate) fn exit_watchdog(limit: std::time::Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("switchyard-exit-watchdog".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                tracing::warn!("cannot start the exit watchdog's runtime");
+                return;
+            };
+            rt.block_on(async {
+                shutdown_signal().await;
+                tokio::select! {
+                    _ = tokio::time::sleep(limit) => {
+                        eprintln!("error: still not stopped {limit:?} after the signal; exiting");
+                        std::process::exit(1);
+                    }
+                    _ = shutdown_signal() => {
+                        eprintln!("error: second signal; exiting now");
+                        std::process::exit(130);
+                    }
+                }
+            });
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the exit watchdog");
     }
 }
 

@@ -5,17 +5,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use switchyard_engine::ModelConfig;
-use switchyard_engine::model::{CausalLm, ExpertSelection, LoadOptions};
 use switchyard_engine::tensor::Compute;
-use switchyard_engine::tokenizer::TextTokenizer;
 use switchyard_proto::v1::Dtype;
-use switchyard_router::RemoteExperts;
-use switchyard_router::backend::ModelBackend;
-use switchyard_router::coordinated::CoordinatedExperts;
-use switchyard_router::dispatch::DispatchOptions;
-use switchyard_router::grpc::CallMode;
+use switchyard_router::experts::{CallMode, DispatchOptions};
 use switchyard_router::metrics::RouterMetrics;
-use switchyard_router::server::{self, ExpertSource, ServingOptions, ServingState};
+use switchyard_router::node::{Experts, RouterNode};
+use switchyard_router::server::ServingOptions;
 
 /// How the router talks to its expert workers.
 #[derive(clap::Args, Debug, Clone)]
@@ -199,17 +194,19 @@ pub struct RouterArgs {
     dispatch: DispatchArgs,
     #[command(flatten)]
     serve: ServeArgs,
+    /// On SIGTERM: seconds to finish the requests in flight (health says NOT_SERVING from the
+    /// signal on). The process exits at the latest this long plus 10 s after the signal, or at
+    /// a second signal.
+    #[arg(long, env = "SWITCHYARD_DRAIN_TIMEOUT_S", default_value_t = 30)]
+    drain_timeout_s: u64,
 }
 
 pub fn run(args: RouterArgs) -> anyhow::Result<()> {
+    crate::exit_watchdog(Duration::from_secs(args.drain_timeout_s + 10));
     let compute = Compute::open_all(&args.device)
         .with_context(|| format!("opening --device {}", args.device))?;
     let metrics = RouterMetrics::new();
-    let options = args.serve.options(&args.model, metrics.clone())?;
-    let dispatch = DispatchOptions {
-        metrics: metrics.dispatch.clone(),
-        ..args.dispatch.options()
-    };
+    let options = args.serve.options(&args.model, metrics)?;
     let dense = ModelConfig::from_dir(&args.model)?.moe.is_none();
     if dense && (args.coordinator.is_some() || !args.workers.is_empty()) {
         bail!(
@@ -220,55 +217,43 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
     if !dense && args.coordinator.is_none() && args.workers.is_empty() {
         bail!("the model has routed experts: give --workers ADDR,... or --coordinator ADDR");
     }
-    let mut model = CausalLm::load(
-        &args.model,
-        &LoadOptions {
-            experts: ExpertSelection::None,
-        },
-    )
-    .with_context(|| format!("loading {}", args.model.display()))?;
-    model
-        .offload(&compute)
-        .with_context(|| format!("moving the model's projections to {}", args.device))?;
-    let tokenizer = TextTokenizer::from_dir(&args.model)
-        .with_context(|| format!("loading the tokenizer of {}", args.model.display()))?
-        .map(Arc::new);
-    let (source, workers) = match &args.coordinator {
-        _ if dense => (None, "dense model, no expert workers".to_string()),
-        Some(coordinator) => {
-            let experts = CoordinatedExperts::connect(
-                model.config(),
-                coordinator,
-                dispatch.clone(),
-                Duration::from_secs(args.placement_wait_s),
-            )
-            .with_context(|| format!("following the coordinator at {coordinator}"))?;
-            (
-                Some(ExpertSource::Coordinated(experts)),
-                format!("placement from {coordinator}"),
-            )
-        }
-        None => {
-            let experts = RemoteExperts::connect(model.config(), &args.workers, dispatch.clone())
-                .context("connecting to the expert workers")?;
-            (
-                Some(ExpertSource::Static(Arc::new(experts))),
-                format!("{} expert workers", args.workers.len()),
-            )
-        }
+    let (experts, workers) = match &args.coordinator {
+        _ if dense => (
+            Experts::InProcess,
+            "dense model, no expert workers".to_string(),
+        ),
+        Some(coordinator) => (
+            Experts::Coordinator {
+                addr: coordinator.clone(),
+                wait: Duration::from_secs(args.placement_wait_s),
+            },
+            format!("placement from {coordinator}"),
+        ),
+        None => (
+            Experts::Workers(args.workers.clone()),
+            format!("{} expert workers", args.workers.len()),
+        ),
     };
-    let config = Arc::new(model.config().clone());
-    let backend = Arc::new(match &source {
-        Some(source) => ModelBackend::remote(Arc::new(model), source.clone()),
-        None => ModelBackend::local(Arc::new(model)),
-    });
-    let state = ServingState::start(backend, config, tokenizer, &options)?;
+    let node = RouterNode::load(
+        &args.model,
+        &compute,
+        experts,
+        args.dispatch.options(),
+        &options,
+    )
+    .with_context(|| match &args.coordinator {
+        Some(c) => format!(
+            "starting the router on {} (coordinator {c})",
+            args.model.display()
+        ),
+        None => format!("starting the router on {}", args.model.display()),
+    })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("switchyard-router")
         .build()
         .context("starting the async runtime")?;
-    let result = runtime.block_on(async move {
+    let result = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
@@ -286,28 +271,18 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
             Some(l) => format!(" · http {}", l.local_addr()?),
             None => String::new(),
         };
+        let state = node.state();
         println!(
             "listening on {addr}{http_line} · {workers} · model {} · kv cache {} blocks of {} tokens",
             state.limits.model_name,
             state.scheduler.config().kv_blocks,
             state.scheduler.config().block_size
         );
-        let grpc = server::serve(state.clone(), listener, crate::shutdown_signal());
-        match http {
-            Some(l) => {
-                let (a, b) = tokio::join!(
-                    grpc,
-                    switchyard_router::http::serve(state, l, crate::shutdown_signal())
-                );
-                a?;
-                b?;
-            }
-            None => grpc.await?,
-        }
+        node.serve(listener, http, crate::shutdown_signal()).await?;
         anyhow::Ok(())
     });
     drop(runtime);
-    // The dispatch runtimes inside go last, outside any async context.
-    drop(source);
+    // The dispatch runtime inside goes last, outside any async context.
+    drop(node);
     result
 }

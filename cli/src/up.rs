@@ -447,6 +447,9 @@ fn start_experts(
             "127.0.0.1:0",
             "--metrics-listen",
             "127.0.0.1:0",
+            // `up` stops the whole cluster at once: there is no one to drain to.
+            "--drain-timeout-s",
+            "0",
         ]
         .map(String::from)
         .to_vec();

@@ -1,10 +1,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use switchyard_engine::tensor::Compute;
 use switchyard_expert_worker::{ExpertSpec, ExpertWorker, agent, service};
+use switchyard_proto::health::Health;
 
 #[derive(clap::Args, Debug)]
 pub struct WorkerArgs {
@@ -45,9 +47,16 @@ pub struct WorkerArgs {
     /// `--features cuda`; checked at start-up, before anything loads).
     #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu")]
     device: switchyard_engine::Device,
+    /// On SIGTERM, with --coordinator: how long to keep serving while the coordinator moves
+    /// this worker's experts and routers move past it (a drain that fails no call), in
+    /// seconds. The process exits at the latest this long plus 10 s after the signal, or at
+    /// a second signal.
+    #[arg(long, env = "SWITCHYARD_DRAIN_TIMEOUT_S", default_value_t = 30)]
+    drain_timeout_s: u64,
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    crate::exit_watchdog(Duration::from_secs(args.drain_timeout_s + 10));
     let compute =
         Compute::open(args.device).with_context(|| format!("opening --device {}", args.device))?;
     let worker = match &args.experts {
@@ -97,15 +106,18 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             ));
         }
         let agent = args.coordinator.as_ref().map(|coordinator| {
-            let membership = agent::Membership {
-                coordinator: coordinator.clone(),
-                advertise: args.advertise.clone().unwrap_or_else(|| addr.to_string()),
-                memory_bytes: args.memory,
-                device: args.device.to_string(),
-                model,
-            };
-            tokio::spawn(agent::run(worker.clone(), membership))
+            agent::Agent::new(
+                worker.clone(),
+                agent::Membership {
+                    coordinator: coordinator.clone(),
+                    advertise: args.advertise.clone().unwrap_or_else(|| addr.to_string()),
+                    memory_bytes: args.memory,
+                    device: args.device.to_string(),
+                    model,
+                },
+            )
         });
+        let membership = agent.clone().map(|a| tokio::spawn(agent::run(a)));
         // One line on stdout, parsed by `switchyard up` and tests to find the port.
         match &args.coordinator {
             Some(c) => println!("listening on {addr}{metrics_line} · placement from {c}"),
@@ -116,9 +128,26 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             ),
         }
         tracing::info!(%addr, "expert worker serving");
-        service::serve(worker, listener, crate::shutdown_signal()).await?;
-        if let Some(agent) = agent {
-            agent.abort();
+        let (health, health_service) = Health::new(service::SERVICE).await;
+        let ready = {
+            let agent = agent.clone();
+            move || agent.as_ref().map_or(Ok(()), |a| a.ready())
+        };
+        let drain_limit = Duration::from_secs(args.drain_timeout_s);
+        let shutdown = {
+            let health = health.clone();
+            async move {
+                crate::shutdown_signal().await;
+                tracing::info!("stopping: draining first");
+                health.drain().await;
+                if let Some(agent) = &agent {
+                    agent.drain(drain_limit).await;
+                }
+            }
+        };
+        service::serve_with(worker, listener, health, health_service, ready, shutdown).await?;
+        if let Some(m) = membership {
+            m.abort();
         }
         tracing::info!("expert worker stopped");
         Ok(())

@@ -6,6 +6,15 @@
 //! version. Workers load what the target gives them and report the version in heartbeats; when
 //! every worker holding experts in the target has loaded it, it becomes the *live* version that
 //! routers use. Routers therefore never see a placement naming experts a worker has not loaded.
+//!
+//! The handover back: routers report the version they dispatch with, and
+//! [`ClusterState::retain_from`] tells workers the oldest version still in use, so a worker
+//! drops an expert it lost only once no router can still send it calls for it. A router whose
+//! reports stop is waited for a bounded grace period past its lease, then forgotten.
+//!
+//! Leaving and failing: a worker that leaves (SIGTERM) is *draining* — placed on nothing, kept
+//! a member while it serves the routers that have not moved yet; a worker that reports it
+//! cannot load its assignment is placed on nothing too, so its experts go elsewhere.
 
 use std::collections::BTreeMap;
 
@@ -29,6 +38,26 @@ pub struct Member {
     pub memory_bytes: u64,
     pub last_seen_ms: u64,
     pub loaded_version: u64,
+    /// Leaving the cluster: placed on nothing, still serving.
+    pub draining: bool,
+    /// Why it could not load its assignment; it is then placed on nothing.
+    pub load_error: Option<String>,
+}
+
+impl Member {
+    /// Whether placement may give it experts.
+    fn placeable(&self) -> bool {
+        !self.draining && self.load_error.is_none()
+    }
+}
+
+/// A router, as its reports describe it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouterMember {
+    pub id: String,
+    /// The live version it dispatches with (0: none yet).
+    pub live_version: u64,
+    pub last_seen_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -52,8 +81,11 @@ pub struct ClusterState {
     model: ModelShape,
     replicas: usize,
     lease_ms: u64,
+    /// How long past its lease a silent router still counts as using its version.
+    router_grace_ms: u64,
     next_id: u32,
     members: BTreeMap<WorkerId, Member>,
+    routers: BTreeMap<String, RouterMember>,
     version: u64,
     target: Option<Versioned>,
     live: Option<Versioned>,
@@ -66,13 +98,21 @@ impl ClusterState {
             model,
             replicas: replicas.max(1),
             lease_ms,
+            router_grace_ms: lease_ms.saturating_mul(3),
             next_id: 0,
             members: BTreeMap::new(),
+            routers: BTreeMap::new(),
             version: 0,
             target: None,
             live: None,
             placement_error: None,
         }
+    }
+
+    /// How long past its lease a silent router is still waited for (default: three leases).
+    pub fn with_router_grace_ms(mut self, grace_ms: u64) -> ClusterState {
+        self.router_grace_ms = grace_ms;
+        self
     }
 
     /// Starts version numbers above `base`, so a restarted coordinator (seeded from the wall
@@ -94,6 +134,10 @@ impl ClusterState {
         self.members.values()
     }
 
+    pub fn routers(&self) -> impl Iterator<Item = &RouterMember> {
+        self.routers.values()
+    }
+
     pub fn target(&self) -> Option<&Versioned> {
         self.target.as_ref()
     }
@@ -106,13 +150,15 @@ impl ClusterState {
         self.placement_error.as_deref()
     }
 
-    /// Admits a worker and re-plans. Returns its id.
+    /// Admits a worker and re-plans. Returns its id: `previous` (the id it had before a lost
+    /// lease or a coordinator restart) when no other member holds it, a fresh one otherwise.
     pub fn register(
         &mut self,
         address: &str,
         memory_bytes: u64,
         device: &str,
         model: &str,
+        previous: Option<WorkerId>,
         now_ms: u64,
     ) -> Result<WorkerId, MembershipError> {
         if model != self.model.identity {
@@ -137,8 +183,17 @@ impl ClusterState {
         for id in stale {
             self.members.remove(&id);
         }
-        let id = WorkerId(self.next_id);
-        self.next_id += 1;
+        let id = match previous {
+            Some(p) if !self.members.contains_key(&p) => p,
+            _ => {
+                // Past every id given out, including ones workers bring from before a restart.
+                while self.members.contains_key(&WorkerId(self.next_id)) {
+                    self.next_id += 1;
+                }
+                WorkerId(self.next_id)
+            }
+        };
+        self.next_id = self.next_id.max(id.0.saturating_add(1));
         self.members.insert(
             id,
             Member {
@@ -148,6 +203,8 @@ impl ClusterState {
                 memory_bytes,
                 last_seen_ms: now_ms,
                 loaded_version: 0,
+                draining: false,
+                load_error: None,
             },
         );
         self.replan();
@@ -155,17 +212,94 @@ impl ClusterState {
     }
 
     /// Records a heartbeat; false if the worker is unknown (it must register again).
-    pub fn heartbeat(&mut self, id: WorkerId, loaded_version: u64, now_ms: u64) -> bool {
+    /// `failed` is a target version the worker could not load and why: from then on it is
+    /// placed on nothing and its experts go elsewhere (it stays a member and serves what it
+    /// holds).
+    pub fn heartbeat(
+        &mut self,
+        id: WorkerId,
+        loaded_version: u64,
+        failed: Option<(u64, &str)>,
+        now_ms: u64,
+    ) -> bool {
+        let current_target = self.target.as_ref().map(|t| t.version);
         let Some(m) = self.members.get_mut(&id) else {
             return false;
         };
         m.last_seen_ms = now_ms;
         m.loaded_version = m.loaded_version.max(loaded_version);
-        self.maybe_promote();
+        let mut replan = false;
+        if let Some((version, why)) = failed
+            && m.load_error.is_none()
+            && Some(version) == current_target
+        {
+            m.load_error = Some(format!("cannot load placement version {version}: {why}"));
+            replan = true;
+        }
+        if replan {
+            self.replan();
+        } else {
+            self.maybe_promote();
+        }
         true
     }
 
-    /// Drops workers silent for longer than the lease; re-plans if any went. Returns them.
+    /// A worker leaves: with `done` false it starts draining (its experts are placed on the
+    /// others; it stays a member until it says it is done or its lease runs out); with `done`
+    /// it is forgotten now. False if the worker is unknown.
+    pub fn leave(&mut self, id: WorkerId, done: bool, now_ms: u64) -> bool {
+        let Some(m) = self.members.get_mut(&id) else {
+            return false;
+        };
+        m.last_seen_ms = now_ms;
+        if done {
+            self.members.remove(&id);
+            self.replan();
+        } else if !m.draining {
+            m.draining = true;
+            self.replan();
+        }
+        true
+    }
+
+    /// A router that shut down: no version is kept for it any more.
+    pub fn router_left(&mut self, id: &str) {
+        self.routers.remove(id);
+    }
+
+    /// Records a router's report of the version it dispatches with.
+    pub fn report_router(&mut self, id: &str, live_version: u64, now_ms: u64) {
+        self.routers.insert(
+            id.to_string(),
+            RouterMember {
+                id: id.to_string(),
+                live_version,
+                last_seen_ms: now_ms,
+            },
+        );
+    }
+
+    /// The oldest placement version a router may still dispatch with: workers keep the
+    /// experts of every version from this one on. Routers silent past their lease and the
+    /// grace period no longer count. For the first lease after start-up — when routers that
+    /// followed an earlier coordinator have not reported yet — it is 0: keep everything.
+    pub fn retain_from(&self, now_ms: u64) -> u64 {
+        if now_ms < self.lease_ms {
+            return 0;
+        }
+        let live = self.live.as_ref().map_or(0, |l| l.version);
+        let horizon = self.lease_ms.saturating_add(self.router_grace_ms);
+        self.routers
+            .values()
+            .filter(|r| r.live_version > 0 && now_ms.saturating_sub(r.last_seen_ms) <= horizon)
+            .map(|r| r.live_version)
+            .chain(std::iter::once(live))
+            .min()
+            .unwrap_or(live)
+    }
+
+    /// Drops workers silent for longer than the lease, and routers silent past lease and grace;
+    /// re-plans if a worker went. Returns the workers dropped.
     pub fn expire(&mut self, now_ms: u64) -> Vec<WorkerId> {
         let gone: Vec<WorkerId> = self
             .members
@@ -176,6 +310,9 @@ impl ClusterState {
         for id in &gone {
             self.members.remove(id);
         }
+        let horizon = self.lease_ms.saturating_add(self.router_grace_ms);
+        self.routers
+            .retain(|_, r| now_ms.saturating_sub(r.last_seen_ms) <= horizon);
         if !gone.is_empty() {
             self.replan();
         }
@@ -190,6 +327,7 @@ impl ClusterState {
             workers: self
                 .members
                 .values()
+                .filter(|m| m.placeable())
                 .map(|m| WorkerSpec {
                     id: m.id,
                     memory_bytes: m.memory_bytes,
@@ -201,17 +339,27 @@ impl ClusterState {
         };
         match placement::plan(&problem) {
             Ok(plan) => {
-                self.version += 1;
                 self.placement_error = None;
-                self.target = Some(Versioned {
-                    version: self.version,
-                    addresses: self
-                        .members
-                        .values()
-                        .map(|m| (m.id, m.address.clone()))
-                        .collect(),
-                    plan,
-                });
+                // Only the workers the plan uses: routers connect to exactly these.
+                let used = plan.by_worker();
+                let addresses: BTreeMap<WorkerId, String> = self
+                    .members
+                    .values()
+                    .filter(|m| used.contains_key(&m.id))
+                    .map(|m| (m.id, m.address.clone()))
+                    .collect();
+                let unchanged = self
+                    .target
+                    .as_ref()
+                    .is_some_and(|t| t.plan == plan && t.addresses == addresses);
+                if !unchanged {
+                    self.version += 1;
+                    self.target = Some(Versioned {
+                        version: self.version,
+                        addresses,
+                        plan,
+                    });
+                }
                 self.maybe_promote();
             }
             Err(e) => {
@@ -267,55 +415,55 @@ mod tests {
     #[test]
     fn target_goes_live_only_when_every_assigned_worker_loaded_it() {
         let mut c = ClusterState::new(shape(), 1, 1000);
-        let a = c.register("a:1", 1000, "cpu", "m", 0).unwrap();
+        let a = c.register("a:1", 1000, "cpu", "m", None, 0).unwrap();
         assert_eq!(c.target().unwrap().version, 1);
         assert!(c.live().is_none());
-        let b = c.register("b:1", 1000, "cpu", "m", 0).unwrap();
+        let b = c.register("b:1", 1000, "cpu", "m", None, 0).unwrap();
         // The joining worker takes its fair share; both must load version 2.
         assert_eq!(c.target().unwrap().version, 2);
         assert_eq!((c.assignment(a).len(), c.assignment(b).len()), (8, 8));
-        assert!(c.heartbeat(b, 2, 10));
+        assert!(c.heartbeat(b, 2, None, 10));
         assert!(c.live().is_none());
-        assert!(c.heartbeat(a, 2, 10));
+        assert!(c.heartbeat(a, 2, None, 10));
         assert_eq!(c.live().unwrap().version, 2);
     }
 
     #[test]
     fn silent_worker_is_dropped_and_its_experts_move() {
         let mut c = ClusterState::new(shape(), 1, 100);
-        let a = c.register("a:1", 100, "cpu", "m", 0).unwrap();
+        let a = c.register("a:1", 100, "cpu", "m", None, 0).unwrap();
         // 16 experts do not fit one worker's 10 slots: no placement yet, and why.
         assert!(c.target().is_none());
         assert!(c.placement_error().unwrap().contains("does not fit"));
-        let b = c.register("b:1", 100, "cpu", "m", 0).unwrap();
+        let b = c.register("b:1", 100, "cpu", "m", None, 0).unwrap();
         assert_eq!((c.assignment(a).len(), c.assignment(b).len()), (8, 8));
         let v = c.target().unwrap().version;
-        c.heartbeat(a, v, 50);
-        c.heartbeat(b, v, 50);
+        c.heartbeat(a, v, None, 50);
+        c.heartbeat(b, v, None, 50);
         assert_eq!(c.live().unwrap().version, v);
         // b stops heartbeating.
-        c.heartbeat(a, v, 120);
+        c.heartbeat(a, v, None, 120);
         assert_eq!(c.expire(160), vec![b]);
         assert!(
-            !c.heartbeat(b, v, 170),
+            !c.heartbeat(b, v, None, 170),
             "an expired worker must register again"
         );
         // a alone cannot hold everything: no target, and live stays where it was.
         assert!(c.target().is_none());
         assert_eq!(c.live().unwrap().version, v);
         // A new worker joins: what b held lands on it; live moves once both loaded it.
-        let d = c.register("d:1", 100, "cpu", "m", 200).unwrap();
+        let d = c.register("d:1", 100, "cpu", "m", None, 200).unwrap();
         let v2 = c.target().unwrap().version;
         assert!(v2 > v);
         assert_eq!(c.assignment(a).len(), 8, "a keeps what it had");
         assert_eq!(c.assignment(d).len(), 8);
-        c.heartbeat(a, v2, 210);
+        c.heartbeat(a, v2, None, 210);
         assert_eq!(
             c.live().unwrap().version,
             v,
             "not live until d has loaded it"
         );
-        c.heartbeat(d, v2, 210);
+        c.heartbeat(d, v2, None, 210);
         assert_eq!(c.live().unwrap().version, v2);
         assert!(
             c.live()
@@ -330,7 +478,7 @@ mod tests {
     fn workers_of_another_model_are_refused() {
         let mut c = ClusterState::new(shape(), 1, 100);
         let err = c
-            .register("a:1", 100, "cpu", "other", 0)
+            .register("a:1", 100, "cpu", "other", None, 0)
             .unwrap_err()
             .to_string();
         assert!(err.contains("other") && err.contains("\"m\""), "{err}");
@@ -339,10 +487,132 @@ mod tests {
     #[test]
     fn re_registering_from_the_same_address_replaces_the_old_entry() {
         let mut c = ClusterState::new(shape(), 1, 100);
-        let a = c.register("a:1", 1000, "cpu", "m", 0).unwrap();
-        let a2 = c.register("a:1", 1000, "cpu", "m", 5).unwrap();
+        let a = c.register("a:1", 1000, "cpu", "m", None, 0).unwrap();
+        let a2 = c.register("a:1", 1000, "cpu", "m", None, 5).unwrap();
         assert_ne!(a, a2);
         assert_eq!(c.members().count(), 1);
         assert_eq!(c.assignment(a2).len(), 16);
+    }
+
+    /// Registers `n` workers and has all of them load the target, which goes live.
+    fn live_cluster(c: &mut ClusterState, n: usize, now: u64) -> Vec<WorkerId> {
+        let ids: Vec<WorkerId> = (0..n)
+            .map(|i| {
+                c.register(&format!("w{i}:1"), 1000, "cpu", "m", None, now)
+                    .unwrap()
+            })
+            .collect();
+        let v = c.target().unwrap().version;
+        for &id in &ids {
+            c.heartbeat(id, v, None, now);
+        }
+        assert_eq!(c.live().unwrap().version, v);
+        ids
+    }
+
+    #[test]
+    fn a_worker_keeps_its_id_across_a_coordinator_restart_unless_taken() {
+        let mut c = ClusterState::new(shape(), 1, 100);
+        let a = c
+            .register("a:1", 1000, "cpu", "m", Some(WorkerId(7)), 0)
+            .unwrap();
+        assert_eq!(a, WorkerId(7));
+        // Taken by a: b gets a fresh id, above every id seen.
+        let b = c
+            .register("b:1", 1000, "cpu", "m", Some(WorkerId(7)), 0)
+            .unwrap();
+        assert_eq!(b, WorkerId(8));
+        let d = c.register("d:1", 1000, "cpu", "m", None, 0).unwrap();
+        assert_eq!(d, WorkerId(9));
+    }
+
+    #[test]
+    fn retain_from_waits_for_the_slowest_router_then_for_its_grace_only() {
+        let mut c = ClusterState::new(shape(), 1, 100).with_router_grace_ms(200);
+        live_cluster(&mut c, 1, 0);
+        assert_eq!(
+            c.retain_from(50),
+            0,
+            "within the first lease everything is kept"
+        );
+        let v1 = c.live().unwrap().version;
+        c.report_router("r1", v1, 100);
+        c.report_router("r2", v1, 100);
+        let w2 = c.register("w9:1", 1000, "cpu", "m", None, 110).unwrap();
+        let v2 = c.target().unwrap().version;
+        for m in c.members().map(|m| m.id).collect::<Vec<_>>() {
+            c.heartbeat(m, v2, None, 120);
+        }
+        assert_eq!(c.live().unwrap().version, v2);
+        assert!(!c.assignment(w2).is_empty());
+        assert_eq!(c.retain_from(150), v1, "both routers still on v1");
+        c.report_router("r1", v2, 160);
+        assert_eq!(c.retain_from(170), v1, "r2 still on v1");
+        // r2 goes silent: counted through its lease (100) and the grace (200), then not.
+        c.report_router("r3", v1, 380);
+        c.router_left("r3");
+        c.report_router("r1", v2, 380);
+        assert_eq!(c.retain_from(400), v1);
+        assert_eq!(c.retain_from(401), v2);
+        c.expire(401);
+        assert_eq!(
+            c.routers().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["r1"]
+        );
+    }
+
+    #[test]
+    fn a_draining_worker_is_placed_on_nothing_and_goes_when_done() {
+        let mut c = ClusterState::new(shape(), 1, 1000);
+        let ids = live_cluster(&mut c, 2, 0);
+        let v = c.live().unwrap().version;
+        assert!(c.leave(ids[1], false, 10));
+        let t = c.target().unwrap();
+        assert!(t.version > v);
+        assert_eq!(
+            c.assignment(ids[0]).len(),
+            16,
+            "the other worker takes everything"
+        );
+        assert!(c.assignment(ids[1]).is_empty());
+        assert!(
+            !t.addresses.contains_key(&ids[1]),
+            "routers need not connect to it"
+        );
+        assert!(
+            c.members().any(|m| m.id == ids[1] && m.draining),
+            "still a member"
+        );
+        // Live only once the remaining worker loaded the new target.
+        assert_eq!(c.live().unwrap().version, v);
+        let t = t.version;
+        c.heartbeat(ids[0], t, None, 20);
+        assert_eq!(c.live().unwrap().version, t);
+        // Done: forgotten, and no new version for a plan that did not change.
+        assert!(c.leave(ids[1], true, 30));
+        assert_eq!(c.members().count(), 1);
+        assert_eq!(c.target().unwrap().version, t);
+        assert!(!c.leave(ids[1], true, 40), "unknown now");
+    }
+
+    #[test]
+    fn a_worker_that_cannot_load_is_placed_on_nothing() {
+        let mut c = ClusterState::new(shape(), 1, 1000);
+        let a = c.register("a:1", 1000, "cpu", "m", None, 0).unwrap();
+        let b = c.register("b:1", 1000, "cpu", "m", None, 0).unwrap();
+        let t = c.target().unwrap().version;
+        c.heartbeat(a, t, None, 5);
+        // A failure for an old version changes nothing.
+        c.heartbeat(b, 0, Some((t - 1, "stale")), 6);
+        assert_eq!(c.target().unwrap().version, t);
+        c.heartbeat(b, 0, Some((t, "out of memory")), 7);
+        let t2 = c.target().unwrap().version;
+        assert!(t2 > t);
+        assert_eq!(c.assignment(a).len(), 16);
+        assert!(c.assignment(b).is_empty());
+        let err = c.members().find(|m| m.id == b).unwrap().load_error.clone();
+        assert!(err.unwrap().contains("out of memory"));
+        c.heartbeat(a, t2, None, 8);
+        assert_eq!(c.live().unwrap().version, t2, "live without waiting for b");
     }
 }

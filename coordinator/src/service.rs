@@ -10,8 +10,9 @@ use switchyard_proto::v1::coordinator_service_server::{
 };
 use switchyard_proto::v1::{
     ClusterStatusRequest, ClusterStatusResponse, ExpertHolders, GetPlacementRequest,
-    HeartbeatRequest, HeartbeatResponse, LayerPlacement, PlacementMap, PlacementUpdate,
-    RegisterRequest, RegisterResponse, WatchPlacementRequest, WorkerAddress, WorkerStatus,
+    HeartbeatRequest, HeartbeatResponse, LayerPlacement, LeaveRequest, LeaveResponse, PlacementMap,
+    PlacementUpdate, RegisterRequest, RegisterResponse, RouterReport, RouterReportResponse,
+    RouterStatus, WatchPlacementRequest, WorkerAddress, WorkerStatus,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -23,6 +24,7 @@ use tracing::instrument;
 
 use crate::membership::{ClusterState, MembershipError, ModelShape, Versioned};
 use crate::placement::{Slot, WorkerId};
+use switchyard_proto::health::Health;
 
 impl From<MembershipError> for Status {
     fn from(e: MembershipError) -> Self {
@@ -41,6 +43,9 @@ pub struct CoordinatorNode {
     updates: Arc<watch::Sender<PlacementUpdate>>,
     /// Set when serving stops: open watch streams end.
     closing: Arc<watch::Sender<bool>>,
+    /// Bumped by [`CoordinatorNode::drop_watchers`]: open watch streams end, as on a broken
+    /// connection, and their watchers must reconnect.
+    kicks: Arc<watch::Sender<u64>>,
     start: Instant,
     metrics: Arc<crate::metrics::CoordinatorMetrics>,
 }
@@ -76,10 +81,11 @@ fn to_map(model: &ModelShape, v: &Versioned) -> PlacementMap {
     }
 }
 
-fn update_of(state: &ClusterState) -> PlacementUpdate {
+fn update_of(state: &ClusterState, now_ms: u64) -> PlacementUpdate {
     PlacementUpdate {
         target: state.target().map(|t| to_map(state.model(), t)),
         live: state.live().map(|l| to_map(state.model(), l)),
+        retain_from: state.retain_from(now_ms),
     }
 }
 
@@ -92,11 +98,12 @@ impl CoordinatorNode {
             .map_or(0, |d| d.as_micros() as u64);
         let state =
             ClusterState::new(model, replicas, lease.as_millis() as u64).with_version_base(base);
-        let (tx, _) = watch::channel(update_of(&state));
+        let (tx, _) = watch::channel(update_of(&state, 0));
         CoordinatorNode {
             state: Arc::new(Mutex::new(state)),
             updates: Arc::new(tx),
             closing: Arc::new(watch::channel(false).0),
+            kicks: Arc::new(watch::channel(0).0),
             start: Instant::now(),
             metrics: Arc::new(crate::metrics::CoordinatorMetrics::new()),
         }
@@ -128,7 +135,7 @@ impl CoordinatorNode {
             .lock()
             .map_err(|_| Status::internal("coordinator state poisoned"))?;
         let out = f(&mut state, now);
-        let update = update_of(&state);
+        let update = update_of(&state, now);
         self.updates.send_if_modified(|current| {
             if *current != update {
                 *current = update;
@@ -158,6 +165,20 @@ impl CoordinatorNode {
     pub fn into_server(self) -> CoordinatorServiceServer<Self> {
         CoordinatorServiceServer::new(self)
     }
+
+    /// Ends every open placement watch as a broken connection would: watchers see their
+    /// stream end and must reconnect (fault injection for tests and operators).
+    pub fn drop_watchers(&self) {
+        self.kicks.send_modify(|k| *k += 1);
+    }
+
+    /// Whether the state can be read (it cannot after a panic while it was held).
+    fn ready(&self) -> Result<(), String> {
+        self.state
+            .lock()
+            .map(|_| ())
+            .map_err(|_| "the coordinator state is poisoned".to_string())
+    }
 }
 
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<PlacementUpdate, Status>> + Send>>;
@@ -172,9 +193,17 @@ impl CoordinatorService for CoordinatorNode {
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
         let r = request.into_inner();
+        let previous = r.previous_worker_id.map(WorkerId);
         let (id, lease) = self.with_state(|s, now| {
-            s.register(&r.address, r.memory_bytes, &r.device, &r.model, now)
-                .map(|id| (id, s.lease_ms()))
+            s.register(
+                &r.address,
+                r.memory_bytes,
+                &r.device,
+                &r.model,
+                previous,
+                now,
+            )
+            .map(|id| (id, s.lease_ms()))
         })??;
         self.metrics.registrations.inc();
         tracing::info!(worker = %id, address = %r.address, "worker registered");
@@ -189,9 +218,62 @@ impl CoordinatorService for CoordinatorNode {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let r = request.into_inner();
-        let known =
-            self.with_state(|s, now| s.heartbeat(WorkerId(r.worker_id), r.loaded_version, now))?;
+        let failed = (r.failed_version > 0).then_some((r.failed_version, r.load_error.as_str()));
+        if let Some((version, why)) = failed {
+            tracing::warn!(
+                worker = r.worker_id,
+                version,
+                error = why,
+                "worker cannot load its placement; placing its experts elsewhere"
+            );
+        }
+        let known = self.with_state(|s, now| {
+            s.heartbeat(WorkerId(r.worker_id), r.loaded_version, failed, now)
+        })?;
         Ok(Response::new(HeartbeatResponse { known }))
+    }
+
+    #[instrument(skip_all, fields(worker = request.get_ref().worker_id, done = request.get_ref().done))]
+    async fn leave(
+        &self,
+        request: Request<LeaveRequest>,
+    ) -> Result<Response<LeaveResponse>, Status> {
+        let r = request.into_inner();
+        let known = self.with_state(|s, now| s.leave(WorkerId(r.worker_id), r.done, now))?;
+        if r.done {
+            tracing::info!(worker = r.worker_id, "worker left");
+        } else {
+            tracing::info!(
+                worker = r.worker_id,
+                "worker draining; placing its experts elsewhere"
+            );
+        }
+        Ok(Response::new(LeaveResponse { known }))
+    }
+
+    async fn report_router(
+        &self,
+        request: Request<RouterReport>,
+    ) -> Result<Response<RouterReportResponse>, Status> {
+        let r = request.into_inner();
+        if r.router_id.is_empty() || r.router_id.len() > 128 {
+            return Err(Status::invalid_argument(format!(
+                "`router_id` must be 1 to 128 bytes, got {}",
+                r.router_id.len()
+            )));
+        }
+        let lease_ms = self.with_state(|s, now| {
+            if r.leaving {
+                s.router_left(&r.router_id);
+            } else {
+                s.report_router(&r.router_id, r.live_version, now);
+            }
+            s.lease_ms()
+        })?;
+        if r.leaving {
+            tracing::info!(router = %r.router_id, "router left");
+        }
+        Ok(Response::new(RouterReportResponse { lease_ms }))
     }
 
     async fn get_placement(
@@ -209,6 +291,8 @@ impl CoordinatorService for CoordinatorNode {
         // Ends when the coordinator shuts down, so a graceful shutdown does not wait forever on
         // watchers and they reconnect to whoever serves next.
         let mut closing = self.closing.subscribe();
+        let mut kicks = self.kicks.subscribe();
+        kicks.borrow_and_update();
         let mut updates = self.updates.subscribe();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
@@ -229,6 +313,10 @@ impl CoordinatorService for CoordinatorNode {
                     }
                     // `closing` only ever turns true (or its sender goes): either way, stop.
                     _ = closing.changed() => break,
+                    _ = kicks.changed() => {
+                        let _ = tx.send(Err(Status::unavailable("placement watch dropped"))).await;
+                        break;
+                    }
                 }
             }
         });
@@ -259,12 +347,23 @@ impl CoordinatorService for CoordinatorNode {
                     loaded_version: m.loaded_version,
                     ms_since_heartbeat: now.saturating_sub(m.last_seen_ms),
                     experts: by_worker.get(&m.id).map_or(0, |v| v.len() as u32),
+                    draining: m.draining,
+                    load_error: m.load_error.clone().unwrap_or_default(),
                 })
                 .collect(),
             target_version: state.target().map_or(0, |t| t.version),
             live_version: state.live().map_or(0, |l| l.version),
             model: state.model().identity.clone(),
             placement_error: state.placement_error().unwrap_or_default().to_string(),
+            routers: state
+                .routers()
+                .map(|r| RouterStatus {
+                    router_id: r.id.clone(),
+                    live_version: r.live_version,
+                    ms_since_report: now.saturating_sub(r.last_seen_ms),
+                })
+                .collect(),
+            retain_from: state.retain_from(now),
         }))
     }
 }
@@ -277,19 +376,25 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let sweeper = tokio::spawn(node.clone().sweep());
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (health, health_service) = Health::new("switchyard.v1.CoordinatorService").await;
+    let checked = node.clone();
+    let monitor = health.watch(Duration::from_millis(500), move || checked.ready());
+    health.set(node.ready()).await;
     let closing = node.closing.clone();
     let shutdown = async move {
         shutdown.await;
+        health.drain().await;
         closing.send_replace(true);
     };
     let result = tonic::transport::Server::builder()
-        .add_service(switchyard_proto::health::serving("switchyard.v1.CoordinatorService").await)
+        .add_service(health_service)
         .add_service(node.into_server())
         .add_optional_service(switchyard_proto::reflection::v1())
         .add_optional_service(switchyard_proto::reflection::v1alpha())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     sweeper.abort();
+    monitor.abort();
     result
 }
 
@@ -319,6 +424,7 @@ mod tests {
             memory_bytes: 1000,
             device: "cpu".into(),
             model: "m".into(),
+            previous_worker_id: None,
         }))
         .await
         .unwrap();

@@ -38,9 +38,11 @@ pub enum EngineError {
     Synth(String),
 
     /// An [`ExpertExecutor`](crate::model::ExpertExecutor) outside this crate failed (e.g. a
-    /// remote expert worker); the message names where and why.
+    /// remote expert worker). The executor's own error travels inside, typed, so its caller
+    /// can take it back out (`downcast`) and keep its meaning — a worker's deadline stays a
+    /// deadline.
     #[error("expert execution failed: {0}")]
-    Executor(String),
+    Executor(Box<dyn std::error::Error + Send + Sync + 'static>),
 
     /// A compute device that cannot be used (no driver, no such device, a CUDA call failed).
     #[error("device: {0}")]

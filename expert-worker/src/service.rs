@@ -4,13 +4,17 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use std::time::Duration;
 use switchyard_proto::v1::expert_service_server::{ExpertService, ExpertServiceServer};
 use switchyard_proto::v1::{self, ForwardRequest, ForwardResponse, InfoRequest, InfoResponse};
+
+use switchyard_proto::health::Health;
 use tokio::net::TcpListener;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
+use tonic_health::pb::health_server::HealthServer;
 use tracing::instrument;
 
 use crate::error::WorkerError;
@@ -129,28 +133,65 @@ impl ExpertService for ExpertServiceImpl {
     }
 }
 
-/// Serves `worker` on `listener` until `shutdown` resolves.
-///
-/// TCP_NODELAY is set on every accepted socket: `serve_with_incoming` ignores
-/// `Server::tcp_nodelay`, and without it each small reply waits on Nagle's algorithm (~40 ms).
+/// Serves `worker` on `listener` until `shutdown` resolves: a worker that holds a fixed set
+/// (static `--experts`), SERVING from the start and NOT_SERVING once shutdown begins.
 pub async fn serve(
     worker: Arc<ExpertWorker>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), WorkerError> {
+    let (health, health_service) = Health::new(SERVICE).await;
+    let draining = health.clone();
+    let shutdown = async move {
+        shutdown.await;
+        draining.drain().await;
+    };
+    serve_with(
+        worker,
+        listener,
+        health,
+        health_service,
+        || Ok(()),
+        shutdown,
+    )
+    .await
+}
+
+/// The service name health reports on.
+pub const SERVICE: &str = "switchyard.v1.ExpertService";
+
+/// Serves `worker` on `listener` until `shutdown` resolves, its health following `ready`
+/// (checked every 250 ms; a draining `health` stays NOT_SERVING). Whoever resolves `shutdown`
+/// drains first (see [`crate::agent::Agent::drain`]); then open call streams end and the
+/// server stops once the calls in flight are answered.
+///
+/// TCP_NODELAY is set on every accepted socket: `serve_with_incoming` ignores
+/// `Server::tcp_nodelay`, and without it each small reply waits on Nagle's algorithm (~40 ms).
+pub async fn serve_with<H: tonic_health::pb::health_server::Health>(
+    worker: Arc<ExpertWorker>,
+    listener: TcpListener,
+    health: Health,
+    health_service: HealthServer<H>,
+    ready: impl Fn() -> Result<(), String> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), WorkerError> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    health.set(ready()).await;
+    let monitor = health.watch(Duration::from_millis(250), ready);
     let service = ExpertServiceImpl::new(worker);
     let closing = service.closing.clone();
     let shutdown = async move {
         shutdown.await;
         closing.send_replace(true);
     };
-    tonic::transport::Server::builder()
-        .add_service(switchyard_proto::health::serving("switchyard.v1.ExpertService").await)
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
         .add_service(service.into_server())
         .add_optional_service(switchyard_proto::reflection::v1())
         .add_optional_service(switchyard_proto::reflection::v1alpha())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
-        .map_err(|e| WorkerError::Transport(e.to_string()))
+        .map_err(|e| WorkerError::Transport(e.to_string()));
+    monitor.abort();
+    result
 }

@@ -2,8 +2,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use switchyard_engine::checkpoint::Checkpoint;
@@ -58,8 +58,12 @@ pub struct ExpertWorker {
     model: String,
     hidden: usize,
     n_experts: usize,
-    /// What it holds; changes when the coordinator re-places experts.
-    layers: RwLock<BTreeMap<usize, RoutedExperts>>,
+    /// What it holds; replaced whole when the coordinator re-places experts. The lock is held
+    /// only to clone or swap the `Arc`: a call computes on the set it started with, and a new
+    /// set never waits for calls (nor calls for a load).
+    layers: RwLock<Arc<HeldLayers>>,
+    /// One placement change at a time: each works out its diff from the set before it.
+    applying: Mutex<()>,
     dir: PathBuf,
     intermediate: usize,
     /// The checkpoint's MoE tensor names (DeepSeek / Qwen3-MoE or Mixtral).
@@ -71,6 +75,13 @@ pub struct ExpertWorker {
     max_message_bytes: usize,
     pub stats: WorkerStats,
     pub metrics: crate::metrics::WorkerMetrics,
+}
+
+/// The routed experts held, by layer.
+type HeldLayers = BTreeMap<usize, RoutedExperts>;
+
+fn bytes_of(layers: &HeldLayers) -> usize {
+    layers.values().map(RoutedExperts::size_in_bytes).sum()
 }
 
 /// A layer's shared expert, held where the worker's routed experts run.
@@ -131,13 +142,21 @@ impl ExpertWorker {
             layers.insert(*layer, loaded);
             progress(layers.len(), total);
         }
+        let metrics = crate::metrics::WorkerMetrics::new();
+        metrics.expert_bytes.set(
+            layers
+                .values()
+                .map(RoutedExperts::size_in_bytes)
+                .sum::<usize>() as i64,
+        );
         Ok(ExpertWorker {
             model: config.identity(),
             hidden: config.hidden_size,
             n_experts: moe.n_routed_experts,
             stats: WorkerStats::new(config.num_hidden_layers, moe.n_routed_experts),
-            metrics: crate::metrics::WorkerMetrics::new(),
-            layers: RwLock::new(layers),
+            metrics,
+            layers: RwLock::new(Arc::new(layers)),
+            applying: Mutex::new(()),
             dir: dir.to_path_buf(),
             intermediate: moe.moe_intermediate_size,
             naming: moe.naming,
@@ -191,16 +210,23 @@ impl ExpertWorker {
         Ok(self)
     }
 
-    fn read_layers(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<usize, RoutedExperts>> {
-        self.layers.read().unwrap_or_else(|e| e.into_inner())
+    /// The experts held now. The lock is taken for the `Arc` clone alone, so nothing that
+    /// holds the result can block a placement change or be blocked by one.
+    fn held(&self) -> Arc<HeldLayers> {
+        self.layers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Makes this worker hold exactly `assignment` (layer → experts): loads what it gains from
-    /// the checkpoint first, then swaps the new set in and drops what it lost. Calls keep being
-    /// served from the old set until the swap.
+    /// the checkpoint first, then swaps the new set in. Calls keep being served from the old
+    /// set until the swap, and calls already running finish on it; what the new set lost is
+    /// freed when the last of them ends.
     pub fn apply(&self, assignment: &BTreeMap<usize, BTreeSet<u32>>) -> Result<(), WorkerError> {
-        let current: BTreeMap<usize, BTreeSet<u32>> = self
-            .read_layers()
+        let _one_at_a_time = self.applying.lock().unwrap_or_else(|e| e.into_inner());
+        let held = self.held();
+        let current: BTreeMap<usize, BTreeSet<u32>> = held
             .iter()
             .map(|(l, e)| (*l, e.expert_ids().into_iter().collect()))
             .collect();
@@ -233,17 +259,20 @@ impl ExpertWorker {
                 gained.insert(*layer, loaded);
             }
         }
-        let mut layers = self.layers.write().unwrap_or_else(|e| e.into_inner());
-        let mut old = std::mem::take(&mut *layers);
+        let mut next = HeldLayers::new();
         for (layer, want) in assignment.iter().filter(|(_, w)| !w.is_empty()) {
-            let have = old
-                .remove(layer)
-                .unwrap_or_else(|| RoutedExperts::empty(*layer));
             let new = gained
                 .remove(layer)
                 .unwrap_or_else(|| RoutedExperts::empty(*layer));
-            layers.insert(*layer, have.merge(want, new));
+            let merged = match held.get(layer) {
+                Some(have) => have.merged(want, new),
+                None => new,
+            };
+            next.insert(*layer, merged);
         }
+        let bytes: usize = next.values().map(RoutedExperts::size_in_bytes).sum();
+        *self.layers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        self.metrics.expert_bytes.set(bytes as i64);
         Ok(())
     }
 
@@ -282,16 +311,21 @@ impl ExpertWorker {
 
     /// Bytes of expert weights resident.
     pub fn expert_bytes(&self) -> usize {
-        self.read_layers()
-            .values()
-            .map(RoutedExperts::size_in_bytes)
-            .sum()
+        bytes_of(&self.held())
+    }
+
+    /// What this worker holds (layer → experts), as of now.
+    pub fn holding(&self) -> BTreeMap<usize, BTreeSet<u32>> {
+        self.held()
+            .iter()
+            .map(|(&l, e)| (l, e.expert_ids().into_iter().collect()))
+            .collect()
     }
 
     pub fn info(&self) -> InfoResponse {
+        let held = self.held();
         InfoResponse {
-            layers: self
-                .read_layers()
+            layers: held
                 .iter()
                 .map(|(&layer, e)| LayerExperts {
                     layer: layer as u32,
@@ -301,7 +335,7 @@ impl ExpertWorker {
             hidden_size: self.hidden as u32,
             dtype: "bf16".into(),
             device: self.compute.device().to_string(),
-            expert_bytes: self.expert_bytes() as u64,
+            expert_bytes: bytes_of(&held) as u64,
             model: self.model.clone(),
             shared_expert_layers: self.shared.keys().map(|&l| l as u32).collect(),
         }
@@ -311,7 +345,7 @@ impl ExpertWorker {
     pub fn forward(&self, req: &ForwardRequest) -> Result<v1::Tensor, WorkerError> {
         let start = Instant::now();
         let layer = req.layer as usize;
-        let layers = self.read_layers();
+        let layers = self.held();
         let experts = layers.get(&layer).ok_or_else(|| {
             WorkerError::NotHeld(format!(
                 "layer {layer} is not held by this worker (it holds layers {:?})",
@@ -357,7 +391,6 @@ impl ExpertWorker {
         m.calls.inc();
         m.rows_per_call.observe(rows as f64);
         m.busy_seconds.inc_by(busy.as_secs_f64());
-        m.expert_bytes.set(self.expert_bytes() as i64);
         Ok(encoded)
     }
 

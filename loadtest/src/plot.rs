@@ -37,7 +37,11 @@ pub fn write_all(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, LoadtestEr
         .map_err(|e| out_err(&path, e))?;
         files.push(path);
         let path = dir.join("worker_tokens.svg");
-        let shares: Vec<(u32, f64)> = u.worker_share.iter().map(|(&w, &s)| (w, s)).collect();
+        let shares: Vec<(String, f64)> = u
+            .worker_share
+            .iter()
+            .map(|(w, &s)| (w.clone(), s))
+            .collect();
         workers(&shares, &path).map_err(|e| out_err(&path, e))?;
         files.push(path);
     }
@@ -83,7 +87,7 @@ fn heatmap(counts: &[Vec<u64>], layers: &[usize], path: &Path) -> PlotResult {
     Ok(())
 }
 
-fn workers(shares: &[(u32, f64)], path: &Path) -> PlotResult {
+fn workers(shares: &[(String, f64)], path: &Path) -> PlotResult {
     let root = SVGBackend::new(path, (640, 360)).into_drawing_area();
     root.fill(&WHITE)?;
     let n = shares.len().max(1);
@@ -102,9 +106,9 @@ fn workers(shares: &[(u32, f64)], path: &Path) -> PlotResult {
         .disable_x_mesh()
         .x_desc("worker")
         .y_desc("% of tokens")
-        .x_label_formatter(&|i| shares.get(*i).map_or_else(String::new, |s| s.0.to_string()))
+        .x_label_formatter(&|i| shares.get(*i).map_or_else(String::new, |s| s.0.clone()))
         .draw()?;
-    chart.draw_series(shares.iter().enumerate().map(|(i, &(_, s))| {
+    chart.draw_series(shares.iter().enumerate().map(|(i, (_, s))| {
         Rectangle::new([(i, 0.0), (i + 1, s * 100.0)], BLUE.mix(0.6).filled())
     }))?;
     root.present()?;

@@ -47,7 +47,7 @@ pub fn percentiles(values: &[f64]) -> Percentiles {
 }
 
 /// The expert-load window as the router reports it (`GET /v1/expert_load`).
-pub use switchyard_router::load::{LayerLoad, LoadSnapshot};
+pub use switchyard_router::expert_load::{LayerLoad, LoadSnapshot};
 
 /// One expert and its tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,7 +83,8 @@ pub struct Utilisation {
     pub mean_worker_imbalance: Option<f64>,
     pub layers: Vec<LayerUtilisation>,
     /// Each worker's share of all (token, expert) assignments, 0..1, by worker id.
-    pub worker_share: BTreeMap<u32, f64>,
+    /// By worker label: the coordinator's worker id, or the address in static mode.
+    pub worker_share: BTreeMap<String, f64>,
     /// The full counts, `[layer][expert]`, for plots and offline analysis.
     pub counts: Vec<Vec<u64>>,
 }
@@ -95,13 +96,13 @@ fn mean_of(values: impl Iterator<Item = f64>) -> Option<f64> {
 
 /// Turns a load snapshot into the report's figures; `n` hottest and coldest per layer.
 pub fn utilisation(s: &LoadSnapshot, n: usize) -> Utilisation {
-    let mut worker_total: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut worker_total: BTreeMap<String, u64> = BTreeMap::new();
     let layers: Vec<LayerUtilisation> = s
         .layers
         .iter()
         .map(|l| {
-            for (&w, &c) in &l.workers {
-                *worker_total.entry(w).or_insert(0) += c;
+            for (w, &c) in &l.workers {
+                *worker_total.entry(w.clone()).or_insert(0) += c;
             }
             let mut ranked: Vec<ExpertTokens> = l
                 .experts
@@ -129,9 +130,9 @@ pub fn utilisation(s: &LoadSnapshot, n: usize) -> Utilisation {
     let total: u64 = worker_total.values().sum();
     let worker_share = worker_total
         .iter()
-        .map(|(&w, &c)| {
+        .map(|(w, &c)| {
             (
-                w,
+                w.clone(),
                 if total == 0 {
                     0.0
                 } else {
@@ -185,7 +186,7 @@ mod tests {
                     layer: 1,
                     tokens: 5,
                     experts: vec![6, 0, 3, 1],
-                    workers: BTreeMap::from([(0, 6), (1, 4)]),
+                    workers: BTreeMap::from([("0".into(), 6), ("1".into(), 4)]),
                     expert_imbalance: Some(2.4),
                     worker_imbalance: Some(1.2),
                 },
@@ -193,7 +194,7 @@ mod tests {
                     layer: 2,
                     tokens: 5,
                     experts: vec![2, 3, 2, 3],
-                    workers: BTreeMap::from([(0, 5), (1, 5)]),
+                    workers: BTreeMap::from([("0".into(), 5), ("1".into(), 5)]),
                     expert_imbalance: Some(1.2),
                     worker_imbalance: Some(1.0),
                 },
@@ -223,8 +224,8 @@ mod tests {
             }
         );
         assert_eq!(l.idle_experts, 1);
-        assert!((u.worker_share[&0] - 0.55).abs() < 1e-9);
-        assert!((u.worker_share[&1] - 0.45).abs() < 1e-9);
+        assert!((u.worker_share["0"] - 0.55).abs() < 1e-9);
+        assert!((u.worker_share["1"] - 0.45).abs() < 1e-9);
         assert!((u.mean_expert_imbalance.unwrap() - 1.8).abs() < 1e-9);
         assert_eq!(u.max_expert_imbalance, Some(2.4));
         assert_eq!(u.counts, vec![vec![6, 0, 3, 1], vec![2, 3, 2, 3]]);

@@ -5,8 +5,11 @@
 //! explicit shape and dtype, never as `repeated float`: [`codec`] turns them into f32 rows and
 //! back, checking lengths, shapes and size limits.
 
+pub mod backoff;
+pub mod client;
 pub mod codec;
 pub mod health;
+pub mod ids;
 pub mod reflection;
 
 /// Generated code for package `switchyard.v1`.
@@ -20,3 +23,4 @@ pub mod v1 {
 }
 
 pub use codec::CodecError;
+pub use ids::WorkerId;

@@ -8,10 +8,9 @@ use switchyard_engine::model::{
     CausalLm, ExpertExecutor, ForwardOptions, ForwardTimings, KvLayout, LogitsFor, SeqInput,
 };
 
-use crate::load::ExpertLoad;
-
 use crate::error::RouterError;
-use crate::server::ExpertSource;
+use crate::expert_load::ExpertLoad;
+use crate::experts::ExpertPool;
 
 /// One forward step over a batch of sequences.
 pub trait Backend: Send + Sync + 'static {
@@ -25,6 +24,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Tokens per expert and worker, when the backend counts them.
     fn expert_load(&self) -> Option<Arc<ExpertLoad>> {
         None
+    }
+
+    /// Whether a step could run now, and why not (e.g. no placement of the routed experts).
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
     }
 }
 
@@ -40,8 +44,8 @@ pub struct StepOutput {
 #[derive(Debug, Clone)]
 pub struct ModelBackend {
     model: Arc<CausalLm>,
-    /// `None`: the model holds its own experts.
-    experts: Option<ExpertSource>,
+    /// `None`: the model holds its own experts (or has none).
+    experts: Option<Arc<ExpertPool>>,
     load: Arc<ExpertLoad>,
 }
 
@@ -50,11 +54,11 @@ impl ModelBackend {
         ModelBackend::new(model, None)
     }
 
-    pub fn remote(model: Arc<CausalLm>, experts: ExpertSource) -> ModelBackend {
+    pub fn remote(model: Arc<CausalLm>, experts: Arc<ExpertPool>) -> ModelBackend {
         ModelBackend::new(model, Some(experts))
     }
 
-    fn new(model: Arc<CausalLm>, experts: Option<ExpertSource>) -> ModelBackend {
+    fn new(model: Arc<CausalLm>, experts: Option<Arc<ExpertPool>>) -> ModelBackend {
         let c = model.config();
         let (n, k) = c
             .moe
@@ -70,6 +74,10 @@ impl ModelBackend {
 
     pub fn model(&self) -> &Arc<CausalLm> {
         &self.model
+    }
+
+    pub fn experts(&self) -> Option<&Arc<ExpertPool>> {
+        self.experts.as_ref()
     }
 }
 
@@ -90,35 +98,43 @@ impl Backend for ModelBackend {
         Some(self.load.clone())
     }
 
+    fn ready(&self) -> Result<(), String> {
+        self.experts.as_ref().map_or(Ok(()), |p| p.ready())
+    }
+
     fn step(&self, seqs: &mut [SeqInput<'_>]) -> Result<StepOutput, RouterError> {
         let options = ForwardOptions {
             logits: LogitsFor::Last,
             record_routing: true,
             ..Default::default()
         };
-        // One placement per step: a switch lands between steps, never inside one.
-        let (out, experts) = match &self.experts {
-            None => (self.model.forward(seqs, &options), None),
-            Some(source) => {
-                let experts = source.snapshot();
-                let executor: &dyn ExpertExecutor = &*experts;
-                (
-                    self.model.forward_with(seqs, &options, executor),
-                    Some(experts),
-                )
+        // One route per step: a placement switch lands between steps, never inside one.
+        let step = self.experts.as_ref().map(|p| p.step()).transpose()?;
+        let out = match &step {
+            None => self.model.forward(seqs, &options),
+            Some(step) => {
+                let executor: &dyn ExpertExecutor = step;
+                self.model.forward_with(seqs, &options, executor)
             }
         };
         let out = out.map_err(|e| match e {
-            EngineError::Executor(m) => RouterError::Runtime(m),
+            // The dispatcher's own error, typed: a worker's deadline stays a deadline.
+            EngineError::Executor(e) => match e.downcast::<RouterError>() {
+                Ok(e) => *e,
+                Err(e) => RouterError::Runtime(e.to_string()),
+            },
             e => RouterError::Engine(e),
         })?;
         for (layer, routing) in &out.routing {
             let worker_of = |e: u32| {
-                experts
-                    .as_ref()
-                    .and_then(|x| x.dispatcher().worker_for(*layer, e))
+                step.as_ref()
+                    .and_then(|s| s.route().placement.worker(*layer, e))
             };
-            self.load.record(*layer, routing, &worker_of);
+            let label = |w: switchyard_proto::WorkerId| {
+                step.as_ref()
+                    .map_or_else(|| w.0.to_string(), |s| s.label(w))
+            };
+            self.load.record(*layer, routing, &worker_of, &label);
         }
         Ok(StepOutput {
             logits: out.logits.into_f32_vec(),

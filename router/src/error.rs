@@ -1,6 +1,6 @@
 //! The router's errors.
 
-use crate::dispatch::WorkerId;
+use switchyard_proto::WorkerId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
@@ -20,6 +20,9 @@ pub enum RouterError {
     },
     #[error("placement: {0}")]
     Placement(String),
+    /// No placement to dispatch with yet (or any more): retryable.
+    #[error("placement: {0}")]
+    NoPlacement(String),
     #[error(transparent)]
     Codec(#[from] switchyard_proto::CodecError),
     #[error(transparent)]
@@ -83,6 +86,7 @@ impl RouterError {
             },
             RouterError::Connect { .. } => tonic::Code::Unavailable,
             RouterError::Placement(_) => tonic::Code::FailedPrecondition,
+            RouterError::NoPlacement(_) => tonic::Code::Unavailable,
             RouterError::Engine(switchyard_engine::EngineError::InvalidInput { .. }) => {
                 tonic::Code::InvalidArgument
             }

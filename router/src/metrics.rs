@@ -28,9 +28,16 @@ pub struct LayerLabel {
     pub layer: u32,
 }
 
+/// A worker: the coordinator's worker id, or its address in static `--workers` mode — the
+/// same across placement versions either way.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkerLabel {
-    pub worker: u32,
+    pub worker: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -47,25 +54,54 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_25, 2.0, 18))
 }
 
-/// What the dispatcher records per layer and per worker. Cheap to clone (shared handles), so
-/// every dispatcher of a router — one per placement version — feeds the same series.
+/// What the expert pool records per layer and per worker, and how its placement follows the
+/// coordinator. Cheap to clone (shared handles).
 #[derive(Clone, Debug)]
 pub struct DispatchMetrics {
     pub layer_seconds: HistogramFamily<LayerLabel>,
+    pub calls: Family<WorkerLabel, Counter>,
     pub bytes_sent: Family<WorkerLabel, Counter>,
     pub bytes_received: Family<WorkerLabel, Counter>,
     pub rows_sent: Family<WorkerLabel, Counter>,
     pub failed_calls: Family<WorkerLabel, Counter>,
+    /// Calls re-planned and sent again: `worker_lost` (unavailable, too slow) or
+    /// `expert_moved` (the worker no longer held an expert).
+    pub retried_calls: Family<ReasonLabel, Counter>,
+    /// The placement version in use (0 in static mode or before the first).
+    pub placement_version: Gauge,
+    /// Placement versions switched to.
+    pub placement_switches: Counter,
+    /// Attempts to switch to a new placement version that failed (each is retried).
+    pub placement_switch_failures: Counter,
+    /// Workers the pool holds connections to.
+    pub workers: Gauge,
 }
 
 impl Default for DispatchMetrics {
     fn default() -> Self {
         DispatchMetrics {
             layer_seconds: Family::new_with_constructor(latency_histogram),
+            calls: Family::default(),
             bytes_sent: Family::default(),
             bytes_received: Family::default(),
             rows_sent: Family::default(),
             failed_calls: Family::default(),
+            retried_calls: Family::default(),
+            placement_version: Gauge::default(),
+            placement_switches: Counter::default(),
+            placement_switch_failures: Counter::default(),
+            workers: Gauge::default(),
+        }
+    }
+}
+
+impl DispatchMetrics {
+    /// Pre-creates the series that count failures, so they read 0 before the first one.
+    pub fn touch(&self, worker: &WorkerLabel) {
+        let _ = self.calls.get_or_create(worker);
+        let _ = self.failed_calls.get_or_create(worker);
+        for reason in ["worker_lost", "expert_moved"] {
+            let _ = self.retried_calls.get_or_create(&ReasonLabel { reason });
         }
     }
 }
@@ -215,6 +251,36 @@ impl RouterMetrics {
             "Expert calls to each worker that failed",
             m.dispatch.failed_calls.clone(),
         );
+        r.register(
+            "dispatch_calls",
+            "Expert calls sent to each worker",
+            m.dispatch.calls.clone(),
+        );
+        r.register(
+            "dispatch_retried_calls",
+            "Expert calls re-planned and sent again, by reason",
+            m.dispatch.retried_calls.clone(),
+        );
+        r.register(
+            "placement_version",
+            "The placement version this router dispatches with",
+            m.dispatch.placement_version.clone(),
+        );
+        r.register(
+            "placement_switches",
+            "Placement versions switched to",
+            m.dispatch.placement_switches.clone(),
+        );
+        r.register(
+            "placement_switch_failures",
+            "Failed attempts to switch to a new placement version (retried with backoff)",
+            m.dispatch.placement_switch_failures.clone(),
+        );
+        r.register(
+            "expert_workers",
+            "Expert workers this router holds connections to",
+            m.dispatch.workers.clone(),
+        );
         Arc::new(RouterMetrics { registry: r, ..m })
     }
 
@@ -248,7 +314,7 @@ mod tests {
         m.phase("attention", 0.5);
         m.dispatch
             .bytes_sent
-            .get_or_create(&WorkerLabel { worker: 3 })
+            .get_or_create(&WorkerLabel { worker: "3".into() })
             .inc_by(10);
         let text = m.render();
         assert!(

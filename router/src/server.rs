@@ -5,11 +5,13 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use switchyard_engine::ModelConfig;
 use switchyard_engine::sampling::TokenLogprobs;
 use switchyard_engine::tokenizer::TextTokenizer;
+use switchyard_proto::health::Health;
 use switchyard_proto::v1::inference_service_server::{InferenceService, InferenceServiceServer};
 use switchyard_proto::v1::{
     ExpertLoadRequest, ExpertLoadResponse, GenerateRequest, GenerateResponse,
@@ -23,36 +25,15 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use crate::backend::Backend;
-use crate::coordinated::CoordinatedExperts;
 use crate::error::RouterError;
-use crate::load::{ExpertLoad, LoadSnapshot};
+use crate::expert_load::{ExpertLoad, LoadSnapshot};
 use crate::metrics::{ImbalanceLabel, RouterMetrics};
-use crate::remote::RemoteExperts;
 use crate::request::{self, Limits, Prompt, RawRequest, ValidRequest};
 use crate::scheduler::{Event, RequestStream, Scheduler, SchedulerConfig};
 
-/// Where a router's expert workers come from.
-#[derive(Debug, Clone)]
-pub enum ExpertSource {
-    /// A fixed list of workers.
-    Static(Arc<RemoteExperts>),
-    /// The coordinator's live placement, followed as it changes.
-    Coordinated(Arc<CoordinatedExperts>),
-}
-
-impl ExpertSource {
-    /// The workers to use for one step.
-    pub fn snapshot(&self) -> Arc<RemoteExperts> {
-        match self {
-            ExpertSource::Static(e) => e.clone(),
-            ExpertSource::Coordinated(c) => c.snapshot(),
-        }
-    }
-}
-
 /// Everything the client APIs share: the scheduler, the tokenizer, the limits requests are
 /// checked against, and the API key.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServingState {
     pub scheduler: Scheduler,
     pub tokenizer: Option<Arc<TextTokenizer>>,
@@ -63,6 +44,9 @@ pub struct ServingState {
     pub metrics: Arc<RouterMetrics>,
     /// Tokens per expert and worker (absent for backends that do not count them).
     pub expert_load: Option<Arc<ExpertLoad>>,
+    backend: Arc<dyn Backend>,
+    /// Set once shutdown begins: health turns NOT_SERVING before work stops being taken.
+    draining: Arc<AtomicBool>,
 }
 
 /// How a router serves: names, limits and the scheduler's sizes.
@@ -81,6 +65,15 @@ pub struct ServingOptions {
     pub default_max_tokens: usize,
     /// Where the router's metrics go (share it with the dispatcher's options).
     pub metrics: Arc<RouterMetrics>,
+}
+
+impl std::fmt::Debug for ServingState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServingState")
+            .field("model", &self.limits.model_name)
+            .field("scheduler", &self.scheduler)
+            .finish()
+    }
 }
 
 impl ServingState {
@@ -112,7 +105,7 @@ impl ServingState {
         }
         let expert_load = backend.expert_load();
         let scheduler = Scheduler::start(
-            backend,
+            backend.clone(),
             tokenizer.clone(),
             SchedulerConfig {
                 max_batch_size: o.max_batch_size,
@@ -137,7 +130,26 @@ impl ServingState {
             api_key: o.api_key.as_deref().map(Arc::from),
             metrics: o.metrics.clone(),
             expert_load,
+            backend,
+            draining: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Whether this router can serve requests now, and why not: its scheduler runs, its
+    /// routed experts have a placement that covers them all, and it is not shutting down.
+    pub fn ready(&self) -> Result<(), String> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err("draining: the router is shutting down".into());
+        }
+        if !self.scheduler.is_running() {
+            return Err("the scheduler has stopped".into());
+        }
+        self.backend.ready()
+    }
+
+    /// Starts shutting down: from now on health says NOT_SERVING.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 
     /// The expert-load window as JSON-ready data; `reset` starts a new window.
@@ -459,13 +471,28 @@ impl InferenceService for InferenceApi {
     }
 }
 
-/// Serves the gRPC API on `listener` (TCP_NODELAY) until `shutdown` resolves.
+/// The service name health reports on.
+pub const SERVICE: &str = "switchyard.v1.InferenceService";
+
+/// Serves the gRPC API on `listener` (TCP_NODELAY) until `shutdown` resolves. Health follows
+/// [`ServingState::ready`]; when `shutdown` resolves the router turns NOT_SERVING first, then
+/// stops taking new calls and finishes the ones in flight.
 pub async fn serve(
     state: ServingState,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RouterError> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (health, health_service) = Health::new(SERVICE).await;
+    health.set(state.ready()).await;
+    let checked = state.clone();
+    let monitor = health.watch(Duration::from_millis(250), move || checked.ready());
+    let draining = state.clone();
+    let shutdown = async move {
+        shutdown.await;
+        draining.start_draining();
+        health.drain().await;
+    };
     let auth = state.clone();
     let api = InferenceServiceServer::with_interceptor(
         InferenceApi::new(state),
@@ -478,14 +505,16 @@ pub async fn serve(
             }
         },
     );
-    tonic::transport::Server::builder()
-        .add_service(switchyard_proto::health::serving("switchyard.v1.InferenceService").await)
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
         .add_optional_service(switchyard_proto::reflection::v1())
         .add_optional_service(switchyard_proto::reflection::v1alpha())
         .add_service(api)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
-        .map_err(|e| RouterError::Runtime(format!("serving failed: {e}")))
+        .map_err(|e| RouterError::Runtime(format!("serving failed: {e}")));
+    monitor.abort();
+    result
 }
 
 #[cfg(test)]

@@ -74,6 +74,32 @@ impl Sandbox {
         }
     }
 
+    /// Serves worker `i` again on its old address (stopping it first if it runs), as a
+    /// restarted process would; waits (bounded) for the port to be free.
+    pub fn restart_worker(&mut self, i: usize) {
+        self.stop_worker(i);
+        let (addr, worker) = (self.workers[i].addr.clone(), self.workers[i].worker.clone());
+        let runtime = self.runtime.as_ref().expect("runtime lives until drop");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match runtime.block_on(tokio::net::TcpListener::bind(&addr)) {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "cannot rebind {addr}: {e}"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        let (tx, rx) = oneshot::channel::<()>();
+        runtime.spawn(service::serve(worker, listener, async {
+            let _ = rx.await;
+        }));
+        self.workers[i].shutdown = Some(tx);
+    }
+
     pub fn addrs(&self) -> Vec<String> {
         self.workers.iter().map(|w| w.addr.clone()).collect()
     }
@@ -93,6 +119,279 @@ impl Drop for Sandbox {
             if let Some(tx) = w.shutdown.take() {
                 let _ = tx.send(());
             }
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
+/// A coordinated cluster in this process — a coordinator and expert workers that register
+/// with it, each a gRPC server on an ephemeral loopback port — whose membership tests change
+/// while it serves: workers added, drained (as SIGTERM does), killed, the coordinator
+/// restarted on its address. Everything stops when it drops.
+#[derive(Debug)]
+pub struct Cluster {
+    model: std::path::PathBuf,
+    shape: ModelShape,
+    replicas: usize,
+    lease: Duration,
+    coordinator_addr: String,
+    coordinator: Option<(CoordinatorNode, oneshot::Sender<()>)>,
+    pub workers: Vec<ClusterWorker>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// One worker of a [`Cluster`]; `running` is false once it was drained or killed.
+#[derive(Debug)]
+pub struct ClusterWorker {
+    pub addr: String,
+    pub worker: Arc<ExpertWorker>,
+    pub agent: Arc<Agent>,
+    pub running: bool,
+    membership: Option<tokio::task::JoinHandle<()>>,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+use switchyard_coordinator::membership::ModelShape;
+use switchyard_coordinator::service::CoordinatorNode;
+use switchyard_expert_worker::agent::{self, Agent, Membership};
+use switchyard_proto::v1::PlacementUpdate;
+use switchyard_proto::v1::coordinator_service_server::CoordinatorService;
+
+impl Cluster {
+    /// A coordinator (`replicas` copies of each expert, workers' lease `lease`) and `workers`
+    /// workers for the checkpoint in `model`; returns once a placement is live.
+    pub fn start(model: &Path, replicas: usize, lease: Duration, workers: usize) -> Cluster {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a tokio runtime starts");
+        let config = switchyard_engine::ModelConfig::from_dir(model).expect("the model's config");
+        let shape = ModelShape {
+            identity: config.identity(),
+            layers: config.moe_layers().iter().map(|&l| l as u32).collect(),
+            experts_per_layer: config.moe.as_ref().map_or(0, |m| m.n_routed_experts as u32),
+            expert_bytes: switchyard_coordinator::capacity::expert_bytes(
+                &config,
+                switchyard_coordinator::capacity::WeightDType::F32,
+            ),
+        };
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind an ephemeral loopback port");
+        let coordinator_addr = listener.local_addr().expect("bound address").to_string();
+        let mut cluster = Cluster {
+            model: model.to_path_buf(),
+            shape,
+            replicas,
+            lease,
+            coordinator_addr,
+            coordinator: None,
+            workers: Vec::new(),
+            runtime: Some(runtime),
+        };
+        cluster.serve_coordinator(listener);
+        for _ in 0..workers {
+            cluster.add_worker();
+        }
+        cluster.wait_for("a first live placement", Duration::from_secs(30), |u| {
+            u.live.is_some()
+        });
+        cluster
+    }
+
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("runtime lives until drop")
+    }
+
+    fn serve_coordinator(&mut self, listener: tokio::net::TcpListener) {
+        let node = CoordinatorNode::new(self.shape.clone(), self.replicas, self.lease);
+        let (tx, rx) = oneshot::channel::<()>();
+        self.rt().spawn(switchyard_coordinator::service::serve(
+            node.clone(),
+            listener,
+            async {
+                let _ = rx.await;
+            },
+        ));
+        self.coordinator = Some((node, tx));
+    }
+
+    pub fn coordinator_addr(&self) -> &str {
+        &self.coordinator_addr
+    }
+
+    /// The coordinator serving now.
+    pub fn coordinator(&self) -> &CoordinatorNode {
+        &self.coordinator.as_ref().expect("a coordinator runs").0
+    }
+
+    /// Starts a worker that registers with the coordinator; returns its index.
+    pub fn add_worker(&mut self) -> usize {
+        let worker = Arc::new(ExpertWorker::empty(&self.model).expect("an empty worker opens"));
+        let listener = self
+            .rt()
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind an ephemeral loopback port");
+        let addr = listener.local_addr().expect("bound address").to_string();
+        let agent = Agent::new(
+            worker.clone(),
+            Membership {
+                coordinator: self.coordinator_addr.clone(),
+                advertise: addr.clone(),
+                memory_bytes: 1 << 40,
+                device: "cpu".into(),
+                model: self.shape.identity.clone(),
+            },
+        );
+        let (tx, rx) = oneshot::channel::<()>();
+        let rt = self.rt();
+        let membership = rt.spawn(agent::run(agent.clone()));
+        let ready = agent.clone();
+        let health = rt.block_on(switchyard_proto::health::Health::new(service::SERVICE));
+        rt.spawn(service::serve_with(
+            worker.clone(),
+            listener,
+            health.0,
+            health.1,
+            move || ready.ready(),
+            async {
+                let _ = rx.await;
+            },
+        ));
+        self.workers.push(ClusterWorker {
+            addr,
+            worker,
+            agent,
+            running: true,
+            membership: Some(membership),
+            shutdown: Some(tx),
+        });
+        self.workers.len() - 1
+    }
+
+    /// Worker `i` leaves as on SIGTERM: it drains (bounded by `limit`), then stops. Returns
+    /// whether the drain completed.
+    pub fn drain_worker(&mut self, i: usize, limit: Duration) -> bool {
+        let agent = self.workers[i].agent.clone();
+        let drained = self.rt().block_on(async move { agent.drain(limit).await });
+        self.kill_worker(i);
+        drained
+    }
+
+    /// Worker `i` dies at once: its membership stops and its server closes.
+    pub fn kill_worker(&mut self, i: usize) {
+        let w = &mut self.workers[i];
+        if let Some(m) = w.membership.take() {
+            m.abort();
+        }
+        if let Some(tx) = w.shutdown.take() {
+            let _ = tx.send(());
+        }
+        w.running = false;
+    }
+
+    /// Indices of the workers still running.
+    pub fn running(&self) -> Vec<usize> {
+        (0..self.workers.len())
+            .filter(|&i| self.workers[i].running)
+            .collect()
+    }
+
+    /// Stops the coordinator and starts a new one (empty state) on the same address.
+    pub fn restart_coordinator(&mut self) {
+        if let Some((_, tx)) = self.coordinator.take() {
+            let _ = tx.send(());
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let listener = loop {
+            match self
+                .rt()
+                .block_on(tokio::net::TcpListener::bind(&self.coordinator_addr))
+            {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "cannot rebind {}: {e}",
+                        self.coordinator_addr
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        self.serve_coordinator(listener);
+    }
+
+    /// The coordinator's placement now.
+    pub fn placement(&self) -> PlacementUpdate {
+        let node = self.coordinator().clone();
+        self.rt()
+            .block_on(async move {
+                node.get_placement(tonic::Request::new(
+                    switchyard_proto::v1::GetPlacementRequest {},
+                ))
+                .await
+            })
+            .expect("GetPlacement answers")
+            .into_inner()
+    }
+
+    /// Waits (bounded: panics with `what` past `limit`) until `done` holds for the placement.
+    pub fn wait_for(&self, what: &str, limit: Duration, done: impl Fn(&PlacementUpdate) -> bool) {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let u = self.placement();
+            if done(&u) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {what} within {limit:?}: {:?}",
+                (
+                    u.target.as_ref().map(|t| t.version),
+                    u.live.as_ref().map(|l| l.version),
+                    u.retain_from
+                )
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the placement has settled: the target is live, every expert has at least
+    /// `copies` holders, and no router or worker is behind (every version before it released).
+    pub fn wait_settled(&self, copies: usize, limit: Duration) {
+        self.wait_for("settled placement", limit, |u| settled(u, copies));
+    }
+
+    /// Runs async test code on the cluster's runtime.
+    pub fn block_on<F: std::future::Future>(&self, fut: F) -> F::Output {
+        self.rt().block_on(fut)
+    }
+}
+
+/// Whether `u`'s target is live, gives every expert `copies` holders or more, and nothing
+/// older is still retained.
+pub fn settled(u: &PlacementUpdate, copies: usize) -> bool {
+    let (Some(t), Some(l)) = (&u.target, &u.live) else {
+        return false;
+    };
+    t.version == l.version
+        && u.retain_from == l.version
+        && l.layers
+            .iter()
+            .all(|layer| layer.experts.iter().all(|e| e.worker_ids.len() >= copies))
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.workers.len() {
+            self.kill_worker(i);
+        }
+        if let Some((_, tx)) = self.coordinator.take() {
+            let _ = tx.send(());
         }
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_timeout(Duration::from_secs(5));

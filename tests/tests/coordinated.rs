@@ -1,5 +1,6 @@
 //! A cluster run by the coordinator: workers register and load what placement gives them, the
-//! router follows the live placement, and a lost worker's experts move to the survivors.
+//! router's expert pool follows the live placement, a lost worker's experts move to the
+//! survivors, and broken placement watches heal.
 
 // Test helpers panic on failure by design: that is how a test fails.
 #![allow(clippy::unwrap_used)]
@@ -7,24 +8,19 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use switchyard_coordinator::capacity::{self, WeightDType};
-use switchyard_coordinator::membership::ModelShape;
-use switchyard_coordinator::service::{self as coordinator, CoordinatorNode};
 use switchyard_engine::ModelConfig;
 use switchyard_engine::model::{
-    CausalLm, ExpertSelection, ForwardOptions, LoadOptions, LogitsFor, SeqInput,
+    CausalLm, ExpertExecutor, ExpertSelection, ForwardOptions, LoadOptions, LogitsFor, SeqInput,
 };
 use switchyard_engine::synth::{self, SynthDType, SynthOptions};
-use switchyard_expert_worker::agent::{self, Membership};
-use switchyard_expert_worker::{ExpertWorker, service as worker_service};
 use switchyard_proto::v1::Dtype;
-use switchyard_router::coordinated::CoordinatedExperts;
-use switchyard_router::dispatch::DispatchOptions;
-use tokio::sync::oneshot;
+use switchyard_router::ExpertPool;
+use switchyard_router::experts::DispatchOptions;
+use switchyard_tests::Cluster;
 
 const PROMPT: &[u32] = &[1, 17, 42, 99, 3, 250, 7];
 
-fn logits(model: &CausalLm, experts: &dyn switchyard_engine::model::ExpertExecutor) -> Vec<f32> {
+fn logits(model: &CausalLm, experts: &dyn ExpertExecutor) -> Vec<f32> {
     let mut cache = model.new_cache(PROMPT.len());
     model
         .forward_with(
@@ -50,25 +46,15 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-struct Node {
-    shutdown: Option<oneshot::Sender<()>>,
-    agent: Option<tokio::task::JoinHandle<()>>,
-    worker: Arc<ExpertWorker>,
+struct Setup {
+    _dir: tempfile::TempDir,
+    config: ModelConfig,
+    router: CausalLm,
+    want: Vec<f32>,
+    cluster: Cluster,
 }
 
-impl Node {
-    fn stop(&mut self) {
-        if let Some(a) = self.agent.take() {
-            a.abort();
-        }
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
-#[test]
-fn router_follows_the_coordinator_through_a_worker_loss_and_a_coordinator_restart() {
+fn setup(workers: usize) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     synth::synth(
         dir.path(),
@@ -83,65 +69,6 @@ fn router_follows_the_coordinator_through_a_worker_loss_and_a_coordinator_restar
     let config = ModelConfig::from_dir(dir.path()).unwrap();
     let local = CausalLm::load(dir.path(), &LoadOptions::default()).unwrap();
     let want = logits(&local, &local);
-
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let shape = ModelShape {
-        identity: config.identity(),
-        layers: config.moe_layers().iter().map(|&l| l as u32).collect(),
-        experts_per_layer: 16,
-        expert_bytes: capacity::expert_bytes(&config, WeightDType::F32),
-    };
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let coordinator_addr = listener.local_addr().unwrap().to_string();
-    let (stop_coordinator, rx) = oneshot::channel::<()>();
-    rt.spawn(coordinator::serve(
-        CoordinatorNode::new(shape.clone(), 1, Duration::from_millis(1000)),
-        listener,
-        async {
-            let _ = rx.await;
-        },
-    ));
-
-    let mut nodes: Vec<Node> = (0..2)
-        .map(|_| {
-            let worker = Arc::new(ExpertWorker::empty(dir.path()).unwrap());
-            let listener = rt
-                .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-                .unwrap();
-            let addr = listener.local_addr().unwrap().to_string();
-            let (tx, rx) = oneshot::channel::<()>();
-            rt.spawn(worker_service::serve(worker.clone(), listener, async {
-                let _ = rx.await;
-            }));
-            let membership = Membership {
-                coordinator: coordinator_addr.clone(),
-                advertise: addr,
-                memory_bytes: 1 << 40,
-                device: "cpu".into(),
-                model: config.identity(),
-            };
-            let agent = rt.spawn(agent::run(worker.clone(), membership));
-            Node {
-                shutdown: Some(tx),
-                agent: Some(agent),
-                worker,
-            }
-        })
-        .collect();
-
-    let options = DispatchOptions {
-        wire_dtype: Dtype::F32,
-        ..Default::default()
-    };
-    let experts =
-        CoordinatedExperts::connect(&config, &coordinator_addr, options, Duration::from_secs(20))
-            .unwrap();
     let router = CausalLm::load(
         dir.path(),
         &LoadOptions {
@@ -149,95 +76,168 @@ fn router_follows_the_coordinator_through_a_worker_loss_and_a_coordinator_restar
         },
     )
     .unwrap();
-    // Wait until placement has spread the experts over both workers and that is live.
-    let held = |n: &Node| {
-        n.worker
-            .info()
-            .layers
-            .iter()
-            .map(|l| l.experts.len())
-            .sum::<usize>()
+    let cluster = Cluster::start(dir.path(), 1, Duration::from_millis(1000), workers);
+    Setup {
+        _dir: dir,
+        config,
+        router,
+        want,
+        cluster,
+    }
+}
+
+fn follow(s: &Setup) -> Arc<ExpertPool> {
+    let options = DispatchOptions {
+        wire_dtype: Dtype::F32,
+        ..Default::default()
     };
+    ExpertPool::coordinated(
+        &s.config,
+        s.cluster.coordinator_addr(),
+        options,
+        Duration::from_secs(20),
+    )
+    .unwrap()
+}
+
+/// Waits (bounded) until `pool` dispatches with the coordinator's live version.
+fn wait_caught_up(s: &Setup, pool: &ExpertPool, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !(held(&nodes[0]) == 16
-        && held(&nodes[1]) == 16
-        && experts.snapshot().workers().len() == 2)
-    {
+    loop {
+        let live = s.cluster.placement().live.map(|l| l.version);
+        if live == Some(pool.version()) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the router is on {} and the live version is {live:?}",
+            pool.version()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn held(s: &Setup, i: usize) -> usize {
+    s.cluster.workers[i]
+        .worker
+        .holding()
+        .values()
+        .map(|e| e.len())
+        .sum()
+}
+
+#[test]
+fn router_follows_the_coordinator_through_a_worker_loss_and_a_coordinator_restart() {
+    let mut s = setup(2);
+    let pool = follow(&s);
+    // Wait until placement has spread the experts over both workers and that is live.
+    s.cluster.wait_settled(1, Duration::from_secs(20));
+    wait_caught_up(&s, &pool, "first placement");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(held(&s, 0) == 16 && held(&s, 1) == 16) {
         assert!(
             Instant::now() < deadline,
             "placement did not settle: {} / {}",
-            held(&nodes[0]),
-            held(&nodes[1])
+            held(&s, 0),
+            held(&s, 1)
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let first = experts.version();
-    let diff = max_diff(&logits(&router, &*experts.snapshot()), &want);
+    let first = pool.version();
+    let route = pool.route().unwrap();
+    assert_eq!(route.links.len(), 2);
+    // The pool's ids are the coordinator's.
+    let ids: Vec<u32> = s
+        .cluster
+        .placement()
+        .live
+        .unwrap()
+        .workers
+        .iter()
+        .map(|w| w.worker_id)
+        .collect();
+    assert_eq!(route.links.keys().map(|w| w.0).collect::<Vec<_>>(), ids);
+    let diff = max_diff(&logits(&s.router, &pool.step().unwrap()), &s.want);
     assert!(diff <= 1e-5, "before the loss: max |Δ| = {diff:e}");
 
     // Lose one worker.
-    nodes[1].stop();
+    s.cluster.kill_worker(1);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while experts.version() == first || experts.snapshot().workers().len() != 1 {
+    while pool.version() == first || pool.route().unwrap().links.len() != 1 {
         assert!(
             Instant::now() < deadline,
             "no new live placement within 20 s of losing a worker"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
     // The survivor holds every expert of every MoE layer, and the router uses only it.
-    assert_eq!(held(&nodes[0]), 2 * 16);
-    let diff = max_diff(&logits(&router, &*experts.snapshot()), &want);
+    s.cluster.wait_settled(1, Duration::from_secs(20));
+    assert_eq!(held(&s, 0), 2 * 16);
+    let diff = max_diff(&logits(&s.router, &pool.step().unwrap()), &s.want);
     assert!(diff <= 1e-5, "after the loss: max |Δ| = {diff:e}");
 
     // Restart the coordinator on the same address. Meanwhile the router keeps serving on its
-    // last placement; afterwards the worker re-registers and a new version goes live.
-    let _ = stop_coordinator.send(());
-    std::thread::sleep(Duration::from_millis(200));
-    let during = experts.version();
-    let diff = max_diff(&logits(&router, &*experts.snapshot()), &want);
+    // last placement; afterwards the worker re-registers with its old id and a new version
+    // goes live.
+    let before_id = s.cluster.workers[0].agent.worker_id();
+    s.cluster.restart_coordinator();
+    let during = pool.version();
+    let diff = max_diff(&logits(&s.router, &pool.step().unwrap()), &s.want);
     assert!(
         diff <= 1e-5,
-        "with the coordinator down: max |Δ| = {diff:e}"
+        "with the coordinator restarting: max |Δ| = {diff:e}"
     );
     let deadline = Instant::now() + Duration::from_secs(20);
-    let listener = loop {
-        match rt.block_on(tokio::net::TcpListener::bind(&coordinator_addr)) {
-            Ok(l) => break l,
-            Err(e) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "cannot rebind {coordinator_addr}: {e}"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    };
-    let (stop_coordinator, rx) = oneshot::channel::<()>();
-    rt.spawn(coordinator::serve(
-        CoordinatorNode::new(shape.clone(), 1, Duration::from_millis(1000)),
-        listener,
-        async {
-            let _ = rx.await;
-        },
-    ));
-    while experts.version() == during {
+    while pool.version() == during {
         assert!(
             Instant::now() < deadline,
             "no live placement from the restarted coordinator within 20 s"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let diff = max_diff(&logits(&router, &*experts.snapshot()), &want);
+    assert_eq!(
+        s.cluster.workers[0].agent.worker_id(),
+        before_id,
+        "the id survived"
+    );
+    let diff = max_diff(&logits(&s.router, &pool.step().unwrap()), &s.want);
     assert!(
         diff <= 1e-5,
         "after the coordinator restart: max |Δ| = {diff:e}"
     );
+}
 
-    for n in &mut nodes {
-        n.stop();
+#[test]
+fn dropped_placement_watches_reconnect_and_new_versions_still_go_live() {
+    let mut s = setup(2);
+    let pool = follow(&s);
+    s.cluster.wait_settled(1, Duration::from_secs(20));
+    wait_caught_up(&s, &pool, "first placement");
+    // Every watch — both workers' and the router's — ends as on a broken connection.
+    s.cluster.coordinator().drop_watchers();
+    std::thread::sleep(Duration::from_millis(300));
+    // A joining worker takes a share from both: the new version goes live only once both old
+    // workers, too, have seen it on their reconnected watches and loaded it.
+    let before = pool.version();
+    s.cluster.add_worker();
+    s.cluster.wait_for(
+        "a version with the new worker",
+        Duration::from_secs(20),
+        |u| {
+            u.live.as_ref().is_some_and(|l| l.version > before)
+                && u.live.as_ref().map(|l| l.workers.len()) == Some(3)
+        },
+    );
+    s.cluster.wait_settled(1, Duration::from_secs(20));
+    wait_caught_up(&s, &pool, "after the watches dropped");
+    assert!(pool.version() > before);
+    assert_eq!(pool.route().unwrap().links.len(), 3);
+    for i in 0..3 {
+        assert!(held(&s, i) > 0, "worker {i} holds nothing");
     }
-    let _ = stop_coordinator.send(());
-    drop(experts);
-    rt.shutdown_timeout(Duration::from_secs(5));
+    let diff = max_diff(&logits(&s.router, &pool.step().unwrap()), &s.want);
+    assert!(
+        diff <= 1e-5,
+        "after the watches dropped: max |Δ| = {diff:e}"
+    );
 }

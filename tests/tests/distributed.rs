@@ -11,9 +11,9 @@ use switchyard_engine::model::{
 };
 use switchyard_engine::synth::{self, SynthDType, SynthOptions};
 use switchyard_proto::v1::Dtype;
-use switchyard_router::dispatch::DispatchOptions;
-use switchyard_router::grpc::CallMode;
-use switchyard_router::{RemoteExperts, WorkerId};
+use switchyard_router::ExpertPool;
+use switchyard_router::experts::{CallMode, DispatchOptions};
+use switchyard_router::metrics::WorkerLabel;
 use switchyard_tests::Sandbox;
 
 const PROMPT: &[u32] = &[1, 17, 42, 99, 3, 250, 7, 7, 311];
@@ -33,7 +33,7 @@ fn tiny_f32(dir: &Path) {
 
 fn logits(
     model: &CausalLm,
-    experts: Option<&RemoteExperts>,
+    experts: Option<&ExpertPool>,
 ) -> (Vec<f32>, Vec<(usize, switchyard_engine::model::Routing)>) {
     let mut cache = model.new_cache(PROMPT.len());
     let opts = ForwardOptions {
@@ -46,14 +46,14 @@ fn logits(
         cache: &mut cache,
     }];
     let out = match experts {
-        Some(e) => model.forward_with(&mut seqs, &opts, e),
+        Some(e) => model.forward_with(&mut seqs, &opts, &e.step().unwrap()),
         None => model.forward(&mut seqs, &opts),
     }
     .unwrap();
     (out.logits.into_f32_vec(), out.routing)
 }
 
-fn greedy(model: &CausalLm, experts: Option<&RemoteExperts>) -> Vec<u32> {
+fn greedy(model: &CausalLm, experts: Option<&ExpertPool>) -> Vec<u32> {
     let req = GenerateRequest {
         prompt: PROMPT.to_vec(),
         max_new_tokens: 12,
@@ -65,7 +65,7 @@ fn greedy(model: &CausalLm, experts: Option<&RemoteExperts>) -> Vec<u32> {
             model,
             std::slice::from_ref(&req),
             GenerateOptions::default(),
-            e,
+            &e.step().unwrap(),
         ),
         None => generate::generate(
             model,
@@ -110,7 +110,7 @@ fn router_with_1_2_and_4_workers_matches_the_single_process_engine() {
         .flat_map(|s| [(s, CallMode::Unary), (s, CallMode::Stream)]);
     for (specs, call_mode) in runs {
         let sandbox = Sandbox::start(dir.path(), specs);
-        let remote = RemoteExperts::connect(
+        let remote = ExpertPool::connect_static(
             router.config(),
             &sandbox.addrs(),
             DispatchOptions {
@@ -161,7 +161,7 @@ fn shared_experts_on_the_workers_give_the_same_result() {
         ..Default::default()
     };
     let remote =
-        RemoteExperts::connect(router.config(), &with_shared.addrs(), options.clone()).unwrap();
+        ExpertPool::connect_static(router.config(), &with_shared.addrs(), options.clone()).unwrap();
     let (got, _) = logits(&router, Some(&remote));
     let diff = got
         .iter()
@@ -172,7 +172,7 @@ fn shared_experts_on_the_workers_give_the_same_result() {
     assert_eq!(greedy(&router, Some(&remote)), greedy(&local, None));
     // Workers without the shared expert are refused up front, by name.
     let without = Sandbox::start(dir.path(), &specs);
-    let err = RemoteExperts::connect(router.config(), &without.addrs(), options)
+    let err = ExpertPool::connect_static(router.config(), &without.addrs(), options)
         .unwrap_err()
         .to_string();
     assert!(
@@ -194,7 +194,7 @@ fn a_token_crosses_the_wire_once_per_worker_per_layer() {
     .unwrap();
     let specs = ["0-7", "8-15"];
     let sandbox = Sandbox::start(dir.path(), &specs);
-    let remote = RemoteExperts::connect(
+    let remote = ExpertPool::connect_static(
         router.config(),
         &sandbox.addrs(),
         DispatchOptions::default(),
@@ -215,12 +215,15 @@ fn a_token_crosses_the_wire_once_per_worker_per_layer() {
             .iter()
             .map(|(_, r)| r.ids.iter().filter(|e| range.contains(e)).count() as u64)
             .sum();
+        let label = WorkerLabel {
+            worker: sandbox.addrs()[w as usize].clone(),
+        };
         let sent = remote
-            .dispatcher()
-            .stats(WorkerId(w))
-            .unwrap()
-            .rows
-            .load(std::sync::atomic::Ordering::Relaxed);
+            .options()
+            .metrics
+            .rows_sent
+            .get_or_create(&label)
+            .get();
         let served = sandbox.workers[w as usize]
             .worker
             .stats
@@ -255,8 +258,8 @@ fn several_routers_share_one_worker_pool() {
         wire_dtype: Dtype::F32,
         ..Default::default()
     };
-    let a = RemoteExperts::connect(router.config(), &sandbox.addrs(), options.clone()).unwrap();
-    let b = RemoteExperts::connect(router.config(), &sandbox.addrs(), options).unwrap();
+    let a = ExpertPool::connect_static(router.config(), &sandbox.addrs(), options.clone()).unwrap();
+    let b = ExpertPool::connect_static(router.config(), &sandbox.addrs(), options).unwrap();
     std::thread::scope(|s| {
         for remote in [&a, &b] {
             let (router, want) = (&router, &want);
@@ -304,16 +307,20 @@ fn calls_to_a_lost_worker_fail_over_to_replicas() {
         deadline: std::time::Duration::from_secs(2),
         ..Default::default()
     };
-    let remote = RemoteExperts::connect(router.config(), &sandbox.addrs(), options).unwrap();
+    let remote = ExpertPool::connect_static(router.config(), &sandbox.addrs(), options).unwrap();
     let (got, _) = logits(&router, Some(&remote));
     assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-5));
-    let rows = |w: u32| {
+    let addrs = sandbox.addrs();
+    let rows = |w: usize| {
+        let label = WorkerLabel {
+            worker: addrs[w].clone(),
+        };
         remote
-            .dispatcher()
-            .stats(WorkerId(w))
-            .unwrap()
-            .rows
-            .load(std::sync::atomic::Ordering::Relaxed)
+            .options()
+            .metrics
+            .rows_sent
+            .get_or_create(&label)
+            .get()
     };
     assert_eq!(
         (rows(1), rows(2)),
@@ -373,7 +380,7 @@ fn qwen3_moe_and_mixtral_through_router_and_workers_match_transformers() {
         .unwrap();
         assert_eq!(router.routed_expert_bytes(), 0, "{name}");
         let sandbox = Sandbox::start(&dir, &specs);
-        let remote = RemoteExperts::connect(
+        let remote = ExpertPool::connect_static(
             router.config(),
             &sandbox.addrs(),
             DispatchOptions {
@@ -382,7 +389,7 @@ fn qwen3_moe_and_mixtral_through_router_and_workers_match_transformers() {
             },
         )
         .unwrap();
-        let run = |model: &CausalLm, experts: Option<&RemoteExperts>| {
+        let run = |model: &CausalLm, experts: Option<&ExpertPool>| {
             let mut cache = model.new_cache(r.prompt_ids.len());
             let mut seqs = [SeqInput {
                 tokens: &r.prompt_ids,
@@ -393,7 +400,7 @@ fn qwen3_moe_and_mixtral_through_router_and_workers_match_transformers() {
                 ..Default::default()
             };
             match experts {
-                Some(e) => model.forward_with(&mut seqs, &opts, e),
+                Some(e) => model.forward_with(&mut seqs, &opts, &e.step().unwrap()),
                 None => model.forward(&mut seqs, &opts),
             }
             .unwrap()
@@ -418,7 +425,7 @@ fn qwen3_moe_and_mixtral_through_router_and_workers_match_transformers() {
             &router,
             std::slice::from_ref(&req),
             GenerateOptions::default(),
-            &remote,
+            &remote.step().unwrap(),
         )
         .unwrap();
         assert_eq!(out[0].token_ids, r.greedy_ids, "{name}");

@@ -14,10 +14,9 @@ use switchyard_engine::synth::{self, SynthDType, SynthOptions};
 use switchyard_engine::tokenizer::TextTokenizer;
 use switchyard_proto::v1::inference_service_client::InferenceServiceClient;
 use switchyard_proto::v1::{GenerateRequest, ModelInfoRequest, TokenizeRequest};
-use switchyard_router::RemoteExperts;
-use switchyard_router::backend::ModelBackend;
-use switchyard_router::dispatch::DispatchOptions;
-use switchyard_router::server::{ExpertSource, ServingOptions, ServingState};
+use switchyard_router::experts::DispatchOptions;
+use switchyard_router::node::{Experts, RouterNode};
+use switchyard_router::server::{ServingOptions, ServingState};
 use switchyard_tests::Sandbox;
 use tokio::sync::oneshot;
 
@@ -51,6 +50,7 @@ fn options() -> ServingOptions {
 /// A router serving gRPC and HTTP over two in-process workers.
 struct Served {
     sandbox: Sandbox,
+    _node: RouterNode,
     state: ServingState,
     grpc: String,
     http: String,
@@ -72,19 +72,17 @@ impl Served {
         .unwrap();
         let mut o = options();
         adjust(&mut o);
-        let dispatch = DispatchOptions {
-            metrics: o.metrics.dispatch.clone(),
-            ..Default::default()
-        };
-        let experts = RemoteExperts::connect(model.config(), &sandbox.addrs(), dispatch).unwrap();
         let tokenizer = TextTokenizer::from_dir(dir.path()).unwrap().map(Arc::new);
         assert!(tokenizer.is_some(), "synth writes a tokenizer");
-        let config = Arc::new(model.config().clone());
-        let backend = Arc::new(ModelBackend::remote(
-            Arc::new(model),
-            ExpertSource::Static(Arc::new(experts)),
-        ));
-        let state = ServingState::start(backend, config, tokenizer, &o).unwrap();
+        let node = RouterNode::start(
+            model,
+            tokenizer,
+            Experts::Workers(sandbox.addrs()),
+            DispatchOptions::default(),
+            &o,
+        )
+        .unwrap();
+        let state = node.state().clone();
         let (grpc_l, http_l) = sandbox.block_on(async {
             (
                 tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
@@ -107,6 +105,7 @@ impl Served {
         });
         Served {
             sandbox,
+            _node: node,
             state,
             grpc,
             http,
@@ -652,7 +651,7 @@ fn expert_load_counts_add_up_to_routed_tokens_times_top_k() {
             .json;
         (
             fed,
-            serde_json::from_str::<switchyard_router::load::LoadSnapshot>(&json).unwrap(),
+            serde_json::from_str::<switchyard_router::expert_load::LoadSnapshot>(&json).unwrap(),
         )
     });
     let (fed, snapshot) = load;
@@ -661,17 +660,18 @@ fn expert_load_counts_add_up_to_routed_tokens_times_top_k() {
     for l in &snapshot.layers {
         assert_eq!(l.tokens, fed, "layer {}", l.layer);
         assert_eq!(l.experts.iter().sum::<u64>(), fed * 4);
-        // Worker 0 holds experts 0-7, worker 1 experts 8-15.
-        assert_eq!(l.workers[&0], l.experts[..8].iter().sum::<u64>());
-        assert_eq!(l.workers[&1], l.experts[8..].iter().sum::<u64>());
+        // Worker 0 holds experts 0-7, worker 1 experts 8-15; static workers are named by
+        // address.
+        let addrs = s.sandbox.addrs();
+        assert_eq!(l.workers[&addrs[0]], l.experts[..8].iter().sum::<u64>());
+        assert_eq!(l.workers[&addrs[1]], l.experts[8..].iter().sum::<u64>());
         assert!(l.expert_imbalance.unwrap() >= 1.0);
         // Each worker's own Prometheus counter agrees with what the router sent it.
         for (i, w) in s.sandbox.workers.iter().enumerate() {
             let text = w.worker.metrics.render();
             let line = format!(
                 "switchyard_worker_tokens_total{{layer=\"{}\"}} {}",
-                l.layer,
-                l.workers[&(i as u32)]
+                l.layer, l.workers[&addrs[i]]
             );
             assert!(text.contains(&line), "{line} not in {text}");
         }

@@ -24,8 +24,8 @@ fn valid(layer: u32, rows: usize, hidden: usize) -> ForwardRequest {
     }
 }
 
-#[test]
-fn bad_requests_get_their_status_and_the_worker_keeps_serving() {
+/// The tiny preset in bf16, in a fresh directory.
+fn tiny_bf16() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     synth::synth(
         dir.path(),
@@ -36,6 +36,12 @@ fn bad_requests_get_their_status_and_the_worker_keeps_serving() {
         },
     )
     .unwrap();
+    dir
+}
+
+#[test]
+fn bad_requests_get_their_status_and_the_worker_keeps_serving() {
+    let dir = tiny_bf16();
     // Holds experts 0-7 of the MoE layers (1 and 2); at most 1 KiB of hidden rows per call.
     let sandbox = Sandbox::start_with(dir.path(), &["0-7"], |w| w.with_max_message_bytes(1024));
     let addr = format!("http://{}", sandbox.addrs()[0]);
@@ -123,34 +129,20 @@ fn bad_requests_get_their_status_and_the_worker_keeps_serving() {
 
 #[test]
 fn a_failed_call_on_the_stream_keeps_the_stream_open() {
-    use switchyard_router::dispatch::Transport;
-    use switchyard_router::grpc::{CallMode, GrpcTransport};
+    use switchyard_router::experts::{CallMode, GrpcTransport, Transport};
     use switchyard_router::{RouterError, WorkerId};
 
-    let dir = tempfile::tempdir().unwrap();
-    synth::synth(
-        dir.path(),
-        &SynthOptions {
-            preset: "tiny".into(),
-            dtype: SynthDType::Bf16,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let dir = tiny_bf16();
     let sandbox = Sandbox::start(dir.path(), &["0-7"]);
     let addrs = sandbox.addrs();
     sandbox.block_on(async {
-        let t = GrpcTransport::connect(
-            &addrs,
-            std::time::Duration::from_secs(5),
-            1 << 20,
-            CallMode::Stream,
-        )
-        .await
-        .unwrap();
+        let t = GrpcTransport::new(1 << 20, CallMode::Stream)
+            .connect(WorkerId(0), &addrs[0])
+            .unwrap();
+        let deadline = std::time::Duration::from_secs(5);
         let mut bad = valid(1, 2, 64);
         bad.expert_ids = vec![2, 12];
-        match t.forward(WorkerId(0), bad).await {
+        match t.forward(bad, deadline).await {
             Err(RouterError::Worker {
                 code,
                 layer,
@@ -164,10 +156,75 @@ fn a_failed_call_on_the_stream_keeps_the_stream_open() {
         }
         // Concurrent good calls on the same stream, each matched to its own reply.
         let (a, b) = tokio::join!(
-            t.forward(WorkerId(0), valid(1, 3, 64)),
-            t.forward(WorkerId(0), valid(2, 5, 64))
+            t.forward(valid(1, 3, 64), deadline),
+            t.forward(valid(2, 5, 64), deadline)
         );
         assert_eq!(a.unwrap().shape, vec![3, 64]);
         assert_eq!(b.unwrap().shape, vec![5, 64]);
     });
+}
+
+/// A worker restarted at the same address is reached again by the same link — a broken call
+/// stream re-opened, a unary channel reconnected — without building anything anew.
+#[test]
+fn links_heal_when_a_worker_restarts_at_the_same_address() {
+    use switchyard_router::WorkerId;
+    use switchyard_router::experts::{CallMode, GrpcTransport, Transport};
+
+    let dir = tiny_bf16();
+    let mut sandbox = Sandbox::start(dir.path(), &["0-7"]);
+    let addr = sandbox.addrs()[0].clone();
+    let deadline = std::time::Duration::from_secs(5);
+    let links: Vec<_> = sandbox.block_on(async {
+        [CallMode::Stream, CallMode::Unary]
+            .into_iter()
+            .map(|mode| {
+                GrpcTransport::new(1 << 20, mode)
+                    .connect(WorkerId(0), &addr)
+                    .unwrap()
+            })
+            .collect()
+    });
+    for link in &links {
+        let ok = sandbox.block_on(link.forward(valid(1, 3, 64), deadline));
+        assert_eq!(ok.unwrap().shape, vec![3, 64], "{link:?} before");
+    }
+    sandbox.stop_worker(0);
+    // Calls fail while it is down (UNAVAILABLE: retryable elsewhere), then work again.
+    let start = std::time::Instant::now();
+    for link in &links {
+        loop {
+            match sandbox.block_on(link.forward(valid(1, 3, 64), deadline)) {
+                Err(switchyard_router::RouterError::Worker { code, .. }) => {
+                    assert_eq!(code, Code::Unavailable, "{link:?}");
+                    break;
+                }
+                // The old server may still finish its last connections.
+                Ok(_) => {
+                    assert!(start.elapsed() < std::time::Duration::from_secs(10));
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("{link:?}: {e}"),
+            }
+        }
+    }
+    sandbox.restart_worker(0);
+    for link in &links {
+        let deadline_at = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match sandbox.block_on(link.forward(valid(1, 3, 64), deadline)) {
+                Ok(out) => {
+                    assert_eq!(out.shape, vec![3, 64]);
+                    break;
+                }
+                Err(e) => {
+                    assert!(
+                        std::time::Instant::now() < deadline_at,
+                        "{link:?} did not heal: {e}"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            }
+        }
+    }
 }

@@ -1,17 +1,8 @@
 //! Expert placement as a pure function: problem → plan. See `README.md` beside this file.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 
-/// A worker's id in the cluster.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct WorkerId(pub u32);
-
-impl fmt::Display for WorkerId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "w{}", self.0)
-    }
-}
+pub use switchyard_proto::WorkerId;
 
 /// A routed expert of one MoE layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

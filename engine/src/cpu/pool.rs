@@ -175,8 +175,25 @@ impl ComputePool {
     }
 }
 
+/// Marks this thread as inside a task until dropped — also when the task panics, so a thread
+/// that ran a panicking task does not run every later job inline.
+struct InTask;
+
+impl InTask {
+    fn enter() -> InTask {
+        IN_TASK.with(|t| t.set(true));
+        InTask
+    }
+}
+
+impl Drop for InTask {
+    fn drop(&mut self) {
+        IN_TASK.with(|t| t.set(false));
+    }
+}
+
 fn claim_tasks(s: &Shared, f: &(dyn Fn(usize) + Sync + '_)) {
-    IN_TASK.with(|t| t.set(true));
+    let _in_task = InTask::enter();
     let n = s.n_tasks.load(Ordering::Relaxed);
     loop {
         let i = s.next_task.fetch_add(1, Ordering::Relaxed);
@@ -185,7 +202,6 @@ fn claim_tasks(s: &Shared, f: &(dyn Fn(usize) + Sync + '_)) {
         }
         f(i);
     }
-    IN_TASK.with(|t| t.set(false));
 }
 
 fn worker(s: &Shared) {
@@ -318,6 +334,51 @@ mod tests {
             count.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(count.load(Ordering::Relaxed), 8);
+    }
+
+    /// Runs `tasks` tasks that each wait (bounded) until all have started, and returns the
+    /// distinct OS threads they ran on: with as many tasks as threads, every thread must take
+    /// one, so a pool that runs them on fewer threads shows it.
+    fn threads_used(pool: &ComputePool, tasks: usize) -> usize {
+        let started = AtomicUsize::new(0);
+        let ids = Mutex::new(std::collections::HashSet::new());
+        pool.run(tasks, &|_| {
+            ids.lock().unwrap().insert(std::thread::current().id());
+            started.fetch_add(1, Ordering::SeqCst);
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while started.load(Ordering::SeqCst) < tasks && Instant::now() < deadline {
+                std::hint::spin_loop();
+            }
+        });
+        ids.into_inner().unwrap().len()
+    }
+
+    #[test]
+    fn a_pool_of_n_threads_runs_tasks_on_n_os_threads() {
+        let one = ComputePool::new(1);
+        let ids = Mutex::new(std::collections::HashSet::new());
+        one.run(8, &|_| {
+            ids.lock().unwrap().insert(std::thread::current().id());
+        });
+        assert_eq!(ids.into_inner().unwrap().len(), 1);
+        assert_eq!(one.threads(), 1);
+        assert_eq!(threads_used(&ComputePool::new(2), 2), 2);
+        assert_eq!(threads_used(&ComputePool::new(3), 3), 3);
+    }
+
+    #[test]
+    fn after_a_panicking_task_the_caller_still_uses_every_thread() {
+        let pool = ComputePool::new(2);
+        for _ in 0..3 {
+            // Every task panics, so the calling thread surely runs one.
+            let r = catch_unwind(AssertUnwindSafe(|| pool.run(4, &|_| panic!("boom"))));
+            assert!(r.is_err());
+        }
+        assert_eq!(
+            threads_used(&pool, 2),
+            2,
+            "the caller fell back to running jobs inline"
+        );
     }
 
     #[test]

@@ -28,12 +28,15 @@ struct GpuExpert {
 }
 
 /// The experts of one layer that this process holds, on one device.
+#[derive(Clone)]
 pub struct GpuExperts {
     gpu: Arc<Gpu>,
     layer: usize,
     hidden: usize,
     intermediate: usize,
-    experts: BTreeMap<u32, GpuExpert>,
+    /// Shared so a worker's next expert set can reuse these buffers while calls on the
+    /// current set still run.
+    experts: BTreeMap<u32, Arc<GpuExpert>>,
 }
 
 impl std::fmt::Debug for GpuExperts {
@@ -157,7 +160,7 @@ impl GpuExperts {
             gate_up: self.gpu.upload(gate_up)?,
             down: self.gpu.upload(down)?,
         };
-        self.experts.insert(expert, expert_weights);
+        self.experts.insert(expert, Arc::new(expert_weights));
         Ok(())
     }
 

@@ -6,6 +6,7 @@
 //! per-token loop over experts.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
@@ -18,19 +19,20 @@ use crate::tensor::Compute;
 use crate::tensor::Tensor;
 
 /// The experts of one MoE layer that this process holds: in host memory, or (feature `cuda`)
-/// on a CUDA device.
-#[derive(Debug, Default)]
+/// on a CUDA device. Cloning shares the weights: a worker builds its next expert set from the
+/// current one while calls still run on the current one.
+#[derive(Clone, Debug, Default)]
 pub struct RoutedExperts {
     layer: usize,
     held: Held,
 }
 
 /// Where one layer's experts are: a worker keeps all of them in one place.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 enum Held {
     #[default]
     Empty,
-    Host(BTreeMap<u32, Mlp>),
+    Host(BTreeMap<u32, Arc<Mlp>>),
     #[cfg(feature = "cuda")]
     Device(crate::cuda::GpuExperts),
 }
@@ -125,7 +127,7 @@ impl RoutedExperts {
     pub fn from_experts(layer: usize, experts: BTreeMap<u32, Mlp>) -> RoutedExperts {
         RoutedExperts {
             layer,
-            held: Held::Host(experts),
+            held: Held::Host(experts.into_iter().map(|(e, m)| (e, Arc::new(m))).collect()),
         }
     }
 
@@ -137,10 +139,11 @@ impl RoutedExperts {
         }
     }
 
-    /// Keeps the experts in `keep` and adds those of `gained` (same layer): how a worker moves
-    /// to a new placement. Both sides are where the worker computes, or empty.
-    pub fn merge(self, keep: &BTreeSet<u32>, gained: RoutedExperts) -> RoutedExperts {
-        let held = match (self.held, gained.held) {
+    /// The experts of `self` in `keep` plus those of `gained` (same layer), sharing their
+    /// weights: how a worker moves to a new placement while calls still run on the current
+    /// set. Both sides are where the worker computes, or empty.
+    pub fn merged(&self, keep: &BTreeSet<u32>, gained: RoutedExperts) -> RoutedExperts {
+        let held = match (self.held.clone(), gained.held) {
             (Held::Host(mut have), Held::Host(new)) => {
                 have.retain(|e, _| keep.contains(e));
                 have.extend(new);
@@ -192,7 +195,7 @@ impl RoutedExperts {
     pub fn size_in_bytes(&self) -> usize {
         match &self.held {
             Held::Empty => 0,
-            Held::Host(experts) => experts.values().map(Mlp::size_in_bytes).sum(),
+            Held::Host(experts) => experts.values().map(|m| m.size_in_bytes()).sum(),
             #[cfg(feature = "cuda")]
             Held::Device(g) => g.size_in_bytes(),
         }

@@ -77,12 +77,18 @@ pub fn router(state: ServingState) -> Router {
         .with_state(state)
 }
 
-/// Serves the HTTP API on `listener` until `shutdown` resolves.
+/// Serves the HTTP API on `listener` until `shutdown` resolves; from then on `/health` says
+/// 503 while the requests in flight finish.
 pub async fn serve(
     state: ServingState,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RouterError> {
+    let draining = state.clone();
+    let shutdown = async move {
+        shutdown.await;
+        draining.start_draining();
+    };
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
@@ -109,14 +115,25 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     })
 }
 
-async fn health(State(state): State<ServingState>) -> axum::Json<Value> {
+/// 200 while the router can serve (scheduler running, every routed expert placed, not
+/// shutting down); 503 with the reason otherwise — what readiness probes and load balancers
+/// act on.
+async fn health(State(state): State<ServingState>) -> impl IntoResponse {
     let s = state.scheduler.stats();
-    axum::Json(json!({
-        "status": "ok",
+    let ready = state.ready();
+    let body = json!({
+        "status": if ready.is_ok() { "ok" } else { "unavailable" },
+        "reason": ready.as_ref().err(),
         "model": state.limits.model_name,
         "waiting": s.waiting.load(Ordering::Relaxed),
         "running": s.running.load(Ordering::Relaxed),
-    }))
+    });
+    let code = if ready.is_ok() {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(body))
 }
 
 /// Every router metric as Prometheus text.
@@ -141,7 +158,7 @@ async fn expert_load(
     State(state): State<ServingState>,
     headers: HeaderMap,
     axum::extract::Query(q): axum::extract::Query<LoadQuery>,
-) -> Result<axum::Json<crate::load::LoadSnapshot>, ApiError> {
+) -> Result<axum::Json<crate::expert_load::LoadSnapshot>, ApiError> {
     authorize(&state, &headers)?;
     Ok(axum::Json(state.expert_load(q.reset)?))
 }

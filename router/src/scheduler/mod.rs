@@ -14,7 +14,7 @@
 mod sequence;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
@@ -131,6 +131,16 @@ pub struct Scheduler {
     layout: KvLayout,
     stats: Arc<SchedulerStats>,
     metrics: Arc<RouterMetrics>,
+    running: Arc<AtomicBool>,
+}
+
+/// Clears its flag when dropped.
+struct ClearOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Msg {
@@ -156,7 +166,8 @@ impl Scheduler {
             .store(config.kv_blocks, Ordering::Relaxed);
         let layout = backend.kv_layout(config.block_size);
         let pool = BlockPool::new(layout.clone(), config.kv_blocks);
-        let worker = Worker {
+        let running = Arc::new(AtomicBool::new(true));
+        let step_loop = StepLoop {
             backend,
             tokenizer,
             config,
@@ -168,9 +179,14 @@ impl Scheduler {
             stats: stats.clone(),
             metrics: metrics.clone(),
         };
+        let flag = running.clone();
         std::thread::Builder::new()
             .name("switchyard-scheduler".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                // Cleared however the loop ends, a panic included: health reads it.
+                let _running = ClearOnDrop(flag);
+                step_loop.run();
+            })
             .map_err(|e| RouterError::Runtime(format!("starting the scheduler thread: {e}")))?;
         Ok(Scheduler {
             tx,
@@ -180,7 +196,13 @@ impl Scheduler {
             layout,
             stats,
             metrics,
+            running,
         })
+    }
+
+    /// Whether the scheduler thread is still running steps.
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -224,8 +246,8 @@ impl Scheduler {
     }
 }
 
-/// The scheduler thread's state.
-struct Worker {
+/// The scheduler thread's state: the loop that plans and runs steps.
+struct StepLoop {
     backend: Arc<dyn Backend>,
     tokenizer: Option<Arc<TextTokenizer>>,
     config: SchedulerConfig,
@@ -241,7 +263,7 @@ struct Worker {
     metrics: Arc<RouterMetrics>,
 }
 
-impl Worker {
+impl StepLoop {
     fn run(mut self) {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {

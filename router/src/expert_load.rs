@@ -1,7 +1,9 @@
 //! Expert load: how many tokens each routed expert of each MoE layer received, and how many
 //! (token, expert) assignments each worker served, over a resettable window. Counted on the
 //! router from the gate's own routing, so the counts are exact: per layer they add up to the
-//! tokens that went through it times `top_k`.
+//! tokens that went through it times `top_k`. Workers are named by their label — the
+//! coordinator's worker id, or the address in static mode — so a worker keeps its figures
+//! across placement versions.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -10,7 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use switchyard_engine::model::Routing;
 
-use crate::dispatch::WorkerId;
+use switchyard_proto::WorkerId;
 
 /// `max / mean` of `values`; `None` when they are all zero (nothing to compare).
 pub fn max_over_mean(values: &[u64]) -> Option<f64> {
@@ -30,8 +32,8 @@ struct Window {
     tokens: Vec<u64>,
     /// `[moe layer][expert]`.
     counts: Vec<Vec<u64>>,
-    /// Assignments per worker, per MoE layer.
-    workers: BTreeMap<WorkerId, Vec<u64>>,
+    /// Assignments per worker label, per MoE layer.
+    workers: BTreeMap<String, Vec<u64>>,
 }
 
 impl Window {
@@ -67,8 +69,8 @@ pub struct LayerLoad {
     pub tokens: u64,
     /// Tokens per expert, indexed by expert id.
     pub experts: Vec<u64>,
-    /// (token, expert) assignments per worker id.
-    pub workers: BTreeMap<u32, u64>,
+    /// (token, expert) assignments per worker (its id, or its address in static mode).
+    pub workers: BTreeMap<String, u64>,
     /// Max / mean tokens per expert (null with no tokens).
     pub expert_imbalance: Option<f64>,
     /// Max / mean assignments per worker (null with no tokens or workers).
@@ -98,12 +100,14 @@ impl ExpertLoad {
     }
 
     /// Counts one step's routing of model layer `layer`; `worker_of(expert)` names the worker
-    /// the expert's tokens went to, when they went to one.
+    /// the expert's tokens went to, when they went to one, and `label` how that worker is
+    /// reported.
     pub fn record(
         &self,
         layer: usize,
         routing: &Routing,
         worker_of: &dyn Fn(u32) -> Option<WorkerId>,
+        label: &dyn Fn(WorkerId) -> String,
     ) {
         let Some(i) = self.moe_layers.iter().position(|&l| l == layer) else {
             return;
@@ -119,14 +123,20 @@ impl ExpertLoad {
                 *c += 1;
             }
         }
+        let mut per_worker: BTreeMap<WorkerId, u64> = BTreeMap::new();
         for (e, &n) in per_expert.iter().enumerate() {
             if n == 0 {
                 continue;
             }
             w.counts[i][e] += n;
             if let Some(worker) = worker_of(e as u32) {
-                w.workers.entry(worker).or_insert_with(|| vec![0; layers])[i] += n;
+                *per_worker.entry(worker).or_default() += n;
             }
+        }
+        for (worker, n) in per_worker {
+            w.workers
+                .entry(label(worker))
+                .or_insert_with(|| vec![0; layers])[i] += n;
         }
     }
 
@@ -146,8 +156,8 @@ impl ExpertLoad {
             .iter()
             .enumerate()
             .map(|(i, &layer)| {
-                let workers: BTreeMap<u32, u64> =
-                    w.workers.iter().map(|(id, v)| (id.0, v[i])).collect();
+                let workers: BTreeMap<String, u64> =
+                    w.workers.iter().map(|(id, v)| (id.clone(), v[i])).collect();
                 let worker_counts: Vec<u64> = workers.values().copied().collect();
                 LayerLoad {
                     layer,
@@ -196,15 +206,19 @@ mod tests {
             weights: vec![0.5; 4],
         };
         let worker_of = |e: u32| Some(WorkerId(e / 2));
-        load.record(1, &routing, &worker_of);
-        load.record(0, &routing, &worker_of); // a dense layer: ignored
+        let label = |w: WorkerId| format!("10.0.0.{}:1", w.0);
+        load.record(1, &routing, &worker_of, &label);
+        load.record(0, &routing, &worker_of, &label); // a dense layer: ignored
         let s = load.snapshot(true);
         assert_eq!(s.layers.len(), 2);
         let l = &s.layers[0];
         assert_eq!((l.layer, l.tokens), (1, 2));
         assert_eq!(l.experts, vec![1, 1, 0, 2]);
         assert_eq!(l.experts.iter().sum::<u64>(), l.tokens * s.top_k as u64);
-        assert_eq!(l.workers, BTreeMap::from([(0, 2), (1, 2)]));
+        assert_eq!(
+            l.workers,
+            BTreeMap::from([("10.0.0.0:1".into(), 2), ("10.0.0.1:1".into(), 2)])
+        );
         assert_eq!(l.expert_imbalance, Some(2.0));
         assert_eq!(l.worker_imbalance, Some(1.0));
         assert_eq!(s.layers[1].expert_imbalance, None);

@@ -1,0 +1,421 @@
+//! The router's expert pool: where its routed experts run, for the router's whole life.
+//!
+//! One [`ExpertPool`] per router owns one dispatch runtime, a connection ([`WorkerLink`]) per
+//! worker keyed by the coordinator's [`WorkerId`], and the placement in force as an
+//! `Arc<Route>` — a [`Placement`] paired with the links it sends on. A new placement version
+//! is a diff: links to new workers are made, links to workers it no longer names are dropped
+//! from the pool (a step still running on an older route keeps its own until it ends), and
+//! the route is swapped between steps, never inside one ([`ExpertPool::step`]).
+//!
+//! - [`placement`]: a placement version as data, from the coordinator's map or (static
+//!   `--workers` mode) from what the workers report;
+//! - [`plan`]: pure call planning — one call per worker per layer — and failover re-planning;
+//! - [`dispatch`]: a step's [`ExpertExecutor`](switchyard_engine::model::ExpertExecutor):
+//!   send, overlap, collect, and re-plan failed calls once on the newest route;
+//! - [`transport`]: the [`Transport`] seam and an in-memory implementation with faults;
+//!   [`grpc`]: the gRPC one;
+//! - [`follow`]: following the coordinator — the placement watch and the reports of the
+//!   version in use, both reconnecting with capped exponential backoff.
+
+pub mod dispatch;
+pub mod follow;
+pub mod grpc;
+pub mod placement;
+pub mod plan;
+pub mod transport;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use switchyard_engine::ModelConfig;
+use switchyard_proto::WorkerId;
+use switchyard_proto::v1::{Dtype, InfoResponse, PlacementMap};
+
+pub use dispatch::PoolStep;
+pub use grpc::{CallMode, GrpcTransport};
+pub use placement::{ExpertShape, Placement};
+pub use transport::{MemoryTransport, Transport, WorkerLink};
+
+use crate::error::RouterError;
+use crate::metrics::{DispatchMetrics, WorkerLabel};
+
+#[derive(Clone, Debug)]
+pub struct DispatchOptions {
+    /// Hidden states on the wire: bf16 halves the bytes; f32 is exact.
+    pub wire_dtype: Dtype,
+    /// Deadline of each worker call.
+    pub deadline: Duration,
+    /// Largest reply accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Run shared experts on the workers, each token's with one of its routed calls, instead
+    /// of on the router (every worker then holds a copy).
+    pub shared_on_workers: bool,
+    /// A unary RPC per call, or one long-lived stream per worker.
+    pub call_mode: CallMode,
+    /// Where per-layer latency, per-worker traffic and placement switches are recorded.
+    pub metrics: DispatchMetrics,
+}
+
+impl Default for DispatchOptions {
+    fn default() -> Self {
+        DispatchOptions {
+            wire_dtype: Dtype::Bf16,
+            deadline: Duration::from_secs(10),
+            max_message_bytes: 64 << 20,
+            shared_on_workers: false,
+            call_mode: CallMode::Unary,
+            metrics: DispatchMetrics::default(),
+        }
+    }
+}
+
+/// How workers are named in metrics and the expert-load report: stable across placement
+/// versions either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Labels {
+    /// The coordinator's worker id (coordinated mode).
+    WorkerId,
+    /// The worker's address (static `--workers` mode).
+    Address,
+}
+
+/// One placement version and a link to every worker it names: what a step dispatches with.
+#[derive(Debug)]
+pub struct Route {
+    pub placement: Placement,
+    pub links: BTreeMap<WorkerId, Arc<dyn WorkerLink>>,
+}
+
+/// The router's expert workers, for the router's life.
+pub struct ExpertPool {
+    shape: ExpertShape,
+    hidden: usize,
+    identity: String,
+    options: DispatchOptions,
+    labels: Labels,
+    transport: Arc<dyn Transport>,
+    route: RwLock<Option<Arc<Route>>>,
+    /// The links new routes are made from, kept across versions.
+    links: Mutex<BTreeMap<WorkerId, Arc<dyn WorkerLink>>>,
+    /// One switch at a time (the follower's; a test's).
+    switching: tokio::sync::Mutex<()>,
+    /// The coordinator followed and this router's id there, once following.
+    following: std::sync::OnceLock<(String, String)>,
+    /// Dropped last, in the background: the links' connections live on it.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl fmt::Debug for ExpertPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExpertPool")
+            .field("version", &self.version())
+            .field("workers", &self.links().keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Drop for ExpertPool {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            // Safe from any context, async included; its tasks stop at their next await.
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Runs `fut` on `handle` and waits for it from this (non-async) thread.
+pub(crate) fn wait_on<T: Send + 'static>(
+    handle: &tokio::runtime::Handle,
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, RouterError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    handle.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv()
+        .map_err(|_| RouterError::Runtime("the dispatch runtime stopped".into()))
+}
+
+impl ExpertPool {
+    /// An empty pool for `config`'s routed experts: no route until [`ExpertPool::switch`].
+    pub fn new(
+        config: &ModelConfig,
+        transport: Arc<dyn Transport>,
+        options: DispatchOptions,
+        labels: Labels,
+    ) -> Result<Arc<ExpertPool>, RouterError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("switchyard-dispatch")
+            .enable_all()
+            .build()
+            .map_err(|e| RouterError::Runtime(format!("cannot start the dispatch runtime: {e}")))?;
+        Ok(Arc::new(ExpertPool {
+            shape: ExpertShape::of(config)?,
+            hidden: config.hidden_size,
+            identity: config.identity(),
+            options,
+            labels,
+            transport,
+            route: RwLock::new(None),
+            links: Mutex::new(BTreeMap::new()),
+            switching: tokio::sync::Mutex::new(()),
+            following: std::sync::OnceLock::new(),
+            runtime: Some(runtime),
+        }))
+    }
+
+    /// Static mode over gRPC: the workers at `addrs` (worker `i` is `WorkerId(i)`), checked to
+    /// serve this model and to hold every routed expert between them. Call from a plain
+    /// thread, not from async code.
+    pub fn connect_static(
+        config: &ModelConfig,
+        addrs: &[String],
+        options: DispatchOptions,
+    ) -> Result<Arc<ExpertPool>, RouterError> {
+        let transport = Arc::new(GrpcTransport::new(
+            options.max_message_bytes,
+            options.call_mode,
+        ));
+        Self::from_workers(config, transport, addrs, options)
+    }
+
+    /// Static mode over any transport (see [`ExpertPool::connect_static`]).
+    pub fn from_workers(
+        config: &ModelConfig,
+        transport: Arc<dyn Transport>,
+        addrs: &[String],
+        options: DispatchOptions,
+    ) -> Result<Arc<ExpertPool>, RouterError> {
+        let pool = ExpertPool::new(config, transport, options, Labels::Address)?;
+        let links = {
+            let _in_runtime = pool.handle().enter();
+            addrs
+                .iter()
+                .enumerate()
+                .map(|(i, addr)| pool.transport.connect(WorkerId(i as u32), addr))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let deadline = pool.options.deadline;
+        let ask = links.clone();
+        let infos = wait_on(&pool.handle(), async move {
+            let mut out = Vec::with_capacity(ask.len());
+            for link in ask {
+                out.push((link.worker(), link.info(deadline).await?));
+            }
+            Ok::<_, RouterError>(out)
+        })??;
+        for (id, info) in &infos {
+            pool.check_worker(*id, &addrs[id.0 as usize], info)?;
+        }
+        let placement = Placement::from_infos(&pool.shape, &infos)?;
+        let links: BTreeMap<_, _> = links.into_iter().map(|l| (l.worker(), l)).collect();
+        pool.install(placement, links);
+        Ok(pool)
+    }
+
+    /// A worker serves this model (and, when shared experts run on the workers, holds them).
+    fn check_worker(
+        &self,
+        id: WorkerId,
+        addr: &str,
+        info: &InfoResponse,
+    ) -> Result<(), RouterError> {
+        if info.model != self.identity || info.hidden_size as usize != self.hidden {
+            return Err(RouterError::Placement(format!(
+                "worker {id} ({addr}) serves model {:?}, this router {:?}",
+                info.model, self.identity
+            )));
+        }
+        if self.options.shared_on_workers
+            && let Some(layer) = self
+                .shape
+                .moe_layers
+                .iter()
+                .find(|l| !info.shared_expert_layers.contains(&(**l as u32)))
+        {
+            return Err(RouterError::Placement(format!(
+                "shared experts run on the workers, but worker {id} ({addr}) lacks the shared expert of layer {layer} (start it with --with-shared-expert)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Switches to the coordinator's `map` if it is newer than the route in use: links to the
+    /// workers it adds are made (and, with shared experts on the workers, checked), links to
+    /// the workers it drops leave the pool, and the new route serves the next step. Returns
+    /// whether it switched; on error the route in use stays.
+    pub async fn switch(&self, map: &PlacementMap) -> Result<bool, RouterError> {
+        let _one_at_a_time = self.switching.lock().await;
+        if self
+            .route()
+            .is_some_and(|r| r.placement.version() >= map.version)
+        {
+            return Ok(false);
+        }
+        let placement = Placement::from_map(&self.shape, map)?;
+        let used = placement.workers();
+        let current = self.links();
+        let mut next = BTreeMap::new();
+        let mut added = Vec::new();
+        for w in map
+            .workers
+            .iter()
+            .filter(|w| used.contains(&WorkerId(w.worker_id)))
+        {
+            let id = WorkerId(w.worker_id);
+            match current.get(&id) {
+                Some(link) if link.addr() == w.address => {
+                    next.insert(id, link.clone());
+                }
+                _ => {
+                    let link = {
+                        let _in_runtime = self.handle().enter();
+                        self.transport.connect(id, &w.address)?
+                    };
+                    added.push(link.clone());
+                    next.insert(id, link);
+                }
+            }
+        }
+        if self.options.shared_on_workers {
+            // Workers of this model were checked by the coordinator; shared experts were not.
+            for link in &added {
+                let info = link.info(self.options.deadline).await?;
+                self.check_worker(link.worker(), link.addr(), &info)?;
+            }
+        }
+        let dropped: Vec<WorkerId> = current
+            .keys()
+            .filter(|id| !next.contains_key(id))
+            .copied()
+            .collect();
+        tracing::info!(
+            version = map.version,
+            workers = next.len(),
+            added = ?added.iter().map(|l| l.worker()).collect::<Vec<_>>(),
+            dropped = ?dropped,
+            "switched to a new placement"
+        );
+        self.install(placement, next);
+        Ok(true)
+    }
+
+    fn install(&self, placement: Placement, links: BTreeMap<WorkerId, Arc<dyn WorkerLink>>) {
+        let m = &self.options.metrics;
+        for link in links.values() {
+            m.touch(&self.label(link.as_ref()));
+        }
+        m.placement_version.set(placement.version() as i64);
+        m.workers.set(links.len() as i64);
+        m.placement_switches.inc();
+        let route = Arc::new(Route {
+            placement,
+            links: links.clone(),
+        });
+        *self.links.lock().unwrap_or_else(|e| e.into_inner()) = links;
+        *self.route.write().unwrap_or_else(|e| e.into_inner()) = Some(route);
+    }
+
+    /// The route in force now (`None` before the first placement).
+    pub fn route(&self) -> Option<Arc<Route>> {
+        self.route.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn links(&self) -> BTreeMap<WorkerId, Arc<dyn WorkerLink>> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The placement version in use (0 before the first, and in static mode).
+    pub fn version(&self) -> u64 {
+        self.route().map_or(0, |r| r.placement.version())
+    }
+
+    /// The experts for one step: the route in force now, for the whole step.
+    pub fn step(&self) -> Result<PoolStep<'_>, RouterError> {
+        let route = self.route().ok_or_else(|| {
+            RouterError::NoPlacement("no live placement of the routed experts yet".into())
+        })?;
+        Ok(PoolStep::new(self, route))
+    }
+
+    /// Whether the pool can serve every routed expert now, and why not.
+    pub fn ready(&self) -> Result<(), String> {
+        match self.route() {
+            Some(_) => Ok(()),
+            None => Err("no live placement of the routed experts yet".into()),
+        }
+    }
+
+    /// How `link`'s worker is named in metrics and the expert-load report.
+    pub fn label(&self, link: &dyn WorkerLink) -> WorkerLabel {
+        WorkerLabel {
+            worker: match self.labels {
+                Labels::WorkerId => link.worker().0.to_string(),
+                Labels::Address => link.addr().to_string(),
+            },
+        }
+    }
+
+    pub fn options(&self) -> &DispatchOptions {
+        &self.options
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.hidden
+    }
+
+    /// The dispatch runtime's handle (the pool keeps it running).
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        match &self.runtime {
+            Some(rt) => rt.handle().clone(),
+            // Only during drop, when nothing calls this.
+            None => unreachable!("the pool's runtime lives until the pool is dropped"),
+        }
+    }
+
+    /// Follows the coordinator at `coordinator` (see [`follow`]) and waits up to `wait` for a
+    /// first live placement. Call from a plain thread, not from async code.
+    pub fn coordinated(
+        config: &ModelConfig,
+        coordinator: &str,
+        options: DispatchOptions,
+        wait: Duration,
+    ) -> Result<Arc<ExpertPool>, RouterError> {
+        let transport = Arc::new(GrpcTransport::new(
+            options.max_message_bytes,
+            options.call_mode,
+        ));
+        let pool = ExpertPool::new(config, transport, options, Labels::WorkerId)?;
+        follow::start(&pool, coordinator, &follow::router_id());
+        pool.wait_for_route(wait).map_err(|_| {
+            RouterError::NoPlacement(format!(
+                "the coordinator at {coordinator} had no live placement within {wait:?}"
+            ))
+        })?;
+        Ok(pool)
+    }
+
+    /// On shutdown: tells the coordinator followed (if any) that this router is gone.
+    pub async fn leave(&self) {
+        if let Some((coordinator, id)) = self.following.get() {
+            follow::leave(coordinator, id).await;
+        }
+    }
+
+    /// Waits (up to `wait`) until the pool has a route.
+    pub fn wait_for_route(&self, wait: Duration) -> Result<(), RouterError> {
+        let deadline = Instant::now() + wait;
+        while self.route().is_none() {
+            if Instant::now() >= deadline {
+                return Err(RouterError::NoPlacement(format!(
+                    "no live placement within {wait:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
