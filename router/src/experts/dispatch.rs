@@ -34,6 +34,12 @@ pub struct PoolStep<'a> {
     route: Arc<Route>,
 }
 
+impl Drop for PoolStep<'_> {
+    fn drop(&mut self) {
+        self.pool.step_ended(self.route.placement.version());
+    }
+}
+
 impl<'a> PoolStep<'a> {
     pub(crate) fn new(pool: &'a ExpertPool, route: Arc<Route>) -> PoolStep<'a> {
         PoolStep { pool, route }
@@ -89,8 +95,8 @@ impl<'a> PoolStep<'a> {
             hidden,
             routing,
             &self.route.placement,
-            options.wire_dtype,
-            options.shared_on_workers,
+            &self.pool.down_workers(),
+            options,
         )?;
         let mut out = Tensor::zeros(&[tokens, hidden]);
         let od = out.as_f32_mut()?;
@@ -106,7 +112,15 @@ impl<'a> PoolStep<'a> {
         // One more round, on the newest route (the placement may have moved on since the step
         // began), avoiding every worker that failed.
         let latest = self.pool.route().unwrap_or_else(|| self.route.clone());
-        let avoid: BTreeSet<WorkerId> = failed.iter().map(|(i, _)| calls[*i].worker).collect();
+        // A worker that is gone or slow is avoided. One that only lacked an expert is avoided
+        // only if the newest placement is the one it failed on: otherwise that placement says
+        // truly what it holds now.
+        let moved_on = latest.placement.version() != self.route.placement.version();
+        let avoid: BTreeSet<WorkerId> = failed
+            .iter()
+            .filter(|(_, e)| !(moved_on && expert_moved(e)))
+            .map(|(i, _)| calls[*i].worker)
+            .collect();
         let mut work: Vec<TokenWork> = failed
             .iter()
             .flat_map(|(i, _)| plan::work_of(&calls[*i]))
@@ -134,12 +148,10 @@ impl<'a> PoolStep<'a> {
             Err(_) => return Err(first_error()),
         };
         for (_, e) in &failed {
-            let reason = match e {
-                RouterError::Worker {
-                    code: tonic::Code::FailedPrecondition,
-                    ..
-                } => "expert_moved",
-                _ => "worker_lost",
+            let reason = if expert_moved(e) {
+                "expert_moved"
+            } else {
+                "worker_lost"
             };
             options
                 .metrics
@@ -243,6 +255,9 @@ impl<'a> PoolStep<'a> {
                 Ok(reply) => reply,
                 Err(e) => {
                     options.metrics.failed_calls.get_or_create(&label).inc();
+                    if unreachable(&e) {
+                        self.pool.mark_down(call.worker);
+                    }
                     if plan::retryable(&e) {
                         failed.push((i, e));
                         continue;
@@ -273,6 +288,28 @@ impl<'a> PoolStep<'a> {
         }
         Ok(failed)
     }
+}
+
+/// The worker could not be reached at all (refused, reset): a dead process, most likely.
+fn unreachable(e: &RouterError) -> bool {
+    matches!(
+        e,
+        RouterError::Worker {
+            code: tonic::Code::Unavailable,
+            ..
+        } | RouterError::Connect { .. }
+    )
+}
+
+/// The worker answered that it does not hold an expert of the call.
+fn expert_moved(e: &RouterError) -> bool {
+    matches!(
+        e,
+        RouterError::Worker {
+            code: tonic::Code::FailedPrecondition,
+            ..
+        }
+    )
 }
 
 /// A copy of a worker failure (the error itself is not `Clone`).

@@ -15,7 +15,6 @@ use std::time::Duration;
 use switchyard_proto::backoff::Backoff;
 use switchyard_proto::client;
 use switchyard_proto::v1::{PlacementMap, RouterReport};
-use tokio::sync::Notify;
 
 use super::ExpertPool;
 
@@ -62,26 +61,21 @@ pub fn start(pool: &Arc<ExpertPool>, coordinator: &str, router_id: &str) {
     let _ = pool
         .following
         .set((coordinator.to_string(), router_id.to_string()));
-    let switched = Arc::new(Notify::new());
     let handle = pool.handle();
-    handle.spawn(watch(
-        Arc::downgrade(pool),
-        coordinator.to_string(),
-        switched.clone(),
-    ));
+    handle.spawn(watch(Arc::downgrade(pool), coordinator.to_string()));
     handle.spawn(report(
         Arc::downgrade(pool),
+        pool.in_use_changed.clone(),
         coordinator.to_string(),
         router_id.to_string(),
-        switched,
     ));
 }
 
 /// Tries to switch to `map`; false (logged and counted) if it failed.
-async fn try_switch(pool: &ExpertPool, map: &PlacementMap, switched: &Notify) -> bool {
+async fn try_switch(pool: &ExpertPool, map: &PlacementMap) -> bool {
     match pool.switch(map).await {
         Ok(true) => {
-            switched.notify_one();
+            pool.in_use_changed.notify_one();
             true
         }
         Ok(false) => true,
@@ -93,7 +87,7 @@ async fn try_switch(pool: &ExpertPool, map: &PlacementMap, switched: &Notify) ->
     }
 }
 
-async fn watch(pool: Weak<ExpertPool>, coordinator: String, switched: Arc<Notify>) {
+async fn watch(pool: Weak<ExpertPool>, coordinator: String) {
     let mut reconnect = Backoff::new(Duration::from_secs(5));
     // The newest live map not switched to yet, and when to try it again.
     let mut pending: Option<PlacementMap> = None;
@@ -137,7 +131,7 @@ async fn watch(pool: Weak<ExpertPool>, coordinator: String, switched: Arc<Notify
             }
             let Some(map) = pending.take() else { continue };
             let Some(p) = pool.upgrade() else { return };
-            if !try_switch(&p, &map, &switched).await {
+            if !try_switch(&p, &map).await {
                 retry.next_delay();
                 pending = Some(map);
             }
@@ -148,15 +142,16 @@ async fn watch(pool: Weak<ExpertPool>, coordinator: String, switched: Arc<Notify
 
 async fn report(
     pool: Weak<ExpertPool>,
+    changed: Arc<tokio::sync::Notify>,
     coordinator: String,
     router_id: String,
-    switched: Arc<Notify>,
 ) {
     let mut backoff = Backoff::new(Duration::from_secs(5));
     let mut period = Duration::from_millis(500);
     let mut client = None;
     loop {
-        let Some(version) = pool.upgrade().map(|p| p.version()) else {
+        // Never held across an await: the pool must be free to drop (and stop this task).
+        let Some(version) = pool.upgrade().map(|p| p.version_in_use()) else {
             return;
         };
         if client.is_none() {
@@ -188,7 +183,7 @@ async fn report(
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = switched.notified() => {}
+            _ = changed.notified() => {}
         }
     }
 }

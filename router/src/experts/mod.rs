@@ -24,6 +24,9 @@ pub mod placement;
 pub mod plan;
 pub mod transport;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, RwLock};
@@ -71,6 +74,9 @@ impl Default for DispatchOptions {
     }
 }
 
+/// How long an unreachable worker's calls go to its replicas first before it is tried again.
+pub const DOWN_FOR: Duration = Duration::from_millis(500);
+
 /// How workers are named in metrics and the expert-load report: stable across placement
 /// versions either way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,6 +109,14 @@ pub struct ExpertPool {
     switching: tokio::sync::Mutex<()>,
     /// The coordinator followed and this router's id there, once following.
     following: std::sync::OnceLock<(String, String)>,
+    /// Workers that could not be reached, and until when calls go to their replicas first.
+    down: Mutex<BTreeMap<WorkerId, Instant>>,
+    /// Steps running, by the placement version they dispatch with: an old version stays in
+    /// use — and is reported as such — until its last step ends.
+    steps: Mutex<BTreeMap<u64, usize>>,
+    /// Woken when the version in use changes (a switch, the last step on an old version
+    /// ending), so the coordinator hears of it at once.
+    pub(crate) in_use_changed: Arc<tokio::sync::Notify>,
     /// Dropped last, in the background: the links' connections live on it.
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -163,6 +177,9 @@ impl ExpertPool {
             links: Mutex::new(BTreeMap::new()),
             switching: tokio::sync::Mutex::new(()),
             following: std::sync::OnceLock::new(),
+            steps: Mutex::new(BTreeMap::new()),
+            down: Mutex::new(BTreeMap::new()),
+            in_use_changed: Arc::new(tokio::sync::Notify::new()),
             runtime: Some(runtime),
         }))
     }
@@ -333,12 +350,63 @@ impl ExpertPool {
         self.route().map_or(0, |r| r.placement.version())
     }
 
-    /// The experts for one step: the route in force now, for the whole step.
+    /// The experts for one step: the route in force now, for the whole step. The step counts
+    /// as using its version until it is dropped.
     pub fn step(&self) -> Result<PoolStep<'_>, RouterError> {
+        // Under the lock, so a report of the version in use cannot miss a step that took the
+        // route just before a switch.
+        let mut steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
         let route = self.route().ok_or_else(|| {
             RouterError::NoPlacement("no live placement of the routed experts yet".into())
         })?;
+        *steps.entry(route.placement.version()).or_default() += 1;
         Ok(PoolStep::new(self, route))
+    }
+
+    /// Calls go to replicas of `worker` first for a while ([`DOWN_FOR`]): it could not be
+    /// reached, and a dead worker stays in the placement until its lease runs out.
+    pub(crate) fn mark_down(&self, worker: WorkerId) {
+        let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        if !down.contains_key(&worker) {
+            tracing::warn!(worker = %worker, "expert worker unreachable; its calls go to replicas first");
+        }
+        down.insert(worker, Instant::now() + DOWN_FOR);
+    }
+
+    /// The workers calls avoid while they have replicas.
+    pub(crate) fn down_workers(&self) -> std::collections::BTreeSet<WorkerId> {
+        let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        down.retain(|_, until| *until > now);
+        down.keys().copied().collect()
+    }
+
+    /// A step on `version` ended.
+    pub(crate) fn step_ended(&self, version: u64) {
+        let mut steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
+        let last = match steps.get_mut(&version) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                steps.remove(&version);
+                true
+            }
+            None => false,
+        };
+        drop(steps);
+        if last && version < self.version() {
+            self.in_use_changed.notify_one();
+        }
+    }
+
+    /// The oldest placement version this router may still send calls for: that of its oldest
+    /// running step, or the route in force. What it reports to the coordinator.
+    pub fn version_in_use(&self) -> u64 {
+        let steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.version();
+        steps.keys().next().map_or(current, |&v| v.min(current))
     }
 
     /// Whether the pool can serve every routed expert now, and why not.

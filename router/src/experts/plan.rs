@@ -3,7 +3,7 @@
 //! experts the token chose — with that token's `(expert, weight)` pairs for the worker; a
 //! failed call's work can be taken back out ([`work_of`]) and planned again elsewhere.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use switchyard_engine::model::Routing;
 use switchyard_proto::WorkerId;
@@ -11,6 +11,7 @@ use switchyard_proto::codec;
 use switchyard_proto::v1::{Dtype, ForwardRequest};
 
 use crate::error::RouterError;
+use crate::experts::DispatchOptions;
 use crate::experts::placement::Placement;
 
 /// One worker's share of a layer: the batch rows it got, and the request carrying them.
@@ -31,9 +32,10 @@ pub struct TokenWork {
     pub shared: bool,
 }
 
-/// Splits one layer's routing into one call per worker (pure).
+/// Splits one layer's routing into one call per worker (pure). Each expert goes to its first
+/// holder not in `down` (workers that just failed), or to its first holder if all are.
 ///
-/// With `shared_on_workers`, each token's shared expert travels with one of its routed calls:
+/// With `options.shared_on_workers`, each token's shared expert travels with one of its routed calls:
 /// the worker, among those the token already visits, with the fewest shared rows so far.
 pub fn plan_calls(
     layer: usize,
@@ -41,21 +43,25 @@ pub fn plan_calls(
     hidden: usize,
     routing: &Routing,
     placement: &Placement,
-    dtype: Dtype,
-    shared_on_workers: bool,
+    down: &BTreeSet<WorkerId>,
+    options: &DispatchOptions,
 ) -> Result<Vec<WorkerCall>, RouterError> {
     let work = (0..routing.tokens()).map(|t| TokenWork {
         row: t as u32,
         pairs: routing.token(t).collect(),
-        shared: shared_on_workers,
+        shared: options.shared_on_workers,
     });
     build_calls(
         layer,
         x,
         hidden,
         work,
-        &|e| placement.worker(layer, e),
-        dtype,
+        &|e| {
+            placement
+                .worker_avoiding(layer, e, down)
+                .or_else(|| placement.worker(layer, e))
+        },
+        options.wire_dtype,
     )
 }
 
@@ -175,6 +181,14 @@ pub fn retryable(e: &RouterError) -> bool {
 mod tests {
     use super::*;
     use crate::experts::placement::ExpertShape;
+
+    fn opts(wire_dtype: Dtype, shared_on_workers: bool) -> DispatchOptions {
+        DispatchOptions {
+            wire_dtype,
+            shared_on_workers,
+            ..Default::default()
+        }
+    }
     use switchyard_proto::v1::{InfoResponse, LayerExperts};
 
     fn placement(split: &[(u32, std::ops::Range<u32>)]) -> Placement {
@@ -213,7 +227,16 @@ mod tests {
         };
         let hidden = 2;
         let x: Vec<f32> = (0..6).map(|v| v as f32).collect();
-        let calls = plan_calls(1, &x, hidden, &routing, &p, Dtype::F32, false).unwrap();
+        let calls = plan_calls(
+            1,
+            &x,
+            hidden,
+            &routing,
+            &p,
+            &BTreeSet::new(),
+            &opts(Dtype::F32, false),
+        )
+        .unwrap();
         assert_eq!(calls.len(), 2);
         let (w0, w1) = (&calls[0], &calls[1]);
         assert_eq!((w0.worker, w0.rows.clone()), (WorkerId(0), vec![0, 1]));
@@ -236,7 +259,16 @@ mod tests {
             weights: vec![1.0; 10],
         };
         let x = vec![0.0; 5 * 2];
-        let calls = plan_calls(1, &x, 2, &routing, &p, Dtype::F32, true).unwrap();
+        let calls = plan_calls(
+            1,
+            &x,
+            2,
+            &routing,
+            &p,
+            &BTreeSet::new(),
+            &opts(Dtype::F32, true),
+        )
+        .unwrap();
         let shared: Vec<Vec<u32>> = calls
             .iter()
             .map(|c| {
@@ -263,7 +295,16 @@ mod tests {
             weights: vec![0.5, 0.5, 0.25, 0.75],
         };
         let x: Vec<f32> = (0..4).map(|v| v as f32).collect();
-        let calls = plan_calls(1, &x, 2, &routing, &p, Dtype::F32, true).unwrap();
+        let calls = plan_calls(
+            1,
+            &x,
+            2,
+            &routing,
+            &p,
+            &BTreeSet::new(),
+            &opts(Dtype::F32, true),
+        )
+        .unwrap();
         assert_eq!(calls.len(), 1, "worker 0 serves everything first");
         let work = work_of(&calls[0]);
         assert_eq!(work.len(), 2);
@@ -325,6 +366,33 @@ mod tests {
     }
 
     #[test]
+    fn experts_go_to_replicas_of_workers_that_are_down_unless_none_is_left() {
+        let p = placement(&[(0, 0..16), (1, 0..8)]);
+        let routing = Routing {
+            k: 2,
+            ids: vec![1, 9],
+            weights: vec![0.5, 0.5],
+        };
+        let down = BTreeSet::from([WorkerId(0)]);
+        let calls = plan_calls(
+            1,
+            &[1.0, 2.0],
+            2,
+            &routing,
+            &p,
+            &down,
+            &opts(Dtype::F32, false),
+        )
+        .unwrap();
+        let to: Vec<_> = calls
+            .iter()
+            .map(|c| (c.worker, c.request.expert_ids.clone()))
+            .collect();
+        // Expert 1 has a replica on worker 1; expert 9 lives on worker 0 alone, down or not.
+        assert_eq!(to, vec![(WorkerId(0), vec![9]), (WorkerId(1), vec![1])]);
+    }
+
+    #[test]
     fn workers_with_no_chosen_expert_get_no_call() {
         let p = placement(&[(0, 0..8), (1, 8..16)]);
         let routing = Routing {
@@ -332,7 +400,16 @@ mod tests {
             ids: vec![0, 1],
             weights: vec![0.5, 0.5],
         };
-        let calls = plan_calls(2, &[1.0, 2.0], 2, &routing, &p, Dtype::Bf16, false).unwrap();
+        let calls = plan_calls(
+            2,
+            &[1.0, 2.0],
+            2,
+            &routing,
+            &p,
+            &BTreeSet::new(),
+            &opts(Dtype::Bf16, false),
+        )
+        .unwrap();
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].worker, WorkerId(0));
     }
