@@ -122,6 +122,18 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
                     "worker_id": w.worker_id, "address": w.address, "device": w.device,
                     "memory_bytes": w.memory_bytes, "experts": w.experts,
                     "loaded_version": w.loaded_version, "ms_since_heartbeat": w.ms_since_heartbeat,
+                    "draining": w.draining,
+                    "load_error": (!w.load_error.is_empty()).then_some(&w.load_error),
+                })
+            })
+            .collect();
+        let routers: Vec<_> = s
+            .routers
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "router_id": r.router_id, "live_version": r.live_version,
+                    "ms_since_report": r.ms_since_report,
                 })
             })
             .collect();
@@ -129,14 +141,15 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "model": s.model, "target_version": s.target_version, "live_version": s.live_version,
-                "placement_error": s.placement_error, "workers": workers,
+                "placement_error": s.placement_error, "retain_from": s.retain_from,
+                "workers": workers, "routers": routers,
             }))?
         );
         return Ok(());
     }
     println!(
-        "model {} · placement target v{} · live v{}",
-        s.model, s.target_version, s.live_version
+        "model {} · placement target v{} · live v{} · workers keep versions from v{}",
+        s.model, s.target_version, s.live_version, s.retain_from
     );
     if !s.placement_error.is_empty() {
         println!("no new placement: {}", s.placement_error);
@@ -146,7 +159,11 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         "worker", "address", "device", "memory", "experts", "loaded", "heartbeat"
     );
     for w in &s.workers {
-        let healthy = if w.loaded_version >= s.target_version {
+        let healthy = if !w.load_error.is_empty() {
+            " (load failed)"
+        } else if w.draining {
+            " (draining)"
+        } else if w.loaded_version >= s.target_version {
             ""
         } else {
             " (loading)"
@@ -161,6 +178,15 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             format!("v{}", w.loaded_version),
             healthy,
             w.ms_since_heartbeat
+        );
+        if !w.load_error.is_empty() {
+            println!("        {}", w.load_error);
+        }
+    }
+    for r in &s.routers {
+        println!(
+            "router  {:<28} on v{} · reported {} ms ago",
+            r.router_id, r.live_version, r.ms_since_report
         );
     }
     Ok(())

@@ -187,6 +187,38 @@ fn bench_reports_throughput_and_memory_as_json() {
     assert!(json["peak_rss_bytes"].as_u64().unwrap() > 0);
 }
 
+#[test]
+fn threads_size_the_compute_pool_the_benchmark_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), "bf16");
+    for threads in ["1", "3"] {
+        let out = switchyard(&[
+            "--threads",
+            threads,
+            "bench",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--batch",
+            "1",
+            "--prompt-len",
+            "4",
+            "--gen-len",
+            "2",
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(json["threads"].to_string(), threads, "--threads {threads}");
+    }
+    let out = switchyard(&["--threads", "0", "bench", "--model", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`--threads` must be >= 1, got 0"));
+}
+
 /// A child process killed (and reaped) when dropped, so a failing test leaves no orphans.
 struct Child(std::process::Child);
 
@@ -751,4 +783,168 @@ fn up_starts_the_cluster_a_cluster_file_describes() {
         !out.status.success() && stderr.contains("places no node"),
         "{stderr}"
     );
+}
+
+/// `switchyard status --coordinator ADDR --json`.
+fn status(coordinator: &str) -> serde_json::Value {
+    let out = switchyard(&["status", "--coordinator", coordinator, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits (bounded) until `workers` workers hold a live placement nothing older is kept for.
+fn wait_settled(coordinator: &str, workers: usize, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let s = status(coordinator);
+        let ws = s["workers"].as_array().unwrap();
+        let live = s["live_version"].as_u64().unwrap();
+        if ws.len() == workers
+            && live > 0
+            && s["target_version"].as_u64() == Some(live)
+            && s["retain_from"].as_u64() == Some(live)
+            && ws
+                .iter()
+                .all(|w| w["draining"] == false && w["loaded_version"].as_u64() == Some(live))
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not settled within 60 s: {s}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_coordinated_cluster_of_processes_serves_through_a_drain_a_join_and_a_kill() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), "f32");
+    let model = dir.path().to_str().unwrap();
+    let prompt = "1,17,42,5,9,11,300";
+    let local = switchyard(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt-ids",
+        prompt,
+        "--max-new-tokens",
+        "8",
+        "--ignore-eos",
+        "--json",
+    ]);
+    let want: serde_json::Value = serde_json::from_slice(&local.stdout).unwrap();
+    let (_coordinator, c) = spawn_node(&[
+        "coordinator",
+        "--model",
+        model,
+        "--listen",
+        "127.0.0.1:0",
+        "--replicas",
+        "2",
+        "--lease-ms",
+        "1000",
+    ]);
+    let worker = || {
+        spawn_node(&[
+            "worker",
+            "--model",
+            model,
+            "--coordinator",
+            &c,
+            "--listen",
+            "127.0.0.1:0",
+            "--drain-timeout-s",
+            "20",
+        ])
+        .0
+    };
+    let mut workers: Vec<Child> = (0..3).map(|_| worker()).collect();
+    wait_settled(&c, 3, "start");
+    let (_router, r) = spawn_node(&[
+        "router",
+        "--model",
+        model,
+        "--coordinator",
+        &c,
+        "--listen",
+        "127.0.0.1:0",
+        "--wire-dtype",
+        "f32",
+    ]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, done, r, want) = (
+                stop.clone(),
+                done.clone(),
+                r.clone(),
+                want["token_ids"].clone(),
+            );
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let out = switchyard(&[
+                        "generate",
+                        "--router",
+                        &r,
+                        "--prompt-ids",
+                        prompt,
+                        "--max-new-tokens",
+                        "8",
+                        "--ignore-eos",
+                        "--json",
+                    ]);
+                    if !out.status.success() {
+                        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+                    }
+                    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                    if got["token_ids"] != want {
+                        return Err(format!("{} != {want}", got["token_ids"]));
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    // A drain: SIGTERM, and the worker leaves by itself once routers have moved on.
+    // SAFETY: signalling our own child by pid; it has not been reaped.
+    unsafe {
+        libc::kill(workers[0].0.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let exit = loop {
+        if let Some(status) = workers[0].0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the drained worker did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(exit.success(), "the drained worker exited with {exit}");
+    workers.push(worker());
+    wait_settled(&c, 3, "after the drain and the join");
+    // A kill: the replicas serve until the lease runs out and the experts are re-placed.
+    let _ = workers[1].0.kill();
+    let _ = workers[1].0.wait();
+    workers.push(worker());
+    wait_settled(&c, 3, "after the kill");
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.join().unwrap().unwrap();
+    }
+    assert!(done.load(Ordering::Relaxed) >= 4, "too few requests ran");
+    let s = status(&c);
+    assert_eq!(s["routers"].as_array().unwrap().len(), 1, "{s}");
 }

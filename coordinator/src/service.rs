@@ -384,6 +384,7 @@ pub async fn serve(
     let shutdown = async move {
         shutdown.await;
         health.drain().await;
+        health.close().await;
         closing.send_replace(true);
     };
     let result = tonic::transport::Server::builder()

@@ -182,6 +182,8 @@ pub async fn serve_with<H: tonic_health::pb::health_server::Health>(
     let closing = service.closing.clone();
     let shutdown = async move {
         shutdown.await;
+        health.drain().await;
+        health.close().await;
         closing.send_replace(true);
     };
     let result = tonic::transport::Server::builder()

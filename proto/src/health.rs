@@ -124,6 +124,15 @@ impl Health {
         self.set(Ok(())).await;
     }
 
+    /// Ends every open `Watch` stream (their last message said NOT_SERVING), so a server's
+    /// graceful shutdown does not wait on watchers forever. Call once draining, as serving
+    /// stops; `Check` then answers NOT_FOUND.
+    pub async fn close(&self) {
+        let mut reporter = self.reporter.clone();
+        reporter.clear_service_status("").await;
+        reporter.clear_service_status(&self.service).await;
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
@@ -172,5 +181,8 @@ mod tests {
         health.set(Ok(())).await;
         assert_eq!(status(&server, "").await, not_serving, "draining is final");
         assert!(health.readiness().reason.contains("draining"));
+        // Closing ends watchers; checks then find no service.
+        health.close().await;
+        assert_eq!(status(&server, "x.Service").await, -1);
     }
 }

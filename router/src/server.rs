@@ -492,6 +492,7 @@ pub async fn serve(
         shutdown.await;
         draining.start_draining();
         health.drain().await;
+        health.close().await;
     };
     let auth = state.clone();
     let api = InferenceServiceServer::with_interceptor(

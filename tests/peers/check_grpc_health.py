@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
 """Checks every Switchyard node with the official grpcio health client (a peer nobody here
 wrote): starts `switchyard up` on loopback, asks each node's grpc.health.v1 service, and stops
-the cluster. Usage: grpc_health.py PATH/TO/switchyard CACHE_DIR"""
+the cluster. Health must tell the truth, so the check also needs NOT_SERVING where a node cannot
+serve: a worker whose coordinator is unreachable, and the router from the moment it is told to
+stop (seen on a Watch stream, which must then end rather than hold the shutdown up).
+Usage: check_grpc_health.py PATH/TO/switchyard CACHE_DIR"""
 
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -17,6 +22,38 @@ SERVICES = {
     "worker": "switchyard.v1.ExpertService",
     "router": "switchyard.v1.InferenceService",
 }
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def check(addr, service):
+    with grpc.insecure_channel(addr) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_without_coordinator(binary, model):
+    """A worker whose coordinator is not there: up, but holding nothing it was assigned."""
+    dead = f"127.0.0.1:{free_port()}"
+    w = subprocess.Popen(
+        [binary, "worker", "--model", model, "--coordinator", dead, "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = w.stdout.readline()
+        addr = line.split()[2]
+        for service in ("", SERVICES["worker"]):
+            status = check(addr, service)
+            assert status == NOT_SERVING, ("worker without a coordinator", service, status)
+        print("grpc health: a worker with no coordinator is NOT_SERVING")
+    finally:
+        w.kill()
+        w.wait(timeout=30)
 
 
 def main():
@@ -24,32 +61,66 @@ def main():
     up = subprocess.Popen(
         [binary, "up", "--workers", "2", "--router-addr", "127.0.0.1:0", "--cache-dir", cache],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    nodes = []
+    nodes, model = [], None
+    stopped = False
     try:
         deadline = time.time() + 120
         for line in up.stderr:
             m = re.match(r"(coordinator|worker \d+|router) · pid \d+ · (127\.0\.0\.1:\d+)", line)
             if m:
                 nodes.append((m.group(1).split()[0], m.group(2)))
+            m = re.search(r" · model (\S+)$", line.strip())
+            if line.startswith("switchyard up:") and m:
+                model = m.group(1)
             if line.startswith("serving"):
                 break
             if time.time() > deadline:
                 raise SystemExit("switchyard up did not come up in 120 s")
         assert len(nodes) == 4, nodes
+        assert model, "switchyard up did not name its model"
         for kind, addr in nodes:
-            with grpc.insecure_channel(addr) as channel:
-                stub = health_pb2_grpc.HealthStub(channel)
-                for service in ("", SERVICES[kind]):
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
-                    assert reply.status == health_pb2.HealthCheckResponse.SERVING, (kind, service, reply)
-                try:
-                    stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
-                    raise SystemExit(f"{kind}: unknown service reported healthy")
-                except grpc.RpcError as e:
-                    assert e.code() == grpc.StatusCode.NOT_FOUND, e
+            for service in ("", SERVICES[kind]):
+                status = check(addr, service)
+                assert status == SERVING, (kind, service, status)
+            try:
+                check(addr, "no.such.Service")
+                raise SystemExit(f"{kind}: unknown service reported healthy")
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND, e
         print(f"grpc health: {len(nodes)} nodes SERVING")
-    finally:
+
+        worker_without_coordinator(binary, model)
+
+        # Watch the router, then stop the cluster: it must say NOT_SERVING, then end the stream.
+        router = next(addr for kind, addr in nodes if kind == "router")
+        seen, ended = [], threading.Event()
+
+        def watch():
+            with grpc.insecure_channel(router) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                try:
+                    for reply in stub.Watch(
+                            health_pb2.HealthCheckRequest(service=SERVICES["router"]), timeout=60):
+                        seen.append(reply.status)
+                except grpc.RpcError:
+                    pass
+            ended.set()
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        wait_until = time.time() + 10
+        while not seen and time.time() < wait_until:
+            time.sleep(0.05)
+        assert seen == [SERVING], seen
         up.send_signal(signal.SIGTERM)
+        stopped = True
+        assert ended.wait(30), "the router's health Watch stream did not end on shutdown"
+        assert NOT_SERVING in seen, f"the router never said NOT_SERVING while stopping: {seen}"
+        assert up.wait(timeout=60) == 0, "switchyard up did not stop cleanly"
+        print("grpc health: the router turned NOT_SERVING on SIGTERM and closed its watchers")
+    finally:
+        if not stopped:
+            up.send_signal(signal.SIGTERM)
         up.wait(timeout=60)
 
 
