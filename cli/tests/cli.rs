@@ -948,3 +948,67 @@ fn a_coordinated_cluster_of_processes_serves_through_a_drain_a_join_and_a_kill()
     let s = status(&c);
     assert_eq!(s["routers"].as_array().unwrap().len(), 1, "{s}");
 }
+
+#[test]
+fn a_worker_whose_drain_cannot_finish_still_stops_on_sigterm_within_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), "bf16");
+    let model = dir.path().to_str().unwrap();
+    let (_coordinator, c) =
+        spawn_node(&["coordinator", "--model", model, "--listen", "127.0.0.1:0"]);
+    let sigterm = |child: &Child| {
+        // SAFETY: signalling our own child by pid; it has not been reaped.
+        unsafe {
+            libc::kill(child.0.id() as libc::pid_t, libc::SIGTERM);
+        }
+    };
+    let wait_exit = |child: &mut Child, limit: std::time::Duration| {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                return (status, start.elapsed());
+            }
+            assert!(start.elapsed() < limit, "still running after {limit:?}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    // The only worker: nobody can take its experts, so its drain can never complete.
+    for (drain, second_signal) in [("1", false), ("60", true)] {
+        let (mut worker, _) = spawn_node(&[
+            "worker",
+            "--model",
+            model,
+            "--coordinator",
+            &c,
+            "--listen",
+            "127.0.0.1:0",
+            "--drain-timeout-s",
+            drain,
+        ]);
+        wait_settled(&c, 1, "the worker placed");
+        sigterm(&worker);
+        if second_signal {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            sigterm(&worker);
+            let (status, took) = wait_exit(&mut worker, std::time::Duration::from_secs(5));
+            assert_eq!(status.code(), Some(130), "a second signal exits at once");
+            assert!(took < std::time::Duration::from_secs(5));
+        } else {
+            let (status, took) = wait_exit(&mut worker, std::time::Duration::from_secs(10));
+            assert!(status.success(), "{status}");
+            assert!(
+                took >= std::time::Duration::from_millis(900),
+                "left before its drain limit"
+            );
+        }
+        // Gone from the coordinator: at once when it could say so, else a lease later.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !status(&c)["workers"].as_array().unwrap().is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the worker never left"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}

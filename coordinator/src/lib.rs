@@ -1,10 +1,14 @@
 //! `switchyard-coordinator`: cluster membership and expert placement.
 //!
-//! It will track workers (register, heartbeat, lease expiry) and publish versioned placement
-//! maps that routers watch. Today it holds the placement policy itself, [`placement`]: a pure
-//! function from the problem (MoE layers × routed experts, workers and their memory, replicas,
-//! observed load, the previous plan) to a plan, used by `switchyard plan` and, with the
-//! membership service, by the coordinator.
+//! - [`placement`]: the policy, a pure function from the problem (MoE layers × routed experts,
+//!   workers and their memory, replicas, observed load, the previous plan) to a plan, also
+//!   used by `switchyard plan`;
+//! - [`membership`]: the cluster as a state machine with explicit times — workers register,
+//!   heartbeat, drain and fail to load; routers report the version they use; every change
+//!   re-plans into a target version that goes live once its workers have loaded it;
+//! - [`service`]: the gRPC face (`CoordinatorService`: register, heartbeat, leave, router
+//!   reports, placement watch, status), lease sweeping and health; [`capacity`]: expert sizes
+//!   and byte parsing; [`metrics`]: its Prometheus metrics.
 
 pub mod capacity;
 pub mod membership;

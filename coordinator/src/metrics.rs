@@ -15,6 +15,14 @@ pub struct CoordinatorMetrics {
     pub placement_pending: Gauge,
     pub registrations: Counter,
     pub leases_expired: Counter,
+    /// Workers leaving: placed on nothing, serving until routers move on.
+    pub draining_workers: Gauge,
+    /// Workers that could not load their assignment (placed on nothing).
+    pub failed_workers: Gauge,
+    /// Routers reporting the version they dispatch with.
+    pub routers: Gauge,
+    /// The oldest placement version workers keep experts for.
+    pub retain_from: Gauge,
 }
 
 impl Default for CoordinatorMetrics {
@@ -33,6 +41,10 @@ impl CoordinatorMetrics {
             placement_pending: Gauge::default(),
             registrations: Counter::default(),
             leases_expired: Counter::default(),
+            draining_workers: Gauge::default(),
+            failed_workers: Gauge::default(),
+            routers: Gauge::default(),
+            retain_from: Gauge::default(),
             registry: Registry::default(),
         };
         r.register("workers", "Registered, live workers", m.workers.clone());
@@ -60,6 +72,26 @@ impl CoordinatorMetrics {
             "leases_expired",
             "Workers dropped for missing heartbeats",
             m.leases_expired.clone(),
+        );
+        r.register(
+            "draining_workers",
+            "Workers leaving, placed on nothing while routers move on",
+            m.draining_workers.clone(),
+        );
+        r.register(
+            "failed_workers",
+            "Workers that could not load their assignment, placed on nothing",
+            m.failed_workers.clone(),
+        );
+        r.register(
+            "routers",
+            "Routers reporting the placement version they use",
+            m.routers.clone(),
+        );
+        r.register(
+            "retain_from_version",
+            "The oldest placement version workers keep experts for",
+            m.retain_from.clone(),
         );
         CoordinatorMetrics { registry: r, ..m }
     }

@@ -119,6 +119,12 @@ impl CoordinatorNode {
             m.target_version.set(target as i64);
             m.live_version.set(live as i64);
             m.placement_pending.set(i64::from(target != live));
+            m.draining_workers
+                .set(s.members().filter(|w| w.draining).count() as i64);
+            m.failed_workers
+                .set(s.members().filter(|w| w.load_error.is_some()).count() as i64);
+            m.routers.set(s.routers().count() as i64);
+            m.retain_from.set(s.retain_from(self.now_ms()) as i64);
         }
         self.metrics.render()
     }
@@ -432,6 +438,21 @@ mod tests {
         let text = node.render_metrics();
         assert!(text.contains("switchyard_coordinator_workers 1"), "{text}");
         assert!(text.contains("switchyard_coordinator_registrations_total 1"));
+        assert!(
+            text.contains("switchyard_coordinator_draining_workers 0"),
+            "{text}"
+        );
+        node.report_router(Request::new(RouterReport {
+            router_id: "r".into(),
+            live_version: 0,
+            leaving: false,
+        }))
+        .await
+        .unwrap();
+        assert!(
+            node.render_metrics()
+                .contains("switchyard_coordinator_routers 1")
+        );
         // A target exists, not yet loaded by the worker: pending.
         assert!(
             text.contains("switchyard_coordinator_placement_pending 1"),

@@ -1,10 +1,10 @@
 //! The device-aware tensor type that weights and activations travel in.
 //!
-//! A [`Tensor`] is a shape, an element type and a storage that lives on a [`Device`]. Only the
-//! CPU exists today; the CUDA backend adds a device-memory storage variant behind the `cuda`
-//! feature, so model code that goes through [`Tensor`] and the op functions never sees raw
-//! host vectors. Activations are f32; weights are f32 or bf16 (FP8 checkpoints are dequantised
-//! to bf16 when loaded).
+//! A [`Tensor`] is a shape, an element type and host storage: activations in f32, weights in
+//! f32 or bf16 (FP8 checkpoints are dequantised to bf16 when loaded), or bf16 packed for the
+//! CPU GEMM kernels. Where layers run is a [`Compute`]: the CPU, or (feature `cuda`) one GPU or
+//! several of one node, which hold the weights of what they run in their own buffers (the
+//! `cuda` module) — tensors cross to a device and back at those layers' edges.
 
 use std::fmt;
 

@@ -409,6 +409,9 @@ impl Agent {
             tokio::select! {
                 _ = wait => {
                     tracing::warn!(limit = ?limit, "drain did not complete in time; stopping anyway");
+                    if let Some(id) = id {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), self.leave(id, true)).await;
+                    }
                     return false;
                 }
                 _ = progress.changed() => {}

@@ -230,7 +230,14 @@ impl Cluster {
 
     /// Starts a worker that registers with the coordinator; returns its index.
     pub fn add_worker(&mut self) -> usize {
-        let worker = Arc::new(ExpertWorker::empty(&self.model).expect("an empty worker opens"));
+        let model = self.model.clone();
+        self.add_worker_from(&model)
+    }
+
+    /// Like [`Cluster::add_worker`], the worker reading its experts from the checkpoint in
+    /// `model` (a broken copy, say).
+    pub fn add_worker_from(&mut self, model: &Path) -> usize {
+        let worker = Arc::new(ExpertWorker::empty(model).expect("an empty worker opens"));
         let listener = self
             .rt()
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -336,6 +343,20 @@ impl Cluster {
                 .await
             })
             .expect("GetPlacement answers")
+            .into_inner()
+    }
+
+    /// The coordinator's view of the cluster now (`switchyard status`).
+    pub fn status(&self) -> switchyard_proto::v1::ClusterStatusResponse {
+        let node = self.coordinator().clone();
+        self.rt()
+            .block_on(async move {
+                node.cluster_status(tonic::Request::new(
+                    switchyard_proto::v1::ClusterStatusRequest {},
+                ))
+                .await
+            })
+            .expect("ClusterStatus answers")
             .into_inner()
     }
 

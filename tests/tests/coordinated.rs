@@ -241,3 +241,49 @@ fn dropped_placement_watches_reconnect_and_new_versions_still_go_live() {
         "after the watches dropped: max |Δ| = {diff:e}"
     );
 }
+
+#[test]
+fn a_worker_that_cannot_load_its_experts_is_placed_on_nothing() {
+    let mut s = setup(1);
+    let pool = follow(&s);
+    s.cluster.wait_settled(1, Duration::from_secs(20));
+    // A checkpoint of the same model whose tensors are gone: it opens, but no expert loads.
+    let broken = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        s._dir.path().join("config.json"),
+        broken.path().join("config.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        broken.path().join("model.safetensors.index.json"),
+        r#"{"metadata": {}, "weight_map": {"model.norm.weight": "gone.safetensors"}}"#,
+    )
+    .unwrap();
+    let b = s.cluster.add_worker_from(broken.path());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let error = loop {
+        let status = s.cluster.status();
+        if let Some(w) = status.workers.iter().find(|w| !w.load_error.is_empty()) {
+            break w.load_error.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the failed load was never reported: {status:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(error.contains("cannot load placement version"), "{error}");
+    // Its experts go back to the healthy worker, which serves them all.
+    s.cluster.wait_settled(1, Duration::from_secs(20));
+    wait_caught_up(&s, &pool, "after the failed load");
+    let live = s.cluster.placement().live.unwrap();
+    assert_eq!(live.workers.len(), 1, "{live:?}");
+    assert_eq!(
+        s.cluster.status().workers.len(),
+        2,
+        "the broken worker stays a member"
+    );
+    assert!(held(&s, b) == 0);
+    let diff = max_diff(&logits(&s.router, &pool.step().unwrap()), &s.want);
+    assert!(diff <= 1e-5, "after the failed load: max |Δ| = {diff:e}");
+}

@@ -1,8 +1,9 @@
 //! CPU compute: the GEMM kernels and the element-wise ops the model layers call.
 //!
-//! Hot paths are hand-written with AVX-512 (bf16 dot products where the CPU has them) behind
-//! runtime feature detection, with portable fallbacks that compute the same thing. Threads come
-//! from [`pool`], sized by the caller (`--threads`).
+//! Hot paths are hand-written for AVX-512 (AVX512-BF16 dot products, AMX tiles for batches,
+//! where the CPU has them) behind runtime feature detection, with portable fallbacks that
+//! compute the same thing on any other CPU (AVX2-only ones included). Threads come from
+//! [`pool`]: the binary sizes it from `--threads` before any kernel runs.
 
 pub mod matmul;
 pub mod ops;

@@ -179,7 +179,7 @@ impl Gpu {
     }
 
     /// Decode attention of one query token per sequence over an MLA layer's latent cache, in
-    /// the weight-absorbed form (CPU: [`crate::model::attention::latent_attention`]).
+    /// the weight-absorbed form (CPU: [`crate::model::mla::latent_attention`]).
     /// `q_abs: [seqs, heads, rank]` (the no-rope query through W_UK), `q_pe: [seqs, heads,
     /// rope]`; sequence `s` attends its first `ctx_lens[s]` cached rows through the block table
     /// `tables[s]`. Returns the attended latents, `[seqs, heads, rank]`.

@@ -8,9 +8,9 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{GqaConfig, ModelConfig};
 use crate::cpu::ops;
 use crate::error::{EngineError, Result};
-use crate::model::attention::{SeqSpan, SharedRows, attend_blocks};
 use crate::model::cache::KvCache;
 use crate::model::linear::{Linear, Projection, RmsNorm};
+use crate::model::mla::{SeqSpan, SharedRows, attend_blocks};
 use crate::model::rope::Rope;
 use crate::model::shard::Parallel;
 

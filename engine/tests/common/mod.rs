@@ -7,7 +7,7 @@ use switchyard_engine::config::{
     Llama3Scaling, MoeConfig, MoeLayers, MoeNaming, RopeConfig, RopeScaling, RopeStyle,
     ScoringFunc, TopkMethod, YarnConfig,
 };
-use switchyard_engine::model::attention::latent_attention;
+use switchyard_engine::model::mla::latent_attention;
 use switchyard_engine::model::rope::Rope;
 
 /// Values in [-1, 1) with 24 bits of resolution (splitmix64), so ties are as rare as in real
