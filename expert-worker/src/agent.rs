@@ -330,13 +330,13 @@ impl Agent {
             s.history.insert(l.version, mine);
         }
         s.retain_from = update.retain_from;
-        let newest = [&update.target, &update.live]
+        let current = [&update.target, &update.live]
             .iter()
             .filter_map(|m| m.as_ref().map(|m| m.version))
             .min()
             .unwrap_or(u64::MAX);
         // Versions no router uses any more go; the current target and live always stay.
-        let floor = update.retain_from.min(newest);
+        let floor = update.retain_from.min(current);
         s.history.retain(|&v, _| v >= floor);
         while s.history.len() > MAX_HISTORY {
             if let Some((v, _)) = s.history.pop_first() {

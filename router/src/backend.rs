@@ -30,6 +30,12 @@ pub trait Backend: Send + Sync + 'static {
     fn ready(&self) -> Result<(), String> {
         Ok(())
     }
+
+    /// Something an operator should know while the backend still serves (a placement switch
+    /// that keeps failing).
+    fn warning(&self) -> Option<String> {
+        None
+    }
 }
 
 /// One step's result.
@@ -100,6 +106,10 @@ impl Backend for ModelBackend {
 
     fn ready(&self) -> Result<(), String> {
         self.experts.as_ref().map_or(Ok(()), |p| p.ready())
+    }
+
+    fn warning(&self) -> Option<String> {
+        self.experts.as_ref().and_then(|p| p.switch_error())
     }
 
     fn step(&self, seqs: &mut [SeqInput<'_>]) -> Result<StepOutput, RouterError> {

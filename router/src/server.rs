@@ -147,6 +147,11 @@ impl ServingState {
         self.backend.ready()
     }
 
+    /// What an operator should know while the router still serves, if anything.
+    pub fn warning(&self) -> Option<String> {
+        self.backend.warning()
+    }
+
     /// Starts shutting down: from now on health says NOT_SERVING.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);

@@ -237,7 +237,19 @@ impl Cluster {
     /// Like [`Cluster::add_worker`], the worker reading its experts from the checkpoint in
     /// `model` (a broken copy, say).
     pub fn add_worker_from(&mut self, model: &Path) -> usize {
-        let worker = Arc::new(ExpertWorker::empty(model).expect("an empty worker opens"));
+        self.start_worker(ExpertWorker::empty(model).expect("an empty worker opens"))
+    }
+
+    /// Like [`Cluster::add_worker`], the worker also holding every layer's shared expert.
+    pub fn add_shared_worker(&mut self) -> usize {
+        let worker = ExpertWorker::empty(&self.model)
+            .and_then(|w| w.with_shared_experts(&self.model))
+            .expect("a worker with shared experts opens");
+        self.start_worker(worker)
+    }
+
+    fn start_worker(&mut self, worker: ExpertWorker) -> usize {
+        let worker = Arc::new(worker);
         let listener = self
             .rt()
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))

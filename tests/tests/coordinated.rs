@@ -287,3 +287,48 @@ fn a_worker_that_cannot_load_its_experts_is_placed_on_nothing() {
     let diff = max_diff(&logits(&s.router, &pool.step().unwrap()), &s.want);
     assert!(diff <= 1e-5, "after the failed load: max |Δ| = {diff:e}");
 }
+
+#[test]
+fn a_router_that_cannot_switch_retries_says_why_and_switches_once_it_can() {
+    let mut s = setup(1);
+    // Shared experts on the workers, but the only worker lacks them: no switch can succeed.
+    let options = DispatchOptions {
+        wire_dtype: Dtype::F32,
+        shared_on_workers: true,
+        ..Default::default()
+    };
+    let pool = ExpertPool::new(
+        &s.config,
+        Arc::new(switchyard_router::experts::GrpcTransport::new(
+            options.max_message_bytes,
+            options.call_mode,
+        )),
+        options,
+        switchyard_router::experts::Labels::WorkerId,
+    )
+    .unwrap();
+    switchyard_router::experts::follow::start(&pool, s.cluster.coordinator_addr(), "r-test");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pool.options().metrics.placement_switch_failures.get() < 2 {
+        assert!(Instant::now() < deadline, "no retried switch within 20 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let why = pool.switch_error().unwrap();
+    assert!(why.contains("--with-shared-expert"), "{why}");
+    assert!(pool.ready().is_err(), "no placement yet");
+    // A worker that has them joins and the other dies: the retried switch goes through.
+    s.cluster.add_shared_worker();
+    s.cluster.kill_worker(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pool.route().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "never switched: {:?}",
+            pool.switch_error()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(pool.switch_error(), None);
+    let diff = max_diff(&logits(&s.router, &pool.step().unwrap()), &s.want);
+    assert!(diff <= 1e-5, "max |Δ| = {diff:e}");
+}

@@ -1,5 +1,5 @@
 //! Multi-head Latent Attention (DeepSeek-V2/V3), and the blocked causal attention routine
-//! prefill shares with GQA ([`attend_blocks`]).
+//! prefill shares with GQA (`attend_blocks`).
 //!
 //! The cache holds the normed latent `c` and the roped shared key per token. Prefill may use
 //! the expanded form (per-head keys and values from `kv_b_proj`); decode uses the absorbed form:

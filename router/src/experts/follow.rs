@@ -75,11 +75,16 @@ pub fn start(pool: &Arc<ExpertPool>, coordinator: &str, router_id: &str) {
 async fn try_switch(pool: &ExpertPool, map: &PlacementMap) -> bool {
     match pool.switch(map).await {
         Ok(true) => {
+            pool.set_switch_error(None);
             pool.in_use_changed.notify_one();
             true
         }
         Ok(false) => true,
         Err(e) => {
+            pool.set_switch_error(Some(format!(
+                "cannot switch to placement version {}: {e}",
+                map.version
+            )));
             pool.options().metrics.placement_switch_failures.inc();
             tracing::error!(version = map.version, error = %e, "cannot switch to the new placement; retrying, serving on the old one meanwhile");
             false

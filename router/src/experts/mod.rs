@@ -109,6 +109,8 @@ pub struct ExpertPool {
     switching: tokio::sync::Mutex<()>,
     /// The coordinator followed and this router's id there, once following.
     following: std::sync::OnceLock<(String, String)>,
+    /// Why the last attempt to switch to a newer placement failed, while it keeps failing.
+    switch_error: Mutex<Option<String>>,
     /// Workers that could not be reached, and until when calls go to their replicas first.
     down: Mutex<BTreeMap<WorkerId, Instant>>,
     /// Steps running, by the placement version they dispatch with: an old version stays in
@@ -179,6 +181,7 @@ impl ExpertPool {
             following: std::sync::OnceLock::new(),
             steps: Mutex::new(BTreeMap::new()),
             down: Mutex::new(BTreeMap::new()),
+            switch_error: Mutex::new(None),
             in_use_changed: Arc::new(tokio::sync::Notify::new()),
             runtime: Some(runtime),
         }))
@@ -371,6 +374,21 @@ impl ExpertPool {
             tracing::warn!(worker = %worker, "expert worker unreachable; its calls go to replicas first");
         }
         down.insert(worker, Instant::now() + DOWN_FOR);
+    }
+
+    /// Records how the last switch attempt went (`None`: it worked).
+    pub(crate) fn set_switch_error(&self, error: Option<String>) {
+        *self.switch_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    /// Why switching to the newest placement keeps failing, if it does: the router still
+    /// serves, correctly, on the placement it has (workers keep its experts while it reports
+    /// using it), but operators should know.
+    pub fn switch_error(&self) -> Option<String> {
+        self.switch_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The workers calls avoid while they have replicas.

@@ -124,6 +124,7 @@ async fn health(State(state): State<ServingState>) -> impl IntoResponse {
     let body = json!({
         "status": if ready.is_ok() { "ok" } else { "unavailable" },
         "reason": ready.as_ref().err(),
+        "warning": state.warning(),
         "model": state.limits.model_name,
         "waiting": s.waiting.load(Ordering::Relaxed),
         "running": s.running.load(Ordering::Relaxed),
