@@ -47,9 +47,40 @@ pub struct BenchArgs {
     router_device: switchyard_engine::Devices,
     #[command(flatten)]
     dispatch: DispatchArgs,
+    /// With --workers: give the router (this process) and the workers cores of their own, so
+    /// the overlap shows as it would on separate machines: the router core 0, every worker
+    /// core 1 (sched_setaffinity; Linux). Use with `--threads 1`.
+    #[arg(long)]
+    pin: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// Binds the calling thread (and the threads and processes it starts from now on) to `core`.
+fn pin_to(core: usize) -> anyhow::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes within it; the call reads
+        // `size_of` bytes of it.
+        let rc = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(core, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        };
+        if rc != 0 {
+            bail!(
+                "--pin: cannot bind to core {core}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = core;
+        bail!("--pin needs Linux (sched_setaffinity)")
+    }
 }
 
 /// Worker processes, killed and reaped on drop.
@@ -70,6 +101,23 @@ fn start_workers(
     shared: bool,
 ) -> anyhow::Result<(Nodes, Vec<String>)> {
     let exe = std::env::current_exe().context("locating the switchyard binary")?;
+    // Workers inherit the core this thread is on while it starts them.
+    if args.pin {
+        pin_to(1)?;
+    }
+    let nodes = spawn_workers(args, experts, shared, &exe);
+    if args.pin {
+        pin_to(0)?;
+    }
+    nodes
+}
+
+fn spawn_workers(
+    args: &BenchArgs,
+    experts: usize,
+    shared: bool,
+    exe: &std::path::Path,
+) -> anyhow::Result<(Nodes, Vec<String>)> {
     let mut nodes = Nodes(Vec::new());
     let mut addrs = Vec::new();
     let per = experts.div_ceil(args.workers);
@@ -81,7 +129,7 @@ fn start_workers(
                 args.workers
             );
         }
-        let mut child = Command::new(&exe)
+        let mut child = Command::new(exe)
             .args(["worker", "--model"])
             .arg(&args.model)
             .args([
@@ -158,6 +206,37 @@ fn print_table(title: &str, report: &BenchReport) {
     }
 }
 
+/// One distributed run's figures.
+#[derive(serde::Serialize)]
+struct Distributed {
+    shared_expert_on: &'static str,
+    micro_batches: usize,
+    report: BenchReport,
+    /// Per batch size: distributed / in-process decode tok/s.
+    decode_ratio: Vec<f64>,
+    /// Per batch size: what distribution added to a decode step, per MoE layer, in µs.
+    us_per_moe_layer: Vec<f64>,
+    /// Per batch size, per decode step: the router's own work (the step less its wait for
+    /// experts), `A`, and one worker's compute, `E`, in ms.
+    router_ms: Vec<f64>,
+    worker_ms: Vec<f64>,
+    /// Per batch size: the best a perfect overlap of the two could give over running them one
+    /// after the other, (A + E) / max(A, E).
+    ideal_overlap: Vec<f64>,
+    wire_bytes_per_token_per_moe_layer: f64,
+}
+
+/// The seconds the workers reported computing (queue and compute), summed over calls, from
+/// the router's `dispatch_worker_seconds` histogram.
+fn worker_seconds(metrics: &RouterMetrics) -> f64 {
+    metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("switchyard_dispatch_worker_seconds_sum"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     if args.batch.is_empty() {
         args.batch = if args.workers > 0 {
@@ -166,11 +245,22 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
             vec![1, 8]
         };
     }
+    if args.pin {
+        if args.workers == 0 {
+            bail!("--pin separates the router's core from the workers': give --workers N");
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cores < 2 {
+            bail!("--pin needs at least 2 cores, this machine has {cores}");
+        }
+        pin_to(0)?;
+    }
     let bench_options = BenchOptions {
         batch_sizes: args.batch.clone(),
         prompt_len: args.prompt_len,
         gen_len: args.gen_len,
         seed: args.seed,
+        micro_batches: 1,
     };
     let compute = switchyard_engine::tensor::Compute::open_all(&args.router_device)
         .with_context(|| format!("opening --router-device {}", args.router_device))?;
@@ -199,94 +289,159 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         .as_ref()
         .context("the model has no routed experts")?;
     let has_shared = moe.n_shared_experts > 0;
+    let moe_layers = config.moe_layers().len().max(1);
     let (_nodes, addrs) = start_workers(&args, moe.n_routed_experts, has_shared)?;
-    // Both placements of the shared expert, when the model has one.
+    // Both placements of the shared expert, when the model has one; with --micro-batches K,
+    // 1 and K micro-batches side by side.
     let modes: &[bool] = if has_shared { &[false, true] } else { &[false] };
+    let splits: Vec<usize> = match args.dispatch.micro_batches {
+        Some(k) if k > 1 => vec![1, k as usize],
+        _ => vec![args.dispatch.micro_batches()],
+    };
     let mut runs = Vec::new();
     for &on_workers in modes {
-        let options = DispatchOptions {
-            shared_on_workers: on_workers,
-            ..args.dispatch.options()
-        };
-        // The router node as `switchyard router --workers` assembles it; the benchmark drives
-        // its model and expert pool directly, without the scheduler.
-        let node = RouterNode::load(
-            &args.model,
-            &compute,
-            Experts::Workers(addrs.clone()),
-            options,
-            &bench_serving(),
-        )?;
-        let pool = node.pool().context("the router node has no expert pool")?;
-        let step = pool.step()?;
-        let report = bench::run_with(node.model(), &bench_options, &step)?;
-        // Wire volume per token per MoE layer, over everything this run sent and received.
-        let m = &pool.options().metrics;
-        let (mut sent, mut received) = (0u64, 0u64);
-        for addr in &addrs {
-            let label = WorkerLabel {
-                worker: addr.clone(),
+        for &micro_batches in &splits {
+            let options = DispatchOptions {
+                shared_on_workers: on_workers,
+                micro_batches,
+                ..args.dispatch.options()
             };
-            sent += m.bytes_sent.get_or_create(&label).get();
-            received += m.bytes_received.get_or_create(&label).get();
+            let serving = bench_serving();
+            let metrics = serving.metrics.clone();
+            // The router node as `switchyard router --workers` assembles it; the benchmark
+            // drives its model and expert pool directly, without the scheduler.
+            let node = RouterNode::load(
+                &args.model,
+                &compute,
+                Experts::Workers(addrs.clone()),
+                options,
+                &serving,
+            )?;
+            let pool = node.pool().context("the router node has no expert pool")?;
+            let step = pool.step()?;
+            let probe = || worker_seconds(&metrics);
+            let report = bench::run_probed(
+                node.model(),
+                &BenchOptions {
+                    micro_batches,
+                    ..bench_options.clone()
+                },
+                &step,
+                Some(&probe),
+            )?;
+            // Wire volume per token per MoE layer, over everything this run sent and received.
+            let m = &pool.options().metrics;
+            let (mut sent, mut received) = (0u64, 0u64);
+            for addr in &addrs {
+                let label = WorkerLabel {
+                    worker: addr.clone(),
+                };
+                sent += m.bytes_sent.get_or_create(&label).get();
+                received += m.bytes_received.get_or_create(&label).get();
+            }
+            let tokens: usize = args
+                .batch
+                .iter()
+                .map(|b| b * (args.prompt_len + args.gen_len))
+                .sum();
+            let pairs = || local.rows.iter().zip(&report.rows);
+            let router_ms: Vec<f64> = report
+                .rows
+                .iter()
+                .map(|d| d.decode_step_ms - d.decode_expert_wait_ms)
+                .collect();
+            let worker_ms: Vec<f64> = report
+                .rows
+                .iter()
+                .map(|d| d.decode_probe_ms.unwrap_or(0.0) / args.workers as f64)
+                .collect();
+            let distributed = Distributed {
+                shared_expert_on: if on_workers { "workers" } else { "router" },
+                micro_batches,
+                decode_ratio: pairs()
+                    .map(|(l, d)| d.decode_tok_s / l.decode_tok_s)
+                    .collect(),
+                us_per_moe_layer: pairs()
+                    .map(|(l, d)| (d.decode_step_ms - l.decode_step_ms) * 1e3 / moe_layers as f64)
+                    .collect(),
+                ideal_overlap: router_ms
+                    .iter()
+                    .zip(&worker_ms)
+                    .map(|(a, e)| (a + e) / a.max(*e).max(1e-9))
+                    .collect(),
+                router_ms,
+                worker_ms,
+                wire_bytes_per_token_per_moe_layer: (sent + received) as f64
+                    / (tokens * moe_layers) as f64,
+                report,
+            };
+            drop(step);
+            drop(node);
+            runs.push(distributed);
         }
-        let tokens: usize = args
-            .batch
-            .iter()
-            .map(|b| b * (args.prompt_len + args.gen_len))
-            .sum();
-        let per_token_layer =
-            (sent + received) as f64 / (tokens * config.moe_layers().len()) as f64;
-        let ratios: Vec<f64> = local
-            .rows
-            .iter()
-            .zip(&report.rows)
-            .map(|(l, d)| d.decode_tok_s / l.decode_tok_s)
-            .collect();
-        drop(step);
-        drop(node);
-        runs.push((
-            if on_workers { "workers" } else { "router" },
-            report,
-            ratios,
-            per_token_layer,
-        ));
     }
     if args.json {
-        let distributed: Vec<_> = runs
-            .iter()
-            .map(|(mode, report, ratios, bytes)| {
-                serde_json::json!({
-                    "shared_expert_on": mode,
-                    "report": report,
-                    "decode_ratio": ratios,
-                    "wire_bytes_per_token_per_moe_layer": bytes,
-                })
-            })
-            .collect();
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "in_process": local,
                 "workers": args.workers,
+                "pinned": args.pin,
                 "wire_dtype": args.dispatch.wire_dtype,
-                "distributed": distributed,
+                "distributed": runs,
             }))?
         );
-    } else {
-        print_table("in-process", &local);
-        for (mode, report, ratios, bytes) in &runs {
-            print_table(
-                &format!(
-                    "router + {} worker processes, shared expert on the {mode} ({} on the wire)",
-                    args.workers, args.dispatch.wire_dtype
-                ),
-                report,
+        return Ok(());
+    }
+    print_table("in-process", &local);
+    for d in &runs {
+        print_table(
+            &format!(
+                "router + {} worker processes{}, shared expert on the {}, {} micro-batch(es) ({} on the wire)",
+                args.workers,
+                if args.pin { " (pinned)" } else { "" },
+                d.shared_expert_on,
+                d.micro_batches,
+                args.dispatch.wire_dtype
+            ),
+            &d.report,
+        );
+        for (i, b) in args.batch.iter().enumerate() {
+            println!(
+                "batch {b:>3}: distributed / in-process decode = {:.2} · +{:.0} µs per MoE layer · router A {:.2} ms, worker E {:.2} ms per step, ideal overlap {:.2}×",
+                d.decode_ratio[i],
+                d.us_per_moe_layer[i],
+                d.router_ms[i],
+                d.worker_ms[i],
+                d.ideal_overlap[i]
             );
-            for (b, r) in args.batch.iter().zip(ratios) {
-                println!("batch {b:>3}: distributed / in-process decode = {r:.2}");
-            }
-            println!("wire bytes per token per MoE layer (both directions): {bytes:.0}");
+        }
+        println!(
+            "wire bytes per token per MoE layer (both directions): {:.0}",
+            d.wire_bytes_per_token_per_moe_layer
+        );
+    }
+    // K micro-batches against 1, in the same run: the gain and its share of the ideal.
+    for k in runs.iter().filter(|d| d.micro_batches > 1) {
+        let Some(one) = runs
+            .iter()
+            .find(|d| d.micro_batches == 1 && d.shared_expert_on == k.shared_expert_on)
+        else {
+            continue;
+        };
+        for (i, b) in args.batch.iter().enumerate() {
+            let gain = one.report.rows[i].decode_step_ms / k.report.rows[i].decode_step_ms;
+            let ideal = one.ideal_overlap[i];
+            println!(
+                "batch {b:>3}, shared expert on the {}: {} micro-batches decode {gain:.2}× of 1 (ideal {ideal:.2}×: {:.0}% of the ideal gain)",
+                k.shared_expert_on,
+                k.micro_batches,
+                if ideal > 1.0 {
+                    (gain - 1.0) / (ideal - 1.0) * 100.0
+                } else {
+                    0.0
+                }
+            );
         }
     }
     Ok(())

@@ -29,9 +29,38 @@ pub struct DispatchArgs {
     /// bidirectional stream per worker, no per-call stream set-up).
     #[arg(long, env = "SWITCHYARD_EXPERT_CALLS", default_value = "unary", value_parser = ["unary", "stream"])]
     pub expert_calls: String,
+    /// Split each step into this many micro-batches of whole sequences and about equal tokens
+    /// (fewer when the step has fewer sequences): while one's expert calls are in flight, the
+    /// next one's attention runs. 1 runs each step whole.
+    /// (Default 2; `bench` given it measures 1 and this many side by side.)
+    #[arg(long, env = "SWITCHYARD_MICRO_BATCHES", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub micro_batches: Option<u32>,
 }
 
 impl DispatchArgs {
+    /// The same settings as command-line flags, for child processes.
+    pub fn to_args(&self) -> Vec<String> {
+        [
+            "--wire-dtype",
+            &self.wire_dtype,
+            "--shared-expert-on",
+            &self.shared_expert_on,
+            "--expert-deadline-ms",
+            &self.expert_deadline_ms.to_string(),
+            "--expert-calls",
+            &self.expert_calls,
+            "--micro-batches",
+            &self.micro_batches().to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// The micro-batches per step in effect.
+    pub fn micro_batches(&self) -> usize {
+        self.micro_batches.map_or(2, |k| k as usize)
+    }
+
     pub fn options(&self) -> DispatchOptions {
         DispatchOptions {
             wire_dtype: if self.wire_dtype == "f32" {
@@ -46,6 +75,7 @@ impl DispatchArgs {
             } else {
                 CallMode::Unary
             },
+            micro_batches: self.micro_batches(),
             ..Default::default()
         }
     }

@@ -333,19 +333,12 @@ pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
             &model_arg,
             "--listen",
             &listen,
-            "--wire-dtype",
-            &args.dispatch.wire_dtype,
-            "--shared-expert-on",
-            &args.dispatch.shared_expert_on,
-            "--expert-deadline-ms",
-            &args.dispatch.expert_deadline_ms.to_string(),
-            "--expert-calls",
-            &args.dispatch.expert_calls,
             "--device",
             &args.router_device.to_string(),
         ]
         .map(String::from)
         .to_vec();
+        router_args.extend(args.dispatch.to_args());
         if let Some(coordinator) = &coordinator {
             router_args.extend(["--coordinator".to_string(), coordinator.clone()]);
         }
@@ -581,13 +574,8 @@ fn run_file(
             "--listen",
             &r.addr,
         ]);
+        a.extend(args.dispatch.to_args());
         a.extend(strings(&[
-            "--wire-dtype",
-            &args.dispatch.wire_dtype,
-            "--shared-expert-on",
-            &args.dispatch.shared_expert_on,
-            "--expert-calls",
-            &args.dispatch.expert_calls,
             "--device",
             &r.device
                 .clone()

@@ -15,6 +15,8 @@ pub struct BenchOptions {
     pub prompt_len: usize,
     pub gen_len: usize,
     pub seed: u64,
+    /// Micro-batches per step (see `ForwardOptions::micro_batches`; 0 or 1: none).
+    pub micro_batches: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -29,6 +31,12 @@ pub struct BenchRow {
     pub decode_tok_s: f64,
     /// Mean time of one decode step (one token for every sequence).
     pub decode_step_ms: f64,
+    /// Of a decode step, the time spent starting routed experts and blocked waiting for them
+    /// (all of their compute when they run in this process).
+    pub decode_expert_wait_ms: f64,
+    /// Per decode step, what the probe given to [`run_probed`] counted (e.g. the remote
+    /// workers' compute), when one was given.
+    pub decode_probe_ms: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -58,6 +66,17 @@ pub fn run_with(
     model: &CausalLm,
     options: &BenchOptions,
     experts: &dyn ExpertExecutor,
+) -> Result<BenchReport> {
+    run_probed(model, options, experts, None)
+}
+
+/// Like [`run_with`]; `probe` reads a running total of seconds (the workers' busy time, say),
+/// sampled around each batch's decode steps and reported per step.
+pub fn run_probed(
+    model: &CausalLm,
+    options: &BenchOptions,
+    experts: &dyn ExpertExecutor,
+    probe: Option<&dyn Fn() -> f64>,
 ) -> Result<BenchReport> {
     let c = model.config();
     if options.prompt_len == 0 {
@@ -94,6 +113,7 @@ pub fn run_with(
             .collect();
         let fwd = ForwardOptions {
             logits: LogitsFor::Last,
+            micro_batches: options.micro_batches,
             ..Default::default()
         };
 
@@ -114,6 +134,8 @@ pub fn run_with(
             .chunks_exact(vocab)
             .map(|row| [crate::generate::argmax(row) as u32])
             .collect();
+        let probed = probe.map(|p| p());
+        let mut expert_wait = std::time::Duration::ZERO;
         let start = Instant::now();
         for _ in 0..options.gen_len {
             let mut inputs: Vec<SeqInput<'_>> = next
@@ -123,6 +145,7 @@ pub fn run_with(
                 .collect();
             let out = model.forward_with(&mut inputs, &fwd, experts)?;
             drop(inputs);
+            expert_wait += out.timings.experts;
             for (n, row) in next
                 .iter_mut()
                 .zip(out.logits.as_f32()?.chunks_exact(vocab))
@@ -131,7 +154,17 @@ pub fn run_with(
             }
         }
         let decode = start.elapsed().as_secs_f64();
+        let per_step = |seconds: f64| {
+            if options.gen_len == 0 {
+                0.0
+            } else {
+                seconds * 1e3 / options.gen_len as f64
+            }
+        };
+        let decode_probe_ms = probe.zip(probed).map(|(p, before)| per_step(p() - before));
         rows.push(BenchRow {
+            decode_expert_wait_ms: per_step(expert_wait.as_secs_f64()),
+            decode_probe_ms,
             batch,
             prompt_len: options.prompt_len,
             gen_len: options.gen_len,

@@ -139,7 +139,7 @@ pub fn generate_with(
     let fwd = ForwardOptions {
         logits: logits_for,
         attention: options.attention,
-        record_routing: false,
+        ..Default::default()
     };
     let mut inputs: Vec<SeqInput<'_>> = requests
         .iter()
@@ -176,7 +176,7 @@ pub fn generate_with(
     let decode = ForwardOptions {
         logits: LogitsFor::Last,
         attention: options.attention,
-        record_routing: false,
+        ..Default::default()
     };
     loop {
         // Record the sampled tokens and decide who continues.

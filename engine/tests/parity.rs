@@ -83,6 +83,7 @@ fn prompt_logits(
                 logits: LogitsFor::All,
                 attention: mode,
                 record_routing: true,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -225,6 +226,64 @@ fn batched_equals_single(name: &str) {
         assert_eq!(b.token_ids, single[0].token_ids);
     }
     assert_eq!(batched[0].token_ids, r.greedy_ids[..8]);
+}
+
+/// A step split into micro-batches (whose MoE layers are started and finished interleaved)
+/// gives the unsplit step's logits and routing, for prefill chunks and decode, every family.
+#[test]
+fn micro_batched_steps_equal_the_unsplit_step() {
+    for name in all_fixtures() {
+        let dir = fixture_dir(name);
+        let (r, _) = reference(&dir);
+        let model = CausalLm::load(&dir, &LoadOptions::default()).unwrap();
+        let prompts: Vec<&[u32]> = [9usize, 3, 12, 5, 7]
+            .iter()
+            .map(|&n| &r.prompt_ids[..n])
+            .collect();
+        let run = |k: usize| {
+            let mut caches: Vec<KvCache> = prompts
+                .iter()
+                .map(|p| model.new_cache(p.len() + 1))
+                .collect();
+            let options = ForwardOptions {
+                logits: LogitsFor::All,
+                record_routing: true,
+                micro_batches: k,
+                ..Default::default()
+            };
+            let mut seqs: Vec<SeqInput<'_>> = prompts
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(p, cache)| SeqInput { tokens: p, cache })
+                .collect();
+            let prefill = model.forward(&mut seqs, &options).unwrap();
+            drop(seqs);
+            let next: Vec<[u32; 1]> = prompts.iter().map(|p| [p[0]]).collect();
+            let mut seqs: Vec<SeqInput<'_>> = next
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(t, cache)| SeqInput { tokens: t, cache })
+                .collect();
+            let decode = model.forward(&mut seqs, &options).unwrap();
+            (prefill, decode)
+        };
+        let (p1, d1) = run(1);
+        for k in [2, 3, 8] {
+            let (pk, dk) = run(k);
+            for (one, split) in [(&p1, &pk), (&d1, &dk)] {
+                let diff =
+                    max_abs_diff(one.logits.as_f32().unwrap(), split.logits.as_f32().unwrap());
+                assert!(
+                    diff <= 1e-5,
+                    "{name}, {k} micro-batches: max |Δ| = {diff:e}"
+                );
+                assert_eq!(one.routing.len(), split.routing.len(), "{name}");
+                for ((l1, r1), (lk, rk)) in one.routing.iter().zip(&split.routing) {
+                    assert_eq!((l1, &r1.ids), (lk, &rk.ids), "{name}, {k} micro-batches");
+                }
+            }
+        }
+    }
 }
 
 /// Decoding token by token through a cache of 2-token blocks, the sliding-window layers give

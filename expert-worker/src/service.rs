@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use std::time::Duration;
 use switchyard_proto::v1::expert_service_server::{ExpertService, ExpertServiceServer};
-use switchyard_proto::v1::{self, ForwardRequest, ForwardResponse, InfoRequest, InfoResponse};
+use switchyard_proto::v1::{ForwardRequest, ForwardResponse, InfoRequest, InfoResponse};
 
 use switchyard_proto::health::Health;
 use tokio::net::TcpListener;
@@ -45,21 +45,31 @@ impl ExpertServiceImpl {
     }
 }
 
-/// Runs one call on the blocking pool and lets the compute threads sleep afterwards.
-async fn run_call(worker: Arc<ExpertWorker>, req: ForwardRequest) -> Result<v1::Tensor, Status> {
+/// Runs one call on the blocking pool and lets the compute threads sleep afterwards. The reply
+/// says how long the call queued and computed.
+async fn run_call(
+    worker: Arc<ExpertWorker>,
+    req: ForwardRequest,
+) -> Result<ForwardResponse, Status> {
     let arrived = std::time::Instant::now();
     tokio::task::spawn_blocking(move || {
-        worker
-            .metrics
-            .queue_wait
-            .observe(arrived.elapsed().as_secs_f64());
+        let queued = arrived.elapsed();
+        worker.metrics.queue_wait.observe(queued.as_secs_f64());
+        let start = std::time::Instant::now();
         let out = worker.forward(&req);
+        let computed = start.elapsed();
         if out.is_err() {
             worker.metrics.failed_calls.inc();
         }
         // Between calls the worker waits on the network: let compute threads sleep.
         switchyard_engine::cpu::pool::global().rest();
-        out
+        out.map(|output| ForwardResponse {
+            output: Some(output),
+            call_id: req.call_id,
+            queue_seconds: queued.as_secs_f64(),
+            compute_seconds: computed.as_secs_f64(),
+            ..Default::default()
+        })
     })
     .await
     .map_err(|e| Status::internal(format!("expert task failed: {e}")))?
@@ -95,11 +105,7 @@ impl ExpertService for ExpertServiceImpl {
                 };
                 let call_id = req.call_id;
                 let reply = match run_call(worker.clone(), req).await {
-                    Ok(output) => ForwardResponse {
-                        output: Some(output),
-                        call_id,
-                        ..Default::default()
-                    },
+                    Ok(reply) => reply,
                     Err(status) => ForwardResponse {
                         call_id,
                         error_code: status.code() as i32,
@@ -120,11 +126,8 @@ impl ExpertService for ExpertServiceImpl {
         &self,
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
-        let output = run_call(self.worker.clone(), request.into_inner()).await?;
-        Ok(Response::new(ForwardResponse {
-            output: Some(output),
-            ..Default::default()
-        }))
+        let reply = run_call(self.worker.clone(), request.into_inner()).await?;
+        Ok(Response::new(reply))
     }
 
     #[instrument(skip_all)]

@@ -61,9 +61,40 @@ pub fn encode(values: &[f32], shape: &[usize], dtype: Dtype) -> Tensor {
     }
 }
 
-/// Decodes a wire tensor named `field` into f32, checking its length against its shape and its
-/// size against `max_bytes`.
-pub fn decode(field: &str, t: &Tensor, max_bytes: u64) -> Result<Vec<f32>, CodecError> {
+/// Encodes rows `rows` of `x` (row-major, `width` wide) as one `[rows.len(), width]` tensor of
+/// `dtype`, gathering straight into the wire bytes (no intermediate f32 copy).
+pub fn encode_rows(x: &[f32], width: usize, rows: &[u32], dtype: Dtype) -> Tensor {
+    let dtype = match dtype {
+        Dtype::Bf16 => Dtype::Bf16,
+        Dtype::F32 | Dtype::Unspecified => Dtype::F32,
+    };
+    let size = dtype_size(dtype).unwrap_or(4);
+    let mut data = Vec::with_capacity(rows.len() * width * size);
+    for &r in rows {
+        let row = &x[r as usize * width..(r as usize + 1) * width];
+        match dtype {
+            Dtype::Bf16 => {
+                for v in row {
+                    data.extend_from_slice(&bf16::from_f32(*v).to_bits().to_le_bytes());
+                }
+            }
+            _ => {
+                for v in row {
+                    data.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+    }
+    Tensor {
+        shape: vec![rows.len() as u64, width as u64],
+        dtype: dtype as i32,
+        data,
+    }
+}
+
+/// Checks a wire tensor's dtype, its length against its shape and its size against
+/// `max_bytes`; returns its dtype.
+fn check(field: &str, t: &Tensor, max_bytes: u64) -> Result<Dtype, CodecError> {
     let found = t.data.len() as u64;
     if found > max_bytes {
         return Err(CodecError::TooLarge {
@@ -92,7 +123,13 @@ pub fn decode(field: &str, t: &Tensor, max_bytes: u64) -> Result<Vec<f32>, Codec
             found,
         });
     }
-    Ok(match dtype {
+    Ok(dtype)
+}
+
+/// Decodes a wire tensor named `field` into f32, checking its length against its shape and its
+/// size against `max_bytes`.
+pub fn decode(field: &str, t: &Tensor, max_bytes: u64) -> Result<Vec<f32>, CodecError> {
+    Ok(match check(field, t, max_bytes)? {
         Dtype::F32 | Dtype::Unspecified => t
             .data
             .chunks_exact(4)
@@ -104,6 +141,52 @@ pub fn decode(field: &str, t: &Tensor, max_bytes: u64) -> Result<Vec<f32>, Codec
             .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
             .collect(),
     })
+}
+
+/// Adds a `[rows.len(), width]` wire tensor named `field` into rows `rows` of `dst`
+/// (row-major, `width` wide), decoding straight into the sum (no intermediate f32 copy);
+/// checked as [`decode`] checks, and its shape against `rows` and `width`.
+pub fn add_rows(
+    field: &str,
+    t: &Tensor,
+    max_bytes: u64,
+    width: usize,
+    rows: &[u32],
+    dst: &mut [f32],
+) -> Result<(), CodecError> {
+    let dtype = check(field, t, max_bytes)?;
+    if t.shape[..] != [rows.len() as u64, width as u64] {
+        return Err(CodecError::Shape {
+            field: field.into(),
+            expected: format!("[{}, {width}]", rows.len()),
+            found: t.shape.clone(),
+        });
+    }
+    if let Some(&r) = rows.iter().find(|&&r| (r as usize + 1) * width > dst.len()) {
+        return Err(CodecError::Shape {
+            field: field.into(),
+            expected: format!("rows within {} of width {width}", dst.len() / width.max(1)),
+            found: vec![u64::from(r)],
+        });
+    }
+    let size = dtype_size(dtype).unwrap_or(4);
+    for (j, &r) in rows.iter().enumerate() {
+        let src = &t.data[j * width * size..(j + 1) * width * size];
+        let out = &mut dst[r as usize * width..(r as usize + 1) * width];
+        match dtype {
+            Dtype::Bf16 => {
+                for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                    *o += bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                }
+            }
+            _ => {
+                for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                    *o += f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks that `t` is `[rows, width]` for some `rows`; returns `rows`.
@@ -137,6 +220,33 @@ mod tests {
         assert_eq!(t.data.len(), 128);
         for (a, b) in decode("x", &t, 1 << 20).unwrap().iter().zip(&v) {
             assert!((a - b).abs() <= b.abs() / 256.0 + 1e-6);
+        }
+    }
+
+    #[test]
+    fn gathered_rows_encode_and_add_back_as_encode_and_decode_do() {
+        let x: Vec<f32> = (0..5 * 3).map(|i| i as f32 * 0.37 - 2.0).collect();
+        let rows = [4u32, 1, 3];
+        for dtype in [Dtype::F32, Dtype::Bf16] {
+            let gathered: Vec<f32> = rows
+                .iter()
+                .flat_map(|&r| x[r as usize * 3..(r as usize + 1) * 3].to_vec())
+                .collect();
+            let t = encode_rows(&x, 3, &rows, dtype);
+            assert_eq!(t, encode(&gathered, &[3, 3], dtype), "{dtype:?}");
+            let mut sum = vec![1.0f32; 5 * 3];
+            add_rows("o", &t, 1 << 20, 3, &rows, &mut sum).unwrap();
+            let decoded = decode("o", &t, 1 << 20).unwrap();
+            for (j, &r) in rows.iter().enumerate() {
+                for c in 0..3 {
+                    assert_eq!(sum[r as usize * 3 + c], 1.0 + decoded[j * 3 + c]);
+                }
+            }
+            assert_eq!(&sum[0..3], &[1.0; 3], "row 0 untouched");
+            // A reply of the wrong shape, or naming rows past the sum, is an error.
+            assert!(add_rows("o", &t, 1 << 20, 3, &rows[..2], &mut sum).is_err());
+            assert!(add_rows("o", &t, 1 << 20, 3, &[9, 1, 3], &mut sum).is_err());
+            assert!(add_rows("o", &t, 4, 3, &rows, &mut sum).is_err());
         }
     }
 

@@ -116,6 +116,11 @@ impl Backend for ModelBackend {
         let options = ForwardOptions {
             logits: LogitsFor::Last,
             record_routing: true,
+            // Micro-batches pay only when the experts compute elsewhere meanwhile.
+            micro_batches: self
+                .experts
+                .as_ref()
+                .map_or(1, |p| p.options().micro_batches),
             ..Default::default()
         };
         // One route per step: a placement switch lands between steps, never inside one.

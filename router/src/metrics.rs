@@ -59,6 +59,10 @@ fn latency_histogram() -> Histogram {
 #[derive(Clone, Debug)]
 pub struct DispatchMetrics {
     pub layer_seconds: HistogramFamily<LayerLabel>,
+    /// Per call: the worker's queue and compute time, as its reply reports it.
+    pub worker_seconds: HistogramFamily<LayerLabel>,
+    /// Per call: the round trip less the worker's time — the network and both ends' hand-offs.
+    pub network_seconds: HistogramFamily<LayerLabel>,
     pub calls: Family<WorkerLabel, Counter>,
     pub bytes_sent: Family<WorkerLabel, Counter>,
     pub bytes_received: Family<WorkerLabel, Counter>,
@@ -81,6 +85,8 @@ impl Default for DispatchMetrics {
     fn default() -> Self {
         DispatchMetrics {
             layer_seconds: Family::new_with_constructor(latency_histogram),
+            worker_seconds: Family::new_with_constructor(latency_histogram),
+            network_seconds: Family::new_with_constructor(latency_histogram),
             calls: Family::default(),
             bytes_sent: Family::default(),
             bytes_received: Family::default(),
@@ -250,6 +256,16 @@ impl RouterMetrics {
             "dispatch_failed_calls",
             "Expert calls to each worker that failed",
             m.dispatch.failed_calls.clone(),
+        );
+        r.register(
+            "dispatch_worker_seconds",
+            "Per expert call, the worker's queue and compute time",
+            m.dispatch.worker_seconds.clone(),
+        );
+        r.register(
+            "dispatch_network_seconds",
+            "Per expert call, the round trip less the worker's time",
+            m.dispatch.network_seconds.clone(),
         );
         r.register(
             "dispatch_calls",

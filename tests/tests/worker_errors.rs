@@ -159,8 +159,8 @@ fn a_failed_call_on_the_stream_keeps_the_stream_open() {
             t.forward(valid(1, 3, 64), deadline),
             t.forward(valid(2, 5, 64), deadline)
         );
-        assert_eq!(a.unwrap().shape, vec![3, 64]);
-        assert_eq!(b.unwrap().shape, vec![5, 64]);
+        assert_eq!(a.unwrap().output.shape, vec![3, 64]);
+        assert_eq!(b.unwrap().output.shape, vec![5, 64]);
     });
 }
 
@@ -187,7 +187,7 @@ fn links_heal_when_a_worker_restarts_at_the_same_address() {
     });
     for link in &links {
         let ok = sandbox.block_on(link.forward(valid(1, 3, 64), deadline));
-        assert_eq!(ok.unwrap().shape, vec![3, 64], "{link:?} before");
+        assert_eq!(ok.unwrap().output.shape, vec![3, 64], "{link:?} before");
     }
     sandbox.stop_worker(0);
     // Calls fail while it is down (UNAVAILABLE: retryable elsewhere), then work again.
@@ -214,7 +214,11 @@ fn links_heal_when_a_worker_restarts_at_the_same_address() {
         loop {
             match sandbox.block_on(link.forward(valid(1, 3, 64), deadline)) {
                 Ok(out) => {
-                    assert_eq!(out.shape, vec![3, 64]);
+                    assert_eq!(out.output.shape, vec![3, 64]);
+                    assert!(
+                        out.compute_seconds > 0.0,
+                        "the worker says how long it computed"
+                    );
                     break;
                 }
                 Err(e) => {

@@ -20,7 +20,8 @@ use crate::model::gqa::GqaAttention;
 use crate::model::linear::{Linear, Projection, RmsNorm};
 use crate::model::mla::{AttentionMode, MlaAttention, SeqSpan};
 use crate::model::mlp::Mlp;
-use crate::model::moe::{ExpertExecutor, Moe};
+use crate::model::moe::{ExpertExecutor, Moe, MoeStarted};
+use crate::model::pipeline::split_balanced;
 use crate::model::rope::Rope;
 use crate::model::shard::Parallel;
 use crate::tensor::{CpuStorage, Tensor};
@@ -68,6 +69,10 @@ pub struct ForwardOptions {
     pub attention: AttentionMode,
     /// Keep each MoE layer's routing in the output.
     pub record_routing: bool,
+    /// Split the batch into this many micro-batches of about equal tokens (0 or 1: none), so
+    /// one's routed experts are in flight while another's attention runs. Each holds whole
+    /// sequences, so there are at most as many as sequences.
+    pub micro_batches: usize,
 }
 
 /// Where a forward pass's time went, summed over layers.
@@ -401,8 +406,6 @@ impl CausalLm {
         executor: &dyn ExpertExecutor,
     ) -> Result<ForwardOutput> {
         let h = self.config.hidden_size;
-        let mut spans = Vec::with_capacity(seqs.len());
-        let mut tokens = 0;
         for (i, s) in seqs.iter_mut().enumerate() {
             if s.tokens.is_empty() {
                 return Err(EngineError::input(
@@ -441,74 +444,58 @@ impl CausalLm {
                 ));
             }
             s.cache.reserve(s.tokens.len())?;
-            spans.push(SeqSpan {
-                start: tokens,
-                len: s.tokens.len(),
-                pos0: s.cache.len(),
-            });
-            tokens += s.tokens.len();
         }
         let start = Instant::now();
         let mut timings = ForwardTimings::default();
-        // [tokens, hidden]
-        let mut x =
-            self.embed_tokens(seqs.iter().flat_map(|s| s.tokens.iter().copied()), tokens)?;
-        let mut routing = Vec::new();
-        for (l, layer) in self.layers.iter().enumerate() {
-            let normed = layer.input_norm.forward(&x)?;
-            let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
-            let t = Instant::now();
-            let mut attn = match &layer.attn {
-                Attention::Mla(a) => {
-                    a.forward(&normed, &spans, &mut caches, l, options.attention)?
-                }
-                Attention::Gqa(a) => a.forward(&normed, &spans, &mut caches, l)?,
-            };
-            timings.attention += t.elapsed();
-            if let Some(n) = &layer.post_attn_norm {
-                n.forward_inplace(attn.as_f32_mut()?);
+        let lens: Vec<usize> = seqs.iter().map(|s| s.tokens.len()).collect();
+        let mut rest: &mut [SeqInput<'_>] = seqs;
+        let mut batches = Vec::new();
+        for n in split_balanced(&lens, options.micro_batches.max(1)) {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+            rest = tail;
+            batches.push(self.micro_batch(head)?);
+        }
+        // The schedule: every micro-batch starts layer 0; then, layer by layer, each one
+        // finishes layer l (waits for its experts) and starts layer l + 1 (attention, gate,
+        // expert calls sent) while the next one's experts for layer l are still in flight.
+        // With one micro-batch this is the plain layer loop.
+        let mut routing: BTreeMap<usize, Routing> = BTreeMap::new();
+        if !self.layers.is_empty() {
+            for mb in &mut batches {
+                self.layer_start(0, mb, options, executor, &mut timings)?;
             }
-            add_inplace(&mut x, &attn)?;
-            let normed = layer.pre_ffn_norm.forward(&x)?;
-            let ffn = match &layer.ffn {
-                Ffn::Dense(m) => {
-                    let t = Instant::now();
-                    let out = m.forward(&normed)?;
-                    timings.dense_ffn += t.elapsed();
-                    out
-                }
-                Ffn::Moe(m) => {
-                    let (out, r, mt) = m.forward(l, &normed, executor)?;
-                    timings.gate += mt.gate;
-                    timings.experts += mt.experts;
-                    timings.shared_expert += mt.shared_expert;
-                    if options.record_routing {
-                        routing.push((l, r));
+            for l in 0..self.layers.len() {
+                for mb in &mut batches {
+                    self.layer_finish(l, mb, options, executor, &mut timings, &mut routing)?;
+                    if l + 1 < self.layers.len() {
+                        self.layer_start(l + 1, mb, options, executor, &mut timings)?;
                     }
-                    out
                 }
-            };
-            let mut ffn = ffn;
-            if let Some(n) = &layer.post_ffn_norm {
-                n.forward_inplace(ffn.as_f32_mut()?);
             }
-            add_inplace(&mut x, &ffn)?;
         }
-        for s in seqs.iter_mut() {
-            s.cache.commit(s.tokens.len());
-        }
-        let x = match options.logits {
-            LogitsFor::All => x,
-            LogitsFor::Last => {
-                let xd = x.as_f32()?;
-                let mut last = Vec::with_capacity(spans.len() * h);
-                for s in &spans {
-                    let r = s.start + s.len - 1;
-                    last.extend_from_slice(&xd[r * h..(r + 1) * h]);
+        // [rows, hidden]: the rows that get logits, every micro-batch's in order.
+        let mut rows = Vec::new();
+        let mut n_rows = 0;
+        for mb in &mut batches {
+            for s in mb.seqs.iter_mut() {
+                s.cache.commit(s.tokens.len());
+            }
+            let xd = mb.x.as_f32()?;
+            match options.logits {
+                LogitsFor::All => {
+                    rows.extend_from_slice(xd);
+                    n_rows += xd.len() / h;
                 }
-                Tensor::from_f32(&[spans.len(), h], last)?
+                LogitsFor::Last => {
+                    for span in &mb.spans {
+                        let r = span.start + span.len - 1;
+                        rows.extend_from_slice(&xd[r * h..(r + 1) * h]);
+                        n_rows += 1;
+                    }
+                }
             }
-        };
+        }
+        let x = Tensor::from_f32(&[n_rows, h], rows)?;
         let normed = self.norm.forward(&x)?;
         let mut logits = self.lm_head.forward(&normed)?;
         if let Some(cap) = self.config.final_logit_softcapping {
@@ -522,9 +509,109 @@ impl CausalLm {
         timings.other = start.elapsed().saturating_sub(accounted);
         Ok(ForwardOutput {
             logits,
-            routing,
+            routing: routing.into_iter().collect(),
             timings,
         })
+    }
+
+    /// A micro-batch of `seqs`: their spans and embedded tokens.
+    fn micro_batch<'s, 'a, 'e>(
+        &self,
+        seqs: &'s mut [SeqInput<'a>],
+    ) -> Result<MicroBatch<'s, 'a, 'e>> {
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut tokens = 0;
+        for s in seqs.iter() {
+            spans.push(SeqSpan {
+                start: tokens,
+                len: s.tokens.len(),
+                pos0: s.cache.len(),
+            });
+            tokens += s.tokens.len();
+        }
+        // [tokens, hidden]
+        let x = self.embed_tokens(seqs.iter().flat_map(|s| s.tokens.iter().copied()), tokens)?;
+        Ok(MicroBatch {
+            seqs,
+            spans,
+            x,
+            moe: None,
+        })
+    }
+
+    /// Layer `l` up to its FFN: attention and its residual, then a dense FFN whole, or an MoE
+    /// block's gate with its routed experts started.
+    fn layer_start<'e>(
+        &self,
+        l: usize,
+        mb: &mut MicroBatch<'_, '_, 'e>,
+        options: &ForwardOptions,
+        executor: &'e dyn ExpertExecutor,
+        timings: &mut ForwardTimings,
+    ) -> Result<()> {
+        let layer = &self.layers[l];
+        let normed = layer.input_norm.forward(&mb.x)?;
+        let mut caches: Vec<&mut KvCache> = mb.seqs.iter_mut().map(|s| &mut *s.cache).collect();
+        let t = Instant::now();
+        let mut attn = match &layer.attn {
+            Attention::Mla(a) => {
+                a.forward(&normed, &mb.spans, &mut caches, l, options.attention)?
+            }
+            Attention::Gqa(a) => a.forward(&normed, &mb.spans, &mut caches, l)?,
+        };
+        timings.attention += t.elapsed();
+        if let Some(n) = &layer.post_attn_norm {
+            n.forward_inplace(attn.as_f32_mut()?);
+        }
+        add_inplace(&mut mb.x, &attn)?;
+        let normed = layer.pre_ffn_norm.forward(&mb.x)?;
+        match &layer.ffn {
+            Ffn::Dense(m) => {
+                let t = Instant::now();
+                let out = m.forward(&normed)?;
+                timings.dense_ffn += t.elapsed();
+                layer.add_ffn(&mut mb.x, out)?;
+            }
+            Ffn::Moe(m) => {
+                let started = m.start(l, &normed, executor)?;
+                mb.moe = Some((normed, started));
+            }
+        }
+        Ok(())
+    }
+
+    /// Finishes layer `l` of `mb`: an MoE block's shared expert, the wait for its routed
+    /// experts, and the FFN's residual (nothing for a dense layer, done in `layer_start`).
+    fn layer_finish(
+        &self,
+        l: usize,
+        mb: &mut MicroBatch<'_, '_, '_>,
+        options: &ForwardOptions,
+        executor: &dyn ExpertExecutor,
+        timings: &mut ForwardTimings,
+        routing: &mut BTreeMap<usize, Routing>,
+    ) -> Result<()> {
+        let layer = &self.layers[l];
+        let (Ffn::Moe(m), Some((normed, started))) = (&layer.ffn, mb.moe.take()) else {
+            return Ok(());
+        };
+        let (out, r, mt) = m.finish(&normed, started, executor)?;
+        timings.gate += mt.gate;
+        timings.experts += mt.experts;
+        timings.shared_expert += mt.shared_expert;
+        if options.record_routing {
+            match routing.get_mut(&l) {
+                // Micro-batches come in token order: their routings concatenate.
+                Some(all) => {
+                    all.ids.extend_from_slice(&r.ids);
+                    all.weights.extend_from_slice(&r.weights);
+                }
+                None => {
+                    routing.insert(l, r);
+                }
+            }
+        }
+        layer.add_ffn(&mut mb.x, out)
     }
 
     fn embed_tokens(&self, ids: impl Iterator<Item = u32>, tokens: usize) -> Result<Tensor> {
@@ -564,6 +651,27 @@ impl CausalLm {
         }
         Tensor::from_f32(&[tokens, h], out)
     }
+}
+
+impl DecoderLayer {
+    /// `x += post_ffn_norm(ffn)`: the FFN's residual.
+    fn add_ffn(&self, x: &mut Tensor, mut ffn: Tensor) -> Result<()> {
+        if let Some(n) = &self.post_ffn_norm {
+            n.forward_inplace(ffn.as_f32_mut()?);
+        }
+        add_inplace(x, &ffn)
+    }
+}
+
+/// One micro-batch of a forward pass: its sequences, their spans in its rows, its residual
+/// stream, and the MoE block in flight between `layer_start` and `layer_finish`.
+struct MicroBatch<'s, 'a, 'e> {
+    seqs: &'s mut [SeqInput<'a>],
+    spans: Vec<SeqSpan>,
+    // [tokens, hidden]
+    x: Tensor,
+    /// The FFN input and the started experts of the MoE layer in flight.
+    moe: Option<(Tensor, MoeStarted<'e>)>,
 }
 
 fn add_inplace(x: &mut Tensor, y: &Tensor) -> Result<()> {

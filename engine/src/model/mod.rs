@@ -13,6 +13,7 @@ pub mod linear;
 pub mod mla;
 pub mod mlp;
 pub mod moe;
+pub mod pipeline;
 pub mod rope;
 pub mod shard;
 
@@ -23,4 +24,4 @@ pub use causal_lm::{
 };
 pub use gate::Routing;
 pub use mla::AttentionMode;
-pub use moe::ExpertExecutor;
+pub use moe::{ExpertExecutor, Pending, PendingExperts, Ready};

@@ -1,31 +1,37 @@
 //! One step's routed experts: a [`PoolStep`] holds the route in force when the step began and
-//! runs each MoE layer on it — plan one call per worker, send them concurrently on the pool's
-//! runtime, run the router's own work meanwhile, add the combined rows as they come back.
+//! runs each MoE layer on it — [`PoolStep::begin`] plans one call per worker and sends them
+//! concurrently on the pool's runtime, returning the layer [`InFlight`]; the engine computes
+//! meanwhile (the shared expert, other micro-batches) and [`InFlight::finish`] adds the
+//! combined rows as they come back.
 //!
 //! A call that fails in a way another worker can fix (its worker is gone or too slow, or no
 //! longer holds the expert because the placement moved on) is re-planned once, on the newest
 //! route, avoiding the workers that failed, and sent again; with no holder left the layer
 //! fails with the original error, which names the worker.
+//!
+//! Copies of a hidden row per layer on the router: gathered from the layer input straight
+//! into the request's wire bytes (1), framed by prost/HTTP/2 (2); its combined reply read off
+//! the socket (3) and decoded straight into the layer's sum (4). (It was six: a gathered f32
+//! copy before encoding and a decoded f32 copy before adding are gone.)
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use switchyard_engine::model::{ExpertExecutor, Routing};
+use switchyard_engine::model::{ExpertExecutor, Pending, PendingExperts, Routing};
 use switchyard_engine::{EngineError, Tensor};
 use switchyard_proto::WorkerId;
 use switchyard_proto::codec;
-use switchyard_proto::v1;
 
 use super::plan::{self, TokenWork, WorkerCall};
-use super::transport::call_failed;
+use super::transport::{WorkerReply, call_failed};
 use super::{ExpertPool, Route};
 use crate::error::RouterError;
 use crate::metrics::{LayerLabel, ReasonLabel};
 
-/// Where the replies of one round of calls arrive, as `(call index, result)`.
-type Replies = Receiver<(usize, Result<v1::Tensor, RouterError>)>;
+/// Where the replies of one round of calls arrive, as `(call index, result, round trip)`.
+type Replies = Receiver<(usize, Result<WorkerReply, RouterError>, Duration)>;
 
 /// The pool's experts for one step, on one route.
 #[derive(Debug)]
@@ -64,46 +70,52 @@ impl<'a> PoolStep<'a> {
         layer: usize,
         x: &Tensor,
         routing: &Routing,
-        meanwhile: &mut dyn FnMut() -> switchyard_engine::Result<()>,
     ) -> Result<Tensor, RouterError> {
-        let started = Instant::now();
-        let result = self.dispatch_inner(layer, x, routing, meanwhile);
-        self.pool
-            .options
-            .metrics
-            .layer_seconds
-            .get_or_create(&LayerLabel {
-                layer: layer as u32,
-            })
-            .observe(started.elapsed().as_secs_f64());
-        result
+        self.begin(layer, x, routing)?.finish(x)
     }
 
-    fn dispatch_inner(
+    /// Plans and sends one layer's calls; the replies are collected by [`InFlight::finish`].
+    pub fn begin(
         &self,
         layer: usize,
         x: &Tensor,
         routing: &Routing,
-        meanwhile: &mut dyn FnMut() -> switchyard_engine::Result<()>,
-    ) -> Result<Tensor, RouterError> {
+    ) -> Result<InFlight<'_>, RouterError> {
+        let started = Instant::now();
         let options = &self.pool.options;
-        let (tokens, hidden) = x.dims2()?;
-        let xd = x.as_f32()?;
+        let (_, hidden) = x.dims2()?;
         let calls = plan::plan_calls(
             layer,
-            xd,
+            x.as_f32()?,
             hidden,
             routing,
             &self.route.placement,
             &self.pool.down_workers(),
             options,
         )?;
+        let (rx, calls) = self.send(&self.route, layer, calls)?;
+        Ok(InFlight {
+            step: self,
+            layer,
+            calls,
+            rx,
+            started,
+        })
+    }
+
+    /// Collects a layer's replies into `[tokens, hidden]`, re-planning failed calls once on
+    /// the newest route, avoiding every worker that failed.
+    fn collect_layer(&self, sent: InFlight<'_>, x: &Tensor) -> Result<Tensor, RouterError> {
+        let options = &self.pool.options;
+        let InFlight {
+            layer, calls, rx, ..
+        } = sent;
+        let (tokens, hidden) = x.dims2()?;
+        let xd = x.as_f32()?;
         let mut out = Tensor::zeros(&[tokens, hidden]);
         let od = out.as_f32_mut()?;
-        let (rx, calls) = self.send(&self.route, layer, calls)?;
-        // The calls are in flight: do the router's own work (the shared expert) now, then let
-        // the compute threads sleep while we wait — workers may share this machine's cores.
-        meanwhile()?;
+        // Whatever waits here, the compute threads need not spin: workers may share this
+        // machine's cores.
         switchyard_engine::cpu::pool::global().rest();
         let failed = self.collect(layer, &self.route, &calls, rx, od)?;
         if failed.is_empty() {
@@ -207,6 +219,7 @@ impl<'a> PoolStep<'a> {
             let tx = tx.clone();
             // Spawned, and waited on through a plain channel, so callers need no async context.
             handle.spawn(async move {
+                let sent = Instant::now();
                 let result = match tokio::time::timeout(deadline, fut).await {
                     Ok(r) => r,
                     Err(_) => Err(call_failed(
@@ -217,7 +230,7 @@ impl<'a> PoolStep<'a> {
                         format!("no reply within {deadline:?}"),
                     )),
                 };
-                let _ = tx.send((i, result));
+                let _ = tx.send((i, result, sent.elapsed()));
             });
         }
         Ok((rx, sent))
@@ -239,7 +252,7 @@ impl<'a> PoolStep<'a> {
         let backstop = options.deadline + Duration::from_secs(5);
         let mut failed = Vec::new();
         for _ in 0..calls.len() {
-            let (i, result) = rx.recv_timeout(backstop).map_err(|_| {
+            let (i, result, round_trip) = rx.recv_timeout(backstop).map_err(|_| {
                 RouterError::Runtime(format!(
                     "layer {layer}: a worker call outlived its deadline"
                 ))
@@ -265,6 +278,21 @@ impl<'a> PoolStep<'a> {
                     return Err(e);
                 }
             };
+            let layer_label = LayerLabel {
+                layer: layer as u32,
+            };
+            let worker_time = reply.worker_seconds();
+            options
+                .metrics
+                .worker_seconds
+                .get_or_create(&layer_label)
+                .observe(worker_time);
+            options
+                .metrics
+                .network_seconds
+                .get_or_create(&layer_label)
+                .observe((round_trip.as_secs_f64() - worker_time).max(0.0));
+            let reply = reply.output;
             options
                 .metrics
                 .bytes_received
@@ -278,13 +306,15 @@ impl<'a> PoolStep<'a> {
                     call.rows.len()
                 )));
             }
-            let values = codec::decode("output", &reply, options.max_message_bytes as u64)?;
-            for (j, &r) in call.rows.iter().enumerate() {
-                let dst = &mut od[r as usize * hidden..(r as usize + 1) * hidden];
-                for (d, v) in dst.iter_mut().zip(&values[j * hidden..(j + 1) * hidden]) {
-                    *d += v;
-                }
-            }
+            // Decoded straight into the sum.
+            codec::add_rows(
+                "output",
+                &reply,
+                options.max_message_bytes as u64,
+                hidden,
+                &call.rows,
+                od,
+            )?;
         }
         Ok(failed)
     }
@@ -310,6 +340,40 @@ fn expert_moved(e: &RouterError) -> bool {
             ..
         }
     )
+}
+
+/// One layer's calls in flight, from [`PoolStep::begin`].
+#[derive(Debug)]
+pub struct InFlight<'a> {
+    step: &'a PoolStep<'a>,
+    layer: usize,
+    /// The calls sent, without their hidden rows.
+    calls: Vec<WorkerCall>,
+    rx: Replies,
+    started: Instant,
+}
+
+impl InFlight<'_> {
+    /// Waits for every reply and sums them: `[tokens, hidden]` (`x`: the layer's input).
+    pub fn finish(self, x: &Tensor) -> Result<Tensor, RouterError> {
+        let (step, layer, started) = (self.step, self.layer, self.started);
+        let result = step.collect_layer(self, x);
+        step.pool
+            .options
+            .metrics
+            .layer_seconds
+            .get_or_create(&LayerLabel {
+                layer: layer as u32,
+            })
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+}
+
+impl PendingExperts for InFlight<'_> {
+    fn wait(self: Box<Self>, x: &Tensor) -> switchyard_engine::Result<Tensor> {
+        (*self).finish(x).map_err(executor_error)
+    }
 }
 
 /// A copy of a worker failure (the error itself is not `Clone`).
@@ -348,19 +412,18 @@ impl ExpertExecutor for PoolStep<'_> {
         x: &Tensor,
         routing: &Routing,
     ) -> switchyard_engine::Result<Tensor> {
-        self.dispatch(layer, x, routing, &mut || Ok(()))
-            .map_err(executor_error)
+        self.dispatch(layer, x, routing).map_err(executor_error)
     }
 
-    fn run_overlapped(
-        &self,
+    fn start<'a>(
+        &'a self,
         layer: usize,
         x: &Tensor,
         routing: &Routing,
-        meanwhile: &mut dyn FnMut() -> switchyard_engine::Result<()>,
-    ) -> switchyard_engine::Result<Tensor> {
-        self.dispatch(layer, x, routing, meanwhile)
-            .map_err(executor_error)
+    ) -> switchyard_engine::Result<Pending<'a>> {
+        Ok(Box::new(
+            self.begin(layer, x, routing).map_err(executor_error)?,
+        ))
     }
 
     fn runs_shared_experts(&self) -> bool {

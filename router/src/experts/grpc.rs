@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use switchyard_proto::WorkerId;
 use switchyard_proto::v1::expert_service_client::ExpertServiceClient;
-use switchyard_proto::v1::{self, ForwardRequest, InfoRequest};
+use switchyard_proto::v1::{ForwardRequest, ForwardResponse, InfoRequest};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use super::transport::{ForwardFuture, InfoFuture, Transport, WorkerLink, call_failed};
+use super::transport::{
+    ForwardFuture, InfoFuture, Transport, WorkerLink, WorkerReply, call_failed,
+};
 use crate::error::RouterError;
 
 /// How calls travel: a unary RPC each, or one long-lived bidirectional stream per worker.
@@ -75,7 +77,7 @@ impl Transport for GrpcTransport {
     }
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<v1::Tensor, RouterError>>>>>;
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<WorkerReply, RouterError>>>>>;
 
 /// One open `ForwardStream`: requests go in on `tx`, a reader task hands each reply to the
 /// call waiting for its `call_id`. Once the stream breaks, `tx` is closed and every waiting
@@ -156,7 +158,7 @@ async fn open_stream(
                             reply.error_message,
                         ))
                     } else {
-                        reply.output.ok_or_else(|| {
+                        reply_of(reply).ok_or_else(|| {
                             call_failed(
                                 worker,
                                 &addr,
@@ -288,7 +290,7 @@ impl WorkerLink for GrpcLink {
                     .forward(req)
                     .await
                     .map_err(|s| call_failed(worker, &addr, layer, call_code(&s), s.message()))?;
-                reply.into_inner().output.ok_or_else(|| {
+                reply_of(reply.into_inner()).ok_or_else(|| {
                     call_failed(
                         worker,
                         &addr,
@@ -317,6 +319,15 @@ impl WorkerLink for GrpcLink {
                 })
         })
     }
+}
+
+/// A worker's reply, `None` without output.
+fn reply_of(r: ForwardResponse) -> Option<WorkerReply> {
+    Some(WorkerReply {
+        output: r.output?,
+        queue_seconds: r.queue_seconds,
+        compute_seconds: r.compute_seconds,
+    })
 }
 
 /// The code a failed expert call counts as. tonic reports a connection that broke mid-call (a

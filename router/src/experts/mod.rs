@@ -57,6 +57,9 @@ pub struct DispatchOptions {
     pub shared_on_workers: bool,
     /// A unary RPC per call, or one long-lived stream per worker.
     pub call_mode: CallMode,
+    /// Micro-batches per step (at most one per sequence): while one's expert calls are in
+    /// flight, the next one's attention runs. 1 runs each step whole.
+    pub micro_batches: usize,
     /// Where per-layer latency, per-worker traffic and placement switches are recorded.
     pub metrics: DispatchMetrics,
 }
@@ -69,6 +72,7 @@ impl Default for DispatchOptions {
             max_message_bytes: 64 << 20,
             shared_on_workers: false,
             call_mode: CallMode::Unary,
+            micro_batches: 2,
             metrics: DispatchMetrics::default(),
         }
     }

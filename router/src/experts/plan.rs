@@ -116,15 +116,12 @@ pub fn build_calls(
     Ok(builders
         .into_iter()
         .map(|(worker, b)| {
-            let mut rows_data = Vec::with_capacity(b.rows.len() * hidden);
-            for &r in &b.rows {
-                rows_data.extend_from_slice(&x[r as usize * hidden..(r as usize + 1) * hidden]);
-            }
             WorkerCall {
                 worker,
                 request: ForwardRequest {
                     layer: layer as u32,
-                    hidden: Some(codec::encode(&rows_data, &[b.rows.len(), hidden], dtype)),
+                    // Gathered straight into the wire bytes.
+                    hidden: Some(codec::encode_rows(x, hidden, &b.rows, dtype)),
                     offsets: b.offsets,
                     expert_ids: b.ids,
                     weights: b.weights,

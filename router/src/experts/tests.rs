@@ -521,3 +521,47 @@ fn rows_of_a_layer_are_summed_from_every_worker_once() {
         assert_eq!(got[hidden + j], from_a[hidden + j]);
     }
 }
+
+#[test]
+fn micro_batched_steps_through_the_pool_equal_the_unsplit_step() {
+    let f = fixture();
+    f.serve("a", "0-7");
+    f.serve("b", "8-15");
+    let pool = f.coordinated();
+    switch(
+        &pool,
+        map(1, &[(0, "a"), (1, "b")], |e| vec![u32::from(e >= 8)]),
+    )
+    .unwrap();
+    let prompts: [&[u32]; 4] = [&PROMPT[..5], &PROMPT[..2], PROMPT, &PROMPT[1..4]];
+    let run = |k: usize| {
+        let mut caches: Vec<_> = prompts
+            .iter()
+            .map(|p| f.router.new_cache(p.len()))
+            .collect();
+        let mut seqs: Vec<SeqInput<'_>> = prompts
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(p, cache)| SeqInput { tokens: p, cache })
+            .collect();
+        let step = pool.step().unwrap();
+        f.router
+            .forward_with(
+                &mut seqs,
+                &ForwardOptions {
+                    logits: LogitsFor::All,
+                    micro_batches: k,
+                    ..Default::default()
+                },
+                &step,
+            )
+            .unwrap()
+            .logits
+            .into_f32_vec()
+    };
+    let one = run(1);
+    for k in [2, 3, 4] {
+        let diff = max_diff(&one, &run(k));
+        assert!(diff <= 1e-5, "{k} micro-batches: max |Δ| = {diff:e}");
+    }
+}

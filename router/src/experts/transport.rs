@@ -15,8 +15,25 @@ use switchyard_proto::v1::{self, ForwardRequest, InfoResponse};
 
 use crate::error::RouterError;
 
-pub type ForwardFuture = Pin<Box<dyn Future<Output = Result<v1::Tensor, RouterError>> + Send>>;
+pub type ForwardFuture = Pin<Box<dyn Future<Output = Result<WorkerReply, RouterError>> + Send>>;
 pub type InfoFuture = Pin<Box<dyn Future<Output = Result<InfoResponse, RouterError>> + Send>>;
+
+/// A worker's answer to one call: the combined rows, and where the call's time went there.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerReply {
+    /// `[rows, hidden]`
+    pub output: v1::Tensor,
+    /// From the call's arrival to the start of its compute.
+    pub queue_seconds: f64,
+    pub compute_seconds: f64,
+}
+
+impl WorkerReply {
+    /// The worker's share of a round trip.
+    pub fn worker_seconds(&self) -> f64 {
+        self.queue_seconds + self.compute_seconds
+    }
+}
 
 /// A connection to one worker. Calls on it are independent; it heals itself (a broken
 /// connection or stream is re-opened by the next call).
@@ -196,12 +213,22 @@ impl WorkerLink for MemoryLink {
                 ));
             };
             // Compute off the async threads, as a real worker does.
-            tokio::task::spawn_blocking(move || target.forward(&request))
-                .await
-                .map_err(|e| {
-                    call_failed(worker, &addr, layer, tonic::Code::Internal, e.to_string())
-                })?
-                .map_err(|s| call_failed(worker, &addr, layer, s.code(), s.message()))
+            let arrived = std::time::Instant::now();
+            let (output, queued, computed) = tokio::task::spawn_blocking(move || {
+                let queued = arrived.elapsed();
+                let start = std::time::Instant::now();
+                let out = target.forward(&request);
+                (out, queued, start.elapsed())
+            })
+            .await
+            .map_err(|e| call_failed(worker, &addr, layer, tonic::Code::Internal, e.to_string()))?;
+            let output =
+                output.map_err(|s| call_failed(worker, &addr, layer, s.code(), s.message()))?;
+            Ok(WorkerReply {
+                output,
+                queue_seconds: queued.as_secs_f64(),
+                compute_seconds: computed.as_secs_f64(),
+            })
         })
     }
 
