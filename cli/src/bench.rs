@@ -184,9 +184,10 @@ fn bench_serving() -> ServingOptions {
 
 fn print_table(title: &str, report: &BenchReport) {
     println!(
-        "{title} · weights {:.1} MiB · {} threads",
+        "{title} · weights {:.1} MiB · {} threads · {} kernels",
         report.weights_bytes as f64 / (1 << 20) as f64,
-        report.threads
+        report.threads,
+        report.kernels
     );
     println!(
         "{:>6} {:>8} {:>8} {:>14} {:>12} {:>14} {:>14}",

@@ -93,6 +93,26 @@ pub struct SamplingArgs {
     /// Report each token's logprob and this many alternatives (JSON output).
     #[arg(long)]
     logprobs: Option<u32>,
+    /// Add BIAS to token ID's logit before sampling, as OpenAI's logit_bias (comma-separated
+    /// ID:BIAS pairs, BIAS in [-100, 100]; -100 bans the token).
+    #[arg(long, value_delimiter = ',', value_parser = parse_bias, allow_hyphen_values = true)]
+    logit_bias: Vec<(u32, f32)>,
+}
+
+/// `ID:BIAS`, as `--logit-bias` takes it.
+fn parse_bias(s: &str) -> Result<(u32, f32), String> {
+    let (id, bias) = s
+        .split_once(':')
+        .ok_or_else(|| format!("expected ID:BIAS (e.g. 46:-100), got {s:?}"))?;
+    let id = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("the token id must be an integer >= 0, got {id:?}"))?;
+    let bias = bias
+        .trim()
+        .parse()
+        .map_err(|_| format!("the bias must be a number, got {bias:?}"))?;
+    Ok((id, bias))
 }
 
 impl SamplingArgs {
@@ -111,6 +131,7 @@ impl SamplingArgs {
             stop_token_ids: self.stop_token_ids.clone(),
             ignore_eos: self.ignore_eos,
             logprobs: self.logprobs,
+            logit_bias: self.logit_bias.clone(),
             ..RawRequest::new(prompt)
         }
     }
@@ -133,6 +154,7 @@ impl SamplingArgs {
             stop_token_ids: self.stop_token_ids.clone(),
             stop: self.stop.clone(),
             logprobs: self.logprobs,
+            logit_bias: self.logit_bias.iter().copied().collect(),
             ..Default::default()
         })
     }
@@ -265,6 +287,7 @@ fn run_dump(
             presence_penalty: s.presence_penalty,
             frequency_penalty: s.frequency_penalty,
             seed: s.seed,
+            logit_bias: s.logit_bias.clone(),
         },
         ignore_eos: s.ignore_eos,
         stop_token_ids: s.stop_token_ids.clone(),

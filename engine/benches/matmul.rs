@@ -2,6 +2,9 @@
 //!
 //! Decode shapes are memory-bound: the figure that matters is weight bytes streamed per second,
 //! compared in the same run against a plain streaming read of the same bytes (the roofline).
+//! Where the CPU's kernels are not the portable ones, the run ends by measuring the portable
+//! loops too (re-run as a child with `SWITCHYARD_KERNELS=portable`, a few small batches), so
+//! the hand-written kernels' gain is one run's ratio.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -32,9 +35,12 @@ fn stream_read_gbs(words: &[u64], reps: usize) -> f64 {
 }
 
 fn main() {
+    let kernels = switchyard_engine::cpu::matmul::kernels();
+    // In the portable child: the slow loops, on few batch sizes and fewer weights.
+    let portable_child = std::env::var_os("SWITCHYARD_KERNELS").is_some();
     // Many distinct weights so each call streams from DRAM, as in decode (321 MB per token).
     let (n, k) = (1024, 1024);
-    let copies = 192; // 384 MiB of bf16
+    let copies = if portable_child { 64 } else { 192 }; // 128 / 384 MiB of bf16
     let weights: Vec<Tensor> = (0..copies)
         .map(|c| {
             let data: Vec<f32> = (0..n * k)
@@ -50,15 +56,24 @@ fn main() {
     println!("threads: {}", rayon::current_num_threads());
     println!("streaming read (roofline): {roofline:.1} GB/s");
     println!("amx: {}", switchyard_engine::cpu::matmul::amx_available());
+    println!("kernels: {kernels}");
+    let batches: &[usize] = if portable_child {
+        &[1, 8, 32]
+    } else {
+        &[1, 2, 4, 8, 16, 32, 64, 128, 512, 1024]
+    };
     let packed: Vec<Tensor> = weights
         .iter()
         .map(|w| w.clone().pack_for_matmul())
         .collect();
     for (layout, weights) in [("row-major", &weights), ("packed", &packed)] {
-        for m in [1usize, 2, 4, 8, 16, 64, 128, 512, 1024] {
+        if layout == "packed" && !switchyard_engine::cpu::matmul::packed_kernels_available() {
+            continue;
+        }
+        for &m in batches {
             let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 / 13.0).collect();
             let mut out = vec![0.0f32; m * n];
-            let reps = 3;
+            let reps = if portable_child { 1 } else { 3 };
             let start = Instant::now();
             for _ in 0..reps {
                 for w in weights.iter() {
@@ -70,10 +85,23 @@ fn main() {
             let gbs = (n * k * 2) as f64 * calls / secs / 1e9;
             let gflops = 2.0 * (m * n * k) as f64 * calls / secs / 1e9;
             println!(
-                "{layout:>9} m={m:>3} n={n} k={k} bf16: {:>7.1} us/call, {gbs:>5.1} GB/s ({:.0}% of roofline), {gflops:>6.1} GFLOP/s",
+                "{kernels:>11} {layout:>9} m={m:>4} n={n} k={k} bf16: {:>8.1} us/call, {gbs:>5.1} GB/s ({:.0}% of roofline), {gflops:>6.1} GFLOP/s",
                 secs / calls * 1e6,
                 gbs / roofline * 100.0
             );
+        }
+    }
+    if !portable_child && kernels != "portable" {
+        println!("-- the portable loops, for comparison:");
+        let status = std::env::current_exe().and_then(|exe| {
+            std::process::Command::new(exe)
+                .args(std::env::args_os().skip(1))
+                .env("SWITCHYARD_KERNELS", "portable")
+                .status()
+        });
+        match status {
+            Ok(s) if s.success() => {}
+            other => eprintln!("the portable run failed: {other:?}"),
         }
     }
 }

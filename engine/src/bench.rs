@@ -42,6 +42,8 @@ pub struct BenchRow {
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
     pub threads: usize,
+    /// The CPU kernel set in use (`avx512-bf16`, `avx512`, `avx2`, `portable`).
+    pub kernels: &'static str,
     pub weights_bytes: usize,
     pub rows: Vec<BenchRow>,
     /// Peak resident memory of the process (VmHWM), when the OS reports it.
@@ -184,6 +186,7 @@ pub fn run_probed(
     }
     Ok(BenchReport {
         threads: crate::cpu::pool::global().threads(),
+        kernels: crate::cpu::matmul::kernels(),
         weights_bytes: model.size_in_bytes(),
         rows,
         peak_rss_bytes: peak_rss_bytes(),

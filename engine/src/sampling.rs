@@ -1,7 +1,8 @@
 //! Turning one row of logits into the next token: penalties, temperature, top-k, min-p, top-p
 //! and a seeded draw, plus log-probabilities for clients that ask for them.
 //!
-//! The order follows vLLM and transformers: penalties on the raw logits, then temperature,
+//! The order follows vLLM and transformers: OpenAI's `logit_bias` added to the raw logits,
+//! penalties on them, then temperature,
 //! then the top-k / min-p / top-p cuts on the softmax, then the draw. Greedy decoding
 //! (temperature 0) takes the arg-max of the penalised logits.
 
@@ -26,6 +27,9 @@ pub struct SamplingParams {
     /// OpenAI's frequency penalty over output tokens; 0 is none.
     pub frequency_penalty: f32,
     pub seed: u64,
+    /// OpenAI's `logit_bias`: `(token, bias)` added to the token's logit before anything else
+    /// (greedy decoding included); -100 bans a token, +100 all but forces it.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -39,13 +43,16 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: 0,
+            logit_bias: Vec::new(),
         }
     }
 }
 
 impl SamplingParams {
-    fn has_penalties(&self) -> bool {
-        self.repetition_penalty != 1.0
+    /// Whether the logits are changed before the draw (bias or penalties).
+    fn adjusts_logits(&self) -> bool {
+        !self.logit_bias.is_empty()
+            || self.repetition_penalty != 1.0
             || self.presence_penalty != 0.0
             || self.frequency_penalty != 0.0
     }
@@ -100,11 +107,11 @@ impl Sampler {
 
     /// Draws the next token and records it as output.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let token = if self.params.has_penalties() {
+        let token = if self.params.adjusts_logits() {
             let mut penalised = std::mem::take(&mut self.penalised);
             penalised.clear();
             penalised.extend_from_slice(logits);
-            self.apply_penalties(&mut penalised);
+            self.adjust(&mut penalised);
             let t = self.draw(&penalised);
             self.penalised = penalised;
             t
@@ -115,8 +122,13 @@ impl Sampler {
         token
     }
 
-    fn apply_penalties(&self, logits: &mut [f32]) {
+    fn adjust(&self, logits: &mut [f32]) {
         let p = &self.params;
+        for &(t, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             let seen = self
                 .prompt_tokens
@@ -311,6 +323,29 @@ mod tests {
         assert_eq!(s.sample(&logits), 0);
         assert_eq!(s.sample(&logits), 1);
         assert_eq!(s.sample(&logits), 0);
+    }
+
+    #[test]
+    fn logit_bias_bans_and_forces_tokens_greedy_or_sampled() {
+        let logits = [2.0, 1.0, 0.0, -1.0];
+        let mut banned = sampler(SamplingParams {
+            logit_bias: vec![(0, -100.0)],
+            ..Default::default()
+        });
+        assert_eq!(banned.sample(&logits), 1);
+        let mut forced = sampler(SamplingParams {
+            temperature: 1.0,
+            seed: 5,
+            logit_bias: vec![(3, 100.0)],
+            ..Default::default()
+        });
+        assert!((0..200).all(|_| forced.sample(&logits) == 3));
+        // Out-of-range ids are the validator's to refuse; here they change nothing.
+        let mut ignored = sampler(SamplingParams {
+            logit_bias: vec![(99, 100.0)],
+            ..Default::default()
+        });
+        assert_eq!(ignored.sample(&logits), 0);
     }
 
     #[test]

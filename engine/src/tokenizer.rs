@@ -3,11 +3,13 @@
 //! incremental detokenization for streaming, and the synthetic byte-level BPE that
 //! `switchyard synth` writes so text works end to end on random checkpoints.
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::Value;
-use tokenizers::Tokenizer;
+use tokenizers::{DecoderWrapper, Tokenizer};
 
 use crate::error::{EngineError, Result};
 
@@ -41,9 +43,75 @@ fn tok_err(what: &str, e: impl std::fmt::Display) -> EngineError {
 #[derive(Debug, Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
+    /// Each id's bytes ([`Self::token_bytes`]), built once at load.
+    bytes: Arc<Vec<Box<[u8]>>>,
     chat_template: Option<String>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+}
+
+/// Whether `decoder` (or a decoder in its sequence) undoes GPT-2's byte-to-symbol mapping.
+fn is_byte_level(decoder: &DecoderWrapper) -> bool {
+    match decoder {
+        DecoderWrapper::ByteLevel(_) => true,
+        DecoderWrapper::Sequence(s) => s.get_decoders().iter().any(is_byte_level),
+        _ => false,
+    }
+}
+
+/// GPT-2's byte-level alphabet reversed: the symbol each byte is written as, to the byte.
+fn byte_level_symbols() -> HashMap<char, u8> {
+    let mut map = HashMap::with_capacity(256);
+    let mut shifted = 0u32;
+    for b in 0..=255u8 {
+        let printable = matches!(b, 33..=126 | 161..=172 | 174..=255);
+        let c = if printable {
+            char::from(b)
+        } else {
+            shifted += 1;
+            char::from_u32(255 + shifted).unwrap_or(char::REPLACEMENT_CHARACTER)
+        };
+        map.insert(c, b);
+    }
+    map
+}
+
+/// Every id's bytes, as [`TextTokenizer::token_bytes`] returns them.
+fn token_bytes_table(inner: &Tokenizer) -> Vec<Box<[u8]>> {
+    let byte_level = inner.get_decoder().is_some_and(is_byte_level);
+    let symbols = byte_level_symbols();
+    let special: HashSet<u32> = inner
+        .get_added_tokens_decoder()
+        .into_iter()
+        .filter(|(_, t)| t.special)
+        .map(|(id, _)| id)
+        .collect();
+    let byte_fallback = |t: &str| {
+        let hex = t.strip_prefix("<0x")?.strip_suffix('>')?;
+        (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok())?
+    };
+    (0..inner.get_vocab_size(true) as u32)
+        .map(|id| {
+            let Some(token) = inner.id_to_token(id) else {
+                return Box::default();
+            };
+            if special.contains(&id) {
+                return token.into_bytes().into_boxed_slice();
+            }
+            if byte_level
+                && let Some(bytes) = token.chars().map(|c| symbols.get(&c).copied()).collect()
+            {
+                return bytes;
+            }
+            if let Some(b) = byte_fallback(&token) {
+                return Box::new([b]);
+            }
+            token
+                .replace('\u{2581}', " ")
+                .into_bytes()
+                .into_boxed_slice()
+        })
+        .collect()
 }
 
 /// A token field of `tokenizer_config.json`: a plain string or an `AddedToken` object.
@@ -88,6 +156,7 @@ impl TextTokenizer {
             _ => None,
         };
         Ok(Some(TextTokenizer {
+            bytes: Arc::new(token_bytes_table(&inner)),
             inner,
             chat_template,
             bos_token: token_field(&config, "bos_token"),
@@ -128,6 +197,13 @@ impl TextTokenizer {
     /// The id of a token string, if it is in the vocabulary.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+
+    /// The bytes one token stands for (OpenAI's logprob `bytes`), which may be part of a UTF-8
+    /// character: a byte-level BPE token's bytes, a byte-fallback token's (`<0x0A>`) byte,
+    /// SentencePiece's `▁` as a space, a special token's text. Empty past the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.bytes.get(id as usize).map_or(&[], |b| b)
     }
 
     /// The text of one token as a client sees it (byte-level symbols decoded).
@@ -366,6 +442,26 @@ mod tests {
         // Merges make common English cheaper than one token per byte.
         let plain = "the experts of the model are on the workers";
         assert!(t.encode(plain, false).unwrap().len() < plain.len());
+    }
+
+    #[test]
+    fn token_bytes_concatenate_to_the_text_even_inside_a_character() {
+        let (_dir, t) = synthetic(512);
+        let text = "Hello, wörld! 多 \n\t end";
+        let ids = t.encode(text, false).unwrap();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| t.token_bytes(id).to_vec())
+            .collect();
+        assert_eq!(bytes, text.as_bytes());
+        // "多" is three bytes; in a 512-token vocabulary at least one is a token alone, which
+        // no text can show (the old U+FFFD).
+        assert!(
+            ids.iter()
+                .any(|&id| std::str::from_utf8(t.token_bytes(id)).is_err())
+        );
+        assert_eq!(t.token_bytes(0), BOS_TOKEN.as_bytes());
+        assert!(t.token_bytes(512).is_empty());
     }
 
     #[test]

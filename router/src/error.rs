@@ -43,6 +43,16 @@ pub enum RouterError {
     },
     #[error("missing or invalid API key")]
     Unauthenticated,
+    /// An HTTP path this server does not serve.
+    #[error("not found: {method} {path} is not an endpoint of this server (it serves {served})")]
+    NoRoute {
+        method: String,
+        path: String,
+        served: &'static str,
+    },
+    /// An HTTP path served, asked with a method it does not take.
+    #[error("method not allowed: {method} {path}")]
+    MethodNotAllowed { method: String, path: String },
     #[error("request deadline exceeded after {0} ms")]
     DeadlineExceeded(u128),
     #[error("model `{given}` is not served here (this router serves `{served}`)")]
@@ -61,6 +71,9 @@ impl RouterError {
 
     /// HTTP status for clients of the OpenAI-compatible API (the same table as [`Self::code`]).
     pub fn http_status(&self) -> u16 {
+        if let RouterError::MethodNotAllowed { .. } = self {
+            return 405;
+        }
         match self.code() {
             tonic::Code::InvalidArgument | tonic::Code::OutOfRange => 400,
             tonic::Code::Unauthenticated => 401,
@@ -94,7 +107,8 @@ impl RouterError {
             RouterError::Runtime(_) => tonic::Code::Unavailable,
             RouterError::Codec(_) | RouterError::Engine(_) => tonic::Code::Internal,
             RouterError::Invalid { .. } => tonic::Code::InvalidArgument,
-            RouterError::UnknownModel { .. } => tonic::Code::NotFound,
+            RouterError::UnknownModel { .. } | RouterError::NoRoute { .. } => tonic::Code::NotFound,
+            RouterError::MethodNotAllowed { .. } => tonic::Code::Unimplemented,
             RouterError::Overloaded { .. } => tonic::Code::ResourceExhausted,
             RouterError::Unauthenticated => tonic::Code::Unauthenticated,
             RouterError::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,

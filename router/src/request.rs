@@ -17,6 +17,8 @@ pub const MAX_STOP_STRING_BYTES: usize = 256;
 pub const MAX_STOP_TOKEN_IDS: usize = 64;
 /// Alternatives per token with logprobs.
 pub const MAX_LOGPROBS: u32 = 20;
+/// Tokens one request's `logit_bias` may name.
+pub const MAX_LOGIT_BIAS: usize = 1024;
 /// Bytes of prompt text (or chat messages) per request.
 pub const MAX_PROMPT_BYTES: usize = 4 << 20;
 
@@ -48,6 +50,8 @@ pub struct RawRequest {
     /// Alternatives per token; `Some(0)` is the chosen token's logprob alone.
     pub logprobs: Option<u32>,
     pub timeout: Option<Duration>,
+    /// `(token, bias)` added to the token's logit (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl RawRequest {
@@ -69,6 +73,7 @@ impl RawRequest {
             ignore_eos: false,
             logprobs: None,
             timeout: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -322,6 +327,32 @@ pub fn validate(
             format!("must be <= {MAX_LOGPROBS}, got {n}"),
         ));
     }
+    if raw.logit_bias.len() > MAX_LOGIT_BIAS {
+        return Err(RouterError::invalid(
+            "logit_bias",
+            format!(
+                "at most {MAX_LOGIT_BIAS} tokens, got {}",
+                raw.logit_bias.len()
+            ),
+        ));
+    }
+    for &(id, bias) in &raw.logit_bias {
+        if id as usize >= limits.vocab_size {
+            return Err(RouterError::invalid(
+                "logit_bias",
+                format!(
+                    "token ids must be < vocab_size ({}), got {id}",
+                    limits.vocab_size
+                ),
+            ));
+        }
+        if !(bias.is_finite() && (-100.0..=100.0).contains(&bias)) {
+            return Err(RouterError::invalid(
+                format!("logit_bias[{id}]"),
+                format!("must be in [-100, 100], got {bias}"),
+            ));
+        }
+    }
     let deadline = match raw.timeout {
         Some(t) if t.is_zero() => {
             return Err(RouterError::invalid("timeout", "must be > 0, got 0"));
@@ -341,6 +372,7 @@ pub fn validate(
             presence_penalty,
             frequency_penalty,
             seed: raw.seed.unwrap_or_else(rand_seed),
+            logit_bias: raw.logit_bias,
         },
         ignore_eos: raw.ignore_eos,
         stop_token_ids: raw.stop_token_ids,
@@ -511,6 +543,24 @@ mod tests {
                 with(&|r| r.logprobs = Some(21)),
                 "logprobs",
                 "got 21",
+            ),
+            (
+                "logit_bias past vocab",
+                with(&|r| r.logit_bias = vec![(3, 1.0), (99999, 5.0)]),
+                "logit_bias",
+                "got 99999",
+            ),
+            (
+                "logit_bias too strong",
+                with(&|r| r.logit_bias = vec![(46, -101.0)]),
+                "logit_bias[46]",
+                "got -101",
+            ),
+            (
+                "logit_bias too long",
+                with(&|r| r.logit_bias = (0..1025).map(|i| (i % 100, 1.0)).collect()),
+                "logit_bias",
+                "got 1025",
             ),
             (
                 "zero timeout",

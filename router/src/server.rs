@@ -262,6 +262,14 @@ impl ServingState {
             .unwrap_or_default()
     }
 
+    /// A token's own bytes (empty without a tokenizer), which may be part of a character.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        self.tokenizer
+            .as_ref()
+            .map(|t| t.token_bytes(id).to_vec())
+            .unwrap_or_default()
+    }
+
     fn wire_logprobs(&self, lp: &TokenLogprobs) -> Vec<TokenLogprob> {
         lp.top
             .iter()
@@ -301,6 +309,8 @@ fn raw_from_wire(req: GenerateRequest, header_timeout: Option<Duration>) -> RawR
         Prompt::Ids(req.prompt_ids)
     };
     let field_timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms.into()));
+    let mut logit_bias: Vec<(u32, f32)> = req.logit_bias.into_iter().collect();
+    logit_bias.sort_unstable_by_key(|&(id, _)| id);
     RawRequest {
         model: Some(req.model),
         max_tokens: (req.max_new_tokens > 0).then_some(req.max_new_tokens.into()),
@@ -316,6 +326,7 @@ fn raw_from_wire(req: GenerateRequest, header_timeout: Option<Duration>) -> RawR
         stop_token_ids: req.stop_token_ids,
         ignore_eos: req.ignore_eos,
         logprobs: req.logprobs,
+        logit_bias,
         timeout: match (field_timeout, header_timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

@@ -92,7 +92,27 @@ def check_openai(http_addr):
     assert "".join(parts) == content, (parts, content)
     assert usage is not None and usage.completion_tokens == 10, usage
 
+    # logit_bias is honoured: +100 on one token forces it, and the chat logprobs' bytes are the
+    # tokens' own (they concatenate to the text, even where a token is part of a character).
+    def forced(token):
+        return client.completions.create(model="tiny", prompt="Hello there", max_tokens=4,
+                                         temperature=0, logprobs=0, logit_bias={str(token): 100},
+                                         extra_body={"ignore_eos": True})
+    f46, f47 = forced(46), forced(47)
+    t46, t47 = f46.choices[0].logprobs.tokens, f47.choices[0].logprobs.tokens
+    assert len(set(t46)) == 1 and len(set(t47)) == 1 and t46[0] != t47[0], (t46, t47)
+    assert f46.id != done.id and re.fullmatch(r"cmpl-[0-9a-f]{32}", f46.id), f46.id
+    banned = {str(i): -100 for i in range(16)}
+    bytes_chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12,
+                                                temperature=0, logprobs=True, logit_bias=banned,
+                                                extra_body={"ignore_eos": True})
+    joined = b"".join(bytes(t.bytes) for t in bytes_chat.choices[0].logprobs.content)
+    assert joined.decode("utf-8", errors="replace") == bytes_chat.choices[0].message.content, joined
+
     errors = [
+        (openai.BadRequestError, dict(logit_bias={"99999": 5}), "logit_bias"),
+        (openai.BadRequestError, dict(extra_body={"guided_json": {"type": "object"}}), "guided_json"),
+        (openai.BadRequestError, dict(suffix="}"), "suffix"),
         (openai.BadRequestError, dict(temperature=-1.0), "temperature"),
         (openai.BadRequestError, dict(top_p=1.5), "top_p"),
         (openai.BadRequestError, dict(max_tokens=10 ** 7), "max_tokens"),
@@ -106,13 +126,32 @@ def check_openai(http_addr):
             raise SystemExit(f"{extra} was accepted")
         except kind as e:
             assert field in str(e), e
+    for kind, extra, field in [
+        (openai.BadRequestError, dict(response_format={"type": "json_object"}), "response_format"),
+        (openai.BadRequestError, dict(tool_choice="required", tools=[
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+         "tool"),
+    ]:
+        try:
+            client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, **extra)
+            raise SystemExit(f"{extra} was accepted")
+        except kind as e:
+            assert field in str(e), e
+    # Paths that are not endpoints say so in OpenAI's error shape, not an empty 404.
+    try:
+        client.embeddings.create(model="tiny", input="x")
+        raise SystemExit("/v1/embeddings answered")
+    except openai.NotFoundError as e:
+        assert "/v1/embeddings" in e.body["message"], e.body
+    assert client.models.retrieve("tiny").id == "tiny"
     bad_key = openai.OpenAI(base_url=f"http://{http_addr}/v1", api_key="wrong", max_retries=0)
     try:
         bad_key.models.list()
         raise SystemExit("a wrong key was accepted")
     except openai.AuthenticationError:
         pass
-    print(f"openai {openai.__version__}: completions, streaming chat, logprobs, errors OK")
+    print(f"openai {openai.__version__}: completions, streaming chat, logprobs, logit_bias, "
+          "refused fields, unknown paths, errors OK")
 
 
 def check_reflection(grpc_addr):

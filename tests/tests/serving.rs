@@ -417,6 +417,230 @@ fn text_prompts_stop_strings_and_logprobs() {
     });
 }
 
+#[test]
+fn logit_bias_bans_and_forces_tokens_over_grpc() {
+    let s = Served::start(|_| {});
+    s.sandbox.block_on(async {
+        let mut c = s.client().await;
+        let base = GenerateRequest {
+            prompt_ids: vec![5, 9, 14],
+            max_new_tokens: 6,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let greedy = c.generate_unary(base.clone()).await.unwrap().into_inner();
+        let first = greedy.token_ids[0];
+        let banned = c
+            .generate_unary(GenerateRequest {
+                logit_bias: [(first, -100.0)].into(),
+                ..base.clone()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!banned.token_ids.contains(&first), "{banned:?}");
+        let forced = c
+            .generate_unary(GenerateRequest {
+                logit_bias: [(46, 100.0)].into(),
+                ..base.clone()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(forced.token_ids, [46; 6]);
+        for (bias, says) in [((99_999, 1.0), "got 99999"), ((46, 250.0), "got 250")] {
+            let e = c
+                .generate_unary(GenerateRequest {
+                    logit_bias: [bias].into(),
+                    ..base.clone()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(
+                e.message().contains("logit_bias") && e.message().contains(says),
+                "{e}"
+            );
+        }
+    });
+    s.wait_drained();
+}
+
+#[test]
+fn http_extras_tokenize_ids_bytes_and_json_errors_everywhere() {
+    let s = Served::start(|_| {});
+    s.sandbox.block_on(async {
+        let http = reqwest::Client::new();
+        let post = |path: &str, body: serde_json::Value| http.post(s.url(path)).json(&body).send();
+        let json = |r: reqwest::Response| async move {
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        };
+        // /tokenize and /detokenize round-trip; the chat form counts the template's tokens.
+        let (st, t) = json(
+            post(
+                "/tokenize",
+                serde_json::json!({"prompt": "Hello, experts", "return_token_strs": true}),
+            )
+            .await
+            .unwrap(),
+        )
+        .await;
+        assert_eq!(st, 200, "{t}");
+        let ids: Vec<u32> = serde_json::from_value(t["tokens"].clone()).unwrap();
+        assert_eq!(t["count"], ids.len());
+        assert_eq!(t["token_strs"].as_array().unwrap().len(), ids.len());
+        let (_, d) = json(
+            post("/detokenize", serde_json::json!({"tokens": ids}))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(d["prompt"], "Hello, experts");
+        let (_, chat) = json(
+            post(
+                "/tokenize",
+                serde_json::json!({"messages": [{"role": "user", "content": "Hello, experts"}]}),
+            )
+            .await
+            .unwrap(),
+        )
+        .await;
+        assert!(chat["count"].as_u64().unwrap() > ids.len() as u64, "{chat}");
+        let (st, e) = json(
+            post("/detokenize", serde_json::json!({"tokens": [1, 70000]}))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (st, e["error"]["param"].as_str()),
+            (400, Some("tokens")),
+            "{e}"
+        );
+        let (st, e) = json(
+            post(
+                "/tokenize",
+                serde_json::json!({"prompt": "a", "messages": []}),
+            )
+            .await
+            .unwrap(),
+        )
+        .await;
+        assert_eq!(st, 400, "{e}");
+
+        let (st, v) = json(http.get(s.url("/version")).send().await.unwrap()).await;
+        assert_eq!(
+            (st, v["version"].as_str()),
+            (200, Some(env!("CARGO_PKG_VERSION")))
+        );
+        let (st, m) = json(http.get(s.url("/v1/models/tiny")).send().await.unwrap()).await;
+        assert_eq!((st, m["id"].as_str()), (200, Some("tiny")));
+        let (st, m) = json(http.get(s.url("/v1/models/gpt-4")).send().await.unwrap()).await;
+        assert_eq!(
+            (st, m["error"]["param"].as_str()),
+            (404, Some("model")),
+            "{m}"
+        );
+
+        // Unknown paths and methods: OpenAI-shaped JSON, never an empty body.
+        let (st, e) = json(
+            post("/v1/embeddings", serde_json::json!({"input": "x"}))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(st, 404);
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("/v1/embeddings"),
+            "{e}"
+        );
+        let (st, e) = json(http.get(s.url("/v1/completions")).send().await.unwrap()).await;
+        assert_eq!(st, 405);
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("GET /v1/completions"),
+            "{e}"
+        );
+
+        // Ids are random, not sequential.
+        let body = serde_json::json!({"prompt": "Hi", "max_tokens": 2, "temperature": 0});
+        let (_, a) = json(post("/v1/completions", body.clone()).await.unwrap()).await;
+        let (_, b) = json(post("/v1/completions", body).await.unwrap()).await;
+        let (a, b) = (
+            a["id"].as_str().unwrap().to_owned(),
+            b["id"].as_str().unwrap().to_owned(),
+        );
+        assert_ne!(a, b);
+        for id in [&a, &b] {
+            let hex = id.strip_prefix("cmpl-").unwrap();
+            assert!(
+                hex.len() == 32 && hex.bytes().all(|c| c.is_ascii_hexdigit()),
+                "{id}"
+            );
+        }
+
+        // Chat logprobs' bytes are each token's own: they concatenate to the text. Special
+        // tokens (the first ids) are banned so every token is text.
+        let banned: serde_json::Map<String, serde_json::Value> = (0..16)
+            .map(|i| (i.to_string(), serde_json::json!(-100)))
+            .collect();
+        let (st, c) = json(
+            post(
+                "/v1/chat/completions",
+                serde_json::json!({
+                    "messages": [{"role": "user", "content": "多 wörld"}], "max_tokens": 24,
+                    "temperature": 0, "ignore_eos": true, "logprobs": true, "logit_bias": banned,
+                }),
+            )
+            .await
+            .unwrap(),
+        )
+        .await;
+        assert_eq!(st, 200, "{c}");
+        let mut bytes = Vec::new();
+        for t in c["choices"][0]["logprobs"]["content"].as_array().unwrap() {
+            bytes.extend(
+                t["bytes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b.as_u64().unwrap() as u8),
+            );
+        }
+        // (Lossily: the text ends in U+FFFD where the output stops inside a character.)
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            c["choices"][0]["message"]["content"].as_str().unwrap()
+        );
+
+        // A field that would be dropped is refused by name instead.
+        let (st, e) = json(
+            post(
+                "/v1/chat/completions",
+                serde_json::json!({
+                    "messages": [{"role": "user", "content": "x"}],
+                    "response_format": {"type": "json_object"},
+                }),
+            )
+            .await
+            .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (st, e["error"]["param"].as_str()),
+            (400, Some("response_format")),
+            "{e}"
+        );
+    });
+    s.wait_drained();
+}
+
 fn sse_data(body: &str) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     for line in body.lines() {

@@ -35,10 +35,13 @@ thread_local! {
     static BF16_SCRATCH: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+/// Kernel sets, best first (the derived order is that ranking).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Isa {
     Avx512Bf16,
     Avx512,
+    /// AVX2 with FMA (every x86-64 server since Haswell / Zen 1): 8 lanes.
+    Avx2,
     Portable,
 }
 
@@ -46,6 +49,42 @@ fn isa() -> Isa {
     use std::sync::OnceLock;
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
+        let detected = detect_isa();
+        // SWITCHYARD_KERNELS=portable|avx2|avx512 picks a lower kernel set than the CPU
+        // allows, to measure the sets against each other; never a higher one.
+        let asked = match std::env::var("SWITCHYARD_KERNELS").as_deref() {
+            Ok("portable") => Isa::Portable,
+            Ok("avx2") => Isa::Avx2,
+            Ok("avx512") => Isa::Avx512,
+            _ => detected,
+        };
+        // Declared best first: the larger of the two is the lower set.
+        asked.max(detected)
+    })
+}
+
+/// The kernel set this process uses: `avx512-bf16`, `avx512`, `avx2` or `portable`.
+pub fn kernels() -> &'static str {
+    match isa() {
+        Isa::Avx512Bf16 => "avx512-bf16",
+        Isa::Avx512 => "avx512",
+        Isa::Avx2 => "avx2",
+        Isa::Portable => "portable",
+    }
+}
+
+/// Whether the AVX-512 kernels are in use (the element-wise ops follow the same choice).
+pub(super) fn uses_avx512() -> bool {
+    matches!(isa(), Isa::Avx512 | Isa::Avx512Bf16)
+}
+
+/// Whether AVX2 + FMA kernels may be used (true on AVX-512 CPUs too).
+pub(super) fn uses_avx2() -> bool {
+    isa() != Isa::Portable
+}
+
+fn detect_isa() -> Isa {
+    {
         #[cfg(target_arch = "x86_64")]
         {
             let base = is_x86_feature_detected!("avx512f")
@@ -57,9 +96,12 @@ fn isa() -> Isa {
             if base {
                 return Isa::Avx512;
             }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
         }
         Isa::Portable
-    })
+    }
 }
 
 /// Whether [`Tensor::pack_for_matmul`] layouts have kernels on this CPU (AVX512-BF16).
@@ -162,7 +204,7 @@ unsafe fn matmul_packed_with(x: &[f32], m: usize, w: &PackedBf16, out: *mut f32,
 pub fn to_bf16_bits(src: &[f32], dst: &mut [u16]) {
     assert_eq!(src.len(), dst.len(), "to_bf16_bits: lengths differ");
     #[cfg(target_arch = "x86_64")]
-    if isa() != Isa::Portable {
+    if matches!(isa(), Isa::Avx512 | Isa::Avx512Bf16) {
         // SAFETY: AVX-512 F/BW are present (checked by `isa`).
         unsafe { to_bf16_bits_avx512(src, dst) };
         return;
@@ -333,11 +375,19 @@ fn gemm_f32(
     o: OutPtr,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if isa != Isa::Portable {
+    match isa {
         // SAFETY: the CPU has AVX-512F/BW/VL (checked by `isa`); slices are in bounds
         // (checked by `matmul_t`); tasks write disjoint columns.
-        unsafe { avx512::gemm_f32(x, m, k, w, n0, n1, ldo, o.0) };
-        return;
+        Isa::Avx512 | Isa::Avx512Bf16 => {
+            unsafe { avx512::gemm_f32(x, m, k, w, n0, n1, ldo, o.0) };
+            return;
+        }
+        // SAFETY: as above, with AVX2 and FMA.
+        Isa::Avx2 => {
+            unsafe { avx2::gemm(x, m, k, w, n0, n1, ldo, o.0) };
+            return;
+        }
+        Isa::Portable => {}
     }
     for i in 0..m {
         let xr = &x[i * k..(i + 1) * k];
@@ -363,10 +413,18 @@ fn gemm_bf16_widen(
     o: OutPtr,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if isa != Isa::Portable {
+    match isa {
         // SAFETY: as in `gemm_f32`.
-        unsafe { avx512::gemm_bf16_widen(x, m, k, w, n0, n1, ldo, o.0) };
-        return;
+        Isa::Avx512 | Isa::Avx512Bf16 => {
+            unsafe { avx512::gemm_bf16_widen(x, m, k, w, n0, n1, ldo, o.0) };
+            return;
+        }
+        // SAFETY: as in `gemm_f32`.
+        Isa::Avx2 => {
+            unsafe { avx2::gemm(x, m, k, w, n0, n1, ldo, o.0) };
+            return;
+        }
+        Isa::Portable => {}
     }
     for i in 0..m {
         let xr = &x[i * k..(i + 1) * k];
@@ -682,6 +740,156 @@ mod avx512 {
         DpTile,
         "avx512f,avx512bw,avx512vl,avx512bf16"
     );
+}
+
+/// The AVX2 + FMA kernels, for CPUs without AVX-512: 8-lane f32 FMA tiles of up to 4
+/// activation rows × 3 weight rows (12 accumulators, 3 widened weights and one activation
+/// vector: the 16 ymm registers), bf16 weights widened in registers.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    const MR: usize = 4;
+    const NR: usize = 3;
+
+    /// A weight element type widened to 8 f32 lanes.
+    pub(super) trait Widen8: Copy {
+        /// Loads 8 elements at `ptr` as f32.
+        ///
+        /// # Safety
+        /// 8 elements at `ptr` must be readable; AVX2 must be enabled by the caller.
+        unsafe fn load8(ptr: *const Self) -> __m256;
+        fn to_f32(self) -> f32;
+    }
+
+    impl Widen8 for f32 {
+        #[inline(always)]
+        unsafe fn load8(ptr: *const f32) -> __m256 {
+            // SAFETY: forwarded from the caller.
+            unsafe { _mm256_loadu_ps(ptr) }
+        }
+        #[inline(always)]
+        fn to_f32(self) -> f32 {
+            self
+        }
+    }
+
+    impl Widen8 for u16 {
+        /// bf16 bits: widening is a 16-bit shift into the high half of each f32.
+        #[inline(always)]
+        unsafe fn load8(ptr: *const u16) -> __m256 {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                let raw = _mm_loadu_si128(ptr.cast());
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
+            }
+        }
+        #[inline(always)]
+        fn to_f32(self) -> f32 {
+            crate::dtype::bf16_bits_to_f32(self)
+        }
+    }
+
+    /// The sum of the 8 lanes.
+    #[inline(always)]
+    pub(super) fn hsum(v: __m256) -> f32 {
+        // SAFETY: SSE / AVX register shuffles only; every caller enables AVX2.
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+        }
+    }
+
+    /// `out[i + r, j + c] = x[i + r] · w[j + c]` for r < M, c < N.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<W: Widen8, const M: usize, const N: usize>(
+        x: &[f32],
+        k: usize,
+        w: &[W],
+        i: usize,
+        j: usize,
+        ldo: usize,
+        out: *mut f32,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); N]; M];
+        let body = k - k % 8;
+        let mut p = 0;
+        while p < body {
+            let mut wv = [_mm256_setzero_ps(); N];
+            for (c, v) in wv.iter_mut().enumerate() {
+                // SAFETY: p + 8 <= k within row j + c.
+                *v = unsafe { W::load8(w.as_ptr().add((j + c) * k + p)) };
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                // SAFETY: p + 8 <= k within row i + r.
+                let xv = unsafe { _mm256_loadu_ps(x.as_ptr().add((i + r) * k + p)) };
+                for (c, a) in row.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(xv, wv[c], *a);
+                }
+            }
+            p += 8;
+        }
+        for (r, row) in acc.iter().enumerate() {
+            let xr = &x[(i + r) * k..(i + r + 1) * k];
+            for (c, a) in row.iter().enumerate() {
+                let wr = &w[(j + c) * k..(j + c + 1) * k];
+                let mut sum = hsum(*a);
+                for q in body..k {
+                    sum += xr[q] * wr[q].to_f32();
+                }
+                // SAFETY: (i + r, j + c) is inside the output.
+                unsafe { *out.add((i + r) * ldo + j + c) = sum };
+            }
+        }
+    }
+
+    /// `out[i, j] = x[i] · w[j]` for every row i < m and weight row n0 <= j < n1.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are present; `x` holds m rows and `w` n1 rows of k; `out` (row stride
+    /// `ldo`) is writable at columns n0..n1 of m rows and not otherwise accessed meanwhile.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm<W: Widen8>(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[W],
+        n0: usize,
+        n1: usize,
+        ldo: usize,
+        out: *mut f32,
+    ) {
+        let mut j = n0;
+        while j < n1 {
+            let nr = (n1 - j).min(NR);
+            let mut i = 0;
+            while i < m {
+                let mr = (m - i).min(MR);
+                // SAFETY: rows i..i+mr of x and j..j+nr of w are in bounds (the caller's).
+                unsafe {
+                    match (mr, nr) {
+                        (4, 3) => tile::<W, 4, 3>(x, k, w, i, j, ldo, out),
+                        (4, 2) => tile::<W, 4, 2>(x, k, w, i, j, ldo, out),
+                        (4, 1) => tile::<W, 4, 1>(x, k, w, i, j, ldo, out),
+                        (3, 3) => tile::<W, 3, 3>(x, k, w, i, j, ldo, out),
+                        (3, 2) => tile::<W, 3, 2>(x, k, w, i, j, ldo, out),
+                        (3, 1) => tile::<W, 3, 1>(x, k, w, i, j, ldo, out),
+                        (2, 3) => tile::<W, 2, 3>(x, k, w, i, j, ldo, out),
+                        (2, 2) => tile::<W, 2, 2>(x, k, w, i, j, ldo, out),
+                        (2, 1) => tile::<W, 2, 1>(x, k, w, i, j, ldo, out),
+                        (1, 3) => tile::<W, 1, 3>(x, k, w, i, j, ldo, out),
+                        (1, 2) => tile::<W, 1, 2>(x, k, w, i, j, ldo, out),
+                        _ => tile::<W, 1, 1>(x, k, w, i, j, ldo, out),
+                    }
+                }
+                i += mr;
+            }
+            j += nr;
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1210,10 +1418,23 @@ mod tests {
     #[test]
     fn fallback_kernels_match_reference() {
         let mut isas = vec![Isa::Portable];
+        // Every AVX-512 CPU has AVX2 and FMA too.
         if isa() != Isa::Portable {
+            isas.push(Isa::Avx2);
+        }
+        if matches!(isa(), Isa::Avx512 | Isa::Avx512Bf16) {
             isas.push(Isa::Avx512);
         }
-        for &(m, n, k) in &[(1, 5, 33), (6, 9, 100)] {
+        // Every tile shape (rows 1–4 × columns 1–3, and 5+ rows for a second row tile), k
+        // below, at and past one 8-lane step, with and without a tail.
+        for &(m, n, k) in &[
+            (1, 5, 33),
+            (6, 9, 100),
+            (4, 3, 8),
+            (5, 7, 7),
+            (9, 4, 2048),
+            (2, 1, 17),
+        ] {
             let x = pseudo(m * k, 7);
             let wf = pseudo(n * k, 8);
             let wb: Vec<u16> = wf.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();

@@ -71,6 +71,11 @@ pub fn axpy(acc: &mut [f32], a: f32, x: &[f32]) {
         // SAFETY: AVX-512F is present (checked above).
         return unsafe { avx512::axpy(acc, a, x) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 and FMA are present (checked above).
+        return unsafe { avx2::axpy(acc, a, x) };
+    }
     for (o, v) in acc.iter_mut().zip(x) {
         *o += a * v;
     }
@@ -100,6 +105,11 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: AVX-512F is present (checked above).
         return unsafe { avx512::dot(a, b) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 and FMA are present (checked above).
+        return unsafe { avx2::dot(a, b) };
+    }
     let mut acc = [0.0f32; 8];
     let chunks = a.len() / 8;
     for c in 0..chunks {
@@ -114,10 +124,86 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// Attention's inner products run once per (query, key) and head: AVX-512 when the CPU has it.
+/// Attention's inner products run once per (query, key) and head: AVX-512 when the matmul
+/// kernels use it (`SWITCHYARD_KERNELS` applies here too).
 #[cfg(target_arch = "x86_64")]
 fn avx512() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
+    super::matmul::uses_avx512()
+}
+
+/// The same with AVX2 and FMA, on CPUs without AVX-512.
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    super::matmul::uses_avx2()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        // SAFETY: every load reads 8 floats at i <= n - 8 of both slices.
+        unsafe {
+            while i + 16 <= n {
+                acc0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i)),
+                    _mm256_loadu_ps(b.as_ptr().add(i)),
+                    acc0,
+                );
+                acc1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i + 8)),
+                    _mm256_loadu_ps(b.as_ptr().add(i + 8)),
+                    acc1,
+                );
+                i += 16;
+            }
+            if i + 8 <= n {
+                acc0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i)),
+                    _mm256_loadu_ps(b.as_ptr().add(i)),
+                    acc0,
+                );
+                i += 8;
+            }
+        }
+        let v = _mm256_add_ps(acc0, acc1);
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let mut s = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)));
+        for j in i..n {
+            s += a[j] * b[j];
+        }
+        s
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy(acc: &mut [f32], a: f32, x: &[f32]) {
+        let n = acc.len().min(x.len());
+        let va = _mm256_set1_ps(a);
+        let mut i = 0;
+        // SAFETY: every access covers 8 floats at i <= n - 8 of both slices.
+        unsafe {
+            while i + 8 <= n {
+                let o = acc.as_mut_ptr().add(i);
+                _mm256_storeu_ps(
+                    o,
+                    _mm256_fmadd_ps(va, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(o)),
+                );
+                i += 8;
+            }
+        }
+        for j in i..n {
+            acc[j] += a * x[j];
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -212,6 +298,22 @@ mod tests {
                     (acc[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6,
                     "axpy n={n} i={i}"
                 );
+            }
+            // The AVX2 path too where AVX-512 would be picked first.
+            #[cfg(target_arch = "x86_64")]
+            if avx2() {
+                // SAFETY: AVX2 and FMA are present (checked above).
+                let got = unsafe { avx2::dot(&a, &b) };
+                assert!((got - want).abs() < 1e-4, "avx2 dot n={n}");
+                let mut acc = b.clone();
+                // SAFETY: as above.
+                unsafe { avx2::axpy(&mut acc, 0.5, &a) };
+                for i in 0..n {
+                    assert!(
+                        (acc[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6,
+                        "avx2 axpy n={n}"
+                    );
+                }
             }
         }
     }

@@ -8,7 +8,8 @@
 //! and the calling thread claim task indices from one atomic counter.
 //!
 //! A job started from inside a task runs inline on that thread (no nested parallelism), and
-//! concurrent callers take turns.
+//! concurrent callers take turns — also on a one-thread pool, so a process never computes on
+//! more threads than its pool has, however many threads call it.
 
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -58,6 +59,12 @@ thread_local! {
 }
 
 static GLOBAL: OnceLock<ComputePool> = OnceLock::new();
+
+/// Whether `SWITCHYARD_IDLE=spin` asked for [`ComputePool::rest`] to be ignored (read once).
+fn spin_while_waiting() -> bool {
+    static SPIN: OnceLock<bool> = OnceLock::new();
+    *SPIN.get_or_init(|| std::env::var("SWITCHYARD_IDLE").is_ok_and(|v| v == "spin"))
+}
 
 /// Sets the global pool's size; the first caller wins. Returns the size in effect.
 pub fn init_global(threads: usize) -> usize {
@@ -109,8 +116,13 @@ impl ComputePool {
     /// Lets idle workers park at once rather than spin: call before this process waits on
     /// something else (a network reply) so spinning does not take cores another process on the
     /// machine needs. The next [`run`](Self::run) wakes them.
+    ///
+    /// `SWITCHYARD_IDLE=spin` in the environment turns this off (idle threads spin their
+    /// `SPIN_FOR` window even while the process waits), to measure spin against park.
     pub fn rest(&self) {
-        self.shared.resting.store(true, Ordering::Relaxed);
+        if !spin_while_waiting() {
+            self.shared.resting.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Runs `f(i, chunk)` over `data` cut into chunks of `chunk` elements (the last may be
@@ -138,13 +150,23 @@ impl ComputePool {
         if n_tasks == 0 {
             return;
         }
-        if n_tasks == 1 || self.workers.is_empty() || IN_TASK.with(|t| t.get()) {
+        if IN_TASK.with(|t| t.get()) {
             for i in 0..n_tasks {
                 f(i);
             }
             return;
         }
+        // Callers take turns even when the job runs on the caller alone (a one-thread pool, or
+        // one task): otherwise concurrent callers — a worker's overlapping calls, say — would
+        // compute on more threads than the pool has.
         let _turn = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if n_tasks == 1 || self.workers.is_empty() {
+            let _in_task = InTask::enter();
+            for i in 0..n_tasks {
+                f(i);
+            }
+            return;
+        }
         let s = &*self.shared;
         // SAFETY: the 'static lifetime is a lie the workers never observe: the job is cleared,
         // and every worker has finished with it (`pending` is zero), before `run` returns.
@@ -379,6 +401,44 @@ mod tests {
             2,
             "the caller fell back to running jobs inline"
         );
+    }
+
+    /// Concurrent callers (a worker's overlapping calls) never compute on more threads than
+    /// the pool has — also for a one-thread pool and for one-task jobs, which run on the
+    /// caller. Bounded: a deadlock fails on the timeout.
+    #[test]
+    fn concurrent_callers_never_compute_on_more_threads_than_the_pool_has() {
+        for (threads, tasks) in [(1, 1), (1, 4), (2, 1), (2, 2)] {
+            let pool = Arc::new(ComputePool::new(threads));
+            let active = Arc::new(AtomicUsize::new(0));
+            let most = Arc::new(AtomicUsize::new(0));
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            for _ in 0..4 {
+                let (pool, active, most, done) =
+                    (pool.clone(), active.clone(), most.clone(), done_tx.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..20 {
+                        pool.run(tasks, &|_| {
+                            let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            std::thread::sleep(Duration::from_micros(200));
+                            active.fetch_sub(1, Ordering::SeqCst);
+                        });
+                    }
+                    let _ = done.send(());
+                });
+            }
+            for _ in 0..4 {
+                done_rx
+                    .recv_timeout(Duration::from_secs(20))
+                    .expect("a caller finished in time");
+            }
+            let most = most.load(Ordering::SeqCst);
+            assert!(
+                most <= threads,
+                "a pool of {threads} ran {most} tasks at once ({tasks} per job)"
+            );
+        }
     }
 
     #[test]

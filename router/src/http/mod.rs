@@ -1,5 +1,7 @@
 //! The OpenAI-compatible HTTP API (axum): `/v1/completions`, `/v1/chat/completions` (both
-//! with `stream: true` as server-sent events), `/v1/models`, `/health`, `/metrics`.
+//! with `stream: true` as server-sent events), `/v1/models` and `/v1/models/{id}`, vLLM's
+//! `/tokenize`, `/detokenize` and `/version`, `/health`, `/metrics`, `/v1/expert_load`. Every
+//! other path or method gets an OpenAI-shaped JSON error.
 //!
 //! Requests become [`crate::request::RawRequest`]s and go through the same validation and
 //! scheduler as gRPC. A client that closes its connection drops the response stream, which
@@ -9,17 +11,19 @@ pub mod openai;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use switchyard_engine::sampling::TokenLogprobs;
@@ -29,7 +33,9 @@ use tracing::instrument;
 use crate::error::RouterError;
 use crate::scheduler::{Event, RequestStream};
 use crate::server::ServingState;
-use openai::{ChatRequest, CompletionRequest, ErrorBody, UsageOut};
+use openai::{
+    ChatRequest, CompletionRequest, DetokenizeRequest, ErrorBody, TokenizeRequest, UsageOut,
+};
 
 /// Request bodies larger than this are refused (413).
 pub const MAX_BODY_BYTES: usize = 8 << 20;
@@ -70,9 +76,15 @@ pub fn router(state: ServingState) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/version", get(version))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/expert_load", get(expert_load))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -164,6 +176,18 @@ async fn expert_load(
     Ok(axum::Json(state.expert_load(q.reset)?))
 }
 
+/// The served model as `/v1/models` lists it.
+fn model_card(state: &ServingState) -> Value {
+    json!({
+        "id": state.limits.model_name,
+        "object": "model",
+        "created": unix_now(),
+        "owned_by": "switchyard",
+        "max_model_len": state.limits.max_context,
+        "vocab_size": state.limits.vocab_size,
+    })
+}
+
 async fn models(
     State(state): State<ServingState>,
     headers: HeaderMap,
@@ -171,15 +195,146 @@ async fn models(
     authorize(&state, &headers)?;
     Ok(axum::Json(json!({
         "object": "list",
-        "data": [{
-            "id": state.limits.model_name,
-            "object": "model",
-            "created": unix_now(),
-            "owned_by": "switchyard",
-            "max_model_len": state.limits.max_context,
-            "vocab_size": state.limits.vocab_size,
-        }],
+        "data": [model_card(&state)],
     })))
+}
+
+async fn model(
+    State(state): State<ServingState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    check_model(&state, Some(id.as_str()))?;
+    Ok(axum::Json(model_card(&state)))
+}
+
+/// `model`, when given and not empty, must be the served one.
+fn check_model(state: &ServingState, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if !m.is_empty() && m != state.limits.model_name => {
+            Err(RouterError::UnknownModel {
+                given: m.to_owned(),
+                served: state.limits.model_name.clone(),
+            }
+            .into())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn need_tokenizer<'s>(
+    state: &'s ServingState,
+    field: &str,
+) -> Result<&'s switchyard_engine::tokenizer::TextTokenizer, ApiError> {
+    state.tokenizer.as_deref().ok_or_else(|| {
+        RouterError::invalid(
+            field,
+            "needs a tokenizer, and this model has none (no tokenizer.json)",
+        )
+        .into()
+    })
+}
+
+/// vLLM's `/tokenize`: the ids of a prompt, or of chat messages rendered as
+/// `/v1/chat/completions` renders them.
+#[instrument(skip_all)]
+async fn tokenize(
+    State(state): State<ServingState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let req: TokenizeRequest = parse(&body)?;
+    check_model(&state, req.model.as_deref())?;
+    let invalid = |field: &str, e: switchyard_engine::EngineError| {
+        ApiError::from(RouterError::invalid(field, e.to_string()))
+    };
+    let tokens = match (req.prompt, req.messages) {
+        (Some(prompt), None) => need_tokenizer(&state, "prompt")?
+            .encode(&prompt, req.add_special_tokens.unwrap_or(true))
+            .map_err(|e| invalid("prompt", e))?,
+        (None, Some(messages)) => {
+            let t = need_tokenizer(&state, "messages")?;
+            let text = t
+                .apply_chat_template(
+                    &openai::messages_of(messages)?,
+                    req.add_generation_prompt.unwrap_or(true),
+                )
+                .map_err(|e| invalid("messages", e))?;
+            t.encode(&text, req.add_special_tokens.unwrap_or(false))
+                .map_err(|e| invalid("messages", e))?
+        }
+        (Some(_), Some(_)) | (None, None) => {
+            return Err(
+                RouterError::invalid("prompt", "give `prompt` or `messages`, one of them").into(),
+            );
+        }
+    };
+    let mut out = json!({
+        "count": tokens.len(),
+        "max_model_len": state.limits.max_context,
+        "tokens": tokens,
+    });
+    if req.return_token_strs {
+        out["token_strs"] = tokens.iter().map(|&t| state.token_text(t)).collect();
+    }
+    Ok(axum::Json(out))
+}
+
+/// vLLM's `/detokenize`: the text of token ids.
+#[instrument(skip_all)]
+async fn detokenize(
+    State(state): State<ServingState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let req: DetokenizeRequest = parse(&body)?;
+    check_model(&state, req.model.as_deref())?;
+    if let Some(&bad) = req
+        .tokens
+        .iter()
+        .find(|&&t| t as usize >= state.limits.vocab_size)
+    {
+        return Err(RouterError::invalid(
+            "tokens",
+            format!(
+                "token ids must be < vocab_size ({}), got {bad}",
+                state.limits.vocab_size
+            ),
+        )
+        .into());
+    }
+    let text = need_tokenizer(&state, "tokens")?
+        .decode(&req.tokens)
+        .map_err(|e| ApiError::from(RouterError::invalid("tokens", e.to_string())))?;
+    Ok(axum::Json(json!({ "prompt": text })))
+}
+
+async fn version() -> axum::Json<Value> {
+    axum::Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
+}
+
+/// What the 404 body lists.
+const SERVED: &str = "/v1/completions, /v1/chat/completions, /v1/models, /v1/models/{id}, \
+     /tokenize, /detokenize, /version, /health, /metrics, /v1/expert_load";
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    RouterError::NoRoute {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+        served: SERVED,
+    }
+    .into()
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    RouterError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+    .into()
 }
 
 /// One request's id and creation time, as both response kinds carry them.
@@ -190,13 +345,37 @@ struct Meta {
 }
 
 impl Meta {
-    fn new(prefix: &str, stream: &RequestStream, state: &ServingState) -> Meta {
-        Meta {
-            id: format!("{prefix}-{}", stream.id),
+    /// A response's id, creation time and model; logs the request with its sequence number
+    /// and the client's `user`.
+    fn new(prefix: &str, stream: &RequestStream, state: &ServingState, user: Option<&str>) -> Meta {
+        let meta = Meta {
+            id: response_id(prefix),
             created: unix_now(),
             model: state.limits.model_name.clone(),
-        }
+        };
+        tracing::info!(
+            id = %meta.id,
+            sequence = stream.id,
+            user = user.unwrap_or(""),
+            prompt_tokens = stream.prompt_tokens,
+            "request accepted"
+        );
+        meta
     }
+}
+
+/// `PREFIX-` and 32 random hex digits, as OpenAI and vLLM shape response ids, so ids from
+/// several routers or restarts do not collide.
+fn response_id(prefix: &str) -> String {
+    static RNG: OnceLock<Mutex<StdRng>> = OnceLock::new();
+    let rng = RNG.get_or_init(|| {
+        // RandomState's keys come from the OS's random source.
+        Mutex::new(StdRng::seed_from_u64(
+            RandomState::new().hash_one(SystemTime::now()),
+        ))
+    });
+    let v: u128 = rng.lock().unwrap_or_else(|e| e.into_inner()).random();
+    format!("{prefix}-{v:032x}")
 }
 
 /// Everything a finished request produced.
@@ -257,10 +436,7 @@ fn completion_logprobs(state: &ServingState, tokens: &[(u32, Option<TokenLogprob
 
 /// Chat-style logprobs of some tokens.
 fn chat_logprobs(state: &ServingState, tokens: &[(u32, Option<TokenLogprobs>)]) -> Value {
-    let entry = |id: u32, logprob: f32| {
-        let text = state.token_text(id);
-        json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()})
-    };
+    let entry = |id: u32, logprob: f32| json!({"token": state.token_text(id), "logprob": logprob, "bytes": state.token_bytes(id)});
     let content: Vec<Value> = tokens
         .iter()
         .filter_map(|(id, lp)| {
@@ -284,8 +460,9 @@ async fn completions(
     let streaming = req.stream;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let wants_logprobs = req.logprobs.is_some();
+    let user = req.user.clone();
     let stream = state.submit(req.into_raw()?)?;
-    let meta = Meta::new("cmpl", &stream, &state);
+    let meta = Meta::new("cmpl", &stream, &state, user.as_deref());
     if !streaming {
         let out = collect(stream).await?;
         let logprobs = wants_logprobs.then(|| completion_logprobs(&state, &out.tokens));
@@ -357,8 +534,9 @@ async fn chat_completions(
     let streaming = req.stream;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let wants_logprobs = req.logprobs;
+    let user = req.user.clone();
     let stream = state.submit(req.into_raw()?)?;
-    let meta = Meta::new("chatcmpl", &stream, &state);
+    let meta = Meta::new("chatcmpl", &stream, &state, user.as_deref());
     if !streaming {
         let out = collect(stream).await?;
         let logprobs = wants_logprobs.then(|| chat_logprobs(&state, &out.tokens));
