@@ -262,6 +262,7 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         gen_len: args.gen_len,
         seed: args.seed,
         micro_batches: 1,
+        micro_batch_min_tokens: 0,
     };
     let compute = switchyard_engine::tensor::Compute::open_all(&args.router_device)
         .with_context(|| format!("opening --router-device {}", args.router_device))?;
@@ -325,6 +326,7 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
                 node.model(),
                 &BenchOptions {
                     micro_batches,
+                    micro_batch_min_tokens: args.dispatch.micro_batch_min_tokens,
                     ..bench_options.clone()
                 },
                 &step,

@@ -35,6 +35,11 @@ pub struct DispatchArgs {
     /// (Default 2; `bench` given it measures 1 and this many side by side.)
     #[arg(long, env = "SWITCHYARD_MICRO_BATCHES", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub micro_batches: Option<u32>,
+    /// Split only steps of at least this many tokens; smaller ones run whole (their expert
+    /// GEMMs are bound by reading the weights, which each micro-batch would read again).
+    /// 0 splits every step of two or more sequences.
+    #[arg(long, env = "SWITCHYARD_MICRO_BATCH_MIN_TOKENS", default_value_t = switchyard_router::experts::DEFAULT_MICRO_BATCH_MIN_TOKENS)]
+    pub micro_batch_min_tokens: usize,
 }
 
 impl DispatchArgs {
@@ -51,6 +56,8 @@ impl DispatchArgs {
             &self.expert_calls,
             "--micro-batches",
             &self.micro_batches().to_string(),
+            "--micro-batch-min-tokens",
+            &self.micro_batch_min_tokens.to_string(),
         ]
         .map(String::from)
         .to_vec()
@@ -76,6 +83,7 @@ impl DispatchArgs {
                 CallMode::Unary
             },
             micro_batches: self.micro_batches(),
+            micro_batch_min_tokens: self.micro_batch_min_tokens,
             ..Default::default()
         }
     }

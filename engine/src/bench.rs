@@ -17,6 +17,8 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Micro-batches per step (see `ForwardOptions::micro_batches`; 0 or 1: none).
     pub micro_batches: usize,
+    /// Split only steps of at least this many tokens (`ForwardOptions::micro_batch_min_tokens`).
+    pub micro_batch_min_tokens: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -116,6 +118,7 @@ pub fn run_probed(
         let fwd = ForwardOptions {
             logits: LogitsFor::Last,
             micro_batches: options.micro_batches,
+            micro_batch_min_tokens: options.micro_batch_min_tokens,
             ..Default::default()
         };
 

@@ -121,6 +121,10 @@ impl Backend for ModelBackend {
                 .experts
                 .as_ref()
                 .map_or(1, |p| p.options().micro_batches),
+            micro_batch_min_tokens: self
+                .experts
+                .as_ref()
+                .map_or(0, |p| p.options().micro_batch_min_tokens),
             ..Default::default()
         };
         // One route per step: a placement switch lands between steps, never inside one.

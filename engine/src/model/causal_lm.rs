@@ -21,7 +21,7 @@ use crate::model::linear::{Linear, Projection, RmsNorm};
 use crate::model::mla::{AttentionMode, MlaAttention, SeqSpan};
 use crate::model::mlp::Mlp;
 use crate::model::moe::{ExpertExecutor, Moe, MoeStarted};
-use crate::model::pipeline::split_balanced;
+use crate::model::pipeline::{micro_batches_for, split_balanced};
 use crate::model::rope::Rope;
 use crate::model::shard::Parallel;
 use crate::tensor::{CpuStorage, Tensor};
@@ -73,6 +73,10 @@ pub struct ForwardOptions {
     /// one's routed experts are in flight while another's attention runs. Each holds whole
     /// sequences, so there are at most as many as sequences.
     pub micro_batches: usize,
+    /// Split only steps of at least this many tokens (0: any step of 2+ sequences). Below it
+    /// routed-expert GEMMs are bound by reading the experts' weights, which every
+    /// micro-batch reads again, so a split costs more than it overlaps.
+    pub micro_batch_min_tokens: usize,
 }
 
 /// Where a forward pass's time went, summed over layers.
@@ -450,7 +454,8 @@ impl CausalLm {
         let lens: Vec<usize> = seqs.iter().map(|s| s.tokens.len()).collect();
         let mut rest: &mut [SeqInput<'_>] = seqs;
         let mut batches = Vec::new();
-        for n in split_balanced(&lens, options.micro_batches.max(1)) {
+        let k = micro_batches_for(&lens, options.micro_batches, options.micro_batch_min_tokens);
+        for n in split_balanced(&lens, k) {
             let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
             rest = tail;
             batches.push(self.micro_batch(head)?);

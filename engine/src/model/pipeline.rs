@@ -1,6 +1,17 @@
 //! Micro-batches: how a step's sequences are split so one micro-batch's routed experts can be
 //! in flight while another's attention runs (the schedule itself is `CausalLm::forward_with`).
 
+/// How many micro-batches a step of sequences of `lens` tokens runs as: `k` when it has at
+/// least `min_tokens` tokens in all (0: any step), otherwise 1 (and never more than one per
+/// sequence, which `split_balanced` enforces).
+pub fn micro_batches_for(lens: &[usize], k: usize, min_tokens: usize) -> usize {
+    if lens.iter().sum::<usize>() >= min_tokens {
+        k.max(1)
+    } else {
+        1
+    }
+}
+
 /// Splits sequences of `lens` tokens, in order, into at most `k` contiguous groups of about
 /// equal token counts, none empty: the sizes of the groups (summing to `lens.len()`).
 pub fn split_balanced(lens: &[usize], k: usize) -> Vec<usize> {
@@ -48,6 +59,16 @@ mod tests {
             assert!(sizes.len() <= k.min(lens.len()));
         }
         assert!(split_balanced(&[], 2).is_empty());
+    }
+
+    #[test]
+    fn small_steps_run_whole_and_large_ones_split() {
+        // 32 decodes under a 256-token threshold: whole; 32 prefill chunks of 8: split.
+        assert_eq!(micro_batches_for(&[1; 32], 2, 256), 1);
+        assert_eq!(micro_batches_for(&[8; 32], 2, 256), 2);
+        // No threshold: any step of sequences splits.
+        assert_eq!(micro_batches_for(&[1, 1], 2, 0), 2);
+        assert_eq!(micro_batches_for(&[1; 4], 0, 0), 1);
     }
 
     #[test]
