@@ -8,11 +8,12 @@ pub enum EngineError {
     #[error("invalid config: `{field}` {reason}")]
     Config { field: String, reason: String },
 
-    #[error("i/o error on {path}: {source}")]
+    /// The cause is in the message and not also the error's `source()`, which `{:#}` chains
+    /// would print a second time.
+    #[error("i/o error on {path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     #[error("checkpoint {path}: {reason}")]
@@ -64,10 +65,10 @@ impl EngineError {
         }
     }
 
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         EngineError::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 }
