@@ -236,13 +236,19 @@ impl ServingState {
         }
     }
 
-    pub fn tokenize(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, RouterError> {
+    /// The ids of `text` (the request's `field`), within the prompt size limit.
+    pub fn tokenize(
+        &self,
+        field: &str,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>, RouterError> {
         let t = self.tokenizer.as_ref().ok_or_else(|| {
-            RouterError::invalid("text", "needs a tokenizer, and this model has none")
+            RouterError::invalid(field, "needs a tokenizer, and this model has none")
         })?;
         if text.len() > request::MAX_PROMPT_BYTES {
             return Err(RouterError::invalid(
-                "text",
+                field,
                 format!(
                     "must be <= {} bytes, got {}",
                     request::MAX_PROMPT_BYTES,
@@ -251,7 +257,7 @@ impl ServingState {
             ));
         }
         t.encode(text, add_special_tokens)
-            .map_err(|e| RouterError::invalid("text", e.to_string()))
+            .map_err(|e| RouterError::invalid(field, e.to_string()))
     }
 
     /// A token's text for clients (empty without a tokenizer).
@@ -459,7 +465,9 @@ impl InferenceService for InferenceApi {
             }
             .into());
         }
-        let ids = self.state.tokenize(&req.text, req.add_special_tokens)?;
+        let ids = self
+            .state
+            .tokenize("text", &req.text, req.add_special_tokens)?;
         Ok(Response::new(TokenizeResponse {
             count: ids.len() as u32,
             tokens: ids.iter().map(|&id| self.state.token_text(id)).collect(),

@@ -749,6 +749,8 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use super::super::ops::avx2::hsum;
+
     const MR: usize = 4;
     const NR: usize = 3;
 
@@ -787,17 +789,6 @@ mod avx2 {
         #[inline(always)]
         fn to_f32(self) -> f32 {
             crate::dtype::bf16_bits_to_f32(self)
-        }
-    }
-
-    /// The sum of the 8 lanes.
-    #[inline(always)]
-    pub(super) fn hsum(v: __m256) -> f32 {
-        // SAFETY: SSE / AVX register shuffles only; every caller enables AVX2.
-        unsafe {
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
         }
     }
 

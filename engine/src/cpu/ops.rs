@@ -138,8 +138,19 @@ fn avx2() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use std::arch::x86_64::*;
+
+    /// The sum of the 8 lanes (the GEMM tiles in `matmul.rs` use it too).
+    #[inline(always)]
+    pub(in crate::cpu) fn hsum(v: __m256) -> f32 {
+        // SAFETY: SSE / AVX register shuffles only; every caller enables AVX2.
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+        }
+    }
 
     /// # Safety
     /// The CPU must support AVX2 and FMA.
@@ -172,10 +183,7 @@ mod avx2 {
                 i += 8;
             }
         }
-        let v = _mm256_add_ps(acc0, acc1);
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let mut s = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)));
+        let mut s = hsum(_mm256_add_ps(acc0, acc1));
         for j in i..n {
             s += a[j] * b[j];
         }

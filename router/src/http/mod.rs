@@ -251,9 +251,9 @@ async fn tokenize(
         ApiError::from(RouterError::invalid(field, e.to_string()))
     };
     let tokens = match (req.prompt, req.messages) {
-        (Some(prompt), None) => need_tokenizer(&state, "prompt")?
-            .encode(&prompt, req.add_special_tokens.unwrap_or(true))
-            .map_err(|e| invalid("prompt", e))?,
+        (Some(prompt), None) => {
+            state.tokenize("prompt", &prompt, req.add_special_tokens.unwrap_or(true))?
+        }
         (None, Some(messages)) => {
             let t = need_tokenizer(&state, "messages")?;
             let text = t
