@@ -4,9 +4,9 @@ use std::time::Duration;
 use anyhow::Context;
 use switchyard_coordinator::capacity::{self, WeightDType};
 use switchyard_coordinator::membership::ModelShape;
-use switchyard_coordinator::service::{self, CoordinatorNode};
-use switchyard_proto::v1::ClusterStatusRequest;
+use switchyard_coordinator::service::{self, Balancing, CoordinatorNode};
 use switchyard_proto::v1::coordinator_service_client::CoordinatorServiceClient;
+use switchyard_proto::v1::{ClusterStatusRequest, LayerBalance, RebalanceRequest};
 
 #[derive(clap::Args, Debug)]
 pub struct CoordinatorArgs {
@@ -30,6 +30,89 @@ pub struct CoordinatorArgs {
     /// Serve Prometheus metrics at `http://ADDR/metrics`; port 0 picks a free port (printed).
     #[arg(long, env = "SWITCHYARD_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    balancing: BalancingArgs,
+}
+
+/// Load balancing flags, shared by `coordinator` and `up` (which passes them on).
+#[derive(clap::Args, Debug, Clone)]
+pub struct BalancingArgs {
+    /// Rebalance expert placement for the load routers report every SECONDS (0: never;
+    /// `switchyard rebalance` runs one at any time). A rebalance loads what workers gain
+    /// before routers switch, so no step waits for it.
+    #[arg(
+        long,
+        env = "SWITCHYARD_REBALANCE_INTERVAL",
+        default_value_t = 0.0,
+        value_name = "SECONDS"
+    )]
+    pub rebalance_interval: f64,
+    /// Expert copies one rebalance may load (a move loads one, a swap two).
+    #[arg(long, env = "SWITCHYARD_REBALANCE_MAX_MOVES", default_value_t = 32)]
+    pub rebalance_max_moves: usize,
+    /// Least predicted drop in the mean per-layer worker imbalance (max / mean load) worth
+    /// moving experts for, e.g. 0.05 for 1.40 → 1.35.
+    #[arg(long, env = "SWITCHYARD_REBALANCE_THRESHOLD", default_value_t = 0.05)]
+    pub rebalance_threshold: f64,
+    /// Extra copies per MoE layer, beyond `--replicas` of each expert, for the experts with
+    /// the most load per copy (DeepSeek's redundant experts), where memory allows.
+    #[arg(long, env = "SWITCHYARD_REDUNDANT_EXPERTS", default_value_t = 0)]
+    pub redundant_experts: usize,
+    /// Observed load loses half its weight after SECONDS (0: never), so placement follows
+    /// recent traffic.
+    #[arg(
+        long,
+        env = "SWITCHYARD_LOAD_HALF_LIFE",
+        default_value_t = 60.0,
+        value_name = "SECONDS"
+    )]
+    pub load_half_life: f64,
+}
+
+fn seconds(flag: &str, v: f64) -> anyhow::Result<Duration> {
+    if !v.is_finite() || !(0.0..=1e9).contains(&v) {
+        anyhow::bail!("`{flag}` must be a number of seconds from 0 to 1e9, got {v}");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl BalancingArgs {
+    pub fn balancing(&self) -> anyhow::Result<Balancing> {
+        if !self.rebalance_threshold.is_finite() || self.rebalance_threshold < 0.0 {
+            anyhow::bail!(
+                "`--rebalance-threshold` must be a finite number >= 0, got {}",
+                self.rebalance_threshold
+            );
+        }
+        let interval = seconds("--rebalance-interval", self.rebalance_interval)?;
+        Ok(Balancing {
+            redundant: self.redundant_experts,
+            load_half_life: seconds("--load-half-life", self.load_half_life)?,
+            interval: (!interval.is_zero()).then_some(interval),
+            max_moves: self.rebalance_max_moves,
+            threshold: self.rebalance_threshold,
+        })
+    }
+
+    /// The same flags for a `coordinator` child process.
+    pub fn to_flags(&self) -> Vec<String> {
+        [
+            ("--rebalance-interval", self.rebalance_interval.to_string()),
+            (
+                "--rebalance-max-moves",
+                self.rebalance_max_moves.to_string(),
+            ),
+            (
+                "--rebalance-threshold",
+                self.rebalance_threshold.to_string(),
+            ),
+            ("--redundant-experts", self.redundant_experts.to_string()),
+            ("--load-half-life", self.load_half_life.to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(f, v)| [f.to_string(), v])
+        .collect()
+    }
 }
 
 pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
@@ -44,10 +127,11 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         experts_per_layer: moe.n_routed_experts as u32,
         expert_bytes: capacity::expert_bytes(&config, args.weight_dtype),
     };
-    let node = CoordinatorNode::new(
+    let node = CoordinatorNode::with_balancing(
         shape,
         args.replicas,
         Duration::from_millis(args.lease_ms.max(10)),
+        args.balancing.balancing()?,
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -94,24 +178,47 @@ pub struct StatusArgs {
     json: bool,
 }
 
-pub fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let url = if args.coordinator.contains("://") {
-        args.coordinator.clone()
+/// Runs `f` on a client of the coordinator at `addr` (`HOST:PORT` or a URL).
+fn with_client<T>(
+    addr: &str,
+    f: impl AsyncFnOnce(
+        &mut CoordinatorServiceClient<tonic::transport::Channel>,
+    ) -> Result<T, tonic::Status>,
+) -> anyhow::Result<T> {
+    let url = if addr.contains("://") {
+        addr.to_string()
     } else {
-        format!("http://{}", args.coordinator)
+        format!("http://{addr}")
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let s = runtime.block_on(async {
+    runtime.block_on(async {
         let mut client = CoordinatorServiceClient::connect(url.clone())
             .await
             .with_context(|| format!("connecting to the coordinator at {url}"))?;
-        let reply = client
-            .cluster_status(ClusterStatusRequest {})
+        f(&mut client)
             .await
-            .map_err(|s| anyhow::anyhow!("coordinator returned {:?}: {}", s.code(), s.message()))?;
-        anyhow::Ok(reply.into_inner())
+            .map_err(|s| anyhow::anyhow!("coordinator returned {:?}: {}", s.code(), s.message()))
+    })
+}
+
+fn balance_json(rows: &[LayerBalance]) -> Vec<serde_json::Value> {
+    rows.iter()
+        .map(|l| {
+            serde_json::json!({
+                "layer": l.layer, "before": l.before, "after": l.after,
+                "observed": (l.observed > 0.0).then_some(l.observed),
+            })
+        })
+        .collect()
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let s = with_client(&args.coordinator, async |c| {
+        Ok(c.cluster_status(ClusterStatusRequest {})
+            .await?
+            .into_inner())
     })?;
     if args.json {
         let workers: Vec<_> = s
@@ -143,6 +250,8 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
                 "model": s.model, "target_version": s.target_version, "live_version": s.live_version,
                 "placement_error": s.placement_error, "retain_from": s.retain_from,
                 "workers": workers, "routers": routers,
+                "load_tokens": s.load_tokens, "rebalances": s.rebalances,
+                "imbalance": balance_json(&s.balance),
             }))?
         );
         return Ok(());
@@ -187,6 +296,96 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         println!(
             "router  {:<28} on v{} · reported {} ms ago",
             r.router_id, r.live_version, r.ms_since_report
+        );
+    }
+    if s.load_tokens > 0.0 {
+        let mean = |f: fn(&LayerBalance) -> f64| {
+            let v: Vec<f64> = s.balance.iter().map(f).filter(|x| *x > 0.0).collect();
+            v.iter().sum::<f64>() / v.len().max(1) as f64
+        };
+        println!(
+            "load: {:.0} tokens (decayed) · worker imbalance (max / mean per layer, mean of layers): predicted {:.3}, observed {:.3} · {} rebalance{}",
+            s.load_tokens,
+            mean(|l| l.before),
+            mean(|l| l.observed),
+            s.rebalances,
+            if s.rebalances == 1 { "" } else { "s" }
+        );
+    } else {
+        println!("load: no expert load reported by routers yet");
+    }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RebalanceArgs {
+    /// The coordinator's address.
+    #[arg(long, env = "SWITCHYARD_COORDINATOR")]
+    coordinator: String,
+    /// Print the plan, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Expert copies to load at most (default: the coordinator's `--rebalance-max-moves`).
+    #[arg(long)]
+    max_moves: Option<u32>,
+    /// Least drop in mean imbalance worth it (default: the coordinator's
+    /// `--rebalance-threshold`).
+    #[arg(long)]
+    threshold: Option<f64>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn rebalance(args: RebalanceArgs) -> anyhow::Result<()> {
+    let r = with_client(&args.coordinator, async |c| {
+        Ok(c.rebalance(RebalanceRequest {
+            dry_run: args.dry_run,
+            max_moves: args.max_moves,
+            threshold: args.threshold,
+        })
+        .await?
+        .into_inner())
+    })?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "dry_run": args.dry_run, "applied": r.applied, "moves": r.moves, "bytes": r.bytes,
+                "version": (r.version > 0).then_some(r.version),
+                "mean_imbalance_before": r.mean_before, "mean_imbalance_after": r.mean_after,
+                "layers": balance_json(&r.layers),
+            }))?
+        );
+        return Ok(());
+    }
+    let verdict = match (r.applied, args.dry_run) {
+        (false, _) => "nothing worth moving: the placement stays".to_string(),
+        (true, true) => format!("dry run: would load {} expert copies", r.moves),
+        (true, false) => format!(
+            "placement v{} loading {} expert copies; routers switch once workers hold them",
+            r.version, r.moves
+        ),
+    };
+    println!(
+        "{verdict} · {:.1} MiB · predicted worker imbalance (mean over layers) {:.3} → {:.3}",
+        r.bytes as f64 / (1u64 << 20) as f64,
+        r.mean_before,
+        r.mean_after
+    );
+    println!(
+        "{:>6} {:>9} {:>9} {:>9}",
+        "layer", "before", "after", "observed"
+    );
+    for l in &r.layers {
+        let observed = if l.observed > 0.0 {
+            format!("{:.3}", l.observed)
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:>6} {:>9.3} {:>9.3} {:>9}",
+            l.layer, l.before, l.after, observed
         );
     }
     Ok(())

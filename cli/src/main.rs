@@ -57,6 +57,9 @@ enum Command {
     Coordinator(coordinator::CoordinatorArgs),
     /// Show a cluster's workers, their experts and placement versions, from its coordinator.
     Status(coordinator::StatusArgs),
+    /// Re-place experts for the load routers report, now (or show the plan with --dry-run):
+    /// moves, and predicted per-layer worker imbalance before and after.
+    Rebalance(coordinator::RebalanceArgs),
     /// Load-test a router: throughput, latency percentiles, errors, expert utilisation.
     Loadtest(loadtest::LoadtestArgs),
     /// Plan expert placement for a cluster without loading anything: experts and memory per
@@ -120,6 +123,7 @@ fn main() -> ExitCode {
         Command::Plan(args) => plan::run(args),
         Command::Coordinator(args) => coordinator::run(args),
         Command::Status(args) => coordinator::status(args),
+        Command::Rebalance(args) => coordinator::rebalance(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

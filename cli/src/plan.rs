@@ -3,7 +3,9 @@ use std::path::Path;
 
 use anyhow::Context;
 use switchyard_coordinator::capacity::{self, WeightDType};
-use switchyard_coordinator::placement::{self, Problem, WorkerId, WorkerSpec};
+use switchyard_coordinator::placement::{
+    self, Plan, Problem, RebalanceOptions, Slot, WorkerId, WorkerSpec,
+};
 use switchyard_engine::ModelConfig;
 
 #[derive(clap::Args, Debug)]
@@ -21,6 +23,19 @@ pub struct PlanArgs {
     /// Copies wanted of each expert (on distinct workers, as capacity allows).
     #[arg(long, default_value_t = 1)]
     replicas: usize,
+    /// Extra copies per MoE layer beyond one of each expert, for the experts with the most
+    /// load per copy (DeepSeek's redundant experts); replaces `--replicas` when given.
+    #[arg(long)]
+    redundant_experts: Option<usize>,
+    /// Observed expert load to plan for: the `/v1/expert_load` JSON of a router, or a
+    /// `[layers][experts]` array of token counts (MoE layers in order). Prints the predicted
+    /// per-layer worker imbalance of the load-blind plan, of a plan made for the load, and of
+    /// the blind plan rebalanced within `--max-moves`.
+    #[arg(long, value_name = "FILE.json")]
+    load: Option<std::path::PathBuf>,
+    /// With --load: expert copies the rebalance from the load-blind plan may load.
+    #[arg(long, default_value_t = 64, requires = "load")]
+    max_moves: usize,
     /// Storage type of the expert weights on the workers.
     #[arg(long, default_value = "bf16")]
     dtype: WeightDType,
@@ -67,7 +82,12 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
                 memory_bytes: args.worker_memory,
             })
             .collect(),
-        replicas: args.replicas,
+        replicas: if args.redundant_experts.is_some() {
+            1
+        } else {
+            args.replicas
+        },
+        redundant: args.redundant_experts.unwrap_or(0),
         load: BTreeMap::new(),
         previous: None,
     };
@@ -81,6 +101,10 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
             if args.dtype == WeightDType::Fp8 { "" } else { ", or --dtype fp8" }
         )
     })?;
+    if let Some(path) = &args.load {
+        let load = read_load(path, &layers, moe.n_routed_experts)?;
+        return print_balance(&problem, &plan, load, args.max_moves, args.json);
+    }
     let by_worker = plan.by_worker();
     let counts: Vec<usize> = (0..args.workers as u32)
         .map(|i| by_worker.get(&WorkerId(i)).map_or(0, Vec::len))
@@ -94,7 +118,9 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let used_max = max as u64 * expert_bytes;
     let left_min = args.worker_memory.saturating_sub(used_max);
     let kv_per_token = capacity::kv_bytes_per_token(&config);
-    let kv_tokens = left_min / kv_per_token.max(1);
+    // What a worker has left is room for redundant experts (the KV cache lives on routers).
+    let spare_slots = left_min / expert_bytes.max(1);
+    let spare_per_layer = spare_slots * args.workers as u64 / layers.len().max(1) as u64;
     let visited = capacity::expected_workers_per_token(args.workers, moe.num_experts_per_tok);
     // One bf16 hidden row to each visited worker and one back.
     let wire = visited * config.hidden_size as f64 * 2.0 * 2.0;
@@ -112,7 +138,8 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
                 "expert_memory_per_worker_max": used_max,
                 "memory_left_per_worker_min": left_min,
                 "latent_kv_bytes_per_token": kv_per_token,
-                "latent_kv_tokens_in_left_memory": kv_tokens,
+                "spare_expert_slots_per_worker_min": spare_slots,
+                "redundant_experts_per_layer_room": spare_per_layer,
                 "expected_workers_per_token_per_layer": visited,
                 "wire_bytes_per_token_per_moe_layer": wire,
             }))?
@@ -143,11 +170,169 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         gib(left_min as f64)
     );
     println!(
-        "latent KV cache: {} B per token → {kv_tokens} tokens in the memory left on one worker",
-        kv_per_token
+        "memory left: {spare_slots} more expert copies per worker → room for about {spare_per_layer} redundant experts per MoE layer (--redundant-experts)"
     );
+    println!("latent KV cache (on routers): {kv_per_token} B per token");
     println!(
         "wire: a token visits {visited:.2} workers per MoE layer on average → {wire:.0} B per token per MoE layer (bf16, both directions)"
     );
+    Ok(())
+}
+
+/// Reads a load file: a router's `/v1/expert_load` JSON (layers named by index) or a bare
+/// `[layers][experts]` array of counts (the model's MoE layers in order).
+pub fn read_load(
+    path: &Path,
+    layers: &[u32],
+    experts: usize,
+) -> anyhow::Result<BTreeMap<Slot, f64>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --load {}", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("--load {} is not JSON", path.display()))?;
+    let rows: Vec<(u32, Vec<f64>)> = if let Some(snapshot) = value.get("layers") {
+        let snapshot: Vec<serde_json::Value> = serde_json::from_value(snapshot.clone())
+            .context("--load: `layers` must be an array")?;
+        snapshot
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let layer = l["layer"]
+                    .as_u64()
+                    .with_context(|| format!("--load: `layers[{i}].layer` must be an integer"))?;
+                let counts: Vec<f64> =
+                    serde_json::from_value(l["experts"].clone()).with_context(|| {
+                        format!("--load: `layers[{i}].experts` must be an array of numbers")
+                    })?;
+                anyhow::Ok((layer as u32, counts))
+            })
+            .collect::<anyhow::Result<_>>()?
+    } else {
+        let arrays: Vec<Vec<f64>> = serde_json::from_value(value).context(
+            "--load must be a router's /v1/expert_load JSON or a [layers][experts] array of numbers",
+        )?;
+        if arrays.len() != layers.len() {
+            anyhow::bail!(
+                "--load has {} layers, the model {} MoE layers",
+                arrays.len(),
+                layers.len()
+            );
+        }
+        layers.iter().copied().zip(arrays).collect()
+    };
+    let mut load = BTreeMap::new();
+    for (layer, counts) in rows {
+        if !layers.contains(&layer) {
+            anyhow::bail!(
+                "--load names layer {layer}, which is not a MoE layer of the model (MoE layers {}..={})",
+                layers.first().unwrap_or(&0),
+                layers.last().unwrap_or(&0)
+            );
+        }
+        if counts.len() != experts {
+            anyhow::bail!(
+                "--load: layer {layer} has {} expert counts, the model {experts} routed experts",
+                counts.len()
+            );
+        }
+        if let Some(bad) = counts.iter().find(|c| !c.is_finite() || **c < 0.0) {
+            anyhow::bail!("--load: layer {layer} has a count of {bad}; counts must be >= 0");
+        }
+        for (e, c) in counts.into_iter().enumerate() {
+            load.insert(
+                Slot {
+                    layer,
+                    expert: e as u32,
+                },
+                c,
+            );
+        }
+    }
+    Ok(load)
+}
+
+/// Prints the predicted worker imbalance for `load` of three plans: the load-blind one, one
+/// made for the load, and the blind one rebalanced within `max_moves`.
+fn print_balance(
+    problem: &Problem,
+    blind: &Plan,
+    load: BTreeMap<Slot, f64>,
+    max_moves: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let loaded = Problem {
+        load,
+        ..problem.clone()
+    };
+    let for_load = placement::plan(&loaded)?;
+    let rebalanced = placement::rebalance(
+        &Problem {
+            previous: Some(blind.clone()),
+            ..loaded.clone()
+        },
+        &RebalanceOptions {
+            max_moves,
+            threshold: 0.0,
+        },
+    )?;
+    let blind_im = placement::imbalance(blind, &loaded);
+    let for_load_im = placement::imbalance(&for_load, &loaded);
+    let max = |m: &BTreeMap<u32, f64>| m.values().copied().fold(1.0, f64::max);
+    let mean = placement::mean_imbalance;
+    let for_load_moves = for_load.moves_from(blind);
+    if json {
+        let rows: Vec<_> = blind_im
+            .keys()
+            .map(|l| {
+                serde_json::json!({
+                    "layer": l, "blind": blind_im[l], "planned_for_load": for_load_im[l],
+                    "rebalanced": rebalanced.after[l],
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "imbalance": "max / mean predicted tokens per worker, per MoE layer",
+                "blind": {"mean": mean(&blind_im), "max": max(&blind_im)},
+                "planned_for_load": {"mean": mean(&for_load_im), "max": max(&for_load_im),
+                    "moves_from_blind": for_load_moves},
+                "rebalanced": {"mean": mean(&rebalanced.after), "max": max(&rebalanced.after),
+                    "moves_from_blind": rebalanced.moves, "max_moves": max_moves},
+                "layers": rows,
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "predicted worker imbalance (max / mean tokens per worker), mean · worst over {} MoE layers:",
+        blind_im.len()
+    );
+    println!(
+        "  load-blind plan      {:.3} · {:.3}",
+        mean(&blind_im),
+        max(&blind_im)
+    );
+    println!(
+        "  planned for the load {:.3} · {:.3}  ({for_load_moves} expert copies moved from the blind plan)",
+        mean(&for_load_im),
+        max(&for_load_im)
+    );
+    println!(
+        "  rebalanced           {:.3} · {:.3}  ({} moved, at most {max_moves})",
+        mean(&rebalanced.after),
+        max(&rebalanced.after),
+        rebalanced.moves
+    );
+    println!(
+        "{:>6} {:>8} {:>8} {:>11}",
+        "layer", "blind", "planned", "rebalanced"
+    );
+    for (l, b) in &blind_im {
+        println!(
+            "{l:>6} {b:>8.3} {:>8.3} {:>11.3}",
+            for_load_im[l], rebalanced.after[l]
+        );
+    }
     Ok(())
 }

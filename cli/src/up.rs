@@ -52,6 +52,8 @@ pub struct UpArgs {
     /// A worker silent this long (milliseconds) is dropped and its experts re-placed.
     #[arg(long, env = "SWITCHYARD_LEASE_MS", default_value_t = 3000)]
     lease_ms: u64,
+    #[command(flatten)]
+    balancing: crate::coordinator::BalancingArgs,
     /// Start the nodes a cluster file places on this host instead (see `cluster_file.rs`);
     /// the other sizing flags are then ignored.
     #[arg(long, env = "SWITCHYARD_CLUSTER")]
@@ -408,7 +410,8 @@ fn start_experts(
     shared_on_workers: bool,
     cluster: &mut Cluster,
 ) -> anyhow::Result<String> {
-    let coordinator_args: Vec<String> = [
+    args.balancing.balancing()?;
+    let mut coordinator_args: Vec<String> = [
         "coordinator",
         "--model",
         model_arg,
@@ -423,6 +426,7 @@ fn start_experts(
     ]
     .map(String::from)
     .to_vec();
+    coordinator_args.extend(args.balancing.to_flags());
     cluster
         .0
         .push(spawn("coordinator".into(), &coordinator_args, 1)?);
@@ -521,7 +525,8 @@ fn run_file(
     let mut cluster = Cluster(Vec::new());
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     if on_this_host(&file.coordinator.host, &args.host) {
-        let a = strings(&[
+        args.balancing.balancing()?;
+        let mut a = strings(&[
             "coordinator",
             "--model",
             &model,
@@ -532,6 +537,7 @@ fn run_file(
             "--lease-ms",
             &file.lease_ms.to_string(),
         ]);
+        a.extend(args.balancing.to_flags());
         cluster.0.push(spawn("coordinator".into(), &a, 1)?);
     }
     for (i, w) in file

@@ -1017,3 +1017,195 @@ fn a_worker_whose_drain_cannot_finish_still_stops_on_sigterm_within_its_bound() 
         }
     }
 }
+
+#[test]
+fn plan_with_a_load_file_predicts_the_imbalance_of_each_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    // mini: 7 MoE layers × 64 experts; a Zipf-shaped load, hot experts spread over layers.
+    let load: Vec<Vec<u64>> = (0..7)
+        .map(|l| {
+            (0..64)
+                .map(|e| 10_000 / (((e * 7 + l * 13) % 64) + 1) as u64)
+                .collect()
+        })
+        .collect();
+    let path = dir.path().join("load.json");
+    std::fs::write(&path, serde_json::to_string(&load).unwrap()).unwrap();
+    let file = path.to_str().unwrap();
+    let out = switchyard(&[
+        "plan",
+        "--model",
+        "mini",
+        "--workers",
+        "4",
+        "--worker-memory",
+        "8GiB",
+        "--redundant-experts",
+        "8",
+        "--load",
+        file,
+        "--max-moves",
+        "100",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mean = |k: &str| r[k]["mean"].as_f64().unwrap();
+    assert!(mean("planned_for_load") < mean("blind"), "{r}");
+    assert!(mean("rebalanced") < mean("blind"), "{r}");
+    assert!(r["rebalanced"]["moves_from_blind"].as_u64().unwrap() <= 100);
+    assert_eq!(r["layers"].as_array().unwrap().len(), 7);
+    // A load of the wrong shape is refused, naming what is wrong.
+    std::fs::write(&path, "[[1, 2, 3]]").unwrap();
+    let out = switchyard(&[
+        "plan",
+        "--model",
+        "mini",
+        "--workers",
+        "4",
+        "--worker-memory",
+        "8GiB",
+        "--load",
+        file,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("1 layers") && stderr.contains("7 MoE layers"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn rebalance_acts_on_the_load_a_router_process_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = switchyard(&[
+        "synth",
+        "--preset",
+        "tiny",
+        "--out",
+        dir.path().to_str().unwrap(),
+        "--dtype",
+        "f32",
+        "--expert-skew",
+        "2.0",
+    ]);
+    assert!(out.status.success());
+    let model = dir.path().to_str().unwrap();
+    let (_coordinator, c) = spawn_node(&[
+        "coordinator",
+        "--model",
+        model,
+        "--listen",
+        "127.0.0.1:0",
+        "--lease-ms",
+        "600",
+        "--redundant-experts",
+        "2",
+        "--load-half-life",
+        "0",
+    ]);
+    // Before any placement: a clear refusal.
+    let out = switchyard(&["rebalance", "--coordinator", &c, "--dry-run"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("Unavailable"), "{stderr}");
+    let _workers: Vec<Child> = (0..2)
+        .map(|_| {
+            spawn_node(&[
+                "worker",
+                "--model",
+                model,
+                "--coordinator",
+                &c,
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .0
+        })
+        .collect();
+    wait_settled(&c, 2, "start");
+    let (_router, r) = spawn_node(&[
+        "router",
+        "--model",
+        model,
+        "--coordinator",
+        &c,
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let out = switchyard(&[
+        "generate",
+        "--router",
+        &r,
+        "--prompt-ids",
+        "1,17,42,5,9,11,300,4,4,8",
+        "--max-new-tokens",
+        "24",
+        "--ignore-eos",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The router's next report carries the counts.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while status(&c)["load_tokens"].as_f64().unwrap_or(0.0) <= 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no load reached the coordinator"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let s = status(&c);
+    assert_eq!(s["imbalance"].as_array().unwrap().len(), 2, "{s}");
+    let out = switchyard(&[
+        "rebalance",
+        "--coordinator",
+        &c,
+        "--dry-run",
+        "--threshold",
+        "0",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dry: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(dry["version"], serde_json::Value::Null, "{dry}");
+    assert_eq!(dry["layers"].as_array().unwrap().len(), 2);
+    let before = s["live_version"].as_u64().unwrap();
+    assert_eq!(status(&c)["target_version"].as_u64(), Some(before));
+    // The skewed gate makes some experts hot: a rebalance pays.
+    assert_eq!(dry["applied"], true, "{dry}");
+    assert!(
+        dry["mean_imbalance_after"].as_f64() < dry["mean_imbalance_before"].as_f64(),
+        "{dry}"
+    );
+    let out = switchyard(&[
+        "rebalance",
+        "--coordinator",
+        &c,
+        "--threshold",
+        "0",
+        "--json",
+    ]);
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = done["version"].as_u64().unwrap();
+    assert!(v > before, "{done}");
+    wait_settled(&c, 2, "rebalanced");
+    let out = switchyard(&["rebalance", "--coordinator", &c, "--threshold=-1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("threshold") && stderr.contains("-1"),
+        "{stderr}"
+    );
+}

@@ -11,6 +11,7 @@
 //!   and byte parsing; [`metrics`]: its Prometheus metrics.
 
 pub mod capacity;
+pub mod load;
 pub mod membership;
 pub mod metrics;
 pub mod placement;

@@ -18,7 +18,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::placement::{self, Plan, Problem, Slot, WorkerId, WorkerSpec};
+use crate::load::{ObservedLoad, RouterCounts};
+use crate::placement::{
+    self, Plan, Problem, Rebalance, RebalanceOptions, Slot, WorkerId, WorkerSpec,
+};
 
 /// What the coordinator knows about the model it places.
 #[derive(Clone, Debug, PartialEq)]
@@ -74,12 +77,31 @@ pub enum MembershipError {
     WrongModel { got: String, want: String },
     #[error("`{field}` {reason}")]
     Invalid { field: &'static str, reason: String },
+    /// Asked of a placement that is not there yet or is still changing; retry later.
+    #[error("{0}")]
+    NotReady(String),
 }
+
+/// What [`ClusterState::rebalance`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RebalanceOutcome {
+    pub rebalance: Rebalance,
+    /// The new target version, when the plan changed and this was not a dry run.
+    pub version: Option<u64>,
+    /// Bytes of expert weights the moves load.
+    pub bytes: u64,
+}
+
+/// Default half-life of observed load: recent minutes dominate, a burst fades within a few.
+pub const DEFAULT_LOAD_HALF_LIFE_MS: u64 = 60_000;
 
 #[derive(Debug)]
 pub struct ClusterState {
     model: ModelShape,
     replicas: usize,
+    /// Extra copies per layer for the hottest experts.
+    redundant: usize,
+    load: ObservedLoad,
     lease_ms: u64,
     /// How long past its lease a silent router still counts as using its version.
     router_grace_ms: u64,
@@ -97,6 +119,8 @@ impl ClusterState {
         ClusterState {
             model,
             replicas: replicas.max(1),
+            redundant: 0,
+            load: ObservedLoad::new(DEFAULT_LOAD_HALF_LIFE_MS),
             lease_ms,
             router_grace_ms: lease_ms.saturating_mul(3),
             next_id: 0,
@@ -107,6 +131,19 @@ impl ClusterState {
             live: None,
             placement_error: None,
         }
+    }
+
+    /// Extra copies per layer, beyond `replicas` of each expert, for the experts with the most
+    /// load per copy.
+    pub fn with_redundant(mut self, redundant: usize) -> ClusterState {
+        self.redundant = redundant;
+        self
+    }
+
+    /// How fast observed load fades: half its weight after `half_life_ms` (0: never).
+    pub fn with_load_half_life_ms(mut self, half_life_ms: u64) -> ClusterState {
+        self.load = ObservedLoad::new(half_life_ms);
+        self
     }
 
     /// How long past its lease a silent router is still waited for (default: three leases).
@@ -265,10 +302,21 @@ impl ClusterState {
     /// A router that shut down: no version is kept for it any more.
     pub fn router_left(&mut self, id: &str) {
         self.routers.remove(id);
+        self.load.forget(id);
     }
 
-    /// Records a router's report of the version it dispatches with.
-    pub fn report_router(&mut self, id: &str, live_version: u64, now_ms: u64) {
+    /// Records a router's report of the version it dispatches with and, when it sent them,
+    /// its expert-load counts since it started.
+    pub fn report_router(
+        &mut self,
+        id: &str,
+        live_version: u64,
+        counts: Option<RouterCounts>,
+        now_ms: u64,
+    ) {
+        if let Some(counts) = counts {
+            self.load.add(id, counts, now_ms);
+        }
         self.routers.insert(
             id.to_string(),
             RouterMember {
@@ -319,8 +367,10 @@ impl ClusterState {
         gone
     }
 
-    fn replan(&mut self) {
-        let problem = Problem {
+    /// The placement problem as the cluster stands: placeable workers, observed load, the
+    /// target plan to stay close to.
+    fn problem(&self) -> Problem {
+        Problem {
             layers: self.model.layers.clone(),
             experts_per_layer: self.model.experts_per_layer,
             expert_bytes: self.model.expert_bytes,
@@ -334,32 +384,102 @@ impl ClusterState {
                 })
                 .collect(),
             replicas: self.replicas,
-            load: BTreeMap::new(),
+            redundant: self.redundant,
+            load: self.load.experts().clone(),
             previous: self.target.as_ref().map(|t| t.plan.clone()),
+        }
+    }
+
+    /// The observed load (decayed tokens per expert).
+    pub fn load(&self) -> &ObservedLoad {
+        &self.load
+    }
+
+    /// Per layer, the live plan's predicted imbalance under the observed load.
+    pub fn predicted_imbalance(&self) -> BTreeMap<u32, f64> {
+        match &self.live {
+            Some(live) => placement::imbalance(&live.plan, &self.problem()),
+            None => BTreeMap::new(),
+        }
+    }
+
+    /// Per layer, the imbalance routers measured over the live plan's workers.
+    pub fn observed_imbalance(&self) -> BTreeMap<u32, f64> {
+        let workers: Vec<WorkerId> = self
+            .live
+            .as_ref()
+            .map(|l| l.plan.by_worker().into_keys().collect())
+            .unwrap_or_default();
+        self.load.observed_imbalance(&self.model.layers, &workers)
+    }
+
+    /// Re-places experts for the observed load (see [`placement::rebalance`]); unless
+    /// `dry_run`, a changed plan becomes the new target, which goes live once its workers have
+    /// loaded what they gain. Refused while a target is still loading.
+    pub fn rebalance(
+        &mut self,
+        opts: &RebalanceOptions,
+        dry_run: bool,
+    ) -> Result<RebalanceOutcome, MembershipError> {
+        let (Some(target), Some(live)) = (&self.target, &self.live) else {
+            return Err(MembershipError::NotReady(
+                self.placement_error
+                    .clone()
+                    .unwrap_or_else(|| "no live placement to rebalance yet".into()),
+            ));
         };
+        if target.version != live.version {
+            return Err(MembershipError::NotReady(format!(
+                "placement version {} is still loading (live: {}); rebalance after it goes live",
+                target.version, live.version
+            )));
+        }
+        let rebalance = placement::rebalance(&self.problem(), opts)
+            .map_err(|e| MembershipError::NotReady(format!("cannot rebalance: {e}")))?;
+        let bytes = rebalance.moves as u64 * self.model.expert_bytes;
+        let mut version = None;
+        if rebalance.applied && !dry_run {
+            self.set_target(rebalance.plan.clone());
+            version = self.target.as_ref().map(|t| t.version);
+            self.maybe_promote();
+        }
+        Ok(RebalanceOutcome {
+            rebalance,
+            version,
+            bytes,
+        })
+    }
+
+    /// Makes `plan` the target, as a new version if it differs from the current one.
+    fn set_target(&mut self, plan: Plan) {
+        // Only the workers the plan uses: routers connect to exactly these.
+        let used = plan.by_worker();
+        let addresses: BTreeMap<WorkerId, String> = self
+            .members
+            .values()
+            .filter(|m| used.contains_key(&m.id))
+            .map(|m| (m.id, m.address.clone()))
+            .collect();
+        let unchanged = self
+            .target
+            .as_ref()
+            .is_some_and(|t| t.plan == plan && t.addresses == addresses);
+        if !unchanged {
+            self.version += 1;
+            self.target = Some(Versioned {
+                version: self.version,
+                addresses,
+                plan,
+            });
+        }
+    }
+
+    fn replan(&mut self) {
+        let problem = self.problem();
         match placement::plan(&problem) {
             Ok(plan) => {
                 self.placement_error = None;
-                // Only the workers the plan uses: routers connect to exactly these.
-                let used = plan.by_worker();
-                let addresses: BTreeMap<WorkerId, String> = self
-                    .members
-                    .values()
-                    .filter(|m| used.contains_key(&m.id))
-                    .map(|m| (m.id, m.address.clone()))
-                    .collect();
-                let unchanged = self
-                    .target
-                    .as_ref()
-                    .is_some_and(|t| t.plan == plan && t.addresses == addresses);
-                if !unchanged {
-                    self.version += 1;
-                    self.target = Some(Versioned {
-                        version: self.version,
-                        addresses,
-                        plan,
-                    });
-                }
+                self.set_target(plan);
                 self.maybe_promote();
             }
             Err(e) => {
@@ -526,6 +646,86 @@ mod tests {
         assert_eq!(d, WorkerId(9));
     }
 
+    /// Router counts where expert `e` of every layer got `weight(e)` tokens.
+    fn skewed(weight: impl Fn(u32) -> u64) -> RouterCounts {
+        RouterCounts {
+            experts: [1, 2]
+                .iter()
+                .flat_map(|&layer| (0..8).map(move |expert| Slot { layer, expert }))
+                .map(|s| (s, weight(s.expert)))
+                .collect(),
+            workers: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn rebalance_goes_live_only_once_loaded_and_old_copies_stay_until_routers_move() {
+        let mut c = ClusterState::new(shape(), 1, 100).with_load_half_life_ms(0);
+        let ids = live_cluster(&mut c, 2, 0);
+        let v1 = c.live().unwrap().version;
+        let opts = RebalanceOptions {
+            max_moves: 8,
+            threshold: 0.01,
+        };
+        // Flat load: nothing to do.
+        c.report_router("r", v1, Some(skewed(|_| 10)), 150);
+        let flat = c.rebalance(&opts, false).unwrap();
+        assert!(!flat.rebalance.applied && flat.version.is_none());
+        // Worker 0 holds experts 0-3 of each layer: make them hot.
+        c.report_router("r", v1, Some(skewed(|e| if e < 4 { 100 } else { 20 })), 200);
+        let predicted = mean_of(&c.predicted_imbalance());
+        assert!(predicted > 1.5, "{predicted}");
+        let dry = c.rebalance(&opts, true).unwrap();
+        assert!(dry.rebalance.applied && dry.version.is_none());
+        assert_eq!(c.target().unwrap().version, v1, "a dry run changes nothing");
+        let done = c.rebalance(&opts, false).unwrap();
+        let v2 = done.version.unwrap();
+        assert!(v2 > v1 && done.rebalance.moves > 0 && done.rebalance.moves <= 8);
+        assert_eq!(done.bytes, done.rebalance.moves as u64 * 10);
+        assert!(mean_of(&done.rebalance.after) < predicted);
+        // A second rebalance waits for this one to go live.
+        assert!(matches!(
+            c.rebalance(&opts, false),
+            Err(MembershipError::NotReady(_))
+        ));
+        // Routers keep v1 — every expert still held where v1 says — until all workers loaded.
+        c.heartbeat(ids[0], v2, None, 210);
+        assert_eq!(c.live().unwrap().version, v1);
+        c.heartbeat(ids[1], v2, None, 220);
+        assert_eq!(c.live().unwrap().version, v2);
+        // Workers keep v1's experts while the router still dispatches with it.
+        c.report_router("r", v1, None, 230);
+        assert_eq!(c.retain_from(240), v1);
+        c.report_router("r", v2, None, 250);
+        assert_eq!(c.retain_from(260), v2);
+        assert!(mean_of(&c.predicted_imbalance()) < predicted);
+    }
+
+    fn mean_of(m: &BTreeMap<u32, f64>) -> f64 {
+        placement::mean_imbalance(m)
+    }
+
+    #[test]
+    fn membership_changes_place_by_the_observed_load() {
+        // Room for 10 copies per worker, 16 experts, one redundant copy per layer: the hot
+        // expert of each layer gets it when the second worker joins.
+        let mut c = ClusterState::new(shape(), 1, 100)
+            .with_redundant(1)
+            .with_load_half_life_ms(0);
+        let a = c.register("a:1", 200, "cpu", "m", None, 0).unwrap();
+        c.report_router("r", 0, Some(skewed(|e| if e == 6 { 500 } else { 10 })), 10);
+        let _b = c.register("b:1", 200, "cpu", "m", None, 20).unwrap();
+        let t = c.target().unwrap();
+        for layer in [1, 2] {
+            assert_eq!(t.plan.holders[&Slot { layer, expert: 6 }].len(), 2);
+            let copies: usize = (0..8)
+                .map(|expert| t.plan.holders[&Slot { layer, expert }].len())
+                .sum();
+            assert_eq!(copies, 9);
+        }
+        assert!(c.assignment(a).len() <= 20);
+    }
+
     #[test]
     fn retain_from_waits_for_the_slowest_router_then_for_its_grace_only() {
         let mut c = ClusterState::new(shape(), 1, 100).with_router_grace_ms(200);
@@ -536,8 +736,8 @@ mod tests {
             "within the first lease everything is kept"
         );
         let v1 = c.live().unwrap().version;
-        c.report_router("r1", v1, 100);
-        c.report_router("r2", v1, 100);
+        c.report_router("r1", v1, None, 100);
+        c.report_router("r2", v1, None, 100);
         let w2 = c.register("w9:1", 1000, "cpu", "m", None, 110).unwrap();
         let v2 = c.target().unwrap().version;
         for m in c.members().map(|m| m.id).collect::<Vec<_>>() {
@@ -546,12 +746,12 @@ mod tests {
         assert_eq!(c.live().unwrap().version, v2);
         assert!(!c.assignment(w2).is_empty());
         assert_eq!(c.retain_from(150), v1, "both routers still on v1");
-        c.report_router("r1", v2, 160);
+        c.report_router("r1", v2, None, 160);
         assert_eq!(c.retain_from(170), v1, "r2 still on v1");
         // r2 goes silent: counted through its lease (100) and the grace (200), then not.
-        c.report_router("r3", v1, 380);
+        c.report_router("r3", v1, None, 380);
         c.router_left("r3");
-        c.report_router("r1", v2, 380);
+        c.report_router("r1", v2, None, 380);
         assert_eq!(c.retain_from(400), v1);
         assert_eq!(c.retain_from(401), v2);
         c.expire(401);

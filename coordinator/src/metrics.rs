@@ -2,6 +2,8 @@
 //! declared in one place; names prefixed `switchyard_coordinator_`.
 
 use prometheus_client::metrics::counter::Counter;
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -23,6 +25,17 @@ pub struct CoordinatorMetrics {
     pub routers: Gauge,
     /// The oldest placement version workers keep experts for.
     pub retain_from: Gauge,
+    /// Rebalances that changed the placement.
+    pub rebalances: Counter,
+    /// Expert copies loaded by rebalances.
+    pub rebalance_moves: Counter,
+    pub rebalance_bytes: Counter,
+    /// Mean over MoE layers of the live placement's predicted max / mean worker load.
+    pub predicted_imbalance: Gauge<f64, AtomicU64>,
+    /// The same, measured by routers (decayed counts).
+    pub observed_imbalance: Gauge<f64, AtomicU64>,
+    /// Decayed tokens routed to experts, all layers.
+    pub load_tokens: Gauge<f64, AtomicU64>,
 }
 
 impl Default for CoordinatorMetrics {
@@ -45,6 +58,12 @@ impl CoordinatorMetrics {
             failed_workers: Gauge::default(),
             routers: Gauge::default(),
             retain_from: Gauge::default(),
+            rebalances: Counter::default(),
+            rebalance_moves: Counter::default(),
+            rebalance_bytes: Counter::default(),
+            predicted_imbalance: Gauge::default(),
+            observed_imbalance: Gauge::default(),
+            load_tokens: Gauge::default(),
             registry: Registry::default(),
         };
         r.register("workers", "Registered, live workers", m.workers.clone());
@@ -92,6 +111,36 @@ impl CoordinatorMetrics {
             "retain_from_version",
             "The oldest placement version workers keep experts for",
             m.retain_from.clone(),
+        );
+        r.register(
+            "rebalances",
+            "Rebalances that changed the expert placement",
+            m.rebalances.clone(),
+        );
+        r.register(
+            "rebalance_moved_experts",
+            "Expert copies loaded by workers because of rebalances",
+            m.rebalance_moves.clone(),
+        );
+        r.register(
+            "rebalance_loaded_bytes",
+            "Bytes of expert weights loaded because of rebalances",
+            m.rebalance_bytes.clone(),
+        );
+        r.register(
+            "predicted_imbalance",
+            "Mean over MoE layers of the live placement's predicted max / mean worker load under the observed load",
+            m.predicted_imbalance.clone(),
+        );
+        r.register(
+            "observed_imbalance",
+            "Mean over MoE layers of the max / mean worker load routers measured (decayed)",
+            m.observed_imbalance.clone(),
+        );
+        r.register(
+            "load_tokens",
+            "Decayed tokens routed to experts over all MoE layers, as routers report them",
+            m.load_tokens.clone(),
         );
         CoordinatorMetrics { registry: r, ..m }
     }

@@ -10,9 +10,10 @@ use switchyard_proto::v1::coordinator_service_server::{
 };
 use switchyard_proto::v1::{
     ClusterStatusRequest, ClusterStatusResponse, ExpertHolders, GetPlacementRequest,
-    HeartbeatRequest, HeartbeatResponse, LayerPlacement, LeaveRequest, LeaveResponse, PlacementMap,
-    PlacementUpdate, RegisterRequest, RegisterResponse, RouterReport, RouterReportResponse,
-    RouterStatus, WatchPlacementRequest, WorkerAddress, WorkerStatus,
+    HeartbeatRequest, HeartbeatResponse, LayerBalance, LayerPlacement, LeaveRequest, LeaveResponse,
+    PlacementMap, PlacementUpdate, RebalanceRequest, RebalanceResponse, RegisterRequest,
+    RegisterResponse, RouterReport, RouterReportResponse, RouterStatus, WatchPlacementRequest,
+    WorkerAddress, WorkerStatus,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -22,8 +23,9 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use crate::membership::{ClusterState, MembershipError, ModelShape, Versioned};
-use crate::placement::{Slot, WorkerId};
+use crate::load::RouterCounts;
+use crate::membership::{ClusterState, MembershipError, ModelShape, RebalanceOutcome, Versioned};
+use crate::placement::{self, RebalanceOptions, Slot, WorkerId};
 use switchyard_proto::health::Health;
 
 impl From<MembershipError> for Status {
@@ -31,6 +33,34 @@ impl From<MembershipError> for Status {
         match e {
             MembershipError::WrongModel { .. } => Status::failed_precondition(e.to_string()),
             MembershipError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+            MembershipError::NotReady(_) => Status::unavailable(e.to_string()),
+        }
+    }
+}
+
+/// Load balancing: what placement does with the load routers report.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Balancing {
+    /// Extra copies per MoE layer for the experts with the most load per copy.
+    pub redundant: usize,
+    /// Observed load loses half its weight after this long (zero: never).
+    pub load_half_life: Duration,
+    /// Rebalance this often; `None`: only when asked (`switchyard rebalance`).
+    pub interval: Option<Duration>,
+    /// Expert copies one rebalance may load.
+    pub max_moves: usize,
+    /// Least drop in mean per-layer imbalance worth moving experts for.
+    pub threshold: f64,
+}
+
+impl Default for Balancing {
+    fn default() -> Self {
+        Balancing {
+            redundant: 0,
+            load_half_life: Duration::from_millis(crate::membership::DEFAULT_LOAD_HALF_LIFE_MS),
+            interval: None,
+            max_moves: 32,
+            threshold: 0.05,
         }
     }
 }
@@ -48,6 +78,7 @@ pub struct CoordinatorNode {
     kicks: Arc<watch::Sender<u64>>,
     start: Instant,
     metrics: Arc<crate::metrics::CoordinatorMetrics>,
+    balancing: Balancing,
 }
 
 fn to_map(model: &ModelShape, v: &Versioned) -> PlacementMap {
@@ -91,13 +122,24 @@ fn update_of(state: &ClusterState, now_ms: u64) -> PlacementUpdate {
 
 impl CoordinatorNode {
     pub fn new(model: ModelShape, replicas: usize, lease: Duration) -> CoordinatorNode {
+        CoordinatorNode::with_balancing(model, replicas, lease, Balancing::default())
+    }
+
+    pub fn with_balancing(
+        model: ModelShape,
+        replicas: usize,
+        lease: Duration,
+        balancing: Balancing,
+    ) -> CoordinatorNode {
         // Versions from this instance start at the wall clock in microseconds: above anything an
         // earlier instance published, so watchers never mistake a new map for an old one.
         let base = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
-        let state =
-            ClusterState::new(model, replicas, lease.as_millis() as u64).with_version_base(base);
+        let state = ClusterState::new(model, replicas, lease.as_millis() as u64)
+            .with_version_base(base)
+            .with_redundant(balancing.redundant)
+            .with_load_half_life_ms(balancing.load_half_life.as_millis() as u64);
         let (tx, _) = watch::channel(update_of(&state, 0));
         CoordinatorNode {
             state: Arc::new(Mutex::new(state)),
@@ -106,6 +148,7 @@ impl CoordinatorNode {
             kicks: Arc::new(watch::channel(0).0),
             start: Instant::now(),
             metrics: Arc::new(crate::metrics::CoordinatorMetrics::new()),
+            balancing,
         }
     }
 
@@ -125,6 +168,11 @@ impl CoordinatorNode {
                 .set(s.members().filter(|w| w.load_error.is_some()).count() as i64);
             m.routers.set(s.routers().count() as i64);
             m.retain_from.set(s.retain_from(self.now_ms()) as i64);
+            m.predicted_imbalance
+                .set(placement::mean_imbalance(&s.predicted_imbalance()));
+            m.observed_imbalance
+                .set(placement::mean_imbalance(&s.observed_imbalance()));
+            m.load_tokens.set(s.load().total(self.now_ms()));
         }
         self.metrics.render()
     }
@@ -164,6 +212,68 @@ impl CoordinatorNode {
                     self.metrics.leases_expired.inc();
                     tracing::warn!(worker = %id, "worker lease expired; re-placing its experts");
                 }
+            }
+        }
+    }
+
+    /// Re-places experts for the observed load now; `None` fields fall back to the node's
+    /// [`Balancing`]. Counts and logs a rebalance that changed the placement.
+    pub fn rebalance_now(
+        &self,
+        dry_run: bool,
+        max_moves: Option<usize>,
+        threshold: Option<f64>,
+    ) -> Result<RebalanceOutcome, Status> {
+        let opts = RebalanceOptions {
+            max_moves: max_moves.unwrap_or(self.balancing.max_moves),
+            threshold: threshold.unwrap_or(self.balancing.threshold),
+        };
+        if !opts.threshold.is_finite() || opts.threshold < 0.0 {
+            return Err(Status::invalid_argument(format!(
+                "`threshold` must be a finite number >= 0, got {}",
+                opts.threshold
+            )));
+        }
+        let out = self.with_state(|s, _| s.rebalance(&opts, dry_run))??;
+        let r = &out.rebalance;
+        let (before, after) = (
+            placement::mean_imbalance(&r.before),
+            placement::mean_imbalance(&r.after),
+        );
+        if let Some(version) = out.version {
+            self.metrics.rebalances.inc();
+            self.metrics.rebalance_moves.inc_by(r.moves as u64);
+            self.metrics.rebalance_bytes.inc_by(out.bytes);
+            tracing::info!(
+                version,
+                moves = r.moves,
+                bytes = out.bytes,
+                imbalance_before = before,
+                imbalance_after = after,
+                "rebalanced expert placement"
+            );
+        } else {
+            tracing::debug!(
+                dry_run,
+                applied = r.applied,
+                imbalance_before = before,
+                imbalance_after = after,
+                "rebalance changed nothing"
+            );
+        }
+        Ok(out)
+    }
+
+    /// Rebalances every `interval` until the process stops; a round that cannot run (a
+    /// placement still loading, no load yet) waits for the next.
+    pub async fn rebalance_every(self, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.rebalance_now(false, None, None) {
+                tracing::debug!(error = %e.message(), "periodic rebalance skipped");
             }
         }
     }
@@ -268,11 +378,18 @@ impl CoordinatorService for CoordinatorNode {
                 r.router_id.len()
             )));
         }
+        let counts = {
+            let state = self
+                .state
+                .lock()
+                .map_err(|_| Status::internal("coordinator state poisoned"))?;
+            router_counts(state.model(), &r)?
+        };
         let lease_ms = self.with_state(|s, now| {
             if r.leaving {
                 s.router_left(&r.router_id);
             } else {
-                s.report_router(&r.router_id, r.live_version, now);
+                s.report_router(&r.router_id, r.live_version, counts, now);
             }
             s.lease_ms()
         })?;
@@ -370,8 +487,101 @@ impl CoordinatorService for CoordinatorNode {
                 })
                 .collect(),
             retain_from: state.retain_from(now),
+            load_tokens: state.load().total(now),
+            balance: balance_rows(
+                &state.predicted_imbalance(),
+                &state.predicted_imbalance(),
+                &state.observed_imbalance(),
+            ),
+            rebalances: self.metrics.rebalances.get(),
         }))
     }
+
+    #[instrument(skip_all, fields(dry_run = request.get_ref().dry_run))]
+    async fn rebalance(
+        &self,
+        request: Request<RebalanceRequest>,
+    ) -> Result<Response<RebalanceResponse>, Status> {
+        let r = request.into_inner();
+        let out = self.rebalance_now(r.dry_run, r.max_moves.map(|m| m as usize), r.threshold)?;
+        let observed = self
+            .state
+            .lock()
+            .map(|s| s.observed_imbalance())
+            .unwrap_or_default();
+        let rb = &out.rebalance;
+        Ok(Response::new(RebalanceResponse {
+            applied: rb.applied,
+            moves: rb.moves as u32,
+            bytes: out.bytes,
+            version: out.version.unwrap_or(0),
+            layers: balance_rows(&rb.before, &rb.after, &observed),
+            mean_before: placement::mean_imbalance(&rb.before),
+            mean_after: placement::mean_imbalance(&rb.after),
+        }))
+    }
+}
+
+fn balance_rows(
+    before: &std::collections::BTreeMap<u32, f64>,
+    after: &std::collections::BTreeMap<u32, f64>,
+    observed: &std::collections::BTreeMap<u32, f64>,
+) -> Vec<LayerBalance> {
+    before
+        .iter()
+        .map(|(&layer, &b)| LayerBalance {
+            layer,
+            before: b,
+            after: after.get(&layer).copied().unwrap_or(b),
+            observed: observed.get(&layer).copied().unwrap_or(0.0),
+        })
+        .collect()
+}
+
+/// A report's counts, checked against the model: known MoE layers, one count per expert,
+/// workers named once per layer.
+fn router_counts(model: &ModelShape, r: &RouterReport) -> Result<Option<RouterCounts>, Status> {
+    if r.expert_tokens.is_empty() && r.worker_assignments.is_empty() {
+        return Ok(None);
+    }
+    let mut counts = RouterCounts::default();
+    for l in &r.expert_tokens {
+        if !model.layers.contains(&l.layer) {
+            return Err(Status::invalid_argument(format!(
+                "`expert_tokens.layer` {} is not a MoE layer of {} (MoE layers: {:?})",
+                l.layer, model.identity, model.layers
+            )));
+        }
+        if l.tokens.len() != model.experts_per_layer as usize {
+            return Err(Status::invalid_argument(format!(
+                "`expert_tokens.tokens` of layer {} has {} counts, the model {} experts",
+                l.layer,
+                l.tokens.len(),
+                model.experts_per_layer
+            )));
+        }
+        for (e, &n) in l.tokens.iter().enumerate() {
+            counts.experts.insert(
+                Slot {
+                    layer: l.layer,
+                    expert: e as u32,
+                },
+                n,
+            );
+        }
+    }
+    for w in &r.worker_assignments {
+        if !model.layers.contains(&w.layer) {
+            return Err(Status::invalid_argument(format!(
+                "`worker_assignments.layer` {} is not a MoE layer of {}",
+                w.layer, model.identity
+            )));
+        }
+        counts
+            .workers
+            .insert((w.layer, WorkerId(w.worker_id)), w.assignments);
+    }
+    Ok(Some(counts))
 }
 
 /// Serves the coordinator on `listener` (TCP_NODELAY) until `shutdown`, sweeping leases.
@@ -381,6 +591,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let sweeper = tokio::spawn(node.clone().sweep());
+    let rebalancer = node
+        .balancing
+        .interval
+        .filter(|i| !i.is_zero())
+        .map(|i| tokio::spawn(node.clone().rebalance_every(i)));
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (health, health_service) = Health::new("switchyard.v1.CoordinatorService").await;
     let checked = node.clone();
@@ -401,6 +616,9 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     sweeper.abort();
+    if let Some(r) = rebalancer {
+        r.abort();
+    }
     monitor.abort();
     result
 }
@@ -446,6 +664,7 @@ mod tests {
             router_id: "r".into(),
             live_version: 0,
             leaving: false,
+            ..Default::default()
         }))
         .await
         .unwrap();
@@ -458,5 +677,59 @@ mod tests {
             text.contains("switchyard_coordinator_placement_pending 1"),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn load_reports_are_checked_and_rebalance_needs_a_live_placement() {
+        use switchyard_proto::v1::ExpertTokens;
+        let node = CoordinatorNode::new(
+            ModelShape {
+                identity: "m".into(),
+                layers: vec![1, 2],
+                experts_per_layer: 8,
+                expert_bytes: 10,
+            },
+            1,
+            Duration::from_secs(5),
+        );
+        let report = |layer, tokens: Vec<u64>| RouterReport {
+            router_id: "r".into(),
+            expert_tokens: vec![ExpertTokens { layer, tokens }],
+            ..Default::default()
+        };
+        let err = node
+            .report_router(Request::new(report(0, vec![1; 8])))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("`expert_tokens.layer` 0"), "{err:?}");
+        let err = node
+            .report_router(Request::new(report(1, vec![1; 3])))
+            .await
+            .unwrap_err();
+        assert!(
+            err.message().contains("3 counts") && err.message().contains("8 experts"),
+            "{err:?}"
+        );
+        node.report_router(Request::new(report(1, vec![5; 8])))
+            .await
+            .unwrap();
+        assert!(
+            node.render_metrics()
+                .contains("switchyard_coordinator_load_tokens 40")
+        );
+        let err = node
+            .rebalance(Request::new(RebalanceRequest::default()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        let err = node
+            .rebalance(Request::new(RebalanceRequest {
+                threshold: Some(f64::NAN),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err();
+        assert!(err.message().contains("`threshold`"), "{err:?}");
     }
 }

@@ -327,6 +327,10 @@ enum Init {
     /// `e_score_correction_bias`: uniform in [0, 0.1] — nonzero, so selection ≠ weighting —
     /// plus `skew / (rank + 1)` over a seeded ranking of the experts.
     RoutingBias { skew: f32 },
+    /// A softmax gate's weight: as `Linear`, each expert's row then scaled by
+    /// `1 + skew / (rank + 1)` over a seeded ranking — a larger row gives wider logits, which
+    /// land in the top-k more often.
+    GateRows { fan_in: usize, skew: f32 },
 }
 
 #[derive(Clone, Debug)]
@@ -455,14 +459,21 @@ fn specs(c: &ModelConfig, expert_skew: f32) -> Vec<Spec> {
         match (&c.moe, c.is_moe_layer(l)) {
             (Some(m), true) => {
                 let block = m.naming.block_prefix(l);
-                linear(
-                    &mut out,
-                    format!("{block}.gate.weight"),
-                    m.n_routed_experts,
-                    h,
-                    false,
-                );
-                if m.topk_method == TopkMethod::NoAuxTc {
+                let biased = m.topk_method == TopkMethod::NoAuxTc;
+                out.push(Spec {
+                    name: format!("{block}.gate.weight"),
+                    shape: vec![m.n_routed_experts, h],
+                    init: if biased || expert_skew == 0.0 {
+                        Init::Linear { fan_in: h }
+                    } else {
+                        Init::GateRows {
+                            fan_in: h,
+                            skew: expert_skew,
+                        }
+                    },
+                    quantizable: false,
+                });
+                if biased {
                     out.push(Spec {
                         name: format!("{block}.gate.e_score_correction_bias"),
                         shape: vec![m.n_routed_experts],
@@ -527,6 +538,22 @@ fn generate(spec: &Spec, seed: u64) -> Vec<f32> {
             .collect(),
         Init::Norm => (0..n).map(|_| rng.random_range(0.8f32..1.2)).collect(),
         Init::NormOffset => (0..n).map(|_| rng.random_range(-0.2f32..0.2)).collect(),
+        Init::GateRows { fan_in, skew } => {
+            let std = (1.0 / fan_in as f64).sqrt() as f32;
+            let mut w: Vec<f32> = (0..n)
+                .map(|_| Distribution::<f32>::sample(&StandardNormal, &mut rng) * std)
+                .collect();
+            let rows = n / fan_in.max(1);
+            let mut rank: Vec<usize> = (0..rows).collect();
+            rank.shuffle(&mut rng);
+            for (r, &e) in rank.iter().enumerate() {
+                let scale = 1.0 + skew / (r + 1) as f32;
+                w[e * fan_in..(e + 1) * fan_in]
+                    .iter_mut()
+                    .for_each(|v| *v *= scale);
+            }
+            w
+        }
         Init::RoutingBias { skew } => {
             let mut bias: Vec<f32> = (0..n).map(|_| rng.random_range(0.0f32..0.1)).collect();
             if skew != 0.0 {
@@ -676,16 +703,11 @@ pub fn synth(out: &Path, options: &SynthOptions) -> Result<SynthSummary> {
             format!("must be >= 0, got {}", options.expert_skew),
         ));
     }
-    if options.expert_skew > 0.0
-        && parsed
-            .moe
-            .as_ref()
-            .is_none_or(|m| m.topk_method != TopkMethod::NoAuxTc)
-    {
+    if options.expert_skew > 0.0 && parsed.moe.is_none() {
         return Err(EngineError::input(
             "expert_skew",
             format!(
-                "needs a gate with e_score_correction_bias (DeepSeek-V3 presets); preset {:?} has none, got {}",
+                "needs routed experts; preset {:?} is dense, got {}",
                 options.preset, options.expert_skew
             ),
         ));
@@ -889,12 +911,12 @@ mod tests {
     }
 
     #[test]
-    fn expert_skew_needs_a_routing_bias() {
+    fn expert_skew_needs_routed_experts() {
         let dir = tempfile::tempdir().unwrap();
         let err = synth(
             dir.path(),
             &SynthOptions {
-                preset: "tiny-mixtral".into(),
+                preset: "tiny-llama".into(),
                 expert_skew: 0.5,
                 ..Default::default()
             },
@@ -902,6 +924,55 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("expert_skew") && err.contains("0.5"), "{err}");
+    }
+
+    #[test]
+    fn expert_skew_skews_softmax_gated_routing_too() {
+        // Mixtral's softmax gate has no bias: the skew scales gate rows instead. Route many
+        // random hidden rows through layer 0's gate and compare the busiest expert's share.
+        let share_of_busiest = |skew: f32| {
+            let dir = tempfile::tempdir().unwrap();
+            synth(
+                dir.path(),
+                &SynthOptions {
+                    preset: "tiny-mixtral".into(),
+                    dtype: SynthDType::F32,
+                    expert_skew: skew,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let config = ModelConfig::from_dir(dir.path()).unwrap();
+            let moe = config.moe.clone().unwrap();
+            let ck = crate::checkpoint::Checkpoint::open(dir.path()).unwrap();
+            let layer = config.moe_layers()[0];
+            let name = format!("{}.gate.weight", moe.naming.block_prefix(layer));
+            let (experts, h) = (moe.n_routed_experts, config.hidden_size);
+            let w = ck.load_weight(&name, &[experts, h]).unwrap();
+            let mut rng = StdRng::seed_from_u64(3);
+            let mut counts = vec![0usize; experts];
+            for _ in 0..2000 {
+                let x: Vec<f32> = (0..h)
+                    .map(|_| Distribution::<f32>::sample(&StandardNormal, &mut rng))
+                    .collect();
+                let mut logits: Vec<(f32, usize)> = (0..experts)
+                    .map(|e| {
+                        let row = &w.as_f32().unwrap()[e * h..(e + 1) * h];
+                        (row.iter().zip(&x).map(|(a, b)| a * b).sum(), e)
+                    })
+                    .collect();
+                logits.sort_by(|a, b| b.0.total_cmp(&a.0));
+                for &(_, e) in logits.iter().take(moe.num_experts_per_tok) {
+                    counts[e] += 1;
+                }
+            }
+            *counts.iter().max().unwrap() as f64 / counts.iter().sum::<usize>() as f64
+        };
+        let (flat, skewed) = (share_of_busiest(0.0), share_of_busiest(2.0));
+        assert!(
+            skewed > flat * 1.3,
+            "busiest expert's share {flat} -> {skewed}"
+        );
     }
 
     #[test]

@@ -70,7 +70,11 @@ impl ModelBackend {
             .moe
             .as_ref()
             .map_or((0, 0), |m| (m.n_routed_experts, m.num_experts_per_tok));
-        let load = Arc::new(ExpertLoad::new(c.moe_layers(), n, k));
+        // With workers, the pool's counters: it reports them to the coordinator.
+        let load = match &experts {
+            Some(pool) => pool.load().clone(),
+            None => Arc::new(ExpertLoad::new(c.moe_layers(), n, k)),
+        };
         ModelBackend {
             model,
             experts,
@@ -145,15 +149,12 @@ impl Backend for ModelBackend {
             e => RouterError::Engine(e),
         })?;
         for (layer, routing) in &out.routing {
-            let worker_of = |e: u32| {
-                step.as_ref()
-                    .and_then(|s| s.route().placement.worker(*layer, e))
-            };
+            let served = step.as_ref().map(|s| s.served(*layer)).unwrap_or_default();
             let label = |w: switchyard_proto::WorkerId| {
                 step.as_ref()
                     .map_or_else(|| w.0.to_string(), |s| s.label(w))
             };
-            self.load.record(*layer, routing, &worker_of, &label);
+            self.load.record(*layer, routing, &served, &label);
         }
         Ok(StepOutput {
             logits: out.logits.into_f32_vec(),

@@ -3,7 +3,8 @@
 //! router from the gate's own routing, so the counts are exact: per layer they add up to the
 //! tokens that went through it times `top_k`. Workers are named by their label — the
 //! coordinator's worker id, or the address in static mode — so a worker keeps its figures
-//! across placement versions.
+//! across placement versions. Beside the window, the same counts since start-up, never reset:
+//! what a router reports to its coordinator, which rebalances placement on them.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -50,6 +51,21 @@ impl Window {
     }
 }
 
+/// Counts since start-up.
+#[derive(Debug)]
+struct Totals {
+    /// `[moe layer][expert]`.
+    counts: Vec<Vec<u64>>,
+    /// Assignments per worker, per MoE layer.
+    workers: BTreeMap<WorkerId, Vec<u64>>,
+}
+
+#[derive(Debug)]
+struct Counts {
+    window: Window,
+    totals: Totals,
+}
+
 /// The counters, shared by the step loop (writes) and the endpoints (reads).
 #[derive(Debug)]
 pub struct ExpertLoad {
@@ -57,8 +73,12 @@ pub struct ExpertLoad {
     moe_layers: Vec<usize>,
     experts: usize,
     top_k: usize,
-    window: Mutex<Window>,
+    counts: Mutex<Counts>,
 }
+
+/// [`ExpertLoad::totals`]: per MoE layer (model index), tokens per expert; per (MoE layer,
+/// worker), assignments served.
+pub type LoadTotals = (Vec<(usize, Vec<u64>)>, Vec<(usize, WorkerId, u64)>);
 
 /// One layer's load in a [`LoadSnapshot`].
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
@@ -95,54 +115,81 @@ impl ExpertLoad {
             moe_layers,
             experts,
             top_k,
-            window: Mutex::new(Window::new(n, experts)),
+            counts: Mutex::new(Counts {
+                window: Window::new(n, experts),
+                totals: Totals {
+                    counts: vec![vec![0; experts]; n],
+                    workers: BTreeMap::new(),
+                },
+            }),
         }
     }
 
-    /// Counts one step's routing of model layer `layer`; `worker_of(expert)` names the worker
-    /// the expert's tokens went to, when they went to one, and `label` how that worker is
-    /// reported.
+    /// Counts one step's routing of model layer `layer`; `served` is the (token, expert)
+    /// assignments each worker served in it (empty with local experts), and `label` how a
+    /// worker is reported.
     pub fn record(
         &self,
         layer: usize,
         routing: &Routing,
-        worker_of: &dyn Fn(u32) -> Option<WorkerId>,
+        served: &BTreeMap<WorkerId, u64>,
         label: &dyn Fn(WorkerId) -> String,
     ) {
         let Some(i) = self.moe_layers.iter().position(|&l| l == layer) else {
             return;
         };
-        let Ok(mut w) = self.window.lock() else {
+        let Ok(mut c) = self.counts.lock() else {
             return;
         };
         let layers = self.moe_layers.len();
+        let Counts { window: w, totals } = &mut *c;
         w.tokens[i] += routing.tokens() as u64;
-        let mut per_expert = vec![0u64; self.experts];
         for &e in &routing.ids {
-            if let Some(c) = per_expert.get_mut(e as usize) {
-                *c += 1;
+            if let Some(n) = w.counts[i].get_mut(e as usize) {
+                *n += 1;
+                totals.counts[i][e as usize] += 1;
             }
         }
-        let mut per_worker: BTreeMap<WorkerId, u64> = BTreeMap::new();
-        for (e, &n) in per_expert.iter().enumerate() {
-            if n == 0 {
-                continue;
-            }
-            w.counts[i][e] += n;
-            if let Some(worker) = worker_of(e as u32) {
-                *per_worker.entry(worker).or_default() += n;
-            }
-        }
-        for (worker, n) in per_worker {
+        for (&worker, &n) in served {
             w.workers
                 .entry(label(worker))
+                .or_insert_with(|| vec![0; layers])[i] += n;
+            totals
+                .workers
+                .entry(worker)
                 .or_insert_with(|| vec![0; layers])[i] += n;
         }
     }
 
+    /// The counts since start-up (see [`LoadTotals`]).
+    pub fn totals(&self) -> LoadTotals {
+        let Ok(c) = self.counts.lock() else {
+            return (Vec::new(), Vec::new());
+        };
+        let experts = self
+            .moe_layers
+            .iter()
+            .zip(&c.totals.counts)
+            .map(|(&l, v)| (l, v.clone()))
+            .collect();
+        let workers = c
+            .totals
+            .workers
+            .iter()
+            .flat_map(|(&w, per_layer)| {
+                self.moe_layers
+                    .iter()
+                    .zip(per_layer)
+                    .filter(|(_, n)| **n > 0)
+                    .map(move |(&l, &n)| (l, w, n))
+            })
+            .collect();
+        (experts, workers)
+    }
+
     /// The window's counts; `reset` starts a new window.
     pub fn snapshot(&self, reset: bool) -> LoadSnapshot {
-        let Ok(mut w) = self.window.lock() else {
+        let Ok(mut c) = self.counts.lock() else {
             return LoadSnapshot {
                 window_start_unix: 0.0,
                 window_seconds: 0.0,
@@ -151,6 +198,7 @@ impl ExpertLoad {
                 layers: Vec::new(),
             };
         };
+        let w = &c.window;
         let layers = self
             .moe_layers
             .iter()
@@ -177,7 +225,7 @@ impl ExpertLoad {
             layers,
         };
         if reset {
-            *w = Window::new(self.moe_layers.len(), self.experts);
+            c.window = Window::new(self.moe_layers.len(), self.experts);
         }
         snapshot
     }
@@ -205,10 +253,10 @@ mod tests {
             ids: vec![0, 3, 3, 1],
             weights: vec![0.5; 4],
         };
-        let worker_of = |e: u32| Some(WorkerId(e / 2));
+        let served = BTreeMap::from([(WorkerId(0), 2), (WorkerId(1), 2)]);
         let label = |w: WorkerId| format!("10.0.0.{}:1", w.0);
-        load.record(1, &routing, &worker_of, &label);
-        load.record(0, &routing, &worker_of, &label); // a dense layer: ignored
+        load.record(1, &routing, &served, &label);
+        load.record(0, &routing, &served, &label); // a dense layer: ignored
         let s = load.snapshot(true);
         assert_eq!(s.layers.len(), 2);
         let l = &s.layers[0];
@@ -222,8 +270,11 @@ mod tests {
         assert_eq!(l.expert_imbalance, Some(2.0));
         assert_eq!(l.worker_imbalance, Some(1.0));
         assert_eq!(s.layers[1].expert_imbalance, None);
-        // The reset emptied the window.
+        // The reset emptied the window, not the totals since start-up.
         let after = load.snapshot(false);
         assert_eq!(after.layers[0].tokens, 0);
+        let (experts, workers) = load.totals();
+        assert_eq!(experts, vec![(1, vec![1, 1, 0, 2]), (2, vec![0; 4])]);
+        assert_eq!(workers, vec![(1, WorkerId(0), 2), (1, WorkerId(1), 2)]);
     }
 }

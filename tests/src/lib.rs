@@ -138,6 +138,7 @@ pub struct Cluster {
     lease: Duration,
     coordinator_addr: String,
     coordinator: Option<(CoordinatorNode, oneshot::Sender<()>)>,
+    balancing: Balancing,
     pub workers: Vec<ClusterWorker>,
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -154,7 +155,7 @@ pub struct ClusterWorker {
 }
 
 use switchyard_coordinator::membership::ModelShape;
-use switchyard_coordinator::service::CoordinatorNode;
+use switchyard_coordinator::service::{Balancing, CoordinatorNode};
 use switchyard_expert_worker::agent::{self, Agent, Membership};
 use switchyard_proto::v1::PlacementUpdate;
 use switchyard_proto::v1::coordinator_service_server::CoordinatorService;
@@ -163,6 +164,17 @@ impl Cluster {
     /// A coordinator (`replicas` copies of each expert, workers' lease `lease`) and `workers`
     /// workers for the checkpoint in `model`; returns once a placement is live.
     pub fn start(model: &Path, replicas: usize, lease: Duration, workers: usize) -> Cluster {
+        Cluster::start_balancing(model, replicas, lease, workers, Balancing::default())
+    }
+
+    /// Like [`Cluster::start`], the coordinator balancing load as `balancing` says.
+    pub fn start_balancing(
+        model: &Path,
+        replicas: usize,
+        lease: Duration,
+        workers: usize,
+        balancing: Balancing,
+    ) -> Cluster {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -189,6 +201,7 @@ impl Cluster {
             lease,
             coordinator_addr,
             coordinator: None,
+            balancing,
             workers: Vec::new(),
             runtime: Some(runtime),
         };
@@ -207,7 +220,12 @@ impl Cluster {
     }
 
     fn serve_coordinator(&mut self, listener: tokio::net::TcpListener) {
-        let node = CoordinatorNode::new(self.shape.clone(), self.replicas, self.lease);
+        let node = CoordinatorNode::with_balancing(
+            self.shape.clone(),
+            self.replicas,
+            self.lease,
+            self.balancing.clone(),
+        );
         let (tx, rx) = oneshot::channel::<()>();
         self.rt().spawn(switchyard_coordinator::service::serve(
             node.clone(),

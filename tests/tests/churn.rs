@@ -14,31 +14,19 @@ use switchyard_engine::model::{CausalLm, ExpertSelection, LoadOptions};
 use switchyard_engine::synth::{self, SynthDType, SynthOptions};
 use switchyard_proto::v1::Dtype;
 use switchyard_router::experts::DispatchOptions;
-use switchyard_router::metrics::{ReasonLabel, RouterMetrics};
+use switchyard_router::metrics::ReasonLabel;
 use switchyard_router::node::{Experts, RouterNode};
 use switchyard_router::request::{Prompt, RawRequest};
-use switchyard_router::scheduler::Event;
 use switchyard_router::server::{ServingOptions, ServingState};
 use switchyard_tests::Cluster;
+
+mod common;
+use common::{failed_calls, serving};
 
 const STREAMS: u32 = 16;
 const ROUNDS: usize = 10;
 /// No request may take longer, whatever the cluster is doing.
 const REQUEST_BOUND: Duration = Duration::from_secs(15);
-
-fn serving() -> ServingOptions {
-    ServingOptions {
-        model_name: "tiny".into(),
-        api_key: None,
-        kv_cache_bytes: 64 << 20,
-        block_size: 16,
-        max_batch_size: 32,
-        max_batch_tokens: 256,
-        max_waiting: 256,
-        default_max_tokens: 16,
-        metrics: RouterMetrics::new(),
-    }
-}
 
 fn request(i: u32) -> RawRequest {
     let prompt: Vec<u32> = (0..3 + i % 9)
@@ -53,18 +41,8 @@ fn request(i: u32) -> RawRequest {
     }
 }
 
-/// One request's tokens, or why it failed.
 fn run(state: &ServingState, i: u32) -> Result<Vec<u32>, String> {
-    let mut stream = state.submit(request(i)).map_err(|e| e.to_string())?;
-    let mut tokens = Vec::new();
-    while let Some(event) = stream.events.blocking_recv() {
-        match event {
-            Event::Token { id, .. } => tokens.push(id),
-            Event::Finished { .. } => return Ok(tokens),
-            Event::Failed(e) => return Err(e.to_string()),
-        }
-    }
-    Err("the stream ended without finishing".into())
+    common::tokens(state, request(i))
 }
 
 /// Greedy streams, each re-submitting its request until stopped and checking every answer.
@@ -181,16 +159,6 @@ fn router(dir: &std::path::Path, cluster: &Cluster, options: &ServingOptions) ->
         options,
     )
     .unwrap()
-}
-
-/// Expert calls that failed, summed over workers, from the rendered metrics.
-fn failed_calls(metrics: &RouterMetrics) -> u64 {
-    metrics
-        .render()
-        .lines()
-        .filter(|l| l.starts_with("switchyard_dispatch_failed_calls_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
 }
 
 #[test]

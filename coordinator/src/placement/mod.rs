@@ -1,6 +1,13 @@
-//! Expert placement as a pure function: problem → plan. See `README.md` beside this file.
+//! Expert placement as pure functions: [`plan`] (problem → plan, on every membership change)
+//! and [`rebalance`] (the plan in force → a better one for the observed load, within a move
+//! budget). See `README.md` beside this file.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+mod balance;
+pub use balance::{
+    LayerImbalance, Rebalance, RebalanceOptions, imbalance, mean_imbalance, rebalance, worker_loads,
+};
 
 pub use switchyard_proto::WorkerId;
 
@@ -18,7 +25,7 @@ pub struct WorkerSpec {
     pub memory_bytes: u64,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Problem {
     /// MoE layer indices.
     pub layers: Vec<u32>,
@@ -28,6 +35,9 @@ pub struct Problem {
     pub workers: Vec<WorkerSpec>,
     /// Copies wanted of every expert (at least 1).
     pub replicas: usize,
+    /// Extra copies per layer beyond `replicas` of each, given to the experts with the most
+    /// load per copy (DeepSeek's redundant experts), while slots last.
+    pub redundant: usize,
     /// Observed tokens per (layer, expert); missing entries count as equal load.
     pub load: BTreeMap<Slot, f64>,
     /// The plan in force, to stay close to.
@@ -68,7 +78,7 @@ impl Plan {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq)]
 pub enum PlacementError {
     #[error("no live workers to place experts on")]
     NoWorkers,
@@ -108,7 +118,7 @@ pub fn plan(p: &Problem) -> Result<Plan, PlacementError> {
         .iter()
         .flat_map(|&layer| (0..p.experts_per_layer).map(move |expert| Slot { layer, expert }))
         .collect();
-    let mut capacity: BTreeMap<WorkerId, u64> = p
+    let capacity: BTreeMap<WorkerId, u64> = p
         .workers
         .iter()
         .map(|w| (w.id, w.memory_bytes / p.expert_bytes))
@@ -123,23 +133,35 @@ pub fn plan(p: &Problem) -> Result<Plan, PlacementError> {
             expert_bytes: p.expert_bytes,
         });
     }
-    let load_of = |s: &Slot| p.load.get(s).copied().unwrap_or(1.0).max(0.0);
+    let load_of = |s: &Slot| load_of(&p.load, s);
     // Hottest first; ties by (layer, expert) so the order is total.
     let mut order = slots.clone();
     order.sort_by(|a, b| load_of(b).total_cmp(&load_of(a)).then(a.cmp(b)));
 
-    let mut holders: BTreeMap<Slot, Vec<WorkerId>> =
-        slots.iter().map(|s| (*s, Vec::new())).collect();
-    let mut worker_load: BTreeMap<WorkerId, f64> = capacity.keys().map(|w| (*w, 0.0)).collect();
+    let mut st = Packing {
+        capacity,
+        holders: slots.iter().map(|s| (*s, Vec::new())).collect(),
+        layer_load: BTreeMap::new(),
+        total_load: p.workers.iter().map(|w| (w.id, 0.0)).collect(),
+        count: BTreeMap::new(),
+        quota: BTreeMap::new(),
+    };
     let wanted = p.replicas.min(p.workers.len());
+    // Copies beyond `wanted` per layer, so far (the redundant ones).
+    let mut extras: BTreeMap<u32, usize> = BTreeMap::new();
 
     // Rule 3: keep what the previous plan had on live workers, while room lasts and up to a
     // fair share of each layer, so a joining worker takes over the excess of every layer (not
     // whole layers: a layer's dispatch waits on its slowest worker) and nothing else moves.
     if let Some(prev) = &p.previous {
         let mut copies: BTreeMap<u32, usize> = BTreeMap::new();
+        let mut beyond: BTreeMap<u32, usize> = BTreeMap::new();
         for (slot, ws) in &prev.holders {
             *copies.entry(slot.layer).or_default() += ws.len().min(wanted);
+            *beyond.entry(slot.layer).or_default() += ws.len().saturating_sub(wanted);
+        }
+        for (layer, b) in beyond {
+            *copies.entry(layer).or_default() += b.min(p.redundant);
         }
         // Each worker's share of a layer: copies / workers, the remainder handed out by a
         // rotation over layers so the totals stay fair too.
@@ -152,108 +174,159 @@ pub fn plan(p: &Problem) -> Result<Plan, PlacementError> {
             let pos = p.layers.iter().position(|&l| l == layer).unwrap_or(0);
             c / n + usize::from((rank + pos) % n < c % n)
         };
-        let mut kept: BTreeMap<(WorkerId, u32), usize> = BTreeMap::new();
+        for &w in &ids {
+            for &layer in &p.layers {
+                st.quota.insert((w, layer), fair(w, layer));
+            }
+        }
         for s in &order {
             for w in prev.holders.get(s).into_iter().flatten() {
-                let held = &holders[s];
-                let room = capacity.get(w).is_some_and(|c| *c > 0);
-                let share = kept.get(&(*w, s.layer)).copied().unwrap_or(0) < fair(*w, s.layer);
-                if held.len() < wanted && !held.contains(w) && room && share {
-                    take(
-                        &mut capacity,
-                        &mut worker_load,
-                        &mut holders,
-                        *s,
-                        *w,
-                        load_of(s),
-                    );
-                    *kept.entry((*w, s.layer)).or_default() += 1;
+                let held = st.holders[s].len();
+                let extra = held >= wanted;
+                let allowed = !extra || extras.get(&s.layer).copied().unwrap_or(0) < p.redundant;
+                let room = st.capacity.get(w).is_some_and(|c| *c > 0);
+                let share = !st.over_quota(*w, s.layer);
+                if allowed && !st.holders[s].contains(w) && room && share {
+                    st.take(*s, *w, load_of(s));
+                    if extra {
+                        *extras.entry(s.layer).or_default() += 1;
+                    }
                 }
             }
         }
     }
-    // Rule 4: one copy of everything, hottest first, to the least-loaded worker with room.
+    let short = PlacementError::DoesNotFit {
+        needed,
+        needed_bytes: needed * p.expert_bytes,
+        available,
+        expert_bytes: p.expert_bytes,
+    };
+    // Rule 4: one copy of everything, hottest first, to the worker with the least load in
+    // that layer (then in all layers) that has room.
     for s in &order {
-        if holders[s].is_empty() {
-            let w = least_loaded(&capacity, &worker_load, &holders[s]).ok_or(
-                PlacementError::DoesNotFit {
-                    needed,
-                    needed_bytes: needed * p.expert_bytes,
-                    available,
-                    expert_bytes: p.expert_bytes,
-                },
-            )?;
-            take(
-                &mut capacity,
-                &mut worker_load,
-                &mut holders,
-                *s,
-                w,
-                load_of(s),
-            );
+        if st.holders[s].is_empty() {
+            let w = st.least_loaded(*s).ok_or_else(|| short.clone())?;
+            st.take(*s, w, load_of(s));
         }
     }
     // Rule 5: extra replicas, hottest first, one round per copy so heat decides who gets them.
     for copy in 2..=wanted {
         for s in &order {
-            if holders[s].len() >= copy {
+            if st.holders[s].len() >= copy {
                 continue;
             }
-            match least_loaded(&capacity, &worker_load, &holders[s]) {
-                Some(w) => take(
-                    &mut capacity,
-                    &mut worker_load,
-                    &mut holders,
-                    *s,
-                    w,
-                    load_of(s),
-                ),
+            match st.least_loaded(*s) {
+                Some(w) => st.take(*s, w, load_of(s)),
                 None => break,
             }
         }
     }
+    // Rule 6: redundant copies, one per layer per round (so short room is shared by the
+    // layers), each to the expert with the most load per copy that can still take one.
+    for _ in 0..p.redundant {
+        let mut placed = false;
+        for &layer in &p.layers {
+            if extras.get(&layer).copied().unwrap_or(0) >= p.redundant {
+                continue;
+            }
+            let mut candidates: Vec<Slot> = (0..p.experts_per_layer)
+                .map(|expert| Slot { layer, expert })
+                .collect();
+            let per_copy = |s: &Slot| load_of(s) / st.holders[s].len().max(1) as f64;
+            candidates.sort_by(|a, b| per_copy(b).total_cmp(&per_copy(a)).then(a.cmp(b)));
+            if let Some((s, w)) = candidates
+                .iter()
+                .find_map(|s| st.least_loaded(*s).map(|w| (*s, w)))
+            {
+                st.take(s, w, load_of(&s));
+                *extras.entry(layer).or_default() += 1;
+                placed = true;
+            }
+        }
+        if !placed {
+            break;
+        }
+    }
+    let mut holders = st.holders;
     for ws in holders.values_mut() {
         ws.sort();
     }
     Ok(Plan { holders })
 }
 
-fn take(
-    capacity: &mut BTreeMap<WorkerId, u64>,
-    worker_load: &mut BTreeMap<WorkerId, f64>,
-    holders: &mut BTreeMap<Slot, Vec<WorkerId>>,
-    s: Slot,
-    w: WorkerId,
-    load: f64,
-) {
-    if let Some(c) = capacity.get_mut(&w) {
-        *c -= 1;
-    }
-    if let Some(ws) = holders.get_mut(&s) {
-        // Copies split the expert's load: move the other holders' shares down.
-        let before = ws.len() as f64;
-        for other in ws.iter() {
-            if let Some(l) = worker_load.get_mut(other) {
-                *l -= load / before - load / (before + 1.0);
-            }
-        }
-        ws.push(w);
-        if let Some(l) = worker_load.get_mut(&w) {
-            *l += load / (before + 1.0);
-        }
-    }
+/// An expert's observed load; missing entries count as 1 (equal load), negatives as 0.
+pub(crate) fn load_of(load: &BTreeMap<Slot, f64>, s: &Slot) -> f64 {
+    load.get(s).copied().unwrap_or(1.0).max(0.0)
 }
 
-fn least_loaded(
-    capacity: &BTreeMap<WorkerId, u64>,
-    load: &BTreeMap<WorkerId, f64>,
-    exclude: &[WorkerId],
-) -> Option<WorkerId> {
-    capacity
-        .iter()
-        .filter(|(w, c)| **c > 0 && !exclude.contains(w))
-        .min_by(|(a, _), (b, _)| load[*a].total_cmp(&load[*b]).then(a.cmp(b)))
-        .map(|(w, _)| *w)
+/// The plan being built: slots left per worker, holders, and the predicted load per worker
+/// (copies of an expert split its load evenly, as routers split its tokens).
+struct Packing {
+    capacity: BTreeMap<WorkerId, u64>,
+    holders: BTreeMap<Slot, Vec<WorkerId>>,
+    layer_load: BTreeMap<(WorkerId, u32), f64>,
+    total_load: BTreeMap<WorkerId, f64>,
+    /// Copies per (worker, layer), and each one's fair share of the layer when re-planning.
+    count: BTreeMap<(WorkerId, u32), usize>,
+    quota: BTreeMap<(WorkerId, u32), usize>,
+}
+
+impl Packing {
+    /// Whether `w` holds its fair share of `layer` already (never, without a previous plan).
+    fn over_quota(&self, w: WorkerId, layer: u32) -> bool {
+        self.quota
+            .get(&(w, layer))
+            .is_some_and(|q| self.count.get(&(w, layer)).copied().unwrap_or(0) >= *q)
+    }
+
+    fn take(&mut self, s: Slot, w: WorkerId, load: f64) {
+        if let Some(c) = self.capacity.get_mut(&w) {
+            *c -= 1;
+        }
+        *self.count.entry((w, s.layer)).or_default() += 1;
+        let Some(ws) = self.holders.get_mut(&s) else {
+            return;
+        };
+        // Copies split the expert's load: move the other holders' shares down.
+        let before = ws.len() as f64;
+        let drop = if before > 0.0 {
+            load / before - load / (before + 1.0)
+        } else {
+            0.0
+        };
+        for other in ws.iter() {
+            *self.layer_load.entry((*other, s.layer)).or_default() -= drop;
+            *self.total_load.entry(*other).or_default() -= drop;
+        }
+        ws.push(w);
+        *self.layer_load.entry((w, s.layer)).or_default() += load / (before + 1.0);
+        *self.total_load.entry(w).or_default() += load / (before + 1.0);
+    }
+
+    /// The worker with room, not holding `s`, with the least load in `s`'s layer; then one
+    /// still under its fair share of the layer; then the least load in all layers; then the
+    /// lowest id.
+    fn least_loaded(&self, s: Slot) -> Option<WorkerId> {
+        let exclude = self.holders.get(&s).map_or(&[][..], Vec::as_slice);
+        let key = |w: &WorkerId| {
+            (
+                self.layer_load.get(&(*w, s.layer)).copied().unwrap_or(0.0),
+                self.over_quota(*w, s.layer),
+                self.total_load.get(w).copied().unwrap_or(0.0),
+            )
+        };
+        self.capacity
+            .iter()
+            .filter(|(w, c)| **c > 0 && !exclude.contains(w))
+            .min_by(|(a, _), (b, _)| {
+                let (ka, kb) = (key(a), key(b));
+                ka.0.total_cmp(&kb.0)
+                    .then(ka.1.cmp(&kb.1))
+                    .then(ka.2.total_cmp(&kb.2))
+                    .then(a.cmp(b))
+            })
+            .map(|(w, _)| *w)
+    }
 }
 
 #[cfg(test)]
@@ -278,8 +351,7 @@ mod tests {
                 })
                 .collect(),
             replicas,
-            load: BTreeMap::new(),
-            previous: None,
+            ..Default::default()
         }
     }
 

@@ -14,9 +14,9 @@
 //! the socket (3) and decoded straight into the layer's sum (4). (It was six: a gathered f32
 //! copy before encoding and a decoded f32 copy before adding are gone.)
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use switchyard_engine::model::{ExpertExecutor, Pending, PendingExperts, Routing};
@@ -38,6 +38,12 @@ type Replies = Receiver<(usize, Result<WorkerReply, RouterError>, Duration)>;
 pub struct PoolStep<'a> {
     pool: &'a ExpertPool,
     route: Arc<Route>,
+    /// Turns the replica split from step to step (see [`Placement::serving`]).
+    ///
+    /// [`Placement::serving`]: super::placement::Placement::serving
+    salt: u64,
+    /// (token, expert) assignments each worker served, per layer, in this step.
+    served: Mutex<BTreeMap<usize, BTreeMap<WorkerId, u64>>>,
 }
 
 impl Drop for PoolStep<'_> {
@@ -47,8 +53,21 @@ impl Drop for PoolStep<'_> {
 }
 
 impl<'a> PoolStep<'a> {
-    pub(crate) fn new(pool: &'a ExpertPool, route: Arc<Route>) -> PoolStep<'a> {
-        PoolStep { pool, route }
+    pub(crate) fn new(pool: &'a ExpertPool, route: Arc<Route>, salt: u64) -> PoolStep<'a> {
+        PoolStep {
+            pool,
+            route,
+            salt,
+            served: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The (token, expert) assignments each worker served in `layer` so far in this step.
+    pub fn served(&self, layer: usize) -> BTreeMap<WorkerId, u64> {
+        self.served
+            .lock()
+            .map(|s| s.get(&layer).cloned().unwrap_or_default())
+            .unwrap_or_default()
     }
 
     /// The route this step dispatches with.
@@ -89,8 +108,11 @@ impl<'a> PoolStep<'a> {
             x.as_f32()?,
             hidden,
             routing,
-            &self.route.placement,
-            &self.pool.down_workers(),
+            &plan::Serving {
+                placement: &self.route.placement,
+                down: &self.pool.down_workers(),
+                salt: self.salt,
+            },
             options,
         )?;
         let (rx, calls) = self.send(&self.route, layer, calls)?;
@@ -151,7 +173,11 @@ impl<'a> PoolStep<'a> {
             xd,
             hidden,
             work,
-            &|e| latest.placement.worker_avoiding(layer, e, &avoid),
+            &|row, e| {
+                latest
+                    .placement
+                    .serving(layer, e, row as u64 + self.salt, &avoid)
+            },
             options.wire_dtype,
         ) {
             Ok(calls) => calls,
@@ -315,6 +341,13 @@ impl<'a> PoolStep<'a> {
                 &call.rows,
                 od,
             )?;
+            if let Ok(mut served) = self.served.lock() {
+                *served
+                    .entry(layer)
+                    .or_default()
+                    .entry(call.worker)
+                    .or_default() += call.request.expert_ids.len() as u64;
+            }
         }
         Ok(failed)
     }

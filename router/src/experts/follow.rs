@@ -7,14 +7,15 @@
 //!   router keeps serving on the last placement meanwhile.
 //! - The **report** tells the coordinator, every third of its lease and right after each
 //!   switch, which version this router dispatches with — so workers drop the experts of a
-//!   version only once no router uses it.
+//!   version only once no router uses it — and its expert-load counts since start-up, which
+//!   the coordinator places and rebalances experts by.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use switchyard_proto::backoff::Backoff;
 use switchyard_proto::client;
-use switchyard_proto::v1::{PlacementMap, RouterReport};
+use switchyard_proto::v1::{ExpertTokens, PlacementMap, RouterReport, WorkerAssignments};
 
 use super::ExpertPool;
 
@@ -40,6 +41,7 @@ pub async fn leave(coordinator: &str, router_id: &str) {
                 router_id: router_id.to_string(),
                 live_version: 0,
                 leaving: true,
+                ..Default::default()
             })
             .await
             .map_err(|s| s.to_string())
@@ -156,9 +158,27 @@ async fn report(
     let mut client = None;
     loop {
         // Never held across an await: the pool must be free to drop (and stop this task).
-        let Some(version) = pool.upgrade().map(|p| p.version_in_use()) else {
+        let Some((version, (experts, workers))) = pool
+            .upgrade()
+            .map(|p| (p.version_in_use(), p.load().totals()))
+        else {
             return;
         };
+        let expert_tokens: Vec<ExpertTokens> = experts
+            .into_iter()
+            .map(|(layer, tokens)| ExpertTokens {
+                layer: layer as u32,
+                tokens,
+            })
+            .collect();
+        let worker_assignments: Vec<WorkerAssignments> = workers
+            .into_iter()
+            .map(|(layer, w, n)| WorkerAssignments {
+                layer: layer as u32,
+                worker_id: w.0,
+                assignments: n,
+            })
+            .collect();
         if client.is_none() {
             client = client::coordinator(&coordinator).await.ok();
         }
@@ -168,6 +188,8 @@ async fn report(
                     router_id: router_id.clone(),
                     live_version: version,
                     leaving: false,
+                    expert_tokens,
+                    worker_assignments,
                 })
                 .await
                 .map_err(|s| s.to_string()),

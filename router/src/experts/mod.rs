@@ -131,6 +131,11 @@ pub struct ExpertPool {
     /// Woken when the version in use changes (a switch, the last step on an old version
     /// ending), so the coordinator hears of it at once.
     pub(crate) in_use_changed: Arc<tokio::sync::Notify>,
+    /// Steps begun, the salt of each step's replica split.
+    step_count: std::sync::atomic::AtomicU64,
+    /// Tokens per expert and assignments per worker, counted by the backend, reported to the
+    /// coordinator.
+    load: Arc<crate::expert_load::ExpertLoad>,
     /// Dropped last, in the background: the links' connections live on it.
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -180,7 +185,15 @@ impl ExpertPool {
             .enable_all()
             .build()
             .map_err(|e| RouterError::Runtime(format!("cannot start the dispatch runtime: {e}")))?;
+        let moe = config.moe.as_ref();
+        let load = Arc::new(crate::expert_load::ExpertLoad::new(
+            config.moe_layers(),
+            moe.map_or(0, |m| m.n_routed_experts),
+            moe.map_or(0, |m| m.num_experts_per_tok),
+        ));
         Ok(Arc::new(ExpertPool {
+            step_count: std::sync::atomic::AtomicU64::new(0),
+            load,
             shape: ExpertShape::of(config)?,
             hidden: config.hidden_size,
             identity: config.identity(),
@@ -375,7 +388,15 @@ impl ExpertPool {
             RouterError::NoPlacement("no live placement of the routed experts yet".into())
         })?;
         *steps.entry(route.placement.version()).or_default() += 1;
-        Ok(PoolStep::new(self, route))
+        let salt = self
+            .step_count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(PoolStep::new(self, route, salt))
+    }
+
+    /// The expert-load counters of the steps run on this pool.
+    pub fn load(&self) -> &Arc<crate::expert_load::ExpertLoad> {
+        &self.load
     }
 
     /// Calls go to replicas of `worker` first for a while ([`DOWN_FOR`]): it could not be

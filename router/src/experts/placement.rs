@@ -107,7 +107,7 @@ impl Placement {
     }
 
     /// What the workers hold, each worker's id its position in the `--workers` list. Where
-    /// several hold an expert (replicas), the lowest id serves it and the others stand by.
+    /// several hold an expert (replicas), they share its tokens ([`Placement::serving`]).
     pub fn from_infos(
         shape: &ExpertShape,
         workers: &[(WorkerId, InfoResponse)],
@@ -150,6 +150,29 @@ impl Placement {
     /// The worker serving `expert` of `layer`.
     pub fn worker(&self, layer: usize, expert: u32) -> Option<WorkerId> {
         self.holders(layer, expert).first().copied()
+    }
+
+    /// The worker serving `token`'s share of `expert` of `layer`: its holders not in `avoid`
+    /// take turns by token (`token % holders`), so replicas split an expert's tokens evenly
+    /// and the same token numbers always go to the same replica. `None` if every holder is
+    /// avoided.
+    pub fn serving(
+        &self,
+        layer: usize,
+        expert: u32,
+        token: u64,
+        avoid: &BTreeSet<WorkerId>,
+    ) -> Option<WorkerId> {
+        let holders = self.holders(layer, expert);
+        let live = holders.iter().filter(|w| !avoid.contains(w)).count();
+        if live == 0 {
+            return None;
+        }
+        holders
+            .iter()
+            .filter(|w| !avoid.contains(w))
+            .nth((token % live as u64) as usize)
+            .copied()
     }
 
     /// The first worker holding `expert` of `layer` that is not in `avoid` (a replica, when
@@ -228,10 +251,13 @@ mod tests {
         let p = Placement::from_map(&shape(), &map(7, &[&[5, 2], &[2], &[9], &[9, 5]])).unwrap();
         assert_eq!(p.version(), 7);
         assert_eq!(p.holders(1, 0), &[WorkerId(5), WorkerId(2)]);
-        assert_eq!(p.worker(2, 3), Some(WorkerId(9)));
+        let none = BTreeSet::new();
+        assert_eq!(p.serving(2, 3, 0, &none), Some(WorkerId(9)));
+        assert_eq!(p.serving(2, 3, 1, &none), Some(WorkerId(5)));
         let avoid = BTreeSet::from([WorkerId(9)]);
-        assert_eq!(p.worker_avoiding(1, 3, &avoid), Some(WorkerId(5)));
-        assert_eq!(p.worker_avoiding(1, 2, &avoid), None);
+        assert_eq!(p.serving(1, 3, 0, &avoid), Some(WorkerId(5)));
+        assert_eq!(p.serving(1, 3, 1, &avoid), Some(WorkerId(5)));
+        assert_eq!(p.serving(1, 2, 0, &avoid), None);
         assert_eq!(
             p.workers(),
             BTreeSet::from([WorkerId(2), WorkerId(5), WorkerId(9)])
@@ -258,7 +284,7 @@ mod tests {
     }
 
     #[test]
-    fn static_workers_replicas_stand_by_in_id_order() {
+    fn static_workers_replicas_take_turns_in_id_order() {
         let p = Placement::from_infos(
             &shape(),
             &[
@@ -269,10 +295,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.version(), 0);
-        assert_eq!(p.worker(1, 1), Some(WorkerId(0)));
+        let none = BTreeSet::new();
+        assert_eq!(p.serving(1, 1, 0, &none), Some(WorkerId(0)));
+        assert_eq!(p.serving(1, 1, 1, &none), Some(WorkerId(2)));
         assert_eq!(p.holders(2, 3), &[WorkerId(1), WorkerId(2)]);
         let failed = BTreeSet::from([WorkerId(0)]);
-        assert_eq!(p.worker_avoiding(1, 1, &failed), Some(WorkerId(2)));
+        assert_eq!(p.serving(1, 1, 0, &failed), Some(WorkerId(2)));
     }
 
     #[test]

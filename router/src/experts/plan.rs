@@ -23,6 +23,15 @@ pub struct WorkerCall {
     pub request: ForwardRequest,
 }
 
+/// Who serves a layer's (token, expert) pairs: `placement`'s holders, skipping `down` (workers
+/// that just failed) unless every holder is down, taking turns by token row turned by `salt`.
+#[derive(Clone, Copy, Debug)]
+pub struct Serving<'a> {
+    pub placement: &'a Placement,
+    pub down: &'a BTreeSet<WorkerId>,
+    pub salt: u64,
+}
+
 /// One token's routed work for a layer: its batch row, its `(expert, weight)` pairs, and
 /// whether its shared expert travels with one of its calls.
 #[derive(Clone, Debug, PartialEq)]
@@ -32,8 +41,8 @@ pub struct TokenWork {
     pub shared: bool,
 }
 
-/// Splits one layer's routing into one call per worker (pure). Each expert goes to its first
-/// holder not in `down` (workers that just failed), or to its first holder if all are.
+/// Splits one layer's routing into one call per worker (pure). Each (token, expert) goes to
+/// the holder [`Placement::serving`] picks for the token's row, as `serving` says.
 ///
 /// With `options.shared_on_workers`, each token's shared expert travels with one of its routed calls:
 /// the worker, among those the token already visits, with the fewest shared rows so far.
@@ -42,10 +51,14 @@ pub fn plan_calls(
     x: &[f32],
     hidden: usize,
     routing: &Routing,
-    placement: &Placement,
-    down: &BTreeSet<WorkerId>,
+    serving: &Serving<'_>,
     options: &DispatchOptions,
 ) -> Result<Vec<WorkerCall>, RouterError> {
+    let Serving {
+        placement,
+        down,
+        salt,
+    } = *serving;
     let work = (0..routing.tokens()).map(|t| TokenWork {
         row: t as u32,
         pairs: routing.token(t).collect(),
@@ -56,23 +69,24 @@ pub fn plan_calls(
         x,
         hidden,
         work,
-        &|e| {
+        &|row, e| {
+            let token = u64::from(row) + salt;
             placement
-                .worker_avoiding(layer, e, down)
-                .or_else(|| placement.worker(layer, e))
+                .serving(layer, e, token, down)
+                .or_else(|| placement.serving(layer, e, token, &BTreeSet::new()))
         },
         options.wire_dtype,
     )
 }
 
 /// Groups tokens' work (in row order) into one call per worker, each token's row once per
-/// worker; `worker_for(expert)` says who runs an expert.
+/// worker; `worker_for(row, expert)` says who runs a token's expert.
 pub fn build_calls(
     layer: usize,
     x: &[f32],
     hidden: usize,
     work: impl IntoIterator<Item = TokenWork>,
-    worker_for: &dyn Fn(u32) -> Option<WorkerId>,
+    worker_for: &dyn Fn(u32, u32) -> Option<WorkerId>,
     dtype: Dtype,
 ) -> Result<Vec<WorkerCall>, RouterError> {
     #[derive(Default)]
@@ -87,7 +101,7 @@ pub fn build_calls(
     for token in work {
         let t = token.row;
         for (e, w) in token.pairs {
-            let worker = worker_for(e).ok_or_else(|| {
+            let worker = worker_for(t, e).ok_or_else(|| {
                 RouterError::Placement(format!("expert {e} of layer {layer} has no live worker"))
             })?;
             let b = builders.entry(worker).or_insert_with(|| Builder {
@@ -229,8 +243,11 @@ mod tests {
             &x,
             hidden,
             &routing,
-            &p,
-            &BTreeSet::new(),
+            &Serving {
+                placement: &p,
+                down: &BTreeSet::new(),
+                salt: 0,
+            },
             &opts(Dtype::F32, false),
         )
         .unwrap();
@@ -261,8 +278,11 @@ mod tests {
             &x,
             2,
             &routing,
-            &p,
-            &BTreeSet::new(),
+            &Serving {
+                placement: &p,
+                down: &BTreeSet::new(),
+                salt: 0,
+            },
             &opts(Dtype::F32, true),
         )
         .unwrap();
@@ -292,17 +312,37 @@ mod tests {
             weights: vec![0.5, 0.5, 0.25, 0.75],
         };
         let x: Vec<f32> = (0..4).map(|v| v as f32).collect();
+        // Salt 0: row 0 goes to the first holder, row 1 to the second; salt 1 turns it.
+        let split = plan_calls(
+            1,
+            &x,
+            2,
+            &routing,
+            &Serving {
+                placement: &p,
+                down: &BTreeSet::new(),
+                salt: 0,
+            },
+            &opts(Dtype::F32, true),
+        )
+        .unwrap();
+        let rows: Vec<_> = split.iter().map(|c| (c.worker, c.rows.clone())).collect();
+        assert_eq!(rows, vec![(WorkerId(0), vec![0]), (WorkerId(1), vec![1])]);
+        // Worker 1 is down: everything goes to worker 0, then worker 0 fails too.
         let calls = plan_calls(
             1,
             &x,
             2,
             &routing,
-            &p,
-            &BTreeSet::new(),
+            &Serving {
+                placement: &p,
+                down: &BTreeSet::from([WorkerId(1)]),
+                salt: 0,
+            },
             &opts(Dtype::F32, true),
         )
         .unwrap();
-        assert_eq!(calls.len(), 1, "worker 0 serves everything first");
+        assert_eq!(calls.len(), 1, "worker 0 serves everything");
         let work = work_of(&calls[0]);
         assert_eq!(work.len(), 2);
         assert_eq!(work[1].pairs, vec![(3, 0.25), (4, 0.75)]);
@@ -313,7 +353,7 @@ mod tests {
             &x,
             2,
             work,
-            &|e| p.worker_avoiding(1, e, &avoid),
+            &|row, e| p.serving(1, e, u64::from(row), &avoid),
             Dtype::F32,
         )
         .unwrap();
@@ -331,7 +371,7 @@ mod tests {
             &x,
             2,
             work_of(&calls[0]),
-            &|e| p.worker_avoiding(1, e, &both),
+            &|row, e| p.serving(1, e, u64::from(row), &both),
             Dtype::F32,
         )
         .unwrap_err()
@@ -376,8 +416,11 @@ mod tests {
             &[1.0, 2.0],
             2,
             &routing,
-            &p,
-            &down,
+            &Serving {
+                placement: &p,
+                down: &down,
+                salt: 0,
+            },
             &opts(Dtype::F32, false),
         )
         .unwrap();
@@ -387,6 +430,46 @@ mod tests {
             .collect();
         // Expert 1 has a replica on worker 1; expert 9 lives on worker 0 alone, down or not.
         assert_eq!(to, vec![(WorkerId(0), vec![9]), (WorkerId(1), vec![1])]);
+    }
+
+    #[test]
+    fn replicas_share_an_expert_s_tokens_evenly_and_the_salt_turns_them() {
+        let p = placement(&[(0, 0..16), (1, 0..16), (2, 0..16)]);
+        // Nine tokens, all choosing experts 4 and 7.
+        let routing = Routing {
+            k: 2,
+            ids: [4, 7].repeat(9),
+            weights: vec![0.5; 18],
+        };
+        let x = vec![0.0; 9 * 2];
+        let share = |salt| {
+            plan_calls(
+                1,
+                &x,
+                2,
+                &routing,
+                &Serving {
+                    placement: &p,
+                    down: &BTreeSet::new(),
+                    salt,
+                },
+                &opts(Dtype::F32, false),
+            )
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.worker, c.rows))
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            share(0),
+            vec![
+                (WorkerId(0), vec![0, 3, 6]),
+                (WorkerId(1), vec![1, 4, 7]),
+                (WorkerId(2), vec![2, 5, 8]),
+            ]
+        );
+        assert_eq!(share(0), share(0), "the same split every time");
+        assert_eq!(share(1)[0], (WorkerId(0), vec![2, 5, 8]));
     }
 
     #[test]
@@ -402,8 +485,11 @@ mod tests {
             &[1.0, 2.0],
             2,
             &routing,
-            &p,
-            &BTreeSet::new(),
+            &Serving {
+                placement: &p,
+                down: &BTreeSet::new(),
+                salt: 0,
+            },
             &opts(Dtype::Bf16, false),
         )
         .unwrap();
