@@ -33,6 +33,15 @@ pub struct PlanArgs {
     /// the blind plan rebalanced within `--max-moves`.
     #[arg(long, value_name = "FILE.json")]
     load: Option<std::path::PathBuf>,
+    /// Memory each router gives to its weights and latent KV cache, e.g. `80GiB`.
+    #[arg(long, default_value = "80GiB", value_parser = capacity::parse_bytes)]
+    router_memory: u64,
+    /// Sequences in flight the cluster should hold, to size the routers.
+    #[arg(long, default_value_t = 256)]
+    target_batch: u64,
+    /// Tokens of context each of them may reach.
+    #[arg(long, default_value_t = 4096)]
+    context_len: u64,
     /// With --load: expert copies the rebalance from the load-blind plan may load.
     #[arg(long, default_value_t = 64, requires = "load")]
     max_moves: usize,
@@ -118,6 +127,10 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let used_max = max as u64 * expert_bytes;
     let left_min = args.worker_memory.saturating_sub(used_max);
     let kv_per_token = capacity::kv_bytes_per_token(&config);
+    let router_weights = capacity::router_weight_bytes(&config, args.dtype);
+    let router_kv_tokens = args.router_memory.saturating_sub(router_weights) / kv_per_token.max(1);
+    let wanted_tokens = args.target_batch.saturating_mul(args.context_len);
+    let routers = (router_kv_tokens > 0).then(|| wanted_tokens.div_ceil(router_kv_tokens).max(1));
     // What a worker has left is room for redundant experts (the KV cache lives on routers).
     let spare_slots = left_min / expert_bytes.max(1);
     let spare_per_layer = spare_slots * args.workers as u64 / layers.len().max(1) as u64;
@@ -138,6 +151,12 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
                 "expert_memory_per_worker_max": used_max,
                 "memory_left_per_worker_min": left_min,
                 "latent_kv_bytes_per_token": kv_per_token,
+                "router_weight_bytes": router_weights,
+                "router_memory": args.router_memory,
+                "latent_kv_tokens_per_router": router_kv_tokens,
+                "routers_for_target": routers,
+                "target_batch": args.target_batch,
+                "context_len": args.context_len,
                 "spare_expert_slots_per_worker_min": spare_slots,
                 "redundant_experts_per_layer_room": spare_per_layer,
                 "expected_workers_per_token_per_layer": visited,
@@ -172,7 +191,23 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     println!(
         "memory left: {spare_slots} more expert copies per worker → room for about {spare_per_layer} redundant experts per MoE layer (--redundant-experts)"
     );
-    println!("latent KV cache (on routers): {kv_per_token} B per token");
+    match routers {
+        Some(n) => println!(
+            "routers: {} weights each ({:?}), {kv_per_token} B of latent KV cache per token → {router_kv_tokens} tokens in {} · {} sequences × {} tokens take {n} router{}",
+            gib(router_weights as f64),
+            args.dtype,
+            gib(args.router_memory as f64),
+            args.target_batch,
+            args.context_len,
+            if n == 1 { "" } else { "s" }
+        ),
+        None => println!(
+            "routers: {} weights each ({:?}) leave no room for KV cache in --router-memory {}",
+            gib(router_weights as f64),
+            args.dtype,
+            gib(args.router_memory as f64)
+        ),
+    }
     println!(
         "wire: a token visits {visited:.2} workers per MoE layer on average → {wire:.0} B per token per MoE layer (bf16, both directions)"
     );

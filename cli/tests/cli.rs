@@ -667,6 +667,11 @@ fn plan_sizes_a_deepseek_v3_cluster_and_refuses_one_that_does_not_fit() {
     assert_eq!(plan["experts_per_worker"]["min"], 464);
     assert_eq!(plan["experts_per_worker"]["max"], 464);
     assert_eq!(plan["latent_kv_bytes_per_token"], 70_272);
+    // Routers: ~17 B parameters (FP8 projections, bf16 embeddings) leave ~60 GiB of 80 for
+    // latent cache; 256 sequences × 4096 tokens need two.
+    let kv = plan["latent_kv_tokens_per_router"].as_u64().unwrap();
+    assert!((800_000..1_000_000).contains(&kv), "{plan}");
+    assert_eq!(plan["routers_for_target"], 2, "{plan}");
     let out = switchyard(&[
         "plan",
         "--model",

@@ -37,6 +37,30 @@ pub fn expert_bytes(config: &ModelConfig, dtype: WeightDType) -> u64 {
     }
 }
 
+/// Bytes of everything a router holds: the model minus its routed experts (attention, dense
+/// FFNs, shared experts, gates, norms, embeddings, LM head). FP8 checkpoints keep embeddings,
+/// the LM head and norms in bf16; their projections are counted at one byte plus block scales.
+pub fn router_weight_bytes(config: &ModelConfig, dtype: WeightDType) -> u64 {
+    let h = config.hidden_size as u64;
+    let routed = config.moe.as_ref().map_or(0, |m| {
+        config.moe_layers().len() as u64
+            * m.n_routed_experts as u64
+            * 3
+            * h
+            * m.moe_intermediate_size as u64
+    });
+    let params = config.parameter_count().saturating_sub(routed);
+    let embeddings = config.vocab_size as u64 * h * if config.tie_word_embeddings { 1 } else { 2 };
+    match dtype {
+        WeightDType::F32 => params * 4,
+        WeightDType::Bf16 => params * 2,
+        WeightDType::Fp8 => {
+            let projections = params.saturating_sub(embeddings);
+            embeddings * 2 + projections + projections.div_ceil(128 * 128) * 4
+        }
+    }
+}
+
 /// Bytes of KV cache per token over all layers in bf16 (MLA: latent + shared rope key; GQA:
 /// keys and values of the KV heads).
 pub fn kv_bytes_per_token(config: &ModelConfig) -> u64 {
@@ -99,6 +123,11 @@ mod tests {
         assert!(fp8 > 44_040_192 && fp8 < 44_100_000, "{fp8}");
         // 61 layers x (512 + 64) x 2 bytes = 70,272 bytes per token.
         assert_eq!(kv_bytes_per_token(&c), 70_272);
+        // 671 B parameters, 654 B of them routed experts (58 x 256 x 44 M): about 17 B on a
+        // router, 34 GB in bf16.
+        let router = router_weight_bytes(&c, WeightDType::Bf16);
+        assert!((30e9..40e9).contains(&(router as f64)), "{router}");
+        assert!(router_weight_bytes(&c, WeightDType::Fp8) < router);
     }
 
     #[test]

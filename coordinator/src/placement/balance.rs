@@ -63,23 +63,6 @@ fn max_over_mean(loads: &[f64]) -> f64 {
     max / (total / loads.len() as f64)
 }
 
-/// Per layer, the worst imbalance and the layer it is in.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct LayerImbalance {
-    pub layer: u32,
-    pub imbalance: f64,
-}
-
-impl Rebalance {
-    /// The layer with the highest predicted imbalance after.
-    pub fn worst_after(&self) -> Option<LayerImbalance> {
-        self.after
-            .iter()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(&layer, &imbalance)| LayerImbalance { layer, imbalance })
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RebalanceOptions {
     /// Expert copies a rebalance may load (a move loads one, a swap two).
@@ -324,7 +307,7 @@ impl Search {
             match self.best_change(i, left) {
                 Some(change) => {
                     left -= change.cost();
-                    let frees_room = !matches!(change, Change::Swap { .. });
+                    let frees_room = matches!(change, Change::Move { .. } | Change::Add { .. });
                     self.apply(i, change);
                     if frees_room {
                         // Room moved: a layer stuck for want of it may move again.

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 mod balance;
 pub use balance::{
-    LayerImbalance, Rebalance, RebalanceOptions, imbalance, mean_imbalance, rebalance, worker_loads,
+    Rebalance, RebalanceOptions, imbalance, mean_imbalance, rebalance, worker_loads,
 };
 
 pub use switchyard_proto::WorkerId;
