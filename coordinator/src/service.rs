@@ -378,21 +378,15 @@ impl CoordinatorService for CoordinatorNode {
                 r.router_id.len()
             )));
         }
-        let counts = {
-            let state = self
-                .state
-                .lock()
-                .map_err(|_| Status::internal("coordinator state poisoned"))?;
-            router_counts(state.model(), &r)?
-        };
         let lease_ms = self.with_state(|s, now| {
             if r.leaving {
                 s.router_left(&r.router_id);
             } else {
+                let counts = router_counts(s.model(), &r)?;
                 s.report_router(&r.router_id, r.live_version, counts, now);
             }
-            s.lease_ms()
-        })?;
+            Ok::<_, Status>(s.lease_ms())
+        })??;
         if r.leaving {
             tracing::info!(router = %r.router_id, "router left");
         }
@@ -488,11 +482,10 @@ impl CoordinatorService for CoordinatorNode {
                 .collect(),
             retain_from: state.retain_from(now),
             load_tokens: state.load().total(now),
-            balance: balance_rows(
-                &state.predicted_imbalance(),
-                &state.predicted_imbalance(),
-                &state.observed_imbalance(),
-            ),
+            balance: {
+                let predicted = state.predicted_imbalance();
+                balance_rows(&predicted, &predicted, &state.observed_imbalance())
+            },
             rebalances: self.metrics.rebalances.get(),
         }))
     }
@@ -731,5 +724,95 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.message().contains("`threshold`"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn the_interval_rebalances_a_skewed_live_placement_by_itself() {
+        use switchyard_proto::v1::ExpertTokens;
+        let node = CoordinatorNode::with_balancing(
+            ModelShape {
+                identity: "m".into(),
+                layers: vec![1],
+                experts_per_layer: 8,
+                expert_bytes: 10,
+            },
+            1,
+            Duration::from_secs(5),
+            Balancing {
+                load_half_life: Duration::ZERO,
+                interval: Some(Duration::from_millis(20)),
+                threshold: 0.0,
+                ..Default::default()
+            },
+        );
+        let mut ids = Vec::new();
+        for a in ["127.0.0.1:1", "127.0.0.1:2"] {
+            let r = node
+                .register(Request::new(RegisterRequest {
+                    address: a.into(),
+                    memory_bytes: 1000,
+                    device: "cpu".into(),
+                    model: "m".into(),
+                    previous_worker_id: None,
+                }))
+                .await
+                .unwrap();
+            ids.push(r.into_inner().worker_id);
+        }
+        let loaded = |node: &CoordinatorNode| {
+            let version = node
+                .updates
+                .borrow()
+                .target
+                .as_ref()
+                .map_or(0, |t| t.version);
+            let node = node.clone();
+            let ids = ids.clone();
+            async move {
+                for &worker_id in &ids {
+                    node.heartbeat(Request::new(HeartbeatRequest {
+                        worker_id,
+                        loaded_version: version,
+                        ..Default::default()
+                    }))
+                    .await
+                    .unwrap();
+                }
+                version
+            }
+        };
+        let v1 = loaded(&node).await;
+        // Worker 0's experts are the hot ones.
+        node.report_router(Request::new(RouterReport {
+            router_id: "r".into(),
+            live_version: v1,
+            expert_tokens: vec![ExpertTokens {
+                layer: 1,
+                tokens: vec![100, 100, 100, 100, 5, 5, 5, 5],
+            }],
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        let task = tokio::spawn(node.clone().rebalance_every(Duration::from_millis(20)));
+        let rebalanced = tokio::time::timeout(Duration::from_secs(10), async {
+            while node.metrics.rebalances.get() == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        task.abort();
+        assert!(rebalanced.is_ok(), "no rebalance within 10 s");
+        let target = node
+            .updates
+            .borrow()
+            .target
+            .as_ref()
+            .map_or(0, |t| t.version);
+        assert!(target > v1);
+        assert!(
+            node.render_metrics()
+                .contains("switchyard_coordinator_rebalances_total 1")
+        );
     }
 }
