@@ -14,6 +14,14 @@ tokens split evenly over its copies) of each, and how many expert copies each lo
 with the load-blind placement in force.
 
     python3 tools/eplb_compare.py --switchyard target/release/switchyard [--skew 1.0] [--seeds 3]
+        [--drift 0.25]
+
+Then the load drifts: in every layer a fraction (`--drift`) of the experts trade their loads
+at random. The cluster runs the plan made for the first load; Switchyard rebalances it within
+`--max-moves` (`plan --previous-load FIRST --load SECOND`), EPLB re-plans from scratch. EPLB's
+moves are counted generously: its new packs are matched to its old ones layer by layer, most
+shared experts first, as if a GPU could be renumbered per layer (it cannot: a GPU holds its
+slots of every layer).
 
 EPLB's `eplb.py` (https://github.com/deepseek-ai/EPLB, MIT, Copyright (c) 2025 DeepSeek) needs
 torch; the two functions the global policy uses (`replicate_experts`, `balanced_packing`) are
@@ -44,6 +52,21 @@ def zipf_loads(seed, skew):
         rng.shuffle(ranks)
         loads.append([round(100000.0 / (r + 1) ** skew) for r in ranks])
     return loads
+
+
+def drifted(loads, fraction, seed):
+    """In every layer, `fraction` of the experts trade their loads among themselves."""
+    rng = random.Random(1000 + seed)
+    out = []
+    for row in loads:
+        row = list(row)
+        chosen = rng.sample(range(EXPERTS), max(2, round(fraction * EXPERTS)))
+        values = [row[e] for e in chosen]
+        rng.shuffle(values)
+        for e, v in zip(chosen, values):
+            row[e] = v
+        out.append(row)
+    return out
 
 
 # --- EPLB's global policy, transcribed from eplb.py (MIT, DeepSeek) ---------------------------
@@ -133,12 +156,57 @@ def moves(before, after):
     return n
 
 
+def relabeled_moves(before, after):
+    """Copies `after` loads that `before` lacked, its packs matched to `before`'s for the most
+    shared experts (greedy, largest overlap first)."""
+    overlaps = []
+    for i, b in enumerate(before):
+        for j, a in enumerate(after):
+            left, shared = list(b), 0
+            for e in a:
+                if e in left:
+                    left.remove(e)
+                    shared += 1
+            if shared:
+                overlaps.append((shared, -i, -j))
+    overlaps.sort(reverse=True)
+    used_b, used_a, kept = set(), set(), 0
+    for shared, i, j in overlaps:
+        if -i not in used_b and -j not in used_a:
+            used_b.add(-i)
+            used_a.add(-j)
+            kept += shared
+    return sum(len(a) for a in after) - kept
+
+
+def run_plan(args, expert_bytes, slots_per_worker, loads, previous=None):
+    paths = []
+    try:
+        for data in [loads] + ([previous] if previous else []):
+            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+                json.dump(data, f)
+                paths.append(f.name)
+        cmd = [args.switchyard, "plan", "--model", "deepseek-v3", "--workers", str(WORKERS),
+               "--worker-memory", str(slots_per_worker * expert_bytes), "--dtype", "fp8",
+               "--redundant-experts", str(REDUNDANT), "--load", paths[0], "--max-moves", str(args.max_moves),
+               "--json"]
+        if previous:
+            cmd += ["--previous-load", paths[1]]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    finally:
+        for path in paths:
+            os.unlink(path)
+    return json.loads(out.stdout)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--switchyard", default="target/release/switchyard")
     ap.add_argument("--skew", type=float, default=1.0, help="Zipf exponent of the loads")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--max-moves", type=int, default=2000)
+    ap.add_argument("--drift", type=float, default=0.25,
+                    help="share of each layer's experts that trade loads for the drift comparison (0: skip it)")
     ap.add_argument("--eplb", help="path to DeepSeek's eplb.py (needs torch); default: the transcription")
     args = ap.parse_args()
 
@@ -154,34 +222,36 @@ def main():
     print(f"DeepSeek-V3 shape: {LAYERS} MoE layers x {EXPERTS} experts + {REDUNDANT} redundant, "
           f"{WORKERS} workers x {slots_per_worker} slots; Zipf skew {args.skew}")
     print(f"{'seed':>4} {'blind':>7} {'EPLB':>7} {'moves':>6} {'planned':>8} {'moves':>6} {'rebal.':>7} {'moves':>6}")
+    mean = lambda xs: sum(xs) / len(xs)
+    eplb = (lambda loads: eplb_original(args.eplb, loads)) if args.eplb else (lambda loads: [eplb_layer(w) for w in loads])
     for seed in range(args.seeds):
         loads = zipf_loads(seed, args.skew)
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(loads, f)
-            path = f.name
-        try:
-            out = subprocess.run(
-                [args.switchyard, "plan", "--model", "deepseek-v3", "--workers", str(WORKERS),
-                 "--worker-memory", str(slots_per_worker * expert_bytes), "--dtype", "fp8",
-                 "--redundant-experts", str(REDUNDANT), "--load", path, "--max-moves", str(args.max_moves),
-                 "--json"],
-                check=True, capture_output=True, text=True,
-            )
-        finally:
-            os.unlink(path)
-        ours = json.loads(out.stdout)
-        if args.eplb:
-            eplb_held = eplb_original(args.eplb, loads)
-        else:
-            eplb_held = [eplb_layer(w) for w in loads]
+        ours = run_plan(args, expert_bytes, slots_per_worker, loads)
+        eplb_held = eplb(loads)
         eplb_im = [imbalance(w, h) for w, h in zip(loads, eplb_held)]
         eplb_moves = sum(moves(blind_layer(i), h) for i, h in enumerate(eplb_held))
-        mean = lambda xs: sum(xs) / len(xs)
         print(f"{seed:>4} {ours['blind']['mean']:>7.3f} {mean(eplb_im):>7.3f} {eplb_moves:>6} "
               f"{ours['planned_for_load']['mean']:>8.3f} {ours['planned_for_load']['moves_from_blind']:>6} "
               f"{ours['rebalanced']['mean']:>7.3f} {ours['rebalanced']['moves_from_blind']:>6}")
     print("imbalance: mean over layers of max / mean predicted tokens per worker; moves: expert copies "
           "loaded compared with the load-blind placement (EPLB's numbered as its packs come out)")
+    if args.drift <= 0:
+        return
+    print(f"\nthe load drifts: {args.drift:.0%} of each layer's experts trade loads; the plan in force was "
+          f"made for the first load")
+    print(f"{'seed':>4} {'in force':>9} {'EPLB':>7} {'moves':>6} {'rebal.':>7} {'moves':>6} {'planned':>8} {'moves':>6}")
+    for seed in range(args.seeds):
+        first = zipf_loads(seed, args.skew)
+        second = drifted(first, args.drift, seed)
+        ours = run_plan(args, expert_bytes, slots_per_worker, second, previous=first)
+        before, after = eplb(first), eplb(second)
+        eplb_im = [imbalance(w, h) for w, h in zip(second, after)]
+        eplb_moves = sum(relabeled_moves(b, a) for b, a in zip(before, after))
+        print(f"{seed:>4} {ours['in_force']['mean']:>9.3f} {mean(eplb_im):>7.3f} {eplb_moves:>6} "
+              f"{ours['rebalanced']['mean']:>7.3f} {ours['rebalanced']['moves']:>6} "
+              f"{ours['planned_for_load']['mean']:>8.3f} {ours['planned_for_load']['moves']:>6}")
+    print("moves: copies loaded compared with the plan in force (Switchyard's: made for the first load; "
+          "EPLB's: its plan for the first load, packs matched per layer)")
 
 
 if __name__ == "__main__":

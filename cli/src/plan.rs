@@ -42,9 +42,14 @@ pub struct PlanArgs {
     /// Tokens of context each of them may reach.
     #[arg(long, default_value_t = 4096)]
     context_len: u64,
-    /// With --load: expert copies the rebalance from the load-blind plan may load.
+    /// With --load: expert copies the rebalance from the plan in force may load.
     #[arg(long, default_value_t = 64, requires = "load")]
     max_moves: usize,
+    /// With --load: the load the plan in force was made for (same formats as --load), so the
+    /// rebalance and the moves start from that plan instead of the load-blind one — how the
+    /// plan follows a load that drifts.
+    #[arg(long, value_name = "FILE.json", requires = "load")]
+    previous_load: Option<std::path::PathBuf>,
     /// Storage type of the expert weights on the workers.
     #[arg(long, default_value = "bf16")]
     dtype: WeightDType,
@@ -112,7 +117,25 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     })?;
     if let Some(path) = &args.load {
         let load = read_load(path, &layers, moe.n_routed_experts)?;
-        return print_balance(&problem, &plan, load, args.max_moves, args.json);
+        let in_force = match &args.previous_load {
+            Some(prev) => {
+                let load =
+                    read_load(prev, &layers, moe.n_routed_experts).context("--previous-load")?;
+                let plan = placement::plan(&Problem {
+                    load,
+                    ..problem.clone()
+                })?;
+                InForce {
+                    plan,
+                    from: "previous_load",
+                }
+            }
+            None => InForce {
+                plan: plan.clone(),
+                from: "blind",
+            },
+        };
+        return print_balance(&problem, &plan, &in_force, load, args.max_moves, args.json);
     }
     let by_worker = plan.by_worker();
     let counts: Vec<usize> = (0..args.workers as u32)
@@ -286,11 +309,19 @@ pub fn read_load(
     Ok(load)
 }
 
-/// Prints the predicted worker imbalance for `load` of three plans: the load-blind one, one
-/// made for the load, and the blind one rebalanced within `max_moves`.
+/// The plan the rebalance starts from: the load-blind one, or one made for `--previous-load`.
+struct InForce {
+    plan: Plan,
+    from: &'static str,
+}
+
+/// Prints the predicted worker imbalance for `load` of the load-blind plan, the plan in force
+/// (when it is not the blind one), a plan made for the load, and the plan in force rebalanced
+/// within `max_moves`.
 fn print_balance(
     problem: &Problem,
     blind: &Plan,
+    in_force: &InForce,
     load: BTreeMap<Slot, f64>,
     max_moves: usize,
     json: bool,
@@ -302,7 +333,7 @@ fn print_balance(
     let for_load = placement::plan(&loaded)?;
     let rebalanced = placement::rebalance(
         &Problem {
-            previous: Some(blind.clone()),
+            previous: Some(in_force.plan.clone()),
             ..loaded.clone()
         },
         &RebalanceOptions {
@@ -311,17 +342,19 @@ fn print_balance(
         },
     )?;
     let blind_im = placement::imbalance(blind, &loaded);
+    let force_im = placement::imbalance(&in_force.plan, &loaded);
     let for_load_im = placement::imbalance(&for_load, &loaded);
     let max = |m: &BTreeMap<u32, f64>| m.values().copied().fold(1.0, f64::max);
     let mean = placement::mean_imbalance;
-    let for_load_moves = for_load.moves_from(blind);
+    let for_load_moves = for_load.moves_from(&in_force.plan);
+    let drifted = in_force.from != "blind";
     if json {
         let rows: Vec<_> = blind_im
             .keys()
             .map(|l| {
                 serde_json::json!({
-                    "layer": l, "blind": blind_im[l], "planned_for_load": for_load_im[l],
-                    "rebalanced": rebalanced.after[l],
+                    "layer": l, "blind": blind_im[l], "in_force": force_im[l],
+                    "planned_for_load": for_load_im[l], "rebalanced": rebalanced.after[l],
                 })
             })
             .collect();
@@ -330,15 +363,23 @@ fn print_balance(
             serde_json::to_string_pretty(&serde_json::json!({
                 "imbalance": "max / mean predicted tokens per worker, per MoE layer",
                 "blind": {"mean": mean(&blind_im), "max": max(&blind_im)},
+                "in_force": {"mean": mean(&force_im), "max": max(&force_im),
+                    "planned_for": in_force.from},
                 "planned_for_load": {"mean": mean(&for_load_im), "max": max(&for_load_im),
-                    "moves_from_blind": for_load_moves},
+                    "moves": for_load_moves, "moves_from_blind": for_load.moves_from(blind)},
                 "rebalanced": {"mean": mean(&rebalanced.after), "max": max(&rebalanced.after),
-                    "moves_from_blind": rebalanced.moves, "max_moves": max_moves},
+                    "moves": rebalanced.moves, "moves_from_blind": rebalanced.plan.moves_from(blind),
+                    "max_moves": max_moves},
                 "layers": rows,
             }))?
         );
         return Ok(());
     }
+    let from = if drifted {
+        "the plan for --previous-load"
+    } else {
+        "the blind plan"
+    };
     println!(
         "predicted worker imbalance (max / mean tokens per worker), mean · worst over {} MoE layers:",
         blind_im.len()
@@ -348,25 +389,32 @@ fn print_balance(
         mean(&blind_im),
         max(&blind_im)
     );
+    if drifted {
+        println!(
+            "  plan in force        {:.3} · {:.3}  (made for --previous-load)",
+            mean(&force_im),
+            max(&force_im)
+        );
+    }
     println!(
-        "  planned for the load {:.3} · {:.3}  ({for_load_moves} expert copies moved from the blind plan)",
+        "  planned for the load {:.3} · {:.3}  ({for_load_moves} expert copies moved from {from})",
         mean(&for_load_im),
         max(&for_load_im)
     );
     println!(
-        "  rebalanced           {:.3} · {:.3}  ({} moved, at most {max_moves})",
+        "  rebalanced           {:.3} · {:.3}  ({} moved from {from}, at most {max_moves})",
         mean(&rebalanced.after),
         max(&rebalanced.after),
         rebalanced.moves
     );
     println!(
-        "{:>6} {:>8} {:>8} {:>11}",
-        "layer", "blind", "planned", "rebalanced"
+        "{:>6} {:>8} {:>9} {:>8} {:>11}",
+        "layer", "blind", "in force", "planned", "rebalanced"
     );
     for (l, b) in &blind_im {
         println!(
-            "{l:>6} {b:>8.3} {:>8.3} {:>11.3}",
-            for_load_im[l], rebalanced.after[l]
+            "{l:>6} {b:>8.3} {:>9.3} {:>8.3} {:>11.3}",
+            force_im[l], for_load_im[l], rebalanced.after[l]
         );
     }
     Ok(())

@@ -1037,33 +1037,51 @@ fn plan_with_a_load_file_predicts_the_imbalance_of_each_plan() {
     let path = dir.path().join("load.json");
     std::fs::write(&path, serde_json::to_string(&load).unwrap()).unwrap();
     let file = path.to_str().unwrap();
-    let out = switchyard(&[
-        "plan",
-        "--model",
-        "mini",
-        "--workers",
-        "4",
-        "--worker-memory",
-        "8GiB",
-        "--redundant-experts",
-        "8",
-        "--load",
-        file,
-        "--max-moves",
-        "100",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plan = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "plan",
+            "--model",
+            "mini",
+            "--workers",
+            "4",
+            "--worker-memory",
+            "8GiB",
+            "--redundant-experts",
+            "8",
+            "--max-moves",
+            "100",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = switchyard(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let r = plan(&["--load", file]);
     let mean = |k: &str| r[k]["mean"].as_f64().unwrap();
     assert!(mean("planned_for_load") < mean("blind"), "{r}");
     assert!(mean("rebalanced") < mean("blind"), "{r}");
     assert!(r["rebalanced"]["moves_from_blind"].as_u64().unwrap() <= 100);
     assert_eq!(r["layers"].as_array().unwrap().len(), 7);
+    assert_eq!(r["in_force"]["planned_for"], "blind", "{r}");
+    // The load drifts (the hot experts of each layer shift by one): the plan made for the
+    // old load is in force, and the rebalance starts from it.
+    let drifted: Vec<Vec<u64>> = load
+        .iter()
+        .map(|row| (0..64).map(|e| row[(e + 1) % 64]).collect())
+        .collect();
+    let second = dir.path().join("drifted.json");
+    std::fs::write(&second, serde_json::to_string(&drifted).unwrap()).unwrap();
+    let d = plan(&["--load", second.to_str().unwrap(), "--previous-load", file]);
+    assert_eq!(d["in_force"]["planned_for"], "previous_load", "{d}");
+    let dmean = |k: &str| d[k]["mean"].as_f64().unwrap();
+    assert!(dmean("in_force") < dmean("blind"), "{d}");
+    assert!(dmean("rebalanced") < dmean("in_force"), "{d}");
+    assert!(d["rebalanced"]["moves"].as_u64().unwrap() <= 100, "{d}");
     // A load of the wrong shape is refused, naming what is wrong.
     std::fs::write(&path, "[[1, 2, 3]]").unwrap();
     let out = switchyard(&[

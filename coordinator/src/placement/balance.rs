@@ -673,4 +673,121 @@ mod tests {
         let (before, after) = (mean_imbalance(&r.before), mean_imbalance(&r.after));
         assert!(after < before, "{before} -> {after}");
     }
+
+    /// DeepSeek's EPLB for one layer (`replicate_experts`, then `balanced_packing` of the
+    /// copies, `slots` per worker), as `tools/eplb_compare.py` transcribes it: the predicted
+    /// max / mean worker load.
+    fn eplb_imbalance(load: &[f64], copies: usize, workers: usize) -> f64 {
+        let mut count = vec![1usize; load.len()];
+        let mut phy: Vec<usize> = (0..load.len()).collect();
+        for _ in load.len()..copies {
+            let best = (0..load.len())
+                .max_by(|&a, &b| {
+                    (load[a] / count[a] as f64)
+                        .total_cmp(&(load[b] / count[b] as f64))
+                        .then(b.cmp(&a))
+                })
+                .unwrap();
+            count[best] += 1;
+            phy.push(best);
+        }
+        let mut items: Vec<f64> = phy.iter().map(|&e| load[e] / count[e] as f64).collect();
+        items.sort_by(|a, b| b.total_cmp(a));
+        let per = copies / workers;
+        let (mut packs, mut held) = (vec![0.0f64; workers], vec![0usize; workers]);
+        for item in items {
+            let w = (0..workers)
+                .filter(|&w| held[w] < per)
+                .min_by(|&a, &b| packs[a].total_cmp(&packs[b]))
+                .unwrap();
+            packs[w] += item;
+            held[w] += 1;
+        }
+        max_over_mean(&packs)
+    }
+
+    /// `p.load` with a quarter of each layer's experts trading loads at random.
+    fn drifted(p: &Problem, seed: u64) -> Problem {
+        let mut load = p.load.clone();
+        let mut x = seed.wrapping_add(99);
+        let mut next = |n: usize| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) as usize % n
+        };
+        for &layer in &p.layers {
+            let e = p.experts_per_layer as usize;
+            let mut chosen: Vec<u32> = (0..e as u32).collect();
+            for i in (1..e).rev() {
+                chosen.swap(i, next(i + 1));
+            }
+            chosen.truncate(e / 4);
+            let values: Vec<f64> = chosen
+                .iter()
+                .map(|&expert| p.load[&Slot { layer, expert }])
+                .collect();
+            for (i, &expert) in chosen.iter().enumerate() {
+                load.insert(Slot { layer, expert }, values[(i + 1) % values.len()]);
+            }
+        }
+        Problem { load, ..p.clone() }
+    }
+
+    /// A smaller DeepSeek-like shape: 8 MoE layers × 64 experts + 16 redundant on 20 full
+    /// workers (4 slots per layer each).
+    fn eplb_shape(seed: u64) -> Problem {
+        let mut p = zipf_problem(20, 4 * 8, 8, 64, 1.0, seed);
+        p.redundant = 16;
+        p
+    }
+
+    #[test]
+    fn a_plan_for_the_load_is_at_least_as_even_as_eplb() {
+        for seed in 0..4 {
+            let p = eplb_shape(seed);
+            let ours = mean_imbalance(&imbalance(&plan(&p).unwrap(), &p));
+            let theirs: f64 = p
+                .layers
+                .iter()
+                .map(|&layer| {
+                    let load: Vec<f64> = (0..64)
+                        .map(|expert| p.load[&Slot { layer, expert }])
+                        .collect();
+                    eplb_imbalance(&load, 80, 20)
+                })
+                .sum::<f64>()
+                / p.layers.len() as f64;
+            assert!(
+                ours <= theirs + 1e-9,
+                "seed {seed}: ours {ours}, EPLB {theirs}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_drifting_load_is_rebalanced_as_even_as_a_fresh_plan_within_the_budget() {
+        for seed in 0..3 {
+            let first = eplb_shape(seed);
+            let in_force = plan(&first).unwrap();
+            let p = Problem {
+                previous: Some(in_force.clone()),
+                ..drifted(&first, seed)
+            };
+            let fresh = plan(&Problem {
+                previous: None,
+                ..p.clone()
+            })
+            .unwrap();
+            let r = rebalance(&p, &opts(300)).unwrap();
+            check_valid(&p, &r.plan);
+            let fresh_im = mean_imbalance(&imbalance(&fresh, &p));
+            let (before, after) = (mean_imbalance(&r.before), mean_imbalance(&r.after));
+            assert!(
+                after <= fresh_im * 1.05 && after < before,
+                "seed {seed}: {before} -> {after}, a fresh plan {fresh_im}"
+            );
+            assert!(r.moves <= 300, "seed {seed}: {} moves", r.moves);
+        }
+    }
 }

@@ -139,7 +139,7 @@ pub fn plan(p: &Problem) -> Result<Plan, PlacementError> {
     order.sort_by(|a, b| load_of(b).total_cmp(&load_of(a)).then(a.cmp(b)));
 
     let mut st = Packing {
-        capacity,
+        capacity: capacity.clone(),
         holders: slots.iter().map(|s| (*s, Vec::new())).collect(),
         layer_load: BTreeMap::new(),
         total_load: p.workers.iter().map(|w| (w.id, 0.0)).collect(),
@@ -163,22 +163,9 @@ pub fn plan(p: &Problem) -> Result<Plan, PlacementError> {
         for (layer, b) in beyond {
             *copies.entry(layer).or_default() += b.min(p.redundant);
         }
-        // Each worker's share of a layer: copies / workers, the remainder handed out by a
-        // rotation over layers so the totals stay fair too.
-        let n = p.workers.len();
-        let mut ids: Vec<WorkerId> = p.workers.iter().map(|w| w.id).collect();
-        ids.sort();
-        let fair = |w: WorkerId, layer: u32| {
-            let c = copies.get(&layer).copied().unwrap_or(0);
-            let rank = ids.iter().position(|&x| x == w).unwrap_or(0);
-            let pos = p.layers.iter().position(|&l| l == layer).unwrap_or(0);
-            c / n + usize::from((rank + pos) % n < c % n)
-        };
-        for &w in &ids {
-            for &layer in &p.layers {
-                st.quota.insert((w, layer), fair(w, layer));
-            }
-        }
+        st.quota = fair_shares(p, &capacity, |layer| {
+            copies.get(&layer).copied().unwrap_or(0)
+        });
         for s in &order {
             for w in prev.holders.get(s).into_iter().flatten() {
                 let held = st.holders[s].len();
@@ -187,7 +174,7 @@ pub fn plan(p: &Problem) -> Result<Plan, PlacementError> {
                 let room = st.capacity.get(w).is_some_and(|c| *c > 0);
                 let share = !st.over_quota(*w, s.layer);
                 if allowed && !st.holders[s].contains(w) && room && share {
-                    st.take(*s, *w, load_of(s));
+                    st.take(*s, *w, 0.0);
                     if extra {
                         *extras.entry(s.layer).or_default() += 1;
                     }
@@ -195,56 +182,42 @@ pub fn plan(p: &Problem) -> Result<Plan, PlacementError> {
             }
         }
     }
-    let short = PlacementError::DoesNotFit {
-        needed,
-        needed_bytes: needed * p.expert_bytes,
-        available,
-        expert_bytes: p.expert_bytes,
-    };
-    // Rule 4: one copy of everything, hottest first, to the worker with the least load in
-    // that layer (then in all layers) that has room.
-    for s in &order {
-        if st.holders[s].is_empty() {
-            let w = st.least_loaded(*s).ok_or_else(|| short.clone())?;
-            st.take(*s, w, load_of(s));
-        }
+    // Rules 4-6: how many copies each expert gets, then where the new ones go.
+    let counts = copy_counts(p, &st, wanted, &mut extras, &order);
+    let share = |s: &Slot| load_of(s) / counts.get(s).copied().unwrap_or(1).max(1) as f64;
+    st.settle(share);
+    let mut per_layer: BTreeMap<u32, usize> = BTreeMap::new();
+    for (s, c) in &counts {
+        *per_layer.entry(s.layer).or_default() += c;
     }
-    // Rule 5: extra replicas, hottest first, one round per copy so heat decides who gets them.
-    for copy in 2..=wanted {
-        for s in &order {
-            if st.holders[s].len() >= copy {
-                continue;
+    st.quota = fair_shares(p, &capacity, |layer| {
+        per_layer.get(&layer).copied().unwrap_or(0)
+    });
+    // Rule 7: the copies still to place, largest share first over all layers (longest
+    // processing time first, as EPLB packs), each to the worker with the least load in that
+    // layer; no fixed count per layer, so a hot copy's worker takes fewer of that layer.
+    let mut units: Vec<(f64, Slot)> = counts
+        .iter()
+        .flat_map(|(s, &c)| {
+            let missing = c.saturating_sub(st.holders[s].len());
+            std::iter::repeat_n((share(s), *s), missing)
+        })
+        .collect();
+    units.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (load, s) in units {
+        match st.least_loaded(s) {
+            Some(w) => st.take(s, w, load),
+            // Room for every first copy was reserved; only an extra copy can find every
+            // worker with room already holding it, and it is then not made.
+            None if st.holders[&s].is_empty() => {
+                return Err(PlacementError::DoesNotFit {
+                    needed,
+                    needed_bytes: needed * p.expert_bytes,
+                    available,
+                    expert_bytes: p.expert_bytes,
+                });
             }
-            match st.least_loaded(*s) {
-                Some(w) => st.take(*s, w, load_of(s)),
-                None => break,
-            }
-        }
-    }
-    // Rule 6: redundant copies, one per layer per round (so short room is shared by the
-    // layers), each to the expert with the most load per copy that can still take one.
-    for _ in 0..p.redundant {
-        let mut placed = false;
-        for &layer in &p.layers {
-            if extras.get(&layer).copied().unwrap_or(0) >= p.redundant {
-                continue;
-            }
-            let mut candidates: Vec<Slot> = (0..p.experts_per_layer)
-                .map(|expert| Slot { layer, expert })
-                .collect();
-            let per_copy = |s: &Slot| load_of(s) / st.holders[s].len().max(1) as f64;
-            candidates.sort_by(|a, b| per_copy(b).total_cmp(&per_copy(a)).then(a.cmp(b)));
-            if let Some((s, w)) = candidates
-                .iter()
-                .find_map(|s| st.least_loaded(*s).map(|w| (*s, w)))
-            {
-                st.take(s, w, load_of(&s));
-                *extras.entry(layer).or_default() += 1;
-                placed = true;
-            }
-        }
-        if !placed {
-            break;
+            None => {}
         }
     }
     let mut holders = st.holders;
@@ -254,64 +227,158 @@ pub fn plan(p: &Problem) -> Result<Plan, PlacementError> {
     Ok(Plan { holders })
 }
 
+/// Copies of every expert: what rule 3 kept (at least one), then rule 5's replicas up to
+/// `wanted`, hottest first, then rule 6's redundant copies, one per layer per round (so short
+/// room is shared by the layers), each to the expert with the most load per copy (EPLB's
+/// replication rule) — all within the slots left after a first copy of everything unplaced.
+fn copy_counts(
+    p: &Problem,
+    st: &Packing,
+    wanted: usize,
+    extras: &mut BTreeMap<u32, usize>,
+    order: &[Slot],
+) -> BTreeMap<Slot, usize> {
+    let workers = p.workers.len();
+    let mut count: BTreeMap<Slot, usize> = st
+        .holders
+        .iter()
+        .map(|(s, ws)| (*s, ws.len().max(1)))
+        .collect();
+    let first = st.holders.values().filter(|ws| ws.is_empty()).count() as u64;
+    let mut free = st.capacity.values().sum::<u64>().saturating_sub(first);
+    for copy in 2..=wanted {
+        for s in order {
+            if free == 0 {
+                return count;
+            }
+            if let Some(c) = count.get_mut(s)
+                && *c < copy
+            {
+                *c += 1;
+                free -= 1;
+            }
+        }
+    }
+    for _ in 0..p.redundant {
+        let mut placed = false;
+        for &layer in &p.layers {
+            if free == 0 {
+                return count;
+            }
+            let made = extras.entry(layer).or_default();
+            if *made >= p.redundant {
+                continue;
+            }
+            let per_copy = |s: &Slot| load_of(&p.load, s) / count[s] as f64;
+            let hottest = (0..p.experts_per_layer)
+                .map(|expert| Slot { layer, expert })
+                .filter(|s| count[s] < workers)
+                .min_by(|a, b| per_copy(b).total_cmp(&per_copy(a)).then(a.cmp(b)));
+            if let Some(s) = hottest {
+                *count.entry(s).or_default() += 1;
+                *made += 1;
+                free -= 1;
+                placed = true;
+            }
+        }
+        if !placed {
+            break;
+        }
+    }
+    count
+}
+
+/// Each worker's fair share of every layer's `copies(layer)`: in proportion to its slots, the
+/// remainder handed out by a rotation over layers so the totals stay fair too.
+fn fair_shares(
+    p: &Problem,
+    capacity: &BTreeMap<WorkerId, u64>,
+    copies: impl Fn(u32) -> usize,
+) -> BTreeMap<(WorkerId, u32), usize> {
+    let ids: Vec<WorkerId> = capacity.keys().copied().collect();
+    let n = ids.len();
+    let total: u128 = capacity
+        .values()
+        .map(|&c| u128::from(c))
+        .sum::<u128>()
+        .max(1);
+    let mut out = BTreeMap::new();
+    for (pos, &layer) in p.layers.iter().enumerate() {
+        let c = copies(layer);
+        let mut shares: Vec<usize> = ids
+            .iter()
+            .map(|w| (c as u128 * u128::from(capacity[w]) / total) as usize)
+            .collect();
+        let left = c.saturating_sub(shares.iter().sum());
+        for j in 0..left.min(n) {
+            shares[(j + n - pos % n) % n] += 1;
+        }
+        for (w, q) in ids.iter().zip(shares) {
+            out.insert((*w, layer), q);
+        }
+    }
+    out
+}
+
 /// An expert's observed load; missing entries count as 1 (equal load), negatives as 0.
 pub(crate) fn load_of(load: &BTreeMap<Slot, f64>, s: &Slot) -> f64 {
     load.get(s).copied().unwrap_or(1.0).max(0.0)
 }
 
 /// The plan being built: slots left per worker, holders, and the predicted load per worker
-/// (copies of an expert split its load evenly, as routers split its tokens).
+/// (each copy of an expert carries its share of the expert's load, as routers split its
+/// tokens over the copies).
 struct Packing {
     capacity: BTreeMap<WorkerId, u64>,
     holders: BTreeMap<Slot, Vec<WorkerId>>,
     layer_load: BTreeMap<(WorkerId, u32), f64>,
     total_load: BTreeMap<WorkerId, f64>,
-    /// Copies per (worker, layer), and each one's fair share of the layer when re-planning.
+    /// Copies per (worker, layer), and each one's fair share of the layer.
     count: BTreeMap<(WorkerId, u32), usize>,
     quota: BTreeMap<(WorkerId, u32), usize>,
 }
 
 impl Packing {
-    /// Whether `w` holds its fair share of `layer` already (never, without a previous plan).
+    /// Whether `w` holds its fair share of `layer` already.
     fn over_quota(&self, w: WorkerId, layer: u32) -> bool {
         self.quota
             .get(&(w, layer))
             .is_some_and(|q| self.count.get(&(w, layer)).copied().unwrap_or(0) >= *q)
     }
 
+    /// `w` takes a copy of `s` carrying `load`.
     fn take(&mut self, s: Slot, w: WorkerId, load: f64) {
         if let Some(c) = self.capacity.get_mut(&w) {
             *c -= 1;
         }
         *self.count.entry((w, s.layer)).or_default() += 1;
-        let Some(ws) = self.holders.get_mut(&s) else {
-            return;
-        };
-        // Copies split the expert's load: move the other holders' shares down.
-        let before = ws.len() as f64;
-        let drop = if before > 0.0 {
-            load / before - load / (before + 1.0)
-        } else {
-            0.0
-        };
-        for other in ws.iter() {
-            *self.layer_load.entry((*other, s.layer)).or_default() -= drop;
-            *self.total_load.entry(*other).or_default() -= drop;
+        if let Some(ws) = self.holders.get_mut(&s) {
+            ws.push(w);
         }
-        ws.push(w);
-        *self.layer_load.entry((w, s.layer)).or_default() += load / (before + 1.0);
-        *self.total_load.entry(w).or_default() += load / (before + 1.0);
+        *self.layer_load.entry((w, s.layer)).or_default() += load;
+        *self.total_load.entry(w).or_default() += load;
     }
 
-    /// The worker with room, not holding `s`, with the least load in `s`'s layer; then one
-    /// still under its fair share of the layer; then the least load in all layers; then the
-    /// lowest id.
+    /// Recounts the loads of the copies placed so far at `share` per copy.
+    fn settle(&mut self, share: impl Fn(&Slot) -> f64) {
+        self.layer_load.clear();
+        self.total_load.values_mut().for_each(|l| *l = 0.0);
+        for (s, ws) in &self.holders {
+            for w in ws {
+                *self.layer_load.entry((*w, s.layer)).or_default() += share(s);
+                *self.total_load.entry(*w).or_default() += share(s);
+            }
+        }
+    }
+
+    /// The worker with room, not holding `s`, with the least load in `s`'s layer; then one still
+    /// under its fair share of the layer; then the least load in all layers; then the lowest id.
     fn least_loaded(&self, s: Slot) -> Option<WorkerId> {
         let exclude = self.holders.get(&s).map_or(&[][..], Vec::as_slice);
         let key = |w: &WorkerId| {
             (
-                self.layer_load.get(&(*w, s.layer)).copied().unwrap_or(0.0),
                 self.over_quota(*w, s.layer),
+                self.layer_load.get(&(*w, s.layer)).copied().unwrap_or(0.0),
                 self.total_load.get(w).copied().unwrap_or(0.0),
             )
         };
@@ -320,8 +387,8 @@ impl Packing {
             .filter(|(w, c)| **c > 0 && !exclude.contains(w))
             .min_by(|(a, _), (b, _)| {
                 let (ka, kb) = (key(a), key(b));
-                ka.0.total_cmp(&kb.0)
-                    .then(ka.1.cmp(&kb.1))
+                ka.1.total_cmp(&kb.1)
+                    .then(ka.0.cmp(&kb.0))
                     .then(ka.2.total_cmp(&kb.2))
                     .then(a.cmp(b))
             })
