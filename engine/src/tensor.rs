@@ -154,7 +154,7 @@ impl Compute {
             }
             #[cfg(not(feature = "cuda"))]
             many => Err(EngineError::Device(format!(
-                "{} was asked for, but this binary was built without CUDA support; rebuild with `--features cuda`",
+                "{} was asked for, but this binary was built without CUDA support; rebuild with `--features cuda-12` or `cuda-13` (the CUDA major version of the machine's libraries)",
                 Devices(many.to_vec())
             ))),
         }
@@ -182,7 +182,7 @@ impl Device {
             Device::Cuda(n) => crate::cuda::Gpu::open(n).map(|_| ()),
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(n) => Err(EngineError::Device(format!(
-                "cuda:{n} was asked for, but this binary was built without CUDA support; rebuild with `--features cuda`"
+                "cuda:{n} was asked for, but this binary was built without CUDA support; rebuild with `--features cuda-12` or `cuda-13` (the CUDA major version of the machine's libraries)"
             ))),
         }
     }
