@@ -178,6 +178,7 @@ fn bench_serving() -> ServingOptions {
         max_batch_tokens: 16,
         max_waiting: 1,
         default_max_tokens: 1,
+        max_model_len: None,
         metrics: RouterMetrics::new(),
     }
 }

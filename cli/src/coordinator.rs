@@ -15,7 +15,7 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "SWITCHYARD_MODEL")]
     model: String,
     /// Address to serve on; port 0 picks a free port (the bound address is printed).
-    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50071")]
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50071", value_parser = crate::addr::socket_addr)]
     listen: SocketAddr,
     /// Copies of each expert, on distinct workers, where memory allows (hot experts first).
     #[arg(long, env = "SWITCHYARD_REPLICAS", default_value_t = 1)]
@@ -28,7 +28,7 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "SWITCHYARD_WEIGHT_DTYPE", default_value = "bf16")]
     weight_dtype: WeightDType,
     /// Serve Prometheus metrics at `http://ADDR/metrics`; port 0 picks a free port (printed).
-    #[arg(long, env = "SWITCHYARD_METRICS_LISTEN")]
+    #[arg(long, env = "SWITCHYARD_METRICS_LISTEN", value_parser = crate::addr::socket_addr)]
     metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     balancing: BalancingArgs,

@@ -226,6 +226,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         max_batch_tokens: 4096,
         max_waiting: 1,
         default_max_tokens: args.sampling.max_new_tokens.max(1),
+        max_model_len: None,
         metrics: switchyard_router::metrics::RouterMetrics::new(),
     };
     let node = RouterNode::start(

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod addr;
 mod bench;
 mod cluster_file;
 mod coordinator;
@@ -12,6 +13,7 @@ mod loadtest;
 mod metrics_http;
 mod plan;
 mod router;
+mod serve;
 mod synth;
 mod up;
 mod worker;
@@ -68,6 +70,9 @@ enum Command {
     /// Start a whole local cluster — expert workers and a router — on a synthetic model unless
     /// --model names one; Ctrl-C stops it.
     Up(up::UpArgs),
+    /// Serve a model the way `vllm serve` does: a local cluster with the OpenAI-compatible
+    /// HTTP API on --host/--port (127.0.0.1:8000) and gRPC on --grpc-port; Ctrl-C stops it.
+    Serve(serve::ServeCmdArgs),
 }
 
 /// Keeps large activation buffers on the heap once touched. glibc serves allocations past its
@@ -120,6 +125,7 @@ fn main() -> ExitCode {
         Command::Worker(args) => worker::run(args),
         Command::Router(args) => router::run(args),
         Command::Up(args) => up::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Coordinator(args) => coordinator::run(args),
         Command::Status(args) => coordinator::status(args),

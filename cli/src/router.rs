@@ -110,12 +110,27 @@ pub struct ServeArgs {
     /// Tokens per KV cache block.
     #[arg(long, env = "SWITCHYARD_KV_BLOCK_SIZE", default_value_t = 16)]
     pub kv_block_size: usize,
-    /// Sequences in the running batch at most.
-    #[arg(long, env = "SWITCHYARD_MAX_BATCH_SIZE", default_value_t = 64)]
+    /// Sequences in the running batch at most (vLLM's `--max-num-seqs`).
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_BATCH_SIZE",
+        default_value_t = 64,
+        visible_alias = "max-num-seqs"
+    )]
     pub max_batch_size: usize,
-    /// Tokens per step at most: one per decoding sequence, the rest for prefill chunks.
-    #[arg(long, env = "SWITCHYARD_MAX_BATCH_TOKENS", default_value_t = 1024)]
+    /// Tokens per step at most: one per decoding sequence, the rest for prefill chunks
+    /// (vLLM's `--max-num-batched-tokens`).
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_BATCH_TOKENS",
+        default_value_t = 1024,
+        visible_alias = "max-num-batched-tokens"
+    )]
     pub max_batch_tokens: usize,
+    /// Prompt + output tokens a request may reach; at most the model's
+    /// `max_position_embeddings` (the default).
+    #[arg(long, env = "SWITCHYARD_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
     /// Requests waiting for a batch slot at most; past it clients get RESOURCE_EXHAUSTED
     /// (HTTP 429) with a retry hint.
     #[arg(long, env = "SWITCHYARD_MAX_WAITING", default_value_t = 256)]
@@ -160,6 +175,7 @@ impl ServeArgs {
             max_batch_tokens: self.max_batch_tokens,
             max_waiting: self.max_waiting,
             default_max_tokens: self.default_max_tokens,
+            max_model_len: self.max_model_len,
             metrics,
         })
     }
@@ -182,6 +198,9 @@ impl ServeArgs {
         ];
         if let Some(n) = &self.served_model_name {
             a.extend(["--served-model-name".into(), n.clone()]);
+        }
+        if let Some(n) = self.max_model_len {
+            a.extend(["--max-model-len".into(), n.to_string()]);
         }
         if let Some(k) = &self.api_key {
             a.extend(["--api-key".into(), k.clone()]);
@@ -215,10 +234,10 @@ pub struct RouterArgs {
     #[arg(long, env = "SWITCHYARD_PLACEMENT_WAIT_S", default_value_t = 120)]
     placement_wait_s: u64,
     /// Address to serve the gRPC API on; port 0 picks a free port (the bound address is printed).
-    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50051", value_parser = crate::addr::socket_addr)]
     listen: SocketAddr,
     /// Also serve the OpenAI-compatible HTTP API on this address; port 0 picks a free port.
-    #[arg(long, env = "SWITCHYARD_HTTP_LISTEN")]
+    #[arg(long, env = "SWITCHYARD_HTTP_LISTEN", value_parser = crate::addr::socket_addr)]
     http_listen: Option<SocketAddr>,
     /// Where the router's projections, dense FFNs, shared experts, MoE gates and LM head run: `cpu`,
     /// `cuda:N`, or several GPUs of this node, `cuda:0,1,…`, that split every projection

@@ -17,19 +17,19 @@ pub struct UpArgs {
     /// Checkpoint directory (Hugging Face layout). Without it, `--preset` is synthesised into
     /// the cache directory (once) and served.
     #[arg(long, env = "SWITCHYARD_MODEL")]
-    model: Option<PathBuf>,
+    pub(crate) model: Option<PathBuf>,
     /// Built-in model to synthesise when no --model is given (any `synth --preset`).
     #[arg(long, env = "SWITCHYARD_PRESET", default_value = "tiny")]
-    preset: String,
+    pub(crate) preset: String,
     /// With a synthesised preset: make the gate prefer some experts (see `synth --expert-skew`).
     #[arg(long, env = "SWITCHYARD_EXPERT_SKEW", default_value_t = 0.0)]
-    expert_skew: f32,
+    pub(crate) expert_skew: f32,
     /// Where synthesised models are kept (default: $XDG_CACHE_HOME/switchyard or ~/.cache/switchyard).
     #[arg(long, env = "SWITCHYARD_CACHE_DIR")]
-    cache_dir: Option<PathBuf>,
+    pub(crate) cache_dir: Option<PathBuf>,
     /// Expert workers to start; the routed experts of every MoE layer are split evenly.
     #[arg(long, env = "SWITCHYARD_WORKERS_COUNT", default_value_t = 2)]
-    workers: usize,
+    pub(crate) workers: usize,
     /// One expert worker per listed CUDA device (`--device cuda:N` each), instead of
     /// `--workers` CPU workers; needs a binary built with `--features cuda`.
     #[arg(
@@ -38,57 +38,58 @@ pub struct UpArgs {
         value_delimiter = ',',
         conflicts_with = "workers"
     )]
-    gpus: Vec<usize>,
+    pub(crate) gpus: Vec<usize>,
     /// Where each router runs its projections, dense FFNs, shared experts and LM head (`cpu`,
     /// `cuda:N`, or `cuda:0,1,…` split over those GPUs; passed on as `router --device`).
     #[arg(long, env = "SWITCHYARD_ROUTER_DEVICE", default_value = "cpu")]
-    router_device: switchyard_engine::Devices,
+    pub(crate) router_device: switchyard_engine::Devices,
     /// Memory each worker offers for expert weights.
     #[arg(long, env = "SWITCHYARD_WORKER_MEMORY", default_value = "64GiB", value_parser = switchyard_coordinator::capacity::parse_bytes)]
-    worker_memory: u64,
+    pub(crate) worker_memory: u64,
     /// Copies of each routed expert, on distinct workers.
     #[arg(long, env = "SWITCHYARD_REPLICAS", default_value_t = 1)]
-    replicas: usize,
+    pub(crate) replicas: usize,
     /// A worker silent this long (milliseconds) is dropped and its experts re-placed.
     #[arg(long, env = "SWITCHYARD_LEASE_MS", default_value_t = 3000)]
-    lease_ms: u64,
+    pub(crate) lease_ms: u64,
     #[command(flatten)]
-    balancing: crate::coordinator::BalancingArgs,
+    pub(crate) balancing: crate::coordinator::BalancingArgs,
     /// Start the nodes a cluster file places on this host instead (see `cluster_file.rs`);
     /// the other sizing flags are then ignored.
     #[arg(long, env = "SWITCHYARD_CLUSTER")]
-    cluster: Option<PathBuf>,
+    pub(crate) cluster: Option<PathBuf>,
     /// With --cluster: this host's name in the file (default: start every node in it).
     #[arg(long, env = "SWITCHYARD_HOST", requires = "cluster")]
-    host: Option<String>,
+    pub(crate) host: Option<String>,
     /// Routers to start; they share the workers (data-parallel attention).
     #[arg(long, env = "SWITCHYARD_ROUTERS", default_value_t = 1)]
-    routers: usize,
+    pub(crate) routers: usize,
     /// Compute threads per worker process.
     #[arg(long, env = "SWITCHYARD_WORKER_THREADS", default_value_t = 1)]
-    worker_threads: usize,
+    pub(crate) worker_threads: usize,
     /// The router's gRPC address; port 0 picks a free port (printed).
     #[arg(
         long,
         env = "SWITCHYARD_ROUTER_ADDR",
-        default_value = "127.0.0.1:50051"
+        default_value = "127.0.0.1:50051",
+        value_parser = crate::addr::socket_addr
     )]
-    router_addr: String,
-    /// Also serve the OpenAI-compatible HTTP API from the (first) router on this address;
-    /// port 0 picks a free port (printed).
-    #[arg(long, env = "SWITCHYARD_HTTP_ADDR")]
-    http_addr: Option<String>,
+    pub(crate) router_addr: std::net::SocketAddr,
+    /// Also serve the OpenAI-compatible HTTP API from the (first) router on this address
+    /// (`HOST:PORT`, a host name or an IP); port 0 picks a free port (printed).
+    #[arg(long, env = "SWITCHYARD_HTTP_ADDR", value_parser = crate::addr::socket_addr)]
+    pub(crate) http_addr: Option<std::net::SocketAddr>,
     #[command(flatten)]
-    dispatch: DispatchArgs,
+    pub(crate) dispatch: DispatchArgs,
     #[command(flatten)]
-    serve: ServeArgs,
+    pub(crate) serve: ServeArgs,
     /// Once the cluster is up, generate 16 greedy tokens from these prompt ids through the
     /// router, print them, and shut the cluster down (a smoke test of the whole path).
     #[arg(long, value_delimiter = ',')]
-    demo_prompt_ids: Vec<u32>,
+    pub(crate) demo_prompt_ids: Vec<u32>,
     /// With --demo-prompt-ids: print the generation as JSON.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 /// A child node; stopped (SIGTERM, then SIGKILL after a grace period) and reaped on drop.
@@ -325,7 +326,7 @@ pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
     for r in 0..args.routers {
         // The first router takes --router-addr; the others pick free ports beside it.
         let listen = if r == 0 {
-            args.router_addr.clone()
+            args.router_addr.to_string()
         } else {
             "127.0.0.1:0".to_string()
         };
@@ -348,7 +349,7 @@ pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
         if r == 0
             && let Some(http) = &args.http_addr
         {
-            router_args.extend(["--http-listen".to_string(), http.clone()]);
+            router_args.extend(["--http-listen".to_string(), http.to_string()]);
         }
         // A router starts serving once the coordinator has a live placement.
         let name = if args.routers == 1 {

@@ -31,7 +31,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "SWITCHYARD_ADVERTISE")]
     advertise: Option<String>,
     /// Address to serve on; port 0 picks a free port (the bound address is printed).
-    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50061")]
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50061", value_parser = crate::addr::socket_addr)]
     listen: SocketAddr,
     /// Largest hidden-state payload of one call, in bytes; bigger calls get INVALID_ARGUMENT.
     #[arg(long, env = "SWITCHYARD_MAX_MESSAGE_BYTES", default_value_t = switchyard_expert_worker::worker::DEFAULT_MAX_MESSAGE_BYTES)]
@@ -41,7 +41,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "SWITCHYARD_WITH_SHARED_EXPERT")]
     with_shared_expert: bool,
     /// Serve Prometheus metrics at `http://ADDR/metrics`; port 0 picks a free port (printed).
-    #[arg(long, env = "SWITCHYARD_METRICS_LISTEN")]
+    #[arg(long, env = "SWITCHYARD_METRICS_LISTEN", value_parser = crate::addr::socket_addr)]
     metrics_listen: Option<SocketAddr>,
     /// Where the routed experts live and run: `cpu`, or `cuda:N` (a binary built with
     /// `--features cuda`; checked at start-up, before anything loads).

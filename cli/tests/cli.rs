@@ -581,9 +581,37 @@ fn a_cuda_device_without_cuda_is_a_clear_start_up_error() {
     );
 }
 
+/// A child's output, line by line, from a thread of its own.
+fn lines_of(out: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// SIGTERM to `child`, then its exit status, within 30 s.
+fn sigterm_and_wait(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    // SAFETY: signalling a child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not stop within 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn sigterm_to_up_stops_every_node() {
-    use std::io::BufRead;
     let cache = tempfile::tempdir().unwrap();
     let mut up = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args([
@@ -599,16 +627,7 @@ fn sigterm_to_up_stops_every_node() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = up.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = lines_of(up.stderr.take().unwrap());
     let mut pids = Vec::new();
     loop {
         let line = rx
@@ -622,19 +641,7 @@ fn sigterm_to_up_stops_every_node() {
         }
     }
     assert_eq!(pids.len(), 4, "a coordinator, two workers and a router");
-    // SAFETY: signalling a child this test started.
-    unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = up.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "up did not stop within 30 s"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let status = sigterm_and_wait(&mut up, "up");
     assert!(status.success(), "{status}");
     for pid in pids {
         // SAFETY: signal 0 only checks whether the process exists.
@@ -1231,4 +1238,115 @@ fn rebalance_acts_on_the_load_a_router_process_reports() {
         stderr.contains("threshold") && stderr.contains("-1"),
         "{stderr}"
     );
+}
+
+/// One HTTP/1.1 exchange over a fresh connection: the status code and the body.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    (status, body)
+}
+
+#[test]
+fn serve_takes_vllm_s_command_line_and_host_names() {
+    let cache = tempfile::tempdir().unwrap();
+    // Bad input is refused before any node starts, naming what was typed.
+    for (args, expect) in [
+        (
+            vec!["serve", "no-such-model"],
+            "neither a directory nor a preset",
+        ),
+        (
+            vec!["serve", "tiny", "--host", "no such host!"],
+            "--host/--port",
+        ),
+        (
+            vec!["up", "--http-addr", "8000"],
+            "bare port 8000 (try 127.0.0.1:8000)",
+        ),
+        (
+            vec!["serve", "tiny", "--tensor-parallel-size", "0"],
+            ">= 1, got 0",
+        ),
+    ] {
+        let out = switchyard(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "serve",
+            "tiny",
+            "--host",
+            "localhost",
+            "--port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--workers",
+            "1",
+            "--served-model-name",
+            "my-model",
+            "--max-model-len",
+            "32",
+            "--max-num-seqs",
+            "4",
+            "--max-num-batched-tokens",
+            "256",
+            "--cache-dir",
+        ])
+        .arg(cache.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(serve.stdout.take().unwrap());
+    let http_addr = loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("serve prints its HTTP address");
+        if let Some(a) = line.strip_prefix("http ") {
+            break a.trim_start_matches("http://").to_string();
+        }
+    };
+    assert!(http_addr.starts_with("127.0.0.1:"), "{http_addr}");
+    let (code, models) = http(&http_addr, "GET", "/v1/models", "");
+    assert_eq!(code, 200, "{models}");
+    assert!(models.contains("\"my-model\""), "{models}");
+    // --max-model-len caps prompt + output below the model's 131072 positions.
+    let (code, body) = http(
+        &http_addr,
+        "POST",
+        "/v1/completions",
+        r#"{"model": "my-model", "prompt": [1, 2, 3], "max_tokens": 40}"#,
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("max_tokens") && body.contains("32"), "{body}");
+    let (code, body) = http(
+        &http_addr,
+        "POST",
+        "/v1/completions",
+        r#"{"model": "my-model", "prompt": [1, 2, 3], "max_tokens": 4}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    let status = sigterm_and_wait(&mut serve, "serve");
+    assert!(status.success(), "{status}");
 }

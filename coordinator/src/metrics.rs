@@ -1,11 +1,19 @@
 //! Every metric the coordinator exports (Prometheus text at `/metrics` on `--metrics-listen`),
 //! declared in one place; names prefixed `switchyard_coordinator_`.
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use std::sync::atomic::AtomicU64;
 
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabel {
+    version: &'static str,
+    node: &'static str,
+}
 
 #[derive(Debug)]
 pub struct CoordinatorMetrics {
@@ -46,7 +54,21 @@ impl Default for CoordinatorMetrics {
 
 impl CoordinatorMetrics {
     pub fn new() -> CoordinatorMetrics {
-        let mut r = Registry::with_prefix("switchyard_coordinator");
+        // `switchyard_build_info` as on every node; the rest under `switchyard_coordinator_`.
+        let mut root = Registry::with_prefix("switchyard");
+        let build_info: Family<BuildLabel, Gauge> = Family::default();
+        build_info
+            .get_or_create(&BuildLabel {
+                version: env!("CARGO_PKG_VERSION"),
+                node: "coordinator",
+            })
+            .set(1);
+        root.register(
+            "build_info",
+            "The build serving: 1, labelled with its version and the node kind",
+            build_info,
+        );
+        let r = root.sub_registry_with_prefix("coordinator");
         let m = CoordinatorMetrics {
             workers: Gauge::default(),
             target_version: Gauge::default(),
@@ -142,7 +164,10 @@ impl CoordinatorMetrics {
             "Decayed tokens routed to experts over all MoE layers, as routers report them",
             m.load_tokens.clone(),
         );
-        CoordinatorMetrics { registry: r, ..m }
+        CoordinatorMetrics {
+            registry: root,
+            ..m
+        }
     }
 
     pub fn render(&self) -> String {
@@ -150,5 +175,26 @@ impl CoordinatorMetrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_info_is_shared_and_the_rest_keeps_its_prefix() {
+        let text = CoordinatorMetrics::new().render();
+        let version = env!("CARGO_PKG_VERSION");
+        assert!(
+            text.contains(&format!(
+                "switchyard_build_info{{version=\"{version}\",node=\"coordinator\"}} 1"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("switchyard_coordinator_registrations_total"),
+            "{text}"
+        );
     }
 }

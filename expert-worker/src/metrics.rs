@@ -15,6 +15,12 @@ pub struct LayerLabel {
     pub layer: u32,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabel {
+    version: &'static str,
+    node: &'static str,
+}
+
 #[derive(Debug)]
 pub struct WorkerMetrics {
     registry: Registry,
@@ -38,7 +44,21 @@ impl Default for WorkerMetrics {
 
 impl WorkerMetrics {
     pub fn new() -> WorkerMetrics {
-        let mut r = Registry::with_prefix("switchyard_worker");
+        // `switchyard_build_info` as on every node; the rest under `switchyard_worker_`.
+        let mut root = Registry::with_prefix("switchyard");
+        let build_info: Family<BuildLabel, Gauge> = Family::default();
+        build_info
+            .get_or_create(&BuildLabel {
+                version: env!("CARGO_PKG_VERSION"),
+                node: "worker",
+            })
+            .set(1);
+        root.register(
+            "build_info",
+            "The build serving: 1, labelled with its version and the node kind",
+            build_info,
+        );
+        let r = root.sub_registry_with_prefix("worker");
         let m = WorkerMetrics {
             tokens: Family::default(),
             calls: Counter::default(),
@@ -80,7 +100,10 @@ impl WorkerMetrics {
             "Bytes of routed-expert weights held",
             m.expert_bytes.clone(),
         );
-        WorkerMetrics { registry: r, ..m }
+        WorkerMetrics {
+            registry: root,
+            ..m
+        }
     }
 
     /// The Prometheus text exposition.
@@ -89,5 +112,23 @@ impl WorkerMetrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_info_is_shared_and_the_rest_keeps_its_prefix() {
+        let text = WorkerMetrics::new().render();
+        let version = env!("CARGO_PKG_VERSION");
+        assert!(
+            text.contains(&format!(
+                "switchyard_build_info{{version=\"{version}\",node=\"worker\"}} 1"
+            )),
+            "{text}"
+        );
+        assert!(text.contains("switchyard_worker_calls_total"), "{text}");
     }
 }

@@ -47,7 +47,36 @@ pub struct ImbalanceLabel {
     pub over: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabel {
+    pub version: &'static str,
+    pub node: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every value of [`RouterMetrics::requests`]' `outcome` label; each series exists from the
+/// start, at 0, so a rate over `failed` reads 0 rather than no data.
+pub const OUTCOMES: [&str; 7] = [
+    "length",
+    "stop",
+    "failed",
+    "cancelled",
+    "deadline",
+    "rejected",
+    "invalid",
+];
+
+/// Every value of [`RouterMetrics::step_phase_seconds`]' `phase` label.
+pub const PHASES: [&str; 7] = [
+    "attention",
+    "dense_ffn",
+    "gate",
+    "experts",
+    "shared_expert",
+    "other",
+    "sampling",
+];
 
 fn latency_histogram() -> Histogram {
     // 0.25 ms .. ~33 s.
@@ -137,6 +166,8 @@ pub struct RouterMetrics {
     /// Per MoE layer, max / mean tokens per expert and per worker over the expert-load window.
     pub imbalance: Family<ImbalanceLabel, Gauge<f64, AtomicU64>>,
     pub dispatch: DispatchMetrics,
+    /// 1, labelled with the version and the node kind (`switchyard_build_info`).
+    pub build_info: Family<BuildLabel, Gauge>,
 }
 
 impl RouterMetrics {
@@ -159,8 +190,26 @@ impl RouterMetrics {
             step_tokens: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             imbalance: Family::default(),
             dispatch: DispatchMetrics::default(),
+            build_info: Family::default(),
             registry: Registry::default(),
         };
+        for outcome in OUTCOMES {
+            let _ = m.requests.get_or_create(&OutcomeLabel { outcome });
+        }
+        for phase in PHASES {
+            let _ = m.step_phase_seconds.get_or_create(&PhaseLabel { phase });
+        }
+        m.build_info
+            .get_or_create(&BuildLabel {
+                version: env!("CARGO_PKG_VERSION"),
+                node: "router",
+            })
+            .set(1);
+        r.register(
+            "build_info",
+            "The build serving: 1, labelled with its version and the node kind",
+            m.build_info.clone(),
+        );
         r.register("requests", "Requests by outcome", m.requests.clone());
         r.register(
             "queue_depth",
@@ -341,5 +390,33 @@ mod tests {
         assert!(text.contains("switchyard_dispatch_bytes_sent_total{worker=\"3\"} 10"));
         assert!(text.contains("# TYPE switchyard_time_to_first_token_seconds histogram"));
         assert!(text.trim_end().ends_with("# EOF"));
+    }
+
+    #[test]
+    fn every_outcome_and_phase_reads_zero_before_it_happens() {
+        let text = RouterMetrics::new().render();
+        for outcome in OUTCOMES {
+            assert!(
+                text.contains(&format!(
+                    "switchyard_requests_total{{outcome=\"{outcome}\"}} 0"
+                )),
+                "{outcome}: {text}"
+            );
+        }
+        for phase in PHASES {
+            assert!(
+                text.contains(&format!(
+                    "switchyard_step_phase_seconds_total{{phase=\"{phase}\"}} 0"
+                )),
+                "{phase}"
+            );
+        }
+        let version = env!("CARGO_PKG_VERSION");
+        assert!(
+            text.contains(&format!(
+                "switchyard_build_info{{version=\"{version}\",node=\"router\"}} 1"
+            )),
+            "{text}"
+        );
     }
 }

@@ -63,6 +63,9 @@ pub struct ServingOptions {
     pub max_waiting: usize,
     /// `max_tokens` for requests that give none.
     pub default_max_tokens: usize,
+    /// Prompt + output tokens a request may reach, below the model's own
+    /// `max_position_embeddings` (vLLM's `--max-model-len`); `None`: the model's.
+    pub max_model_len: Option<usize>,
     /// Where the router's metrics go (share it with the dispatcher's options).
     pub metrics: Arc<RouterMetrics>,
 }
@@ -87,6 +90,19 @@ impl ServingState {
         if o.block_size == 0 {
             return Err(RouterError::invalid("kv_block_size", "must be >= 1, got 0"));
         }
+        let max_context = match o.max_model_len {
+            None => config.max_position_embeddings,
+            Some(n) if (2..=config.max_position_embeddings).contains(&n) => n,
+            Some(n) => {
+                return Err(RouterError::invalid(
+                    "max_model_len",
+                    format!(
+                        "must be in 2..={} (the model's max_position_embeddings), got {n}",
+                        config.max_position_embeddings
+                    ),
+                ));
+            }
+        };
         let layout = backend.kv_layout(o.block_size);
         let kv_blocks = usize::try_from(o.kv_cache_bytes / layout.block_bytes().max(1) as u64)
             .unwrap_or(usize::MAX);
@@ -121,7 +137,7 @@ impl ServingState {
             limits: Limits {
                 model_name: o.model_name.clone(),
                 vocab_size: config.vocab_size,
-                max_context: config.max_position_embeddings,
+                max_context,
                 max_cached_tokens: layout.max_tokens(kv_blocks, o.max_batch_tokens),
                 default_max_tokens: o.default_max_tokens.max(1),
             },

@@ -43,6 +43,7 @@ fn options() -> ServingOptions {
         max_batch_tokens: 256,
         max_waiting: 256,
         default_max_tokens: 32,
+        max_model_len: None,
         metrics: switchyard_router::metrics::RouterMetrics::new(),
     }
 }

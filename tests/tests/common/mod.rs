@@ -19,6 +19,7 @@ pub fn serving() -> ServingOptions {
         max_batch_tokens: 256,
         max_waiting: 256,
         default_max_tokens: 16,
+        max_model_len: None,
         metrics: RouterMetrics::new(),
     }
 }
