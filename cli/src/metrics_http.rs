@@ -1,5 +1,5 @@
-//! `/metrics` over HTTP for nodes whose API is gRPC only (expert workers): Prometheus scrapes
-//! HTTP. The router serves `/metrics` on its HTTP API instead.
+//! `/metrics` over HTTP on a listener of its own (`--metrics-listen`): for nodes whose API is
+//! gRPC only (workers, the coordinator), and for routers with or without their HTTP API.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -239,6 +239,10 @@ pub struct RouterArgs {
     /// Also serve the OpenAI-compatible HTTP API on this address; port 0 picks a free port.
     #[arg(long, env = "SWITCHYARD_HTTP_LISTEN", value_parser = crate::addr::socket_addr)]
     http_listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` on a listener of their own, with or
+    /// without the HTTP API (which serves them too); port 0 picks a free port (printed).
+    #[arg(long, env = "SWITCHYARD_METRICS_LISTEN", value_parser = crate::addr::socket_addr)]
+    metrics_listen: Option<SocketAddr>,
     /// Where the router's projections, dense FFNs, shared experts, MoE gates and LM head run: `cpu`,
     /// `cuda:N`, or several GPUs of this node, `cuda:0,1,…`, that split every projection
     /// between them (queries and the output projection by heads, MLPs by their intermediate
@@ -329,8 +333,24 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
             None => String::new(),
         };
         let state = node.state();
+        let metrics_line = match args.metrics_listen {
+            Some(m) => {
+                let l = tokio::net::TcpListener::bind(m)
+                    .await
+                    .with_context(|| format!("binding --metrics-listen {m}"))?;
+                let line = format!(" · metrics {}", l.local_addr()?);
+                let metrics = state.metrics.clone();
+                tokio::spawn(crate::metrics_http::serve(
+                    l,
+                    Arc::new(move || metrics.render()),
+                    crate::shutdown_signal(),
+                ));
+                line
+            }
+            None => String::new(),
+        };
         println!(
-            "listening on {addr}{http_line} · {workers} · model {} · kv cache {} blocks of {} tokens",
+            "listening on {addr}{http_line}{metrics_line} · {workers} · model {} · kv cache {} blocks of {} tokens",
             state.limits.model_name,
             state.scheduler.config().kv_blocks,
             state.scheduler.config().block_size

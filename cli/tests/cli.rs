@@ -307,8 +307,13 @@ fn generation_through_router_and_worker_processes_matches_local() {
     let dir = tempfile::tempdir().unwrap();
     synth_tiny(dir.path(), "f32");
     let model = dir.path().to_str().unwrap();
-    let (_workers, addrs, _router, r) =
-        static_cluster(model, &["0-9", "10-15"], &["--wire-dtype", "f32"]);
+    // Metrics on a listener of their own, without the HTTP API.
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let (_workers, addrs, _router, r) = static_cluster(
+        model,
+        &["0-9", "10-15"],
+        &["--wire-dtype", "f32", "--metrics-listen", &metrics],
+    );
     let a0 = addrs[0].clone();
     let flags = [
         "--prompt-ids",
@@ -329,6 +334,15 @@ fn generation_through_router_and_worker_processes_matches_local() {
         serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["token_ids"].clone()
     };
     assert_eq!(ids(&remote), ids(&local));
+    let (code, text) = http(&metrics, "GET", "/metrics", "");
+    assert_eq!(code, 200, "{text}");
+    for series in [
+        "switchyard_requests_total{outcome=\"length\"} 1",
+        "switchyard_requests_total{outcome=\"failed\"} 0",
+        "switchyard_build_info{version=",
+    ] {
+        assert!(text.contains(series), "{series}: {text}");
+    }
     // A router whose workers cannot hold every expert refuses to start, naming what is missing.
     let out = switchyard(&[
         "router",
