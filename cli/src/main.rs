@@ -133,6 +133,13 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Asked to stop while starting: every node is stopped; that is not an error.
+        Err(e) if e.downcast_ref::<up::StoppedDuringStartup>().is_some() => {
+            let signal = e
+                .downcast_ref::<up::StoppedDuringStartup>()
+                .map_or(2, |s| s.0);
+            ExitCode::from(128 + signal as u8)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -195,8 +195,35 @@ fn resolve_model(args: &UpArgs) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// Starts `switchyard ARGS` and waits for its `listening on ADDR` line.
-fn spawn(name: String, args: &[String], threads: usize) -> anyhow::Result<Node> {
+/// `up` stopped by Ctrl-C (2) or SIGTERM (15) before the cluster was up: every node started
+/// so far is stopped, and the process exits 128 + the signal, without an error message.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by signal {0} while the cluster was starting")]
+pub struct StoppedDuringStartup(pub i32);
+
+/// What a node's start-up waits on besides the node: a signal to `up`.
+struct Startup<'a> {
+    runtime: &'a tokio::runtime::Runtime,
+    signals: &'a mut Signals,
+}
+
+impl Startup<'_> {
+    /// Waits up to `d` for Ctrl-C or SIGTERM; the signal's number if one came.
+    fn signal(&mut self, d: Duration) -> Option<i32> {
+        let signals = &mut *self.signals;
+        self.runtime
+            .block_on(async { tokio::time::timeout(d, signals.recv()).await.ok() })
+    }
+}
+
+/// Starts `switchyard ARGS` and waits for its `listening on ADDR` line, saying on stderr
+/// that it starts and, every 5 s, that it still does; a signal to `up` stops it at once.
+fn spawn(
+    name: String,
+    args: &[String],
+    threads: usize,
+    start: &mut Startup<'_>,
+) -> anyhow::Result<Node> {
     let exe = std::env::current_exe().context("locating the switchyard binary")?;
     let mut command = Command::new(exe);
     command
@@ -237,9 +264,12 @@ fn spawn(name: String, args: &[String], threads: usize) -> anyhow::Result<Node> 
         metrics: None,
         reported: false,
     };
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(300);
+    let mut told = started;
+    eprintln!("{name}: starting (pid {})", node.child.id());
     loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
+        match rx.try_recv() {
             Ok(line) => {
                 node.addr = line
                     .split_whitespace()
@@ -259,12 +289,25 @@ fn spawn(name: String, args: &[String], threads: usize) -> anyhow::Result<Node> 
                 return Ok(node);
             }
             Err(_) => {
+                if let Some(signal) = start.signal(Duration::from_millis(100)) {
+                    // A node still starting holds nothing to drain.
+                    node.stop(Duration::from_secs(1));
+                    return Err(StoppedDuringStartup(signal).into());
+                }
                 if let Ok(Some(status)) = node.child.try_wait() {
                     bail!("{name} exited during start-up ({status})");
                 }
-                if Instant::now() > deadline {
+                let now = Instant::now();
+                if now > deadline {
                     node.stop(Duration::from_secs(1));
                     bail!("{name} did not start within 300 s");
+                }
+                if now.duration_since(told) >= Duration::from_secs(5) {
+                    told = now;
+                    eprintln!(
+                        "{name}: still starting ({} s)",
+                        now.duration_since(started).as_secs()
+                    );
                 }
             }
         }
@@ -293,7 +336,7 @@ pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let signals = runtime.block_on(async { Signals::new() })?;
+    let mut signals = runtime.block_on(async { Signals::new() })?;
     if let Some(path) = &args.cluster {
         return run_file(&args, path, runtime, signals);
     }
@@ -312,12 +355,17 @@ pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
     let shared_on_workers = args.dispatch.shared_expert_on == "workers";
     let model_arg = model.display().to_string();
     let mut cluster = Cluster(Vec::new());
+    let mut start = Startup {
+        runtime: &runtime,
+        signals: &mut signals,
+    };
     let coordinator = match experts {
         Some(_) => Some(start_experts(
             &args,
             &model_arg,
             shared_on_workers,
             &mut cluster,
+            &mut start,
         )?),
         None => None,
     };
@@ -357,7 +405,9 @@ pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
         } else {
             format!("router {r}")
         };
-        cluster.0.push(spawn(name, &router_args, cores)?);
+        cluster
+            .0
+            .push(spawn(name, &router_args, cores, &mut start)?);
         routers.push(cluster.0.last().map(|n| n.addr.clone()).unwrap_or_default());
     }
 
@@ -410,6 +460,7 @@ fn start_experts(
     model_arg: &str,
     shared_on_workers: bool,
     cluster: &mut Cluster,
+    start: &mut Startup<'_>,
 ) -> anyhow::Result<String> {
     args.balancing.balancing()?;
     let mut coordinator_args: Vec<String> = [
@@ -430,7 +481,7 @@ fn start_experts(
     coordinator_args.extend(args.balancing.to_flags());
     cluster
         .0
-        .push(spawn("coordinator".into(), &coordinator_args, 1)?);
+        .push(spawn("coordinator".into(), &coordinator_args, 1, start)?);
     let coordinator = cluster.0[0].addr.clone();
     for w in 0..args.workers {
         let mut worker_args: Vec<String> = [
@@ -461,6 +512,7 @@ fn start_experts(
             format!("worker {w}"),
             &worker_args,
             args.worker_threads,
+            start,
         )?);
     }
     Ok(coordinator)
@@ -517,13 +569,17 @@ fn run_file(
     args: &UpArgs,
     path: &std::path::Path,
     runtime: tokio::runtime::Runtime,
-    signals: Signals,
+    mut signals: Signals,
 ) -> anyhow::Result<()> {
     use crate::cluster_file::{ClusterFile, on_this_host};
     let file = ClusterFile::read(path)?;
     let model = file.model.display().to_string();
     let coordinator = file.coordinator.addr.clone();
     let mut cluster = Cluster(Vec::new());
+    let mut start = Startup {
+        runtime: &runtime,
+        signals: &mut signals,
+    };
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     if on_this_host(&file.coordinator.host, &args.host) {
         args.balancing.balancing()?;
@@ -539,7 +595,9 @@ fn run_file(
             &file.lease_ms.to_string(),
         ]);
         a.extend(args.balancing.to_flags());
-        cluster.0.push(spawn("coordinator".into(), &a, 1)?);
+        cluster
+            .0
+            .push(spawn("coordinator".into(), &a, 1, &mut start)?);
     }
     for (i, w) in file
         .workers
@@ -562,7 +620,9 @@ fn run_file(
             "--device",
             &w.device,
         ]);
-        cluster.0.push(spawn(format!("worker {i}"), &a, w.threads)?);
+        cluster
+            .0
+            .push(spawn(format!("worker {i}"), &a, w.threads, &mut start)?);
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut routers = Vec::new();
@@ -592,7 +652,9 @@ fn run_file(
         if let Some(http) = &r.http {
             a.extend(strings(&["--http-listen", http]));
         }
-        cluster.0.push(spawn(format!("router {i}"), &a, cores)?);
+        cluster
+            .0
+            .push(spawn(format!("router {i}"), &a, cores, &mut start)?);
         routers.push(r.addr.clone());
     }
     if cluster.0.is_empty() {
@@ -637,15 +699,17 @@ impl Signals {
         Ok(Signals {})
     }
 
-    async fn recv(&mut self) {
+    /// The next Ctrl-C (2) or SIGTERM (15).
+    async fn recv(&mut self) -> i32 {
         #[cfg(unix)]
         tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
+            _ = self.term.recv() => 15,
+            _ = self.int.recv() => 2,
         }
         #[cfg(not(unix))]
         {
             let _ = tokio::signal::ctrl_c().await;
+            2
         }
     }
 }

@@ -1364,3 +1364,64 @@ fn serve_takes_vllm_s_command_line_and_host_names() {
     let status = sigterm_and_wait(&mut serve, "serve");
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn sigterm_while_up_starts_stops_every_node_without_an_error() {
+    let cache = tempfile::tempdir().unwrap();
+    // Workers too small for any expert: the router waits for a placement that never comes,
+    // so the signal lands while the cluster is starting.
+    let mut up = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "up",
+            "--workers",
+            "2",
+            "--router-addr",
+            "127.0.0.1:0",
+            "--worker-memory",
+            "1KiB",
+            "--cache-dir",
+        ])
+        .arg(cache.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(up.stderr.take().unwrap());
+    let mut pids = Vec::new();
+    let mut seen = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("up says which nodes start");
+        seen.push(line.clone());
+        if let Some(pid) = line
+            .split("starting (pid ")
+            .nth(1)
+            .and_then(|p| p.strip_suffix(')'))
+        {
+            pids.push(pid.parse::<i32>().unwrap());
+        }
+        if line.starts_with("router: starting") {
+            break;
+        }
+    }
+    assert_eq!(pids.len(), 4, "{seen:?}");
+    let began = std::time::Instant::now();
+    let status = sigterm_and_wait(&mut up, "up");
+    assert_eq!(status.code(), Some(143), "{status}");
+    assert!(
+        began.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        began.elapsed()
+    );
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(
+        !rest.iter().any(|l| l.starts_with("error")),
+        "no error text: {rest:?}"
+    );
+    for pid in pids {
+        // SAFETY: signal 0 only checks whether the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        assert!(!alive, "node {pid} outlived `up`");
+    }
+}
