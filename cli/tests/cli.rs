@@ -624,24 +624,28 @@ fn sigterm_and_wait(child: &mut std::process::Child, what: &str) -> std::process
     }
 }
 
-#[test]
-fn sigterm_to_up_stops_every_node() {
-    let cache = tempfile::tempdir().unwrap();
+/// `up` with two workers on loopback and `extra` flags; its stderr, line by line.
+fn up_on_loopback(
+    cache: &Path,
+    extra: &[&str],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
     let mut up = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "up",
-            "--workers",
-            "2",
-            "--router-addr",
-            "127.0.0.1:0",
-            "--cache-dir",
-        ])
-        .arg(cache.path())
+        .args(["up", "--workers", "2", "--router-addr", "127.0.0.1:0"])
+        .args(extra)
+        .arg("--cache-dir")
+        .arg(cache)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let rx = lines_of(up.stderr.take().unwrap());
+    (up, rx)
+}
+
+#[test]
+fn sigterm_to_up_stops_every_node() {
+    let cache = tempfile::tempdir().unwrap();
+    let (mut up, rx) = up_on_loopback(cache.path(), &[]);
     let mut pids = Vec::new();
     loop {
         let line = rx
@@ -1370,23 +1374,7 @@ fn sigterm_while_up_starts_stops_every_node_without_an_error() {
     let cache = tempfile::tempdir().unwrap();
     // Workers too small for any expert: the router waits for a placement that never comes,
     // so the signal lands while the cluster is starting.
-    let mut up = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "up",
-            "--workers",
-            "2",
-            "--router-addr",
-            "127.0.0.1:0",
-            "--worker-memory",
-            "1KiB",
-            "--cache-dir",
-        ])
-        .arg(cache.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = lines_of(up.stderr.take().unwrap());
+    let (mut up, rx) = up_on_loopback(cache.path(), &["--worker-memory", "1KiB"]);
     let mut pids = Vec::new();
     let mut seen = Vec::new();
     loop {
