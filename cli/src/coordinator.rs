@@ -142,22 +142,12 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
-        let metrics_line = match args.metrics_listen {
-            Some(m) => {
-                let l = tokio::net::TcpListener::bind(m)
-                    .await
-                    .with_context(|| format!("binding --metrics-listen {m}"))?;
-                let line = format!(" · metrics {}", l.local_addr()?);
-                let n = node.clone();
-                tokio::spawn(crate::metrics_http::serve(
-                    l,
-                    std::sync::Arc::new(move || n.render_metrics()),
-                    crate::shutdown_signal(),
-                ));
-                line
-            }
-            None => String::new(),
-        };
+        let n = node.clone();
+        let metrics_line = crate::metrics_http::listen(
+            args.metrics_listen,
+            std::sync::Arc::new(move || n.render_metrics()),
+        )
+        .await?;
         println!(
             "listening on {}{metrics_line} · model {}",
             listener.local_addr()?,

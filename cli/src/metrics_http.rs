@@ -7,6 +7,25 @@ use std::sync::Arc;
 use axum::http::header;
 use axum::routing::get;
 
+/// `--metrics-listen`: binds `addr` (if given), serves `render()` there until Ctrl-C or
+/// SIGTERM, and returns the ` · metrics ADDR` part of the node's listening line (empty
+/// without an address).
+pub async fn listen(
+    addr: Option<std::net::SocketAddr>,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let Some(addr) = addr else {
+        return Ok(String::new());
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding --metrics-listen {addr}"))?;
+    let line = format!(" · metrics {}", listener.local_addr()?);
+    tokio::spawn(serve(listener, render, crate::shutdown_signal()));
+    Ok(line)
+}
+
 /// Serves `render()` at `/metrics` on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,

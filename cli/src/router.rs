@@ -333,22 +333,10 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
             None => String::new(),
         };
         let state = node.state();
-        let metrics_line = match args.metrics_listen {
-            Some(m) => {
-                let l = tokio::net::TcpListener::bind(m)
-                    .await
-                    .with_context(|| format!("binding --metrics-listen {m}"))?;
-                let line = format!(" · metrics {}", l.local_addr()?);
-                let metrics = state.metrics.clone();
-                tokio::spawn(crate::metrics_http::serve(
-                    l,
-                    Arc::new(move || metrics.render()),
-                    crate::shutdown_signal(),
-                ));
-                line
-            }
-            None => String::new(),
-        };
+        let metrics = state.metrics.clone();
+        let metrics_line =
+            crate::metrics_http::listen(args.metrics_listen, Arc::new(move || metrics.render()))
+                .await?;
         println!(
             "listening on {addr}{http_line}{metrics_line} · {workers} · model {} · kv cache {} blocks of {} tokens",
             state.limits.model_name,

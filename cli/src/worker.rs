@@ -85,26 +85,10 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
         let info = worker.info();
-        let metrics = match args.metrics_listen {
-            Some(m) => Some(
-                tokio::net::TcpListener::bind(m)
-                    .await
-                    .with_context(|| format!("binding --metrics-listen {m}"))?,
-            ),
-            None => None,
-        };
-        let metrics_line = match &metrics {
-            Some(l) => format!(" · metrics {}", l.local_addr()?),
-            None => String::new(),
-        };
-        if let Some(l) = metrics {
-            let w = worker.clone();
-            tokio::spawn(crate::metrics_http::serve(
-                l,
-                Arc::new(move || w.metrics.render()),
-                crate::shutdown_signal(),
-            ));
-        }
+        let w = worker.clone();
+        let metrics_line =
+            crate::metrics_http::listen(args.metrics_listen, Arc::new(move || w.metrics.render()))
+                .await?;
         let agent = args.coordinator.as_ref().map(|coordinator| {
             agent::Agent::new(
                 worker.clone(),
