@@ -34,6 +34,67 @@ fn stream_read_gbs(words: &[u64], reps: usize) -> f64 {
     (words.len() * 8 * reps) as f64 / start.elapsed().as_secs_f64() / 1e9
 }
 
+/// Measured peak of the CPU's widest multiply-add for the kernel set in use, in GFLOP/s on
+/// every pool thread: independent `vdpbf16ps` (64 FLOP each: 16 lanes × 2 pairs) or
+/// f32 FMAs on registers, no memory. The GEMM figures are read against it.
+fn peak_gflops(kernels: &str) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let pool = switchyard_engine::cpu::pool::global();
+        let iters = 20_000_000u64;
+        let flops_per_iter: f64 = match kernels {
+            // 16 chains of one 16-lane, 2-pair dot product each: 16 · 16 · 2 · 2.
+            "avx512-bf16" => 16.0 * 64.0,
+            // 16 chains of a 16-lane FMA.
+            "avx512" => 16.0 * 32.0,
+            _ => return None,
+        };
+        let bf16 = kernels == "avx512-bf16";
+        let start = Instant::now();
+        pool.run(pool.threads(), &|_| {
+            // SAFETY: the kernel set named was detected on this CPU.
+            let v = unsafe { peak::chains(iters, bf16) };
+            std::hint::black_box(v);
+        });
+        let secs = start.elapsed().as_secs_f64();
+        Some(flops_per_iter * iters as f64 * pool.threads() as f64 / secs / 1e9)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = kernels;
+        None
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod peak {
+    use std::arch::x86_64::*;
+
+    /// 16 independent accumulator chains: more than any core's latency × throughput, and few enough to stay in registers.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn chains(iters: u64, bf16: bool) -> f32 {
+        let mut acc = [_mm512_setzero_ps(); 16];
+        let a = _mm512_set1_ps(1.0e-3);
+        let b = _mm512_set1_ps(0.999);
+        let ab: __m512bh = _mm512_cvtne2ps_pbh(a, a);
+        let bb: __m512bh = _mm512_cvtne2ps_pbh(b, b);
+        if bf16 {
+            for _ in 0..iters {
+                for c in acc.iter_mut() {
+                    *c = _mm512_dpbf16_ps(*c, ab, bb);
+                }
+            }
+        } else {
+            for _ in 0..iters {
+                for c in acc.iter_mut() {
+                    *c = _mm512_fmadd_ps(*c, b, a);
+                }
+            }
+        }
+        acc.iter().map(|&v| _mm512_reduce_add_ps(v)).sum()
+    }
+}
+
 fn main() {
     let kernels = switchyard_engine::cpu::matmul::kernels();
     // In the portable child: the slow loops, on few batch sizes and fewer weights.
@@ -57,10 +118,14 @@ fn main() {
     println!("streaming read (roofline): {roofline:.1} GB/s");
     println!("amx: {}", switchyard_engine::cpu::matmul::amx_available());
     println!("kernels: {kernels}");
+    let peak = peak_gflops(kernels);
+    if let Some(p) = peak {
+        println!("multiply-add peak (measured, registers only): {p:.1} GFLOP/s");
+    }
     let batches: &[usize] = if portable_child {
         &[1, 8, 32]
     } else {
-        &[1, 2, 4, 8, 16, 32, 64, 128, 512, 1024]
+        &[1, 2, 4, 6, 8, 16, 32, 64, 128, 512, 1024]
     };
     let packed: Vec<Tensor> = weights
         .iter()
@@ -84,8 +149,11 @@ fn main() {
             let calls = (reps * copies) as f64;
             let gbs = (n * k * 2) as f64 * calls / secs / 1e9;
             let gflops = 2.0 * (m * n * k) as f64 * calls / secs / 1e9;
+            let of_peak = peak
+                .map(|p| format!(" ({:.0}% of peak)", gflops / p * 100.0))
+                .unwrap_or_default();
             println!(
-                "{kernels:>11} {layout:>9} m={m:>4} n={n} k={k} bf16: {:>8.1} us/call, {gbs:>5.1} GB/s ({:.0}% of roofline), {gflops:>6.1} GFLOP/s",
+                "{kernels:>11} {layout:>9} m={m:>4} n={n} k={k} bf16: {:>8.1} us/call, {gbs:>5.1} GB/s ({:.0}% of roofline), {gflops:>6.1} GFLOP/s{of_peak}",
                 secs / calls * 1e6,
                 gbs / roofline * 100.0
             );

@@ -8,6 +8,8 @@
 pub mod matmul;
 pub mod ops;
 pub mod packed;
+#[cfg(target_arch = "x86_64")]
+mod packed_avx512;
 pub mod pool;
 
 pub use matmul::{matmul_nn_rows, matmul_t, matmul_t_f32, matmul_t_uninit};

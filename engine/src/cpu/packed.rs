@@ -13,6 +13,22 @@ pub const BLOCK_N: usize = 16;
 pub const BLOCK_K: usize = 32;
 const BLOCK: usize = BLOCK_N * BLOCK_K;
 
+/// One task's share of a GEMM over a packed weight, as every packed kernel takes it.
+#[derive(Clone, Copy)]
+pub(crate) struct PackedCall<'a> {
+    /// `m` rows of `kp` bf16 activations (the kernel's layout: AMX wants them tile by tile).
+    pub x: &'a [u16],
+    pub m: usize,
+    pub kp: usize,
+    pub w: &'a PackedBf16,
+    /// The row blocks of `w` (16 outputs each) this task computes.
+    pub b0: usize,
+    pub b1: usize,
+    /// Output row length: `out` holds `m` rows of `n` f32.
+    pub n: usize,
+    pub out: *mut f32,
+}
+
 #[derive(Clone)]
 pub struct PackedBf16 {
     /// bf16 bits, block-major.
