@@ -70,7 +70,8 @@ fn peak_gflops(kernels: &str) -> Option<f64> {
 mod peak {
     use std::arch::x86_64::*;
 
-    /// 16 independent accumulator chains: more than any core's latency × throughput, and few enough to stay in registers.
+    /// 16 independent accumulator chains: more than any core's latency × throughput, and few
+    /// enough to stay in registers (24 spilled).
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn chains(iters: u64, bf16: bool) -> f32 {
         let mut acc = [_mm512_setzero_ps(); 16];

@@ -1,14 +1,13 @@
-//! The AVX512-BF16 kernels over the packed weight layout ([`PackedBf16`]), for CPUs without
-//! AMX tiles (and for the batches too small for them on CPUs with).
+//! The AVX512-BF16 kernels over the packed weight layout ([`PackedBf16`]).
 //!
-//! Two shapes of work, two kernels. A decode step has a few rows and is bound by the weight
-//! stream: [`few_rows`] runs several weight blocks as parallel memory streams and reads each
-//! weight byte once per 4 rows. A prefill has many rows and is bound by the dot-product units:
-//! [`blocked`] is a register-blocked GEMM — a [`MR`] × ([`NR`] · 16) tile of f32 accumulators
-//! in the 32 zmm registers, fed by `vdpbf16ps` with one broadcast activation pair and one
-//! 64-byte weight row per step — with the row loop inside the column loop so that each weight
-//! panel is read from memory once per [`MC`]-row band and from L2 for every tile after the
-//! first.
+//! [`blocked`] serves every batch on CPUs without AMX tiles: a register-blocked GEMM — an
+//! [`MR`] × ([`NR`] · 16) tile of f32 accumulators in the zmm registers, fed by `vdpbf16ps`
+//! with one broadcast activation pair and one 64-byte weight row per step — with the row loop
+//! inside the column loop, so that each weight panel is read from memory once per band of rows
+//! ([`BAND_BYTES`]) and from L2 for every tile after the first. At one row it is a plain
+//! weight stream. [`few_rows`] serves the batches below [`super::matmul::AMX_MIN_ROWS`] on AMX
+//! CPUs, where it was measured against the tiles: several weight blocks as parallel memory
+//! streams, each weight byte read once per 4 rows.
 
 use std::arch::x86_64::*;
 
