@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("switchyard_descriptor.bin"))
+        .codec_path("crate::grpc_codec::SwitchyardCodec")
         .compile_protos(
             &[
                 "switchyard/v1/expert.proto",

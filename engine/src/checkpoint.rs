@@ -96,6 +96,68 @@ impl Shard {
     }
 }
 
+/// Says what is wrong with a header whose data offsets do not tile the data section.
+/// safetensors reports the first tensor whose offset does not follow its predecessor's end,
+/// which after a tensor is deleted from the header is the *next* tensor, not the missing one:
+/// this names the hole, and the missing tensor itself when the index expects a name the
+/// header lacks (`expected`). `None` when the header cannot even be read as JSON.
+fn offset_gap<'a>(bytes: &[u8], expected: impl Iterator<Item = &'a str>) -> Option<String> {
+    let len = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let header = bytes.get(8..8usize.checked_add(usize::try_from(len).ok()?)?)?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
+    let mut spans: Vec<(u64, u64, &str)> = header
+        .iter()
+        .filter(|(name, _)| name.as_str() != "__metadata__")
+        .filter_map(|(name, info)| {
+            let offsets = info.get("data_offsets")?.as_array()?;
+            Some((
+                offsets.first()?.as_u64()?,
+                offsets.get(1)?.as_u64()?,
+                name.as_str(),
+            ))
+        })
+        .collect();
+    spans.sort_unstable();
+    let lacking: Vec<&str> = {
+        let mut v: Vec<&str> = expected.filter(|n| !header.contains_key(*n)).collect();
+        v.sort_unstable();
+        v
+    };
+    let mut end = 0;
+    for &(start, stop, name) in &spans {
+        let problem = if stop < start {
+            format!("tensor `{name}` ends (byte {stop}) before it starts (byte {start})")
+        } else if start > end {
+            format!(
+                "bytes {end}..{start} of the data section belong to no tensor in the header \
+                 (the next one is `{name}`): a tensor is missing from the header"
+            )
+        } else if start < end {
+            format!(
+                "tensor `{name}` starts at byte {start}, inside the previous tensor (which ends at \
+                 byte {end}): the header's offsets overlap"
+            )
+        } else {
+            end = stop;
+            continue;
+        };
+        return Some(if lacking.is_empty() {
+            problem
+        } else {
+            format!(
+                "{problem}; the index places {} in this file",
+                names(&lacking)
+            )
+        });
+    }
+    None
+}
+
+fn names(list: &[&str]) -> String {
+    let quoted: Vec<String> = list.iter().map(|n| format!("`{n}`")).collect();
+    quoted.join(", ")
+}
+
 impl Checkpoint {
     /// Opens `dir`: reads the index if there is one (mapping no shard yet), else the single file.
     pub fn open(dir: &Path) -> Result<Checkpoint> {
@@ -210,11 +272,24 @@ impl Checkpoint {
         // SAFETY: checkpoint files are treated as immutable while mapped; a concurrent writer
         // would be an operator error, as with every mmap-based loader.
         let mmap = unsafe { Mmap::map(&handle) }.map_err(|e| EngineError::io(&path, e))?;
-        let st =
-            safetensors::SafeTensors::deserialize(&mmap).map_err(|e| EngineError::Checkpoint {
+        let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
+            let expected = self
+                .weight_map
+                .iter()
+                .filter(|(_, f)| f.as_str() == file)
+                .map(|(name, _)| name.as_str());
+            let detail = match e {
+                safetensors::SafeTensorError::InvalidOffset(_) => offset_gap(&mmap, expected),
+                _ => None,
+            };
+            EngineError::Checkpoint {
                 path: path.clone(),
-                reason: format!("not a valid safetensors file (truncated or corrupt?): {e}"),
-            })?;
+                reason: format!(
+                    "not a valid safetensors file (truncated or corrupt?): {}",
+                    detail.unwrap_or_else(|| e.to_string())
+                ),
+            }
+        })?;
         let base = mmap.as_ptr() as usize;
         let mut tensors = HashMap::new();
         for (name, view) in st.tensors() {
@@ -507,6 +582,68 @@ mod tests {
         assert!(err.contains("truncated or corrupt"), "{err}");
         std::fs::write(&path, b"garbage").unwrap();
         assert!(Checkpoint::open(dir.path()).is_err());
+    }
+
+    /// Rewrites the JSON header of the safetensors file at `path` with `edit`, keeping the data.
+    fn edit_header(
+        path: &Path,
+        edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+    ) {
+        let bytes = std::fs::read(path).unwrap();
+        let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let mut header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+        edit(&mut header);
+        let mut text = serde_json::to_vec(&header).unwrap();
+        while !text.len().is_multiple_of(8) {
+            text.push(b' ');
+        }
+        let mut out = (text.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&text);
+        out.extend_from_slice(&bytes[8 + len..]);
+        std::fs::write(path, out).unwrap();
+    }
+
+    #[test]
+    fn tensor_removed_from_header_is_named_not_its_successor() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = dir.path().join("s.safetensors");
+        write(
+            &shard,
+            vec![
+                ("a", DType::F32, vec![4], f32_bytes(&[1.0; 4])),
+                ("b", DType::F32, vec![4], f32_bytes(&[2.0; 4])),
+                ("c", DType::F32, vec![4], f32_bytes(&[3.0; 4])),
+            ],
+        );
+        edit_header(&shard, |h| {
+            h.remove("b");
+        });
+        std::fs::write(
+            dir.path().join(INDEX_FILE),
+            r#"{"weight_map": {"a": "s.safetensors", "b": "s.safetensors", "c": "s.safetensors"}}"#,
+        )
+        .unwrap();
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let err = ck.load("a", &[4], Precision::F32).unwrap_err().to_string();
+        assert!(
+            err.contains("bytes 16..32") && err.contains("index places `b`"),
+            "{err}"
+        );
+        // Without an index the hole is still named, before the tensor that follows it.
+        std::fs::remove_file(dir.path().join(INDEX_FILE)).unwrap();
+        std::fs::rename(&shard, dir.path().join(SINGLE_FILE)).unwrap();
+        let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("bytes 16..32") && err.contains("next one is `c`"),
+            "{err}"
+        );
+        // Overlapping offsets are named as such.
+        edit_header(&dir.path().join(SINGLE_FILE), |h| {
+            h["c"]["data_offsets"] = serde_json::json!([8, 24]);
+        });
+        let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("overlap") && err.contains("`c`"), "{err}");
     }
 
     #[test]

@@ -160,9 +160,16 @@ impl Sampler {
             return argmax(logits) as u32;
         }
         let t = p.temperature;
+        // Shift by the largest logit before dividing: a tiny temperature (1e-38) would
+        // otherwise overflow `l / t` to infinity and the softmax to NaN; shifted, the best
+        // token scales to 0 and the rest to large negatives, which is the greedy limit.
+        let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if !top.is_finite() {
+            return argmax(logits) as u32;
+        }
         self.probs.clear();
         self.probs
-            .extend(logits.iter().enumerate().map(|(i, &l)| (i, l / t)));
+            .extend(logits.iter().enumerate().map(|(i, &l)| (i, (l - top) / t)));
         let by_logit = |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < self.probs.len() {
             self.probs.select_nth_unstable_by(p.top_k - 1, by_logit);
@@ -294,6 +301,20 @@ mod tests {
         });
         for _ in 0..20 {
             assert_eq!(s.sample(&[0.0, 2.0, 1.9]), 1);
+        }
+    }
+
+    #[test]
+    fn tiny_temperature_is_greedy_not_nan() {
+        for temperature in [1e-38, f32::MIN_POSITIVE, 1e-6] {
+            let mut s = sampler(SamplingParams {
+                temperature,
+                seed: 7,
+                ..Default::default()
+            });
+            for _ in 0..20 {
+                assert_eq!(s.sample(&[30.0, 90.0, 89.5, -40.0]), 1, "t = {temperature}");
+            }
         }
     }
 

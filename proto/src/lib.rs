@@ -8,6 +8,7 @@
 pub mod backoff;
 pub mod client;
 pub mod codec;
+pub mod grpc_codec;
 pub mod health;
 pub mod ids;
 pub mod reflection;

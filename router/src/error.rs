@@ -53,6 +53,9 @@ pub enum RouterError {
     /// An HTTP path served, asked with a method it does not take.
     #[error("method not allowed: {method} {path}")]
     MethodNotAllowed { method: String, path: String },
+    /// An HTTP body over the size limit, refused before it is parsed.
+    #[error("request body too large: the limit is {limit} bytes")]
+    BodyTooLarge { limit: usize },
     #[error("request deadline exceeded after {0} ms")]
     DeadlineExceeded(u128),
     #[error("model `{given}` is not served here (this router serves `{served}`)")]
@@ -71,8 +74,10 @@ impl RouterError {
 
     /// HTTP status for clients of the OpenAI-compatible API (the same table as [`Self::code`]).
     pub fn http_status(&self) -> u16 {
-        if let RouterError::MethodNotAllowed { .. } = self {
-            return 405;
+        match self {
+            RouterError::MethodNotAllowed { .. } => return 405,
+            RouterError::BodyTooLarge { .. } => return 413,
+            _ => {}
         }
         match self.code() {
             tonic::Code::InvalidArgument | tonic::Code::OutOfRange => 400,
@@ -109,7 +114,9 @@ impl RouterError {
             RouterError::Invalid { .. } => tonic::Code::InvalidArgument,
             RouterError::UnknownModel { .. } | RouterError::NoRoute { .. } => tonic::Code::NotFound,
             RouterError::MethodNotAllowed { .. } => tonic::Code::Unimplemented,
-            RouterError::Overloaded { .. } => tonic::Code::ResourceExhausted,
+            RouterError::Overloaded { .. } | RouterError::BodyTooLarge { .. } => {
+                tonic::Code::ResourceExhausted
+            }
             RouterError::Unauthenticated => tonic::Code::Unauthenticated,
             RouterError::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,
             RouterError::ShuttingDown => tonic::Code::Unavailable,

@@ -205,7 +205,7 @@ pub fn validate(
     let max_tokens = match raw.max_tokens {
         None => limits.default_max_tokens.min(room),
         Some(0) => return Err(RouterError::invalid("max_tokens", "must be >= 1, got 0")),
-        Some(n) if n as usize > room => {
+        Some(n) if usize::try_from(n).map_or(true, |n| n > room) => {
             return Err(RouterError::invalid(
                 "max_tokens",
                 format!(
@@ -216,7 +216,8 @@ pub fn validate(
                     } else {
                         " length"
                     },
-                    prompt.len() as u64 + n
+                    // u128: `max_tokens` may be u64::MAX, and the sum must not wrap.
+                    prompt.len() as u128 + u128::from(n)
                 ),
             ));
         }
@@ -452,6 +453,12 @@ mod tests {
                 with(&|r| r.max_tokens = Some(62)),
                 "max_tokens",
                 "got 65",
+            ),
+            (
+                "max_tokens at u64::MAX does not wrap",
+                with(&|r| r.max_tokens = Some(u64::MAX)),
+                "max_tokens",
+                "got 18446744073709551618",
             ),
             (
                 "zero max_tokens",

@@ -642,6 +642,30 @@ fn http_extras_tokenize_ids_bytes_and_json_errors_everywhere() {
     s.wait_drained();
 }
 
+/// POSTs `len` bytes of JSON whitespace to `path` and returns the whole reply as text.
+async fn oversized_post(addr: &str, path: &str, len: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let addr = addr.to_string();
+    let (mut rx, mut tx) = stream.into_split();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         content-length: {len}\r\nconnection: close\r\n\r\n"
+    );
+    let writer = tokio::spawn(async move {
+        tx.write_all(head.as_bytes()).await?;
+        tx.write_all(&vec![b' '; len]).await
+    });
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), rx.read_to_end(&mut reply))
+        .await
+        .expect("no reply within 10 s")
+        .unwrap();
+    // The write may or may not finish before the server closes; either is fine.
+    let _ = writer.await;
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
 fn sse_data(body: &str) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     for line in body.lines() {
@@ -728,6 +752,12 @@ fn http_completions_chat_and_server_sent_events() {
             ("/v1/completions", serde_json::json!({"prompt": "x", "temperature": -1}), 400, "temperature"),
             ("/v1/completions", serde_json::json!({"prompt": "x", "max_tokens": "many"}), 400, "max_tokens"),
             ("/v1/completions", serde_json::json!({"prompt": "x", "top_p": 2}), 400, "top_p"),
+            // Type errors in the flattened sampling fields name the field, not `body`.
+            ("/v1/completions", serde_json::json!({"prompt": "x", "temperature": "hot"}), 400, "temperature"),
+            ("/v1/completions", serde_json::json!({"prompt": "x", "stop": 5}), 400, "stop"),
+            ("/v1/completions", serde_json::json!({"prompt": "x", "seed": -1}), 400, "seed"),
+            ("/v1/chat/completions", serde_json::json!({"messages": [{"role": "user", "content": "x"}], "top_k": 1.5}), 400, "top_k"),
+            ("/v1/completions", serde_json::json!({"prompt": "x", "max_tokens": u64::MAX}), 400, "max_tokens"),
             ("/v1/completions", serde_json::json!({"prompt": ""}), 400, "prompt"),
             ("/v1/completions", serde_json::json!({"prompt": "x", "model": "gpt-4"}), 404, "model"),
             ("/v1/chat/completions", serde_json::json!({"messages": []}), 400, "messages"),
@@ -747,6 +777,20 @@ fn http_completions_chat_and_server_sent_events() {
             .await
             .unwrap();
         assert_eq!(r.status(), 400);
+        // A body over the limit is refused with the same JSON error shape, naming the limit.
+        // Over a raw socket, reading while writing: the server answers before the body ends
+        // and closes, so an HTTP client's write of the rest may fail first.
+        let reply = oversized_post(&s.http, "/v1/completions", 20 << 20).await;
+        assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+        let json_at = reply.find("\r\n\r\n").map_or(0, |i| i + 4);
+        let j: serde_json::Value = serde_json::from_str(&reply[json_at..]).unwrap();
+        assert!(
+            j["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(&switchyard_router::http::MAX_BODY_BYTES.to_string()),
+            "{j}"
+        );
     });
     s.wait_drained();
 }

@@ -232,3 +232,86 @@ fn links_heal_when_a_worker_restarts_at_the_same_address() {
         }
     }
 }
+
+/// Sends pre-encoded bytes as a gRPC message and reads the reply as bytes: how a fuzzer or a
+/// broken client reaches a server, past every typed client.
+#[derive(Clone, Copy, Debug, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = prost::bytes::Buf::remaining(buf);
+        let mut out = vec![0; n];
+        prost::bytes::Buf::copy_to_slice(buf, &mut out);
+        Ok(Some(out))
+    }
+}
+
+#[test]
+fn undecodable_protobuf_is_invalid_argument_and_the_worker_keeps_serving() {
+    let dir = tiny_bf16();
+    let sandbox = Sandbox::start(dir.path(), &["0-7"]);
+    let addr = format!("http://{}", sandbox.addrs()[0]);
+    sandbox.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(addr.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut raw = tonic::client::Grpc::new(channel);
+        // A truncated varint, a field with wire type 7 (none exists), a length past the end.
+        for garbage in [vec![0x08, 0xff], vec![0x0f, 0x01], vec![0x12, 0x7f, 0x01]] {
+            raw.ready().await.unwrap();
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/switchyard.v1.ExpertService/Forward",
+            );
+            let status = raw
+                .unary(tonic::Request::new(garbage.clone()), path, RawCodec)
+                .await
+                .expect_err("garbage must be refused");
+            assert_eq!(
+                status.code(),
+                Code::InvalidArgument,
+                "{garbage:?}: {status:?}"
+            );
+            assert!(
+                status.message().contains("ForwardRequest"),
+                "{garbage:?}: {status:?}"
+            );
+        }
+        let mut client = ExpertServiceClient::connect(addr).await.unwrap();
+        let reply = client.forward(valid(1, 2, 64)).await.unwrap().into_inner();
+        assert_eq!(reply.output.unwrap().shape, vec![2, 64]);
+    });
+}

@@ -18,7 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -117,13 +117,45 @@ fn authorize(state: &ServingState, headers: &HeaderMap) -> Result<(), ApiError> 
     }
 }
 
+/// A request body, read up to [`MAX_BODY_BYTES`]; a longer one is refused with the JSON error
+/// every other refusal has (axum's own rejection is plain text).
+struct Body(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Bytes::from_request(req, state).await {
+            Ok(bytes) => Ok(Body(bytes)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(RouterError::BodyTooLarge {
+                    limit: MAX_BODY_BYTES,
+                }
+                .into())
+            }
+            Err(e) => Err(RouterError::invalid("body", e.body_text()).into()),
+        }
+    }
+}
+
 /// Parses a JSON body, naming the field that is wrong.
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." { "body".into() } else { path };
-        ApiError::from(RouterError::invalid(field, e.into_inner().to_string()))
+        if path != "." {
+            return ApiError::from(RouterError::invalid(path, e.into_inner().to_string()));
+        }
+        // A `#[serde(flatten)]`ed struct is deserialized from a buffer, which hides the path of
+        // its fields: parse the flattened sampling fields alone to find which one is wrong.
+        let de = &mut serde_json::Deserializer::from_slice(body);
+        match serde_path_to_error::deserialize::<_, openai::SamplingFields>(de) {
+            Err(inner) if inner.path().to_string() != "." => ApiError::from(RouterError::invalid(
+                inner.path().to_string(),
+                inner.into_inner().to_string(),
+            )),
+            _ => ApiError::from(RouterError::invalid("body", e.into_inner().to_string())),
+        }
     })
 }
 
@@ -242,7 +274,7 @@ fn need_tokenizer<'s>(
 async fn tokenize(
     State(state): State<ServingState>,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<axum::Json<Value>, ApiError> {
     authorize(&state, &headers)?;
     let req: TokenizeRequest = parse(&body)?;
@@ -287,7 +319,7 @@ async fn tokenize(
 async fn detokenize(
     State(state): State<ServingState>,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<axum::Json<Value>, ApiError> {
     authorize(&state, &headers)?;
     let req: DetokenizeRequest = parse(&body)?;
@@ -453,7 +485,7 @@ fn chat_logprobs(state: &ServingState, tokens: &[(u32, Option<TokenLogprobs>)]) 
 async fn completions(
     State(state): State<ServingState>,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let req: CompletionRequest = parse(&body)?;
@@ -527,7 +559,7 @@ async fn completions(
 async fn chat_completions(
     State(state): State<ServingState>,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let req: ChatRequest = parse(&body)?;

@@ -18,11 +18,38 @@ use crate::error::RouterError;
 use crate::request::{Prompt, RawRequest};
 
 /// `stop`: one string or a list.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum StopField {
     One(String),
     Many(Vec<String>),
+}
+
+/// By hand rather than `#[serde(untagged)]`, whose error ("data did not match any variant")
+/// says neither what was given nor what is accepted.
+impl<'de> Deserialize<'de> for StopField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = StopField;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<StopField, E> {
+                Ok(StopField::One(v.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<StopField, A::Error> {
+                let mut all = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+                while let Some(s) = seq.next_element::<String>()? {
+                    all.push(s);
+                }
+                Ok(StopField::Many(all))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 impl StopField {
@@ -489,7 +516,7 @@ pub struct ErrorDetail {
 impl ErrorBody {
     pub fn from_error(e: &RouterError) -> ErrorBody {
         let kind = match e.http_status() {
-            400 | 405 => "invalid_request_error",
+            400 | 405 | 413 => "invalid_request_error",
             401 => "authentication_error",
             404 => "not_found_error",
             429 => "rate_limit_error",
