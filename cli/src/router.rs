@@ -7,10 +7,21 @@ use anyhow::{Context, bail};
 use switchyard_engine::ModelConfig;
 use switchyard_engine::tensor::Compute;
 use switchyard_proto::v1::Dtype;
+use switchyard_router::experts::tail::TailOptions;
 use switchyard_router::experts::{CallMode, DispatchOptions};
 use switchyard_router::metrics::RouterMetrics;
 use switchyard_router::node::{Experts, RouterNode};
 use switchyard_router::server::ServingOptions;
+
+/// A finite multiple, 0 or more.
+fn non_negative(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("not a number: {e}"))?;
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("must be a finite number >= 0, got {s}"))
+    }
+}
 
 /// How the router talks to its expert workers.
 #[derive(clap::Args, Debug, Clone)]
@@ -18,9 +29,32 @@ pub struct DispatchArgs {
     /// Hidden states on the wire: `bf16` halves the bytes, `f32` is exact.
     #[arg(long, env = "SWITCHYARD_WIRE_DTYPE", default_value = "bf16", value_parser = ["bf16", "f32"])]
     pub wire_dtype: String,
-    /// Deadline of each expert call, in milliseconds.
+    /// Deadline of each expert call, in milliseconds: the ceiling of the adaptive deadline
+    /// (`--expert-deadline-p99`).
     #[arg(long, env = "SWITCHYARD_EXPERT_DEADLINE_MS", default_value_t = 10_000)]
     pub expert_deadline_ms: u64,
+    /// Each expert call's deadline is this many times the recent p99 of calls like it (same
+    /// layer, similar rows), between `--expert-deadline-min-ms` and `--expert-deadline-ms`;
+    /// 0 keeps the fixed deadline. A stalled worker with no replica then fails its calls in
+    /// about a second instead of holding every request for the full deadline.
+    #[arg(long, env = "SWITCHYARD_EXPERT_DEADLINE_P99", default_value_t = 20.0, value_parser = non_negative)]
+    pub expert_deadline_p99: f64,
+    /// The adaptive deadline's floor, in milliseconds.
+    #[arg(
+        long,
+        env = "SWITCHYARD_EXPERT_DEADLINE_MIN_MS",
+        default_value_t = 1_000
+    )]
+    pub expert_deadline_min_ms: u64,
+    /// Send an expert call again to replicas of its experts once it has waited this many times
+    /// the recent p99 of calls like it, taking whichever answer comes first (hedged requests);
+    /// its worker is avoided until it answers a health probe. At most one call in ten is
+    /// hedged over time. 0 never hedges.
+    #[arg(long, env = "SWITCHYARD_HEDGE_AFTER_P99", default_value_t = 3.0, value_parser = non_negative)]
+    pub hedge_after_p99: f64,
+    /// Never hedge a call sooner than this many milliseconds.
+    #[arg(long, env = "SWITCHYARD_HEDGE_MIN_MS", default_value_t = 10)]
+    pub hedge_min_ms: u64,
     /// Where shared experts run: on the `router`, overlapped with the expert calls, or on the
     /// `workers`, each token's with one of its routed calls (workers need --with-shared-expert).
     #[arg(long, env = "SWITCHYARD_SHARED_EXPERT_ON", default_value = "router", value_parser = ["router", "workers"])]
@@ -52,6 +86,14 @@ impl DispatchArgs {
             &self.shared_expert_on,
             "--expert-deadline-ms",
             &self.expert_deadline_ms.to_string(),
+            "--expert-deadline-p99",
+            &self.expert_deadline_p99.to_string(),
+            "--expert-deadline-min-ms",
+            &self.expert_deadline_min_ms.to_string(),
+            "--hedge-after-p99",
+            &self.hedge_after_p99.to_string(),
+            "--hedge-min-ms",
+            &self.hedge_min_ms.to_string(),
             "--expert-calls",
             &self.expert_calls,
             "--micro-batches",
@@ -76,6 +118,12 @@ impl DispatchArgs {
                 Dtype::Bf16
             },
             deadline: Duration::from_millis(self.expert_deadline_ms.max(1)),
+            tail: TailOptions {
+                hedge_after_p99: self.hedge_after_p99,
+                hedge_min: Duration::from_millis(self.hedge_min_ms),
+                deadline_p99: self.expert_deadline_p99,
+                deadline_min: Duration::from_millis(self.expert_deadline_min_ms),
+            },
             shared_on_workers: self.shared_expert_on == "workers",
             call_mode: if self.expert_calls == "stream" {
                 CallMode::Stream

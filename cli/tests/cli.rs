@@ -6,32 +6,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-fn switchyard(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(args)
-        .env("SWITCHYARD_THREADS", "2")
-        .output()
-        .expect("the switchyard binary runs")
-}
-
-fn synth_tiny(dir: &Path, dtype: &str) {
-    let out = switchyard(&[
-        "synth",
-        "--preset",
-        "tiny",
-        "--out",
-        dir.to_str().expect("temp paths are UTF-8"),
-        "--dtype",
-        dtype,
-        "--seed",
-        "4",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+mod common;
+use common::{Child, spawn_node, status, switchyard, synth_tiny, wait_settled};
 
 #[test]
 fn generate_json_prints_the_generated_token_ids() {
@@ -225,48 +201,6 @@ fn threads_size_the_compute_pool_the_benchmark_reports() {
 }
 
 /// A child process killed (and reaped) when dropped, so a failing test leaves no orphans.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `switchyard ARGS` and waits (at most 30 s) for its `listening on ADDR` line.
-fn spawn_node(args: &[&str]) -> (Child, String) {
-    use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(args)
-        .env("SWITCHYARD_THREADS", "1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("the switchyard binary starts");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let child = Child(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let line = rx
-        .recv_timeout(std::time::Duration::from_secs(30))
-        .expect("the node reports its address within 30 s");
-    let addr = line
-        .split_whitespace()
-        .nth(2)
-        .expect("`listening on ADDR ...`")
-        .to_string();
-    assert!(addr.starts_with("127.0.0.1:"), "{line}");
-    (child, addr)
-}
-
 /// A static cluster of real processes: one worker per expert spec, and a router over them
 /// (with `router_flags` added). Returns the workers, their addresses, the router and its address.
 fn static_cluster(
@@ -818,42 +752,6 @@ fn up_starts_the_cluster_a_cluster_file_describes() {
         !out.status.success() && stderr.contains("places no node"),
         "{stderr}"
     );
-}
-
-/// `switchyard status --coordinator ADDR --json`.
-fn status(coordinator: &str) -> serde_json::Value {
-    let out = switchyard(&["status", "--coordinator", coordinator, "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// Waits (bounded) until `workers` workers hold a live placement nothing older is kept for.
-fn wait_settled(coordinator: &str, workers: usize, what: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let s = status(coordinator);
-        let ws = s["workers"].as_array().unwrap();
-        let live = s["live_version"].as_u64().unwrap();
-        if ws.len() == workers
-            && live > 0
-            && s["target_version"].as_u64() == Some(live)
-            && s["retain_from"].as_u64() == Some(live)
-            && ws
-                .iter()
-                .all(|w| w["draining"] == false && w["loaded_version"].as_u64() == Some(live))
-        {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: not settled within 60 s: {s}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
 }
 
 #[test]

@@ -53,6 +53,9 @@ pub struct BuildLabel {
     pub node: &'static str,
 }
 
+/// Every value of [`DispatchMetrics::hedges`]' `outcome` label.
+pub const HEDGE_OUTCOMES: [&str; 5] = ["sent", "won", "lost", "no_replica", "no_budget"];
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Every value of [`RouterMetrics::requests`]' `outcome` label; each series exists from the
@@ -100,6 +103,12 @@ pub struct DispatchMetrics {
     /// Calls re-planned and sent again: `worker_lost` (unavailable, too slow) or
     /// `expert_moved` (the worker no longer held an expert).
     pub retried_calls: Family<ReasonLabel, Counter>,
+    /// Hedges of slow calls, by what came of them: `sent`, `won` (the hedge answered first),
+    /// `lost` (the slow call answered first), `no_replica` (nobody else holds its experts),
+    /// `no_budget` (the hedge budget was spent).
+    pub hedges: Family<OutcomeLabel, Counter>,
+    /// Workers avoided as suspect (a call missed its time) until a health probe answers.
+    pub suspect_workers: Gauge,
     /// The placement version in use (0 in static mode or before the first).
     pub placement_version: Gauge,
     /// Placement versions switched to.
@@ -122,6 +131,8 @@ impl Default for DispatchMetrics {
             rows_sent: Family::default(),
             failed_calls: Family::default(),
             retried_calls: Family::default(),
+            hedges: Family::default(),
+            suspect_workers: Gauge::default(),
             placement_version: Gauge::default(),
             placement_switches: Counter::default(),
             placement_switch_failures: Counter::default(),
@@ -137,6 +148,9 @@ impl DispatchMetrics {
         let _ = self.failed_calls.get_or_create(worker);
         for reason in ["worker_lost", "expert_moved"] {
             let _ = self.retried_calls.get_or_create(&ReasonLabel { reason });
+        }
+        for outcome in HEDGE_OUTCOMES {
+            let _ = self.hedges.get_or_create(&OutcomeLabel { outcome });
         }
     }
 }
@@ -325,6 +339,16 @@ impl RouterMetrics {
             "dispatch_retried_calls",
             "Expert calls re-planned and sent again, by reason",
             m.dispatch.retried_calls.clone(),
+        );
+        r.register(
+            "dispatch_hedges",
+            "Hedged expert calls (sent again to a replica after missing a multiple of the recent p99), by outcome",
+            m.dispatch.hedges.clone(),
+        );
+        r.register(
+            "dispatch_suspect_workers",
+            "Expert workers avoided while replicas exist, until a health probe answers",
+            m.dispatch.suspect_workers.clone(),
         );
         r.register(
             "placement_version",

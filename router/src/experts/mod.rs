@@ -12,6 +12,8 @@
 //! - [`plan`]: pure call planning — one call per worker per layer — and failover re-planning;
 //! - [`dispatch`]: a step's [`ExpertExecutor`](switchyard_engine::model::ExpertExecutor):
 //!   send, overlap, collect, and re-plan failed calls once on the newest route;
+//! - [`tail`]: tail tolerance — recent call times, hedging slow calls to replicas, adaptive
+//!   deadlines, and suspect workers avoided until a probe answers;
 //! - [`transport`]: the [`Transport`] seam and an in-memory implementation with faults;
 //!   [`grpc`]: the gRPC one;
 //! - [`follow`]: following the coordinator — the placement watch and the reports of the
@@ -22,6 +24,7 @@ pub mod follow;
 pub mod grpc;
 pub mod placement;
 pub mod plan;
+pub mod tail;
 pub mod transport;
 
 #[cfg(test)]
@@ -48,8 +51,10 @@ use crate::metrics::{DispatchMetrics, WorkerLabel};
 pub struct DispatchOptions {
     /// Hidden states on the wire: bf16 halves the bytes; f32 is exact.
     pub wire_dtype: Dtype,
-    /// Deadline of each worker call.
+    /// Deadline of each worker call: the ceiling of the adaptive one (see [`tail`]).
     pub deadline: Duration,
+    /// Hedging and adaptive deadlines.
+    pub tail: tail::TailOptions,
     /// Largest reply accepted, in bytes.
     pub max_message_bytes: usize,
     /// Run shared experts on the workers, each token's with one of its routed calls, instead
@@ -76,6 +81,7 @@ impl Default for DispatchOptions {
         DispatchOptions {
             wire_dtype: Dtype::Bf16,
             deadline: Duration::from_secs(10),
+            tail: tail::TailOptions::default(),
             max_message_bytes: 64 << 20,
             shared_on_workers: false,
             call_mode: CallMode::Unary,
@@ -125,6 +131,10 @@ pub struct ExpertPool {
     switch_error: Mutex<Option<String>>,
     /// Workers that could not be reached, and until when calls go to their replicas first.
     down: Mutex<BTreeMap<WorkerId, Instant>>,
+    /// Workers that missed a call's time, avoided until a probe answers.
+    suspects: tail::Suspects,
+    /// Recent round trips and the hedge budget.
+    call_times: tail::CallTimes,
     /// Steps running, by the placement version they dispatch with: an old version stays in
     /// use — and is reported as such — until its last step ends.
     steps: Mutex<BTreeMap<u64, usize>>,
@@ -191,6 +201,7 @@ impl ExpertPool {
             moe.map_or(0, |m| m.n_routed_experts),
             moe.map_or(0, |m| m.num_experts_per_tok),
         ));
+        let suspects = tail::Suspects::new(options.metrics.suspect_workers.clone());
         Ok(Arc::new(ExpertPool {
             step_count: std::sync::atomic::AtomicU64::new(0),
             load,
@@ -206,6 +217,8 @@ impl ExpertPool {
             following: std::sync::OnceLock::new(),
             steps: Mutex::new(BTreeMap::new()),
             down: Mutex::new(BTreeMap::new()),
+            suspects,
+            call_times: tail::CallTimes::default(),
             switch_error: Mutex::new(None),
             in_use_changed: Arc::new(tokio::sync::Notify::new()),
             runtime: Some(runtime),
@@ -360,6 +373,7 @@ impl ExpertPool {
             placement,
             links: links.clone(),
         });
+        self.suspects.retain(|w| links.contains_key(&w));
         *self.links.lock().unwrap_or_else(|e| e.into_inner()) = links;
         *self.route.write().unwrap_or_else(|e| e.into_inner()) = Some(route);
     }
@@ -424,12 +438,29 @@ impl ExpertPool {
             .clone()
     }
 
-    /// The workers calls avoid while they have replicas.
+    /// The workers calls avoid while they have replicas: unreachable ones for a while,
+    /// suspect ones until they answer a probe.
     pub(crate) fn down_workers(&self) -> std::collections::BTreeSet<WorkerId> {
+        let mut avoid = self.suspects.all();
         let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         down.retain(|_, until| *until > now);
-        down.keys().copied().collect()
+        avoid.extend(down.keys().copied());
+        avoid
+    }
+
+    /// `link`'s worker missed a call's time: avoid it until it answers a probe.
+    pub(crate) fn mark_suspect(&self, link: &Arc<dyn WorkerLink>) {
+        self.suspects.mark(link.clone(), &self.handle());
+    }
+
+    /// Workers suspect now (see [`tail::Suspects`]).
+    pub fn suspect_workers(&self) -> std::collections::BTreeSet<WorkerId> {
+        self.suspects.all()
+    }
+
+    pub(crate) fn call_times(&self) -> &tail::CallTimes {
+        &self.call_times
     }
 
     /// A step on `version` ended.

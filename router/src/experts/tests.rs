@@ -569,3 +569,152 @@ fn micro_batched_steps_through_the_pool_equal_the_unsplit_step() {
         assert!(diff <= 1e-5, "{k} micro-batches: max |Δ| = {diff:e}");
     }
 }
+
+/// A pool whose calls may wait up to 10 s, hedged after 3 × p99 (at least 10 ms), with
+/// deadlines adapting down to `deadline_min`: so a test can tell a hedge from an adapted
+/// deadline, and either from the fixed one.
+fn tail_pool(f: &Fixture, deadline_min: Duration) -> Arc<ExpertPool> {
+    ExpertPool::new(
+        &f.config,
+        Arc::new(f.net.clone()),
+        DispatchOptions {
+            deadline: Duration::from_secs(10),
+            tail: super::tail::TailOptions {
+                hedge_min: Duration::from_millis(10),
+                deadline_min,
+                ..Default::default()
+            },
+            ..f.options()
+        },
+        Labels::WorkerId,
+    )
+    .unwrap()
+}
+
+/// Workers `a` and `b` each holding every expert, behind a warm [`tail_pool`] whose
+/// adaptive deadline cannot fall below 2 s.
+fn replicated_and_warm() -> (Fixture, Arc<ExpertPool>) {
+    let f = fixture();
+    f.serve("a", "all");
+    f.serve("b", "all");
+    let pool = tail_pool(&f, Duration::from_secs(2));
+    switch(&pool, map(1, &[(0, "a"), (1, "b")], |_| vec![0, 1])).unwrap();
+    warm_up(&f, &pool);
+    (f, pool)
+}
+
+/// Steps until every size class the calls use has a p99 (bounded).
+fn warm_up(f: &Fixture, pool: &ExpertPool) {
+    for _ in 0..3 * super::tail::MIN_SAMPLES {
+        f.check(pool).unwrap();
+    }
+}
+
+fn hedges(pool: &ExpertPool, outcome: &'static str) -> u64 {
+    pool.options()
+        .metrics
+        .hedges
+        .get_or_create(&crate::metrics::OutcomeLabel { outcome })
+        .get()
+}
+
+/// Waits (bounded) until `pool` holds no suspect worker.
+fn wait_unsuspected(pool: &ExpertPool) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while !pool.suspect_workers().is_empty() {
+        assert!(
+            Instant::now() < until,
+            "still suspect: {:?}",
+            pool.suspect_workers()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_stalled_worker_is_hedged_to_its_replica_not_waited_for() {
+    let (f, pool) = replicated_and_warm();
+    assert_eq!(hedges(&pool, "won"), 0, "no hedge while calls are quick");
+    f.net.set_fault("a", Some(Fault::Hang));
+    let start = Instant::now();
+    f.check(&pool).unwrap();
+    let took = start.elapsed();
+    // The fixed deadline is 10 s and the adaptive floor 2 s: the hedge answered first.
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert!(hedges(&pool, "won") >= 1);
+    assert_eq!(pool.suspect_workers(), [WorkerId(0)].into());
+    // While suspect, its calls go to the replica at once: no hedge, no wait.
+    let won = hedges(&pool, "won");
+    let a_calls = f.net.calls("a");
+    for _ in 0..5 {
+        f.check(&pool).unwrap();
+    }
+    assert_eq!((hedges(&pool, "won"), f.net.calls("a")), (won, a_calls));
+    // Once it answers a probe, it takes calls again.
+    f.net.set_fault("a", None);
+    wait_unsuspected(&pool);
+    f.check(&pool).unwrap();
+    assert!(f.net.calls("a") > a_calls);
+}
+
+#[test]
+fn a_slow_original_that_answers_after_its_hedge_is_not_added_twice() {
+    let (f, pool) = replicated_and_warm();
+    // Slow, not stopped: the original answers too, after its hedge did.
+    f.net
+        .set_fault("a", Some(Fault::Delay(Duration::from_millis(150))));
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            let done = done_tx.clone();
+            let (f, pool) = (&f, &pool);
+            s.spawn(move || {
+                let mut result = Ok(());
+                for _ in 0..4 {
+                    // Exact logits: a reply added twice would show.
+                    if let Err(e) = f.check(pool) {
+                        result = Err(e.to_string());
+                        break;
+                    }
+                    // Keep `a` in play: the probe answers (slowly), and a may be hedged again.
+                    wait_unsuspected(pool);
+                }
+                let _ = done.send(result);
+            });
+        }
+        for _ in 0..3 {
+            done_rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("a stepping thread is stuck")
+                .unwrap();
+        }
+    });
+    assert!(hedges(&pool, "won") >= 1, "the delayed worker was hedged");
+}
+
+#[test]
+fn with_no_replica_a_stalled_worker_fails_at_the_adaptive_deadline() {
+    let f = fixture();
+    f.serve("a", "0-7");
+    f.serve("b", "8-15");
+    let pool = tail_pool(&f, Duration::from_millis(300));
+    switch(
+        &pool,
+        map(1, &[(0, "a"), (1, "b")], |e| vec![u32::from(e >= 8)]),
+    )
+    .unwrap();
+    warm_up(&f, &pool);
+    f.net.set_fault("b", Some(Fault::Hang));
+    let start = Instant::now();
+    let err = f.check(&pool).unwrap_err();
+    let took = start.elapsed();
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err}");
+    // The adaptive deadline (its 300 ms floor) ended it, not the fixed 10 s one; the retry
+    // found no other holder.
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    assert!(hedges(&pool, "no_replica") >= 1);
+    // The worker recovers: a probe clears it and calls go to it again.
+    f.net.set_fault("b", None);
+    wait_unsuspected(&pool);
+    f.check(&pool).unwrap();
+}

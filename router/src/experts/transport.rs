@@ -141,7 +141,7 @@ impl MemoryTransport {
         };
     }
 
-    /// Calls that reached `addr` (answered or not).
+    /// Expert calls that reached `addr` (answered or not; probes are not counted).
     pub fn calls(&self, addr: &str) -> u64 {
         self.net().calls.get(addr).copied().unwrap_or(0)
     }
@@ -170,10 +170,13 @@ impl fmt::Debug for MemoryLink {
 }
 
 impl MemoryLink {
-    /// The worker at this address now and the fault to inject, counting the call.
-    fn reach(&self) -> (Option<Arc<dyn LocalWorker>>, Option<Fault>) {
+    /// The worker at this address now and the fault to inject, counting the call if it is
+    /// an expert call.
+    fn reach(&self, count: bool) -> (Option<Arc<dyn LocalWorker>>, Option<Fault>) {
         let mut net = self.net.lock().unwrap_or_else(|e| e.into_inner());
-        *net.calls.entry(self.addr.clone()).or_default() += 1;
+        if count {
+            *net.calls.entry(self.addr.clone()).or_default() += 1;
+        }
         (
             net.workers.get(&self.addr).cloned(),
             net.faults.get(&self.addr).copied(),
@@ -191,7 +194,7 @@ impl WorkerLink for MemoryLink {
     }
 
     fn forward(&self, request: ForwardRequest, _deadline: Duration) -> ForwardFuture {
-        let (target, fault) = self.reach();
+        let (target, fault) = self.reach(true);
         let (worker, addr) = (self.worker, self.addr.clone());
         Box::pin(async move {
             let layer = request.layer as usize;
@@ -232,10 +235,19 @@ impl WorkerLink for MemoryLink {
         })
     }
 
+    /// Faults apply here too: a stopped process answers no probe either.
     fn info(&self, _deadline: Duration) -> InfoFuture {
-        let (target, _) = self.reach();
+        let (target, fault) = self.reach(false);
         let (worker, addr) = (self.worker, self.addr.clone());
         Box::pin(async move {
+            match fault {
+                Some(Fault::Fail(code)) => {
+                    return Err(call_failed(worker, &addr, 0, code, "injected fault"));
+                }
+                Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+                Some(Fault::Hang) => std::future::pending::<()>().await,
+                None => {}
+            }
             target
                 .map(|t| t.info())
                 .ok_or_else(|| RouterError::Connect {

@@ -1,0 +1,366 @@
+//! The fault-injection suite: real `switchyard` processes on loopback (a coordinator, expert
+//! workers, a router) under a closed loop of concurrent greedy streams whose tokens are known,
+//! while a fault is injected. Each scenario prints its figures — requests sent, succeeded,
+//! failed by code, the longest latency, time to recovery — and checks what it must: exact
+//! tokens, only retryable failures, bounded latency, no panic in any node's log.
+//!
+//! `SWITCHYARD_CHAOS_BASELINE=1` runs each scenario a second time with tail tolerance off
+//! (`--hedge-after-p99 0 --expert-deadline-p99 0`: a fixed 10 s expert deadline, no hedges),
+//! printing its figures beside the first run's without checking its latency.
+
+// Test helpers panic on failure by design: that is how a test fails.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use switchyard_proto::v1::GenerateRequest;
+use switchyard_proto::v1::inference_service_client::InferenceServiceClient;
+
+mod common;
+use common::{Child, spawn_node_logged, switchyard, synth_tiny, wait_settled};
+
+const PROMPTS: [&[u32]; 4] = [
+    &[1, 17, 42, 5, 9, 11, 300],
+    &[7, 8, 9],
+    &[250, 3, 99, 12, 6],
+    &[42, 42, 17],
+];
+const NEW_TOKENS: u32 = 8;
+const CLIENTS: usize = 4;
+/// How long a stopped worker stays stopped.
+const STOP_FOR: Duration = Duration::from_secs(20);
+/// Load before and after the fault.
+const CALM: Duration = Duration::from_secs(3);
+/// No request may take longer in any scenario (its own timeout).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(40);
+
+/// Scenarios share the two cores: one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// One request's fate.
+#[derive(Debug)]
+struct Outcome {
+    started: Instant,
+    latency: Duration,
+    /// `None`: it succeeded.
+    code: Option<tonic::Code>,
+    exact: bool,
+}
+
+/// Clients re-submitting their prompt until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    clients: Vec<std::thread::JoinHandle<Vec<Outcome>>>,
+}
+
+impl Load {
+    fn start(router: &str, want: &[Vec<u32>]) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = (0..CLIENTS)
+            .map(|i| {
+                let (stop, url) = (stop.clone(), format!("http://{router}"));
+                let (prompt, want) = (PROMPTS[i % PROMPTS.len()], want[i % want.len()].clone());
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    rt.block_on(async move {
+                        let mut client = InferenceServiceClient::connect(url).await.unwrap();
+                        let mut out = Vec::new();
+                        while !stop.load(Ordering::Relaxed) {
+                            let request = GenerateRequest {
+                                prompt_ids: prompt.to_vec(),
+                                max_new_tokens: NEW_TOKENS,
+                                ignore_eos: true,
+                                timeout_ms: REQUEST_TIMEOUT.as_millis() as u32,
+                                ..Default::default()
+                            };
+                            let started = Instant::now();
+                            let result = tokio::time::timeout(
+                                REQUEST_TIMEOUT + Duration::from_secs(5),
+                                client.generate_unary(request),
+                            )
+                            .await;
+                            let latency = started.elapsed();
+                            let (code, exact) = match result {
+                                Ok(Ok(r)) => (None, r.into_inner().token_ids == want),
+                                Ok(Err(status)) => (Some(status.code()), true),
+                                Err(_) => (Some(tonic::Code::DeadlineExceeded), true),
+                            };
+                            if code.is_some() {
+                                // A failed request is retried by the client, not in a spin.
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            out.push(Outcome {
+                                started,
+                                latency,
+                                code,
+                                exact,
+                            });
+                        }
+                        out
+                    })
+                })
+            })
+            .collect();
+        Load { stop, clients }
+    }
+
+    fn stop(self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.clients
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect()
+    }
+}
+
+/// What a scenario prints and checks.
+#[derive(Debug)]
+struct Figures {
+    sent: usize,
+    succeeded: usize,
+    failed: BTreeMap<String, usize>,
+    inexact: usize,
+    longest: Duration,
+    p50: Duration,
+    /// From the fault to the first success of a request started after it.
+    recovery: Option<Duration>,
+}
+
+impl Figures {
+    fn of(outcomes: &[Outcome], fault_at: Instant) -> Figures {
+        let mut latencies: Vec<Duration> = outcomes.iter().map(|o| o.latency).collect();
+        latencies.sort();
+        let mut failed = BTreeMap::new();
+        for o in outcomes {
+            if let Some(code) = o.code {
+                *failed.entry(format!("{code:?}")).or_default() += 1;
+            }
+        }
+        Figures {
+            sent: outcomes.len(),
+            succeeded: outcomes.iter().filter(|o| o.code.is_none()).count(),
+            failed,
+            inexact: outcomes.iter().filter(|o| !o.exact).count(),
+            longest: latencies.last().copied().unwrap_or_default(),
+            p50: latencies
+                .get(latencies.len() / 2)
+                .copied()
+                .unwrap_or_default(),
+            recovery: outcomes
+                .iter()
+                .filter(|o| o.code.is_none() && o.started > fault_at)
+                .map(|o| o.started + o.latency - fault_at)
+                .min(),
+        }
+    }
+
+    fn print(&self, scenario: &str, setting: &str) {
+        println!(
+            "chaos {scenario} ({setting}): {} sent, {} succeeded, failed {:?}, {} inexact, \
+             longest {:.2} s, p50 {:.3} s, recovery {}",
+            self.sent,
+            self.succeeded,
+            self.failed,
+            self.inexact,
+            self.longest.as_secs_f64(),
+            self.p50.as_secs_f64(),
+            self.recovery
+                .map_or("-".into(), |r| format!("{:.2} s", r.as_secs_f64()))
+        );
+    }
+}
+
+/// A coordinated cluster on loopback: `workers` workers, `replicas` copies of each expert.
+struct Cluster {
+    _coordinator: Child,
+    workers: Vec<Child>,
+    _router: Child,
+    router: String,
+    logs: Vec<std::path::PathBuf>,
+}
+
+impl Cluster {
+    fn start(model: &str, logs: &Path, workers: usize, replicas: u32, tail: &[&str]) -> Cluster {
+        let log = |name: &str| logs.join(format!("{name}.log"));
+        let replicas = replicas.to_string();
+        let (coordinator, c) = spawn_node_logged(
+            &[
+                "coordinator",
+                "--model",
+                model,
+                "--listen",
+                "127.0.0.1:0",
+                "--replicas",
+                &replicas,
+                "--lease-ms",
+                "1000",
+            ],
+            &log("coordinator"),
+        );
+        let workers: Vec<Child> = (0..workers)
+            .map(|i| {
+                spawn_node_logged(
+                    &[
+                        "worker",
+                        "--model",
+                        model,
+                        "--coordinator",
+                        &c,
+                        "--listen",
+                        "127.0.0.1:0",
+                    ],
+                    &log(&format!("worker-{i}")),
+                )
+                .0
+            })
+            .collect();
+        wait_settled(&c, workers.len(), "start");
+        let base = [
+            "router",
+            "--model",
+            model,
+            "--coordinator",
+            &c,
+            "--listen",
+            "127.0.0.1:0",
+            "--wire-dtype",
+            "f32",
+        ];
+        let (router, r) = spawn_node_logged(&[&base[..], tail].concat(), &log("router"));
+        let mut names = vec!["coordinator".to_string(), "router".to_string()];
+        names.extend((0..workers.len()).map(|i| format!("worker-{i}")));
+        Cluster {
+            _coordinator: coordinator,
+            workers,
+            _router: router,
+            router: r,
+            logs: names.iter().map(|n| log(n)).collect(),
+        }
+    }
+
+    fn signal(&self, worker: usize, signal: libc::c_int) {
+        // SAFETY: signalling our own child by pid; it has not been reaped.
+        unsafe {
+            libc::kill(self.workers[worker].0.id() as libc::pid_t, signal);
+        }
+    }
+
+    fn assert_no_panic(&self) {
+        for log in &self.logs {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            assert!(
+                !text.contains("panicked"),
+                "{}: {}",
+                log.display(),
+                text.lines()
+                    .filter(|l| l.contains("panicked"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
+}
+
+/// The tiny model, and each prompt's tokens from one process.
+fn model() -> (tempfile::TempDir, Vec<Vec<u32>>) {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), "f32");
+    let want = PROMPTS
+        .iter()
+        .map(|p| {
+            let ids: Vec<String> = p.iter().map(u32::to_string).collect();
+            let out = switchyard(&[
+                "generate",
+                "--model",
+                dir.path().to_str().unwrap(),
+                "--prompt-ids",
+                &ids.join(","),
+                "--max-new-tokens",
+                &NEW_TOKENS.to_string(),
+                "--ignore-eos",
+                "--json",
+            ]);
+            assert!(out.status.success());
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            serde_json::from_value(v["token_ids"].clone()).unwrap()
+        })
+        .collect();
+    (dir, want)
+}
+
+const TAIL_OFF: &[&str] = &["--hedge-after-p99", "0", "--expert-deadline-p99", "0"];
+
+fn baseline_too() -> bool {
+    std::env::var_os("SWITCHYARD_CHAOS_BASELINE").is_some_and(|v| v == "1")
+}
+
+/// SIGSTOP one worker for [`STOP_FOR`] under load, then SIGCONT; the figures of the run.
+fn stop_a_worker(workers: usize, replicas: u32, tail: &[&str], scenario: &str) -> Figures {
+    let (dir, want) = model();
+    let model = dir.path().to_str().unwrap();
+    let cluster = Cluster::start(model, dir.path(), workers, replicas, tail);
+    let load = Load::start(&cluster.router, &want);
+    std::thread::sleep(CALM);
+    let fault_at = Instant::now();
+    cluster.signal(0, libc::SIGSTOP);
+    std::thread::sleep(STOP_FOR);
+    cluster.signal(0, libc::SIGCONT);
+    std::thread::sleep(CALM);
+    let outcomes = load.stop();
+    let figures = Figures::of(&outcomes, fault_at);
+    figures.print(
+        scenario,
+        if tail.is_empty() {
+            "tail tolerance on"
+        } else {
+            "tail tolerance off"
+        },
+    );
+    cluster.assert_no_panic();
+    figures
+}
+
+#[test]
+fn sigstop_of_a_worker_with_replicas_fails_nothing_and_keeps_latency_low() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let scenario = "sigstop_20s_with_replicas";
+    if baseline_too() {
+        stop_a_worker(3, 2, TAIL_OFF, scenario);
+    }
+    let f = stop_a_worker(3, 2, &[], scenario);
+    assert!(f.failed.is_empty() && f.inexact == 0, "{f:?}");
+    assert!(f.succeeded >= CLIENTS * 10, "too few requests ran: {f:?}");
+    // The fixed expert deadline is 10 s: no request came near it.
+    assert!(f.longest < Duration::from_secs(3), "{f:?}");
+}
+
+#[test]
+fn sigstop_of_a_worker_without_replicas_fails_fast_and_recovers() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let scenario = "sigstop_20s_without_replicas";
+    if baseline_too() {
+        stop_a_worker(2, 1, TAIL_OFF, scenario);
+    }
+    let f = stop_a_worker(2, 1, &[], scenario);
+    assert_eq!(f.inexact, 0, "{f:?}");
+    // Failures are retryable ones only, and the experts are re-placed within the stop.
+    assert!(
+        f.failed
+            .keys()
+            .all(|code| code == "Unavailable" || code == "DeadlineExceeded"),
+        "{f:?}"
+    );
+    assert!(
+        f.recovery.is_some_and(|r| r < Duration::from_secs(15)),
+        "{f:?}"
+    );
+    // The adaptive deadline (1 s floor) ends calls to the stopped worker, not the fixed 10 s.
+    assert!(f.longest < Duration::from_secs(5), "{f:?}");
+}
