@@ -179,49 +179,53 @@ impl Figures {
 
 /// A coordinated cluster on loopback: `workers` workers, `replicas` copies of each expert.
 struct Cluster {
-    _coordinator: Child,
+    coordinator: Child,
+    /// The coordinator's address and command line, to restart it where it was.
+    coordinator_addr: String,
+    coordinator_args: Vec<String>,
     workers: Vec<Child>,
-    _router: Child,
+    _router: Option<Child>,
     router: String,
+    model: String,
     logs: Vec<std::path::PathBuf>,
+    log_dir: std::path::PathBuf,
 }
 
 impl Cluster {
     fn start(model: &str, logs: &Path, workers: usize, replicas: u32, tail: &[&str]) -> Cluster {
         let log = |name: &str| logs.join(format!("{name}.log"));
         let replicas = replicas.to_string();
-        let (coordinator, c) = spawn_node_logged(
-            &[
-                "coordinator",
-                "--model",
-                model,
-                "--listen",
-                "127.0.0.1:0",
-                "--replicas",
-                &replicas,
-                "--lease-ms",
-                "1000",
-            ],
-            &log("coordinator"),
-        );
-        let workers: Vec<Child> = (0..workers)
-            .map(|i| {
-                spawn_node_logged(
-                    &[
-                        "worker",
-                        "--model",
-                        model,
-                        "--coordinator",
-                        &c,
-                        "--listen",
-                        "127.0.0.1:0",
-                    ],
-                    &log(&format!("worker-{i}")),
-                )
-                .0
-            })
-            .collect();
-        wait_settled(&c, workers.len(), "start");
+        let mut coordinator_args: Vec<String> = [
+            "coordinator",
+            "--model",
+            model,
+            "--replicas",
+            &replicas,
+            "--lease-ms",
+            "1000",
+            "--listen",
+        ]
+        .map(String::from)
+        .to_vec();
+        let args: Vec<&str> = coordinator_args.iter().map(String::as_str).collect();
+        let (coordinator, c) =
+            spawn_node_logged(&[&args[..], &["127.0.0.1:0"]].concat(), &log("coordinator"));
+        coordinator_args.push(c.clone());
+        let mut cluster = Cluster {
+            coordinator,
+            coordinator_addr: c.clone(),
+            coordinator_args,
+            workers: Vec::new(),
+            _router: None,
+            router: String::new(),
+            model: model.to_string(),
+            logs: vec![log("coordinator"), log("router")],
+            log_dir: logs.to_path_buf(),
+        };
+        for _ in 0..workers {
+            cluster.add_worker();
+        }
+        wait_settled(&c, workers, "start");
         let base = [
             "router",
             "--model",
@@ -234,15 +238,45 @@ impl Cluster {
             "f32",
         ];
         let (router, r) = spawn_node_logged(&[&base[..], tail].concat(), &log("router"));
-        let mut names = vec!["coordinator".to_string(), "router".to_string()];
-        names.extend((0..workers.len()).map(|i| format!("worker-{i}")));
-        Cluster {
-            _coordinator: coordinator,
-            workers,
-            _router: router,
-            router: r,
-            logs: names.iter().map(|n| log(n)).collect(),
-        }
+        cluster._router = Some(router);
+        cluster.router = r;
+        cluster
+    }
+
+    /// Starts one more worker, which registers with the coordinator.
+    fn add_worker(&mut self) {
+        let log = self
+            .log_dir
+            .join(format!("worker-{}.log", self.workers.len()));
+        let (worker, _) = spawn_node_logged(
+            &[
+                "worker",
+                "--model",
+                &self.model,
+                "--coordinator",
+                &self.coordinator_addr,
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            &log,
+        );
+        self.workers.push(worker);
+        self.logs.push(log);
+    }
+
+    /// `kill -9` of the coordinator, and a new one at the same address after `down_for`.
+    fn restart_coordinator(&mut self, down_for: Duration) {
+        let _ = self.coordinator.0.kill();
+        let _ = self.coordinator.0.wait();
+        std::thread::sleep(down_for);
+        let args: Vec<&str> = self.coordinator_args.iter().map(String::as_str).collect();
+        let log = self.log_dir.join("coordinator.log");
+        self.coordinator = spawn_node_logged(&args, &log).0;
+    }
+
+    fn kill(&mut self, worker: usize) {
+        let _ = self.workers[worker].0.kill();
+        let _ = self.workers[worker].0.wait();
     }
 
     fn signal(&self, worker: usize, signal: libc::c_int) {
@@ -301,42 +335,67 @@ fn baseline_too() -> bool {
     std::env::var_os("SWITCHYARD_CHAOS_BASELINE").is_some_and(|v| v == "1")
 }
 
-/// SIGSTOP one worker for [`STOP_FOR`] under load, then SIGCONT; the figures of the run.
-fn stop_a_worker(workers: usize, replicas: u32, tail: &[&str], scenario: &str) -> Figures {
+/// Runs `fault` on a cluster under load, between two calm spells; the figures of the run.
+fn scenario(
+    name: &str,
+    workers: usize,
+    replicas: u32,
+    tail: &[&str],
+    fault: impl FnOnce(&mut Cluster),
+) -> Figures {
     let (dir, want) = model();
     let model = dir.path().to_str().unwrap();
-    let cluster = Cluster::start(model, dir.path(), workers, replicas, tail);
+    let mut cluster = Cluster::start(model, dir.path(), workers, replicas, tail);
     let load = Load::start(&cluster.router, &want);
     std::thread::sleep(CALM);
     let fault_at = Instant::now();
-    cluster.signal(0, libc::SIGSTOP);
-    std::thread::sleep(STOP_FOR);
-    cluster.signal(0, libc::SIGCONT);
+    fault(&mut cluster);
     std::thread::sleep(CALM);
     let outcomes = load.stop();
     let figures = Figures::of(&outcomes, fault_at);
-    figures.print(
-        scenario,
-        if tail.is_empty() {
-            "tail tolerance on"
-        } else {
-            "tail tolerance off"
-        },
-    );
+    let setting = if tail.is_empty() {
+        "tail tolerance on"
+    } else {
+        "tail tolerance off"
+    };
+    figures.print(name, setting);
     cluster.assert_no_panic();
     figures
+}
+
+/// SIGSTOP of worker 0 for [`STOP_FOR`], then SIGCONT.
+fn stop_worker_0(cluster: &mut Cluster) {
+    cluster.signal(0, libc::SIGSTOP);
+    std::thread::sleep(STOP_FOR);
+    cluster.signal(0, libc::SIGCONT);
+}
+
+/// Only failures a client retries, and none of them wrong tokens.
+fn only_retryable_failures(f: &Figures) {
+    assert_eq!(f.inexact, 0, "{f:?}");
+    assert!(
+        f.failed
+            .keys()
+            .all(|code| code == "Unavailable" || code == "DeadlineExceeded"),
+        "{f:?}"
+    );
+}
+
+/// Nothing failed, every token was right, and enough requests ran to say so.
+fn nothing_failed(f: &Figures) {
+    assert!(f.failed.is_empty() && f.inexact == 0, "{f:?}");
+    assert!(f.succeeded >= CLIENTS * 10, "too few requests ran: {f:?}");
 }
 
 #[test]
 fn sigstop_of_a_worker_with_replicas_fails_nothing_and_keeps_latency_low() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let scenario = "sigstop_20s_with_replicas";
+    let name = "sigstop_20s_with_replicas";
     if baseline_too() {
-        stop_a_worker(3, 2, TAIL_OFF, scenario);
+        scenario(name, 3, 2, TAIL_OFF, stop_worker_0);
     }
-    let f = stop_a_worker(3, 2, &[], scenario);
-    assert!(f.failed.is_empty() && f.inexact == 0, "{f:?}");
-    assert!(f.succeeded >= CLIENTS * 10, "too few requests ran: {f:?}");
+    let f = scenario(name, 3, 2, &[], stop_worker_0);
+    nothing_failed(&f);
     // The fixed expert deadline is 10 s: no request came near it.
     assert!(f.longest < Duration::from_secs(3), "{f:?}");
 }
@@ -344,23 +403,86 @@ fn sigstop_of_a_worker_with_replicas_fails_nothing_and_keeps_latency_low() {
 #[test]
 fn sigstop_of_a_worker_without_replicas_fails_fast_and_recovers() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let scenario = "sigstop_20s_without_replicas";
+    let name = "sigstop_20s_without_replicas";
     if baseline_too() {
-        stop_a_worker(2, 1, TAIL_OFF, scenario);
+        scenario(name, 2, 1, TAIL_OFF, stop_worker_0);
     }
-    let f = stop_a_worker(2, 1, &[], scenario);
-    assert_eq!(f.inexact, 0, "{f:?}");
-    // Failures are retryable ones only, and the experts are re-placed within the stop.
-    assert!(
-        f.failed
-            .keys()
-            .all(|code| code == "Unavailable" || code == "DeadlineExceeded"),
-        "{f:?}"
-    );
+    let f = scenario(name, 2, 1, &[], stop_worker_0);
+    // The experts are re-placed within the stop.
+    only_retryable_failures(&f);
     assert!(
         f.recovery.is_some_and(|r| r < Duration::from_secs(15)),
         "{f:?}"
     );
     // The adaptive deadline (1 s floor) ends calls to the stopped worker, not the fixed 10 s.
     assert!(f.longest < Duration::from_secs(5), "{f:?}");
+}
+
+#[test]
+fn kill_9_of_a_worker_with_replicas_fails_nothing() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let f = scenario("kill_9_with_replicas", 3, 2, &[], |c| {
+        c.kill(0);
+        // Its experts are copied back to two holders each within lease + load time.
+        wait_settled(&c.coordinator_addr, 2, "after the kill");
+    });
+    nothing_failed(&f);
+    assert!(f.longest < Duration::from_secs(3), "{f:?}");
+}
+
+#[test]
+fn kill_9_of_a_worker_without_replicas_fails_only_its_requests_and_recovers() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let f = scenario("kill_9_without_replicas", 2, 1, &[], |c| {
+        c.kill(0);
+        wait_settled(&c.coordinator_addr, 1, "after the kill");
+    });
+    only_retryable_failures(&f);
+    // Lease (1 s) + placing and loading its experts elsewhere.
+    assert!(
+        f.recovery.is_some_and(|r| r < Duration::from_secs(10)),
+        "{f:?}"
+    );
+}
+
+#[test]
+fn workers_joining_and_leaving_ten_times_fail_nothing() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let f = scenario("join_leave_x10_with_replicas", 2, 2, &[], |c| {
+        for round in 0..10 {
+            // A join, then a SIGTERM drain of the oldest worker still running.
+            c.add_worker();
+            wait_settled(&c.coordinator_addr, 3, &format!("round {round}: join"));
+            let oldest = c.workers.len() - 3;
+            c.signal(oldest, libc::SIGTERM);
+            wait_exit(&mut c.workers[oldest], Duration::from_secs(30));
+            wait_settled(&c.coordinator_addr, 2, &format!("round {round}: leave"));
+        }
+    });
+    nothing_failed(&f);
+    assert!(f.longest < Duration::from_secs(3), "{f:?}");
+}
+
+#[test]
+fn routers_keep_serving_while_the_coordinator_restarts() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let f = scenario("coordinator_kill_9_and_restart", 2, 2, &[], |c| {
+        c.restart_coordinator(Duration::from_secs(2));
+        // The workers register again and a placement goes live on the new coordinator.
+        wait_settled(&c.coordinator_addr, 2, "after the restart");
+    });
+    nothing_failed(&f);
+}
+
+/// Waits (bounded) for a signalled node to exit, successfully.
+fn wait_exit(child: &mut Child, within: Duration) {
+    let until = Instant::now() + within;
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            assert!(status.success(), "exited with {status}");
+            return;
+        }
+        assert!(Instant::now() < until, "did not exit within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
