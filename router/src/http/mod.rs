@@ -139,24 +139,34 @@ impl<S: Send + Sync> FromRequest<S> for Body {
 }
 
 /// Parses a JSON body, naming the field that is wrong.
-fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, RouterError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         if path != "." {
-            return ApiError::from(RouterError::invalid(path, e.into_inner().to_string()));
+            return RouterError::invalid(path, e.into_inner().to_string());
         }
         // A `#[serde(flatten)]`ed struct is deserialized from a buffer, which hides the path of
         // its fields: parse the flattened sampling fields alone to find which one is wrong.
         let de = &mut serde_json::Deserializer::from_slice(body);
         match serde_path_to_error::deserialize::<_, openai::SamplingFields>(de) {
-            Err(inner) if inner.path().to_string() != "." => ApiError::from(RouterError::invalid(
-                inner.path().to_string(),
-                inner.into_inner().to_string(),
-            )),
-            _ => ApiError::from(RouterError::invalid("body", e.into_inner().to_string())),
+            Err(inner) if inner.path().to_string() != "." => {
+                RouterError::invalid(inner.path().to_string(), inner.into_inner().to_string())
+            }
+            _ => RouterError::invalid("body", e.into_inner().to_string()),
         }
     })
+}
+
+/// What `/v1/completions` makes of a body before the scheduler sees it (the fuzz targets'
+/// entry point too): the request, or the error naming the field.
+pub fn parse_completion(body: &[u8]) -> Result<crate::request::RawRequest, RouterError> {
+    parse::<CompletionRequest>(body)?.into_raw()
+}
+
+/// [`parse_completion`] for `/v1/chat/completions`.
+pub fn parse_chat(body: &[u8]) -> Result<crate::request::RawRequest, RouterError> {
+    parse::<ChatRequest>(body)?.into_raw()
 }
 
 /// 200 while the router can serve (scheduler running, every routed expert placed, not
