@@ -177,6 +177,7 @@ fn bench_serving() -> ServingOptions {
         max_batch_size: 1,
         max_batch_tokens: 16,
         max_waiting: 1,
+        step_retry: switchyard_router::server::DEFAULT_STEP_RETRY,
         default_max_tokens: 1,
         max_model_len: None,
         metrics: RouterMetrics::new(),

@@ -225,6 +225,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         max_batch_size: 1,
         max_batch_tokens: 4096,
         max_waiting: 1,
+        step_retry: switchyard_router::server::DEFAULT_STEP_RETRY,
         default_max_tokens: args.sampling.max_new_tokens.max(1),
         max_model_len: None,
         metrics: switchyard_router::metrics::RouterMetrics::new(),

@@ -186,6 +186,11 @@ pub struct ServeArgs {
     /// Output tokens for requests that give no maximum (capped by the context).
     #[arg(long, env = "SWITCHYARD_DEFAULT_MAX_TOKENS", default_value_t = 256)]
     pub default_max_tokens: usize,
+    /// When a step fails for want of an expert worker (gone, stopped, its experts not yet
+    /// placed again), its requests wait and are recomputed for up to this many milliseconds
+    /// before they fail; 0 fails them at once.
+    #[arg(long, env = "SWITCHYARD_STEP_RETRY_MS", default_value_t = switchyard_router::server::DEFAULT_STEP_RETRY.as_millis() as u64)]
+    pub step_retry_ms: u64,
 }
 
 impl ServeArgs {
@@ -224,6 +229,7 @@ impl ServeArgs {
             max_waiting: self.max_waiting,
             default_max_tokens: self.default_max_tokens,
             max_model_len: self.max_model_len,
+            step_retry: Duration::from_millis(self.step_retry_ms),
             metrics,
         })
     }
@@ -243,6 +249,8 @@ impl ServeArgs {
             self.max_waiting.to_string(),
             "--default-max-tokens".into(),
             self.default_max_tokens.to_string(),
+            "--step-retry-ms".into(),
+            self.step_retry_ms.to_string(),
         ];
         if let Some(n) = &self.served_model_name {
             a.extend(["--served-model-name".into(), n.clone()]);

@@ -4,9 +4,11 @@
 //! failed by code, the longest latency, time to recovery — and checks what it must: exact
 //! tokens, only retryable failures, bounded latency, no panic in any node's log.
 //!
-//! `SWITCHYARD_CHAOS_BASELINE=1` runs each scenario a second time with tail tolerance off
-//! (`--hedge-after-p99 0 --expert-deadline-p99 0`: a fixed 10 s expert deadline, no hedges),
-//! printing its figures beside the first run's without checking its latency.
+//! `SWITCHYARD_CHAOS_BASELINE=1` first runs each scenario as the router behaved before it
+//! tolerated faults (`--hedge-after-p99 0 --expert-deadline-p99 0 --step-retry-ms 0`: a fixed
+//! 10 s expert deadline, no hedges, a step that lost a worker fails its requests), printing
+//! its figures beside the checked run's.
+//! `SWITCHYARD_CHAOS_LOGS=DIR` keeps every node's log there.
 
 // Test helpers panic on failure by design: that is how a test fails.
 #![allow(clippy::unwrap_used)]
@@ -329,19 +331,35 @@ fn model() -> (tempfile::TempDir, Vec<Vec<u32>>) {
     (dir, want)
 }
 
-const TAIL_OFF: &[&str] = &["--hedge-after-p99", "0", "--expert-deadline-p99", "0"];
+const BASELINE: &[&str] = &[
+    "--hedge-after-p99",
+    "0",
+    "--expert-deadline-p99",
+    "0",
+    "--step-retry-ms",
+    "0",
+];
 
 fn baseline_too() -> bool {
     std::env::var_os("SWITCHYARD_CHAOS_BASELINE").is_some_and(|v| v == "1")
 }
 
-/// Runs `fault` on a cluster under load, between two calm spells; the figures of the run.
-fn scenario(
+/// Runs `fault` on a cluster under load, between two calm spells; the figures of the run
+/// (after the baseline's, with `SWITCHYARD_CHAOS_BASELINE=1`).
+fn scenario(name: &str, workers: usize, replicas: u32, fault: impl Fn(&mut Cluster)) -> Figures {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if baseline_too() {
+        run(name, workers, replicas, BASELINE, &fault);
+    }
+    run(name, workers, replicas, &[], &fault)
+}
+
+fn run(
     name: &str,
     workers: usize,
     replicas: u32,
     tail: &[&str],
-    fault: impl FnOnce(&mut Cluster),
+    fault: &dyn Fn(&mut Cluster),
 ) -> Figures {
     let (dir, want) = model();
     let model = dir.path().to_str().unwrap();
@@ -353,12 +371,18 @@ fn scenario(
     std::thread::sleep(CALM);
     let outcomes = load.stop();
     let figures = Figures::of(&outcomes, fault_at);
-    let setting = if tail.is_empty() {
-        "tail tolerance on"
-    } else {
-        "tail tolerance off"
-    };
+    let setting = if tail.is_empty() { "now" } else { "baseline" };
     figures.print(name, setting);
+    if let Some(keep) = std::env::var_os("SWITCHYARD_CHAOS_LOGS") {
+        // Where the nodes' logs are kept, one directory per scenario and setting.
+        let to = Path::new(&keep).join(format!("{name}-{}", setting.replace(' ', "-")));
+        let _ = std::fs::create_dir_all(&to);
+        for log in &cluster.logs {
+            if let Some(file) = log.file_name() {
+                let _ = std::fs::copy(log, to.join(file));
+            }
+        }
+    }
     cluster.assert_no_panic();
     figures
 }
@@ -370,17 +394,6 @@ fn stop_worker_0(cluster: &mut Cluster) {
     cluster.signal(0, libc::SIGCONT);
 }
 
-/// Only failures a client retries, and none of them wrong tokens.
-fn only_retryable_failures(f: &Figures) {
-    assert_eq!(f.inexact, 0, "{f:?}");
-    assert!(
-        f.failed
-            .keys()
-            .all(|code| code == "Unavailable" || code == "DeadlineExceeded"),
-        "{f:?}"
-    );
-}
-
 /// Nothing failed, every token was right, and enough requests ran to say so.
 fn nothing_failed(f: &Figures) {
     assert!(f.failed.is_empty() && f.inexact == 0, "{f:?}");
@@ -389,39 +402,25 @@ fn nothing_failed(f: &Figures) {
 
 #[test]
 fn sigstop_of_a_worker_with_replicas_fails_nothing_and_keeps_latency_low() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let name = "sigstop_20s_with_replicas";
-    if baseline_too() {
-        scenario(name, 3, 2, TAIL_OFF, stop_worker_0);
-    }
-    let f = scenario(name, 3, 2, &[], stop_worker_0);
+    let f = scenario("sigstop_20s_with_replicas", 3, 2, stop_worker_0);
     nothing_failed(&f);
     // The fixed expert deadline is 10 s: no request came near it.
     assert!(f.longest < Duration::from_secs(3), "{f:?}");
 }
 
 #[test]
-fn sigstop_of_a_worker_without_replicas_fails_fast_and_recovers() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let name = "sigstop_20s_without_replicas";
-    if baseline_too() {
-        scenario(name, 2, 1, TAIL_OFF, stop_worker_0);
-    }
-    let f = scenario(name, 2, 1, &[], stop_worker_0);
-    // The experts are re-placed within the stop.
-    only_retryable_failures(&f);
-    assert!(
-        f.recovery.is_some_and(|r| r < Duration::from_secs(15)),
-        "{f:?}"
-    );
-    // The adaptive deadline (1 s floor) ends calls to the stopped worker, not the fixed 10 s.
-    assert!(f.longest < Duration::from_secs(5), "{f:?}");
+fn sigstop_of_a_worker_without_replicas_delays_requests_until_its_experts_are_placed_again() {
+    let f = scenario("sigstop_20s_without_replicas", 2, 1, stop_worker_0);
+    // Calls to the stopped worker end at the adaptive deadline (1 s floor), not the fixed
+    // 10 s; the steps wait and are retried (--step-retry-ms) until the lease (1 s) has run
+    // out and its experts are placed on the other worker.
+    nothing_failed(&f);
+    assert!(f.longest < Duration::from_secs(8), "{f:?}");
 }
 
 #[test]
 fn kill_9_of_a_worker_with_replicas_fails_nothing() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let f = scenario("kill_9_with_replicas", 3, 2, &[], |c| {
+    let f = scenario("kill_9_with_replicas", 3, 2, |c| {
         c.kill(0);
         // Its experts are copied back to two holders each within lease + load time.
         wait_settled(&c.coordinator_addr, 2, "after the kill");
@@ -431,24 +430,20 @@ fn kill_9_of_a_worker_with_replicas_fails_nothing() {
 }
 
 #[test]
-fn kill_9_of_a_worker_without_replicas_fails_only_its_requests_and_recovers() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let f = scenario("kill_9_without_replicas", 2, 1, &[], |c| {
+fn kill_9_of_a_worker_without_replicas_fails_nothing_while_its_experts_are_placed_again() {
+    let f = scenario("kill_9_without_replicas", 2, 1, |c| {
         c.kill(0);
         wait_settled(&c.coordinator_addr, 1, "after the kill");
     });
-    only_retryable_failures(&f);
-    // Lease (1 s) + placing and loading its experts elsewhere.
-    assert!(
-        f.recovery.is_some_and(|r| r < Duration::from_secs(10)),
-        "{f:?}"
-    );
+    // Steps that lose the worker wait and are retried: lease (1 s) + placing and loading its
+    // experts elsewhere.
+    nothing_failed(&f);
+    assert!(f.longest < Duration::from_secs(8), "{f:?}");
 }
 
 #[test]
 fn workers_joining_and_leaving_ten_times_fail_nothing() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let f = scenario("join_leave_x10_with_replicas", 2, 2, &[], |c| {
+    let f = scenario("join_leave_x10_with_replicas", 2, 2, |c| {
         for round in 0..10 {
             // A join, then a SIGTERM drain of the oldest worker still running.
             c.add_worker();
@@ -465,8 +460,7 @@ fn workers_joining_and_leaving_ten_times_fail_nothing() {
 
 #[test]
 fn routers_keep_serving_while_the_coordinator_restarts() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let f = scenario("coordinator_kill_9_and_restart", 2, 2, &[], |c| {
+    let f = scenario("coordinator_kill_9_and_restart", 2, 2, |c| {
         c.restart_coordinator(Duration::from_secs(2));
         // The workers register again and a placement goes live on the new coordinator.
         wait_settled(&c.coordinator_addr, 2, "after the restart");

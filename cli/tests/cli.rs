@@ -655,8 +655,11 @@ fn a_killed_worker_fails_requests_clearly_and_quickly() {
     let dir = tempfile::tempdir().unwrap();
     synth_tiny(dir.path(), "bf16");
     let model = dir.path().to_str().unwrap();
-    let (mut workers, addrs, _router, r) =
-        static_cluster(model, &["0-7", "8-15"], &["--expert-deadline-ms", "2000"]);
+    let (mut workers, addrs, _router, r) = static_cluster(
+        model,
+        &["0-7", "8-15"],
+        &["--expert-deadline-ms", "2000", "--step-retry-ms", "1000"],
+    );
     let a1 = addrs[1].clone();
     let flags = [
         "generate",

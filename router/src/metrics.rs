@@ -167,6 +167,8 @@ pub struct RouterMetrics {
     pub kv_blocks_used: Gauge,
     pub kv_blocks_free: Gauge,
     pub preemptions: Counter,
+    /// Steps that failed for want of an expert worker, their sequences re-queued.
+    pub retried_steps: Counter,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
     pub request_duration: Histogram,
@@ -194,6 +196,7 @@ impl RouterMetrics {
             kv_blocks_used: Gauge::default(),
             kv_blocks_free: Gauge::default(),
             preemptions: Counter::default(),
+            retried_steps: Counter::default(),
             time_to_first_token: latency_histogram(),
             inter_token_latency: latency_histogram(),
             request_duration: latency_histogram(),
@@ -249,6 +252,11 @@ impl RouterMetrics {
             "preemptions",
             "Sequences preempted for KV blocks",
             m.preemptions.clone(),
+        );
+        r.register(
+            "retried_steps",
+            "Steps that failed for want of an expert worker; their sequences waited and were recomputed",
+            m.retried_steps.clone(),
         );
         r.register(
             "time_to_first_token_seconds",

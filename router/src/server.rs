@@ -66,9 +66,15 @@ pub struct ServingOptions {
     /// Prompt + output tokens a request may reach, below the model's own
     /// `max_position_embeddings` (vLLM's `--max-model-len`); `None`: the model's.
     pub max_model_len: Option<usize>,
+    /// How long a request whose steps fail for want of an expert worker is re-queued and
+    /// retried before it fails (see [`SchedulerConfig::step_retry`]).
+    pub step_retry: std::time::Duration,
     /// Where the router's metrics go (share it with the dispatcher's options).
     pub metrics: Arc<RouterMetrics>,
 }
+
+/// The default of [`ServingOptions::step_retry`]: a lease and a re-placement of small experts.
+pub const DEFAULT_STEP_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl std::fmt::Debug for ServingState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -129,6 +135,7 @@ impl ServingState {
                 max_waiting: o.max_waiting,
                 kv_blocks,
                 block_size: o.block_size,
+                step_retry: o.step_retry,
             },
             o.metrics.clone(),
         )?;

@@ -42,6 +42,7 @@ fn options() -> ServingOptions {
         max_batch_size: 32,
         max_batch_tokens: 256,
         max_waiting: 256,
+        step_retry: switchyard_router::server::DEFAULT_STEP_RETRY,
         default_max_tokens: 32,
         max_model_len: None,
         metrics: switchyard_router::metrics::RouterMetrics::new(),

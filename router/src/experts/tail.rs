@@ -7,7 +7,8 @@
 //! ([`CALLS_PER_HEDGE`]) keeps a general slowdown from doubling the load. Every call's deadline
 //! also follows the recent p99 ([`call_deadline`]), within a floor and the configured deadline,
 //! so a stalled worker with no replica fails its calls in about a second, not after the fixed
-//! deadline. Until a size class has [`MIN_SAMPLES`] calls, nothing adapts: the configured
+//! deadline. A call bigger than any seen is judged by smaller ones scaled up by the size
+//! ratio; until a layer has [`MIN_SAMPLES`] calls of some size, nothing adapts: the configured
 //! deadline holds and no call is hedged.
 
 use std::collections::{BTreeSet, HashMap};
@@ -158,13 +159,21 @@ impl CallTimes {
             .record(round_trip);
     }
 
-    /// The recent p99 of calls like one of `rows` rows on `layer`: its own size class's, or,
-    /// until that has enough calls, the nearest larger class's (an upper bound: bigger calls
-    /// take longer). `None` while no class that large has enough calls.
+    /// The recent p99 of calls like one of `rows` rows on `layer`: its own size class's; until
+    /// that has enough calls, the nearest larger class's (an upper bound: bigger calls take
+    /// longer); failing that, the nearest smaller class's scaled up by the ratio of the
+    /// classes' sizes (also an upper bound: a call's fixed costs do not grow with its rows).
+    /// A step recomputed after a failure sends calls bigger than any seen, and they must not
+    /// fall back to the fixed deadline. `None` while the layer has no class with enough calls.
     pub fn p99(&self, layer: usize, rows: usize) -> Option<Duration> {
         let s = self.state();
-        (size_class(rows)..=usize::BITS)
-            .find_map(|c| s.windows.get(&(layer, c)).and_then(|w| w.p99))
+        let class = size_class(rows);
+        let p99 = |c: u32| s.windows.get(&(layer, c)).and_then(|w| w.p99);
+        (class..=usize::BITS).find_map(p99).or_else(|| {
+            (0..class)
+                .rev()
+                .find_map(|c| p99(c).map(|d| d.saturating_mul(1 << (class - c).min(31))))
+        })
     }
 
     /// Spends one hedge from the budget; `false` when it is used up.
@@ -292,13 +301,14 @@ mod tests {
     }
 
     #[test]
-    fn a_prefill_sized_call_is_not_judged_by_decode_calls() {
+    fn a_call_bigger_than_any_seen_is_judged_by_smaller_ones_scaled_up() {
         let t = CallTimes::default();
         for _ in 0..WINDOW {
             t.record(1, 8, MS);
         }
-        // Calls of 512 rows have no class of their own yet, nor any larger one.
-        assert_eq!(t.p99(1, 512), None);
+        // Calls of 512 rows have no class of their own yet, nor any larger one: the 8-row
+        // class's p99 is scaled by 64 (the classes 512..1023 and 8..15).
+        assert_eq!(t.p99(1, 512), Some(64 * MS));
         // A small call with no history of its own borrows the larger class's p99.
         assert_eq!(t.p99(1, 1), Some(MS));
         // Other layers are separate.

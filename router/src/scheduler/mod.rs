@@ -8,6 +8,12 @@
 //! its blocks freed, its prompt and output recomputed later — rather than anything failing.
 //! Blocks go back to the pool on finish, cancel, error and preemption.
 //!
+//! A step that fails for want of an expert worker (one gone, stopped or not yet re-placed) is
+//! not the requests' fault: its sequences go back to the front of the queue with their tokens
+//! and are recomputed once the scheduler has backed off, for up to
+//! [`SchedulerConfig::step_retry`] each, so a worker lost without a replica delays requests by
+//! the time its experts take to be placed again instead of failing them.
+//!
 //! Admission control sits in front: at most `max_waiting` requests wait; past that a request
 //! is refused at once with a retry hint, so memory stays bounded however hard clients push.
 
@@ -16,7 +22,7 @@ mod sequence;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use switchyard_engine::model::{BlockPool, KvLayout, SeqInput};
 use switchyard_engine::sampling::TokenLogprobs;
@@ -68,6 +74,27 @@ pub struct SchedulerConfig {
     pub kv_blocks: usize,
     /// Tokens per KV block.
     pub block_size: usize,
+    /// How long a sequence whose steps keep failing for want of an expert worker is retried
+    /// before it fails with the step's error; zero fails it at once.
+    pub step_retry: Duration,
+}
+
+/// The first pause after a step failed for want of a worker; it doubles per failed step.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// The longest pause between retried steps.
+const RETRY_PAUSE_MAX: Duration = Duration::from_secs(1);
+
+/// A step failure another attempt can fix: an expert worker unreachable, too slow, or no
+/// placement to dispatch with yet. Anything else (a bug, a bad request) fails its sequences.
+fn worth_retrying(e: &RouterError) -> bool {
+    match e {
+        RouterError::Worker { code, .. } => matches!(
+            code,
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        RouterError::Connect { .. } | RouterError::NoPlacement(_) => true,
+        _ => false,
+    }
 }
 
 impl SchedulerConfig {
@@ -178,6 +205,8 @@ impl Scheduler {
             running: Vec::new(),
             stats: stats.clone(),
             metrics: metrics.clone(),
+            paused_until: None,
+            failed_in_a_row: 0,
         };
         let flag = running.clone();
         std::thread::Builder::new()
@@ -261,6 +290,10 @@ struct StepLoop {
     running: Vec<Sequence>,
     stats: Arc<SchedulerStats>,
     metrics: Arc<RouterMetrics>,
+    /// No step before this: the last ones failed for want of a worker.
+    paused_until: Option<Instant>,
+    /// Steps failed in a row for want of a worker (sets the pause).
+    failed_in_a_row: u32,
 }
 
 impl StepLoop {
@@ -276,6 +309,19 @@ impl StepLoop {
                 self.take(msg);
             }
             self.reap(Instant::now());
+            if let Some(until) = self.paused_until {
+                let now = Instant::now();
+                if now < until {
+                    // Still taking requests and cancels while backing off.
+                    match self.rx.recv_timeout(until - now) {
+                        Ok(msg) => self.take(msg),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                    continue;
+                }
+                self.paused_until = None;
+            }
             let plan = self.plan();
             self.publish_stats();
             if plan.iter().all(|&n| n == 0) {
@@ -477,6 +523,7 @@ impl StepLoop {
                     self.release(&mut seq);
                 }
                 m.phase("sampling", sampling.elapsed().as_secs_f64());
+                self.failed_in_a_row = 0;
                 m.step_duration.observe(started.elapsed().as_secs_f64());
                 debug!(
                     sequences = scheduled,
@@ -492,11 +539,46 @@ impl StepLoop {
                     out.logits.len()
                 )),
             ),
+            Err(e) if worth_retrying(&e) => self.retry_scheduled(plan, e),
             Err(e) => {
                 warn!(error = %e, sequences = scheduled, "step failed");
                 self.fail_scheduled(plan, e);
             }
         }
+    }
+
+    /// After a step failed for want of a worker: its sequences go back to the front of the
+    /// queue (their caches hold a half-written step, so they are recomputed from their tokens,
+    /// as after a preemption), except those retried for longer than `step_retry`, which fail;
+    /// and no step runs for a pause that doubles with each such failure in a row.
+    fn retry_scheduled(&mut self, plan: &[usize], error: RouterError) {
+        let now = Instant::now();
+        let budget = self.config.step_retry;
+        let error = Arc::new(error);
+        let (mut retried, mut failed) = (0, 0);
+        for i in (0..plan.len()).rev() {
+            if plan[i] == 0 {
+                continue;
+            }
+            let mut seq = self.running.remove(i);
+            self.release(&mut seq);
+            let since = *seq.failing_since.get_or_insert(now);
+            if now.duration_since(since) < budget {
+                retried += 1;
+                self.waiting.push_front(seq);
+            } else {
+                failed += 1;
+                self.metrics.outcome("failed");
+                seq.fail_shared(error.clone());
+            }
+        }
+        let pause = RETRY_PAUSE
+            .saturating_mul(1 << self.failed_in_a_row.min(10))
+            .min(RETRY_PAUSE_MAX);
+        self.failed_in_a_row += 1;
+        self.paused_until = Some(now + pause);
+        self.metrics.retried_steps.inc();
+        warn!(error = %error, retried, failed, pause_ms = pause.as_millis() as u64, "step failed for want of an expert worker; its sequences wait and are recomputed");
     }
 
     /// Fails every sequence of a failed step: its cache holds a half-written step.

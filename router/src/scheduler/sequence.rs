@@ -36,6 +36,9 @@ pub(super) struct Sequence {
     pub(super) admitted: bool,
     arrived: Instant,
     last_token_at: Option<Instant>,
+    /// Since when its steps have been failing for want of a worker (cleared by a step that
+    /// works): how long it has been retried.
+    pub(super) failing_since: Option<Instant>,
 }
 
 impl Sequence {
@@ -59,6 +62,7 @@ impl Sequence {
             admitted: false,
             arrived: Instant::now(),
             last_token_at: None,
+            failing_since: None,
         }
     }
 
@@ -129,6 +133,7 @@ impl Sequence {
         eos: &[u32],
         metrics: &RouterMetrics,
     ) -> StepOutcome {
+        self.failing_since = None;
         if self.pending() > 0 {
             // A prefill chunk that does not finish the prompt: nothing to draw yet.
             return StepOutcome::Continue;

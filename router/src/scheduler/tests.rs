@@ -2,6 +2,7 @@
 //! position, so a wrong token, position or recompute shows up as a different output.
 
 use std::sync::Mutex;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -21,6 +22,8 @@ struct Fake {
     /// Tokens per step, in order.
     steps: Mutex<Vec<Vec<usize>>>,
     eos: Vec<u32>,
+    /// Fail this many steps (the next ones) as a lost expert worker would.
+    lose_worker_for: AtomicUsize,
 }
 
 fn next_token(last: u32, pos: usize) -> u32 {
@@ -39,6 +42,19 @@ impl Backend for Fake {
     }
     fn step(&self, seqs: &mut [SeqInput<'_>]) -> Result<crate::backend::StepOutput, RouterError> {
         std::thread::sleep(self.step_delay);
+        if self
+            .lose_worker_for
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(RouterError::Worker {
+                worker: switchyard_proto::WorkerId(3),
+                addr: "127.0.0.1:1".into(),
+                layer: 1,
+                code: tonic::Code::Unavailable,
+                message: "connection refused".into(),
+            });
+        }
         if let Some(t) = self.panic_on
             && seqs.iter().any(|s| s.tokens.contains(&t))
         {
@@ -68,6 +84,7 @@ fn config(kv_blocks: usize) -> SchedulerConfig {
         max_waiting: 4096,
         kv_blocks,
         block_size: 4,
+        step_retry: Duration::from_secs(5),
     }
 }
 
@@ -378,4 +395,81 @@ fn a_panicking_step_fails_its_batch_and_serving_goes_on() {
     );
     wait_idle(&s);
     assert_eq!(s.stats().blocks_used.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn steps_that_lose_a_worker_are_retried_and_the_outputs_are_unchanged() {
+    let metrics = RouterMetrics::new();
+    let fake = Arc::new(Fake {
+        step_delay: Duration::from_millis(1),
+        ..Default::default()
+    });
+    let s = Scheduler::start(fake.clone(), None, config(64), metrics.clone()).unwrap();
+    // 40 steps of 1 ms at least: the failures land mid-generation.
+    let reqs: Vec<(Vec<u32>, usize)> = (0..6).map(|i| (vec![i + 1; 3 + i as usize], 40)).collect();
+    let streams: Vec<_> = reqs
+        .iter()
+        .map(|(p, n)| s.submit(request(p.clone(), *n)).unwrap())
+        .collect();
+    // Five steps in a row fail, mid-generation for some: each time the batch waits, backs off
+    // (50, 100, 200, 400, 800 ms at most 1 s) and is recomputed from its tokens.
+    std::thread::sleep(Duration::from_millis(5));
+    fake.lose_worker_for.store(5, Ordering::Release);
+    let started = Instant::now();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let out: Vec<_> = streams.into_iter().map(collect).collect();
+        let _ = done_tx.send(out);
+    });
+    let out = done_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the retried requests finish");
+    for ((prompt, n), (ids, last)) in reqs.iter().zip(out) {
+        assert!(matches!(last, Event::Finished { .. }), "{last:?}");
+        assert_eq!(ids, expected(prompt, *n));
+    }
+    assert!(started.elapsed() >= Duration::from_millis(50 + 100 + 200 + 400));
+    assert_eq!(metrics.retried_steps.get(), 5);
+    wait_idle(&s);
+    assert_eq!(s.stats().blocks_used.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_request_whose_steps_keep_losing_a_worker_fails_with_that_error_after_its_budget() {
+    let fake = Fake::default();
+    fake.lose_worker_for.store(usize::MAX, Ordering::Release);
+    let (_, s) = start(
+        fake,
+        SchedulerConfig {
+            step_retry: Duration::from_millis(300),
+            ..config(64)
+        },
+    );
+    let started = Instant::now();
+    let (ids, last) = collect(s.submit(request(vec![1, 2], 4)).unwrap());
+    assert!(ids.is_empty());
+    match last {
+        Event::Failed(e) => {
+            assert_eq!(e.code(), tonic::Code::Unavailable);
+            assert!(e.to_string().contains("w3"), "{e}");
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    // With no budget it fails at the first lost step.
+    let fake = Fake::default();
+    fake.lose_worker_for.store(usize::MAX, Ordering::Release);
+    let (_, s) = start(
+        fake,
+        SchedulerConfig {
+            step_retry: Duration::ZERO,
+            ..config(64)
+        },
+    );
+    let (_, last) = collect(s.submit(request(vec![1, 2], 4)).unwrap());
+    assert!(matches!(last, Event::Failed(_)), "{last:?}");
 }

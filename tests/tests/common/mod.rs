@@ -18,6 +18,7 @@ pub fn serving() -> ServingOptions {
         max_batch_size: 32,
         max_batch_tokens: 256,
         max_waiting: 256,
+        step_retry: switchyard_router::server::DEFAULT_STEP_RETRY,
         default_max_tokens: 16,
         max_model_len: None,
         metrics: RouterMetrics::new(),
