@@ -151,11 +151,16 @@ impl<'a> PoolStep<'a> {
         // only if the newest placement is the one it failed on: otherwise that placement says
         // truly what it holds now.
         let moved_on = latest.placement.version() != self.route.placement.version();
-        let avoid: BTreeSet<WorkerId> = failed
+        let mut avoid: BTreeSet<WorkerId> = failed
             .iter()
             .filter(|(_, e)| !(moved_on && expert_moved(e)))
             .map(|(i, _)| calls[*i].worker)
             .collect();
+        // Hedges that failed failed on their workers too.
+        avoid.extend(round.hedge_failures.iter().copied());
+        // Workers down or suspect are avoided as well, unless no other holder is left.
+        let mut avoid_all = self.pool.down_workers();
+        avoid_all.extend(avoid.iter().copied());
         let mut work: Vec<TokenWork> = failed
             .iter()
             .flat_map(|(i, _)| plan::work_of(&calls[*i]))
@@ -175,9 +180,11 @@ impl<'a> PoolStep<'a> {
             hidden,
             work,
             &|row, e| {
+                let token = row as u64 + self.salt;
                 latest
                     .placement
-                    .serving(layer, e, row as u64 + self.salt, &avoid)
+                    .serving(layer, e, token, &avoid_all)
+                    .or_else(|| latest.placement.serving(layer, e, token, &avoid))
             },
             options.wire_dtype,
         ) {
@@ -222,6 +229,7 @@ impl<'a> PoolStep<'a> {
             owner: Vec::with_capacity(calls.len()),
             originals: calls.len(),
             hedges: BTreeMap::new(),
+            hedge_failures: BTreeSet::new(),
             tx,
             rx,
         };
@@ -331,14 +339,21 @@ impl<'a> PoolStep<'a> {
                 }
             };
             let i = round.owner[k];
+            if let Err(e) = &result {
+                // Counted, and its worker marked, even when the other side has answered.
+                self.call_failed(&round.route, &round.calls[k], e);
+                if k >= n {
+                    round.hedge_failures.insert(round.calls[k].worker);
+                }
+            }
             if answered[i] {
                 continue;
             }
             let reply = match result {
                 Ok(reply) => reply,
                 Err(e) => {
-                    self.call_failed(&round.route, &round.calls[k], &e);
-                    if !plan::retryable(&e) {
+                    // A hedge's failure, whatever it is, leaves the original to answer.
+                    if k < n && !plan::retryable(&e) {
                         return Err(e);
                     }
                     let hedge = round.hedges.get_mut(&i);
@@ -565,6 +580,8 @@ struct Round {
     originals: usize,
     /// By original: its hedge.
     hedges: BTreeMap<usize, Hedge>,
+    /// Workers a hedge call failed on.
+    hedge_failures: BTreeSet<WorkerId>,
     tx: Sender<Reply>,
     rx: Receiver<Reply>,
 }

@@ -373,7 +373,7 @@ impl ExpertPool {
             placement,
             links: links.clone(),
         });
-        self.suspects.retain(|w| links.contains_key(&w));
+        self.suspects.retain(&links);
         *self.links.lock().unwrap_or_else(|e| e.into_inner()) = links;
         *self.route.write().unwrap_or_else(|e| e.into_inner()) = Some(route);
     }

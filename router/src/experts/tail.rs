@@ -11,7 +11,7 @@
 //! ratio; until a layer has [`MIN_SAMPLES`] calls of some size, nothing adapts: the configured
 //! deadline holds and no call is hedged.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -196,12 +196,15 @@ pub const PROBE_DEADLINE: Duration = Duration::from_secs(1);
 /// Workers avoided (while their experts have replicas) because a call to them missed its
 /// time, each until a health probe ([`WorkerLink::info`]) answers: a stopped or overloaded
 /// process keeps no calls waiting once it is suspect, and takes calls again the moment it
-/// answers.
+/// answers. Each suspect is probed on the link it was marked on; a new link for the same
+/// worker (a new address) replaces it, and the old probe stops.
 #[derive(Debug, Default)]
 pub struct Suspects {
-    set: Arc<Mutex<BTreeSet<WorkerId>>>,
+    set: Arc<Mutex<SuspectSet>>,
     gauge: Gauge,
 }
+
+type SuspectSet = BTreeMap<WorkerId, Arc<dyn WorkerLink>>;
 
 impl Suspects {
     /// Suspects whose count is published on `gauge`.
@@ -212,27 +215,30 @@ impl Suspects {
         }
     }
 
-    fn lock(set: &Mutex<BTreeSet<WorkerId>>) -> std::sync::MutexGuard<'_, BTreeSet<WorkerId>> {
+    fn lock(set: &Mutex<SuspectSet>) -> std::sync::MutexGuard<'_, SuspectSet> {
         set.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Marks `link`'s worker suspect and, if it was not, starts probing it on `runtime`.
-    /// Returns whether it was newly marked.
+    /// Marks `link`'s worker suspect and, unless it already is on this very link, starts
+    /// probing it on `runtime`. Returns whether a probe was started.
     pub fn mark(&self, link: Arc<dyn WorkerLink>, runtime: &tokio::runtime::Handle) -> bool {
         let id = link.worker();
         {
             let mut set = Self::lock(&self.set);
-            if !set.insert(id) {
+            if set.get(&id).is_some_and(|l| Arc::ptr_eq(l, &link)) {
                 return false;
             }
+            set.insert(id, link.clone());
             self.gauge.set(set.len() as i64);
         }
         tracing::warn!(worker = %id, addr = link.addr(), "expert worker missed a call's time; avoided while replicas exist until it answers a probe");
         let (set, gauge) = (self.set.clone(), self.gauge.clone());
         runtime.spawn(async move {
+            // This probe's own: the worker is still suspect on this link.
+            let mine = |set: &SuspectSet| set.get(&id).is_some_and(|l| Arc::ptr_eq(l, &link));
             loop {
                 tokio::time::sleep(PROBE_EVERY).await;
-                if !Self::lock(&set).contains(&id) {
+                if !mine(&Self::lock(&set)) {
                     return;
                 }
                 let answered = matches!(
@@ -241,9 +247,11 @@ impl Suspects {
                 );
                 if answered {
                     let mut set = Self::lock(&set);
-                    set.remove(&id);
-                    gauge.set(set.len() as i64);
-                    tracing::info!(worker = %id, "suspect expert worker answered a probe; it takes calls again");
+                    if mine(&set) {
+                        set.remove(&id);
+                        gauge.set(set.len() as i64);
+                        tracing::info!(worker = %id, "suspect expert worker answered a probe; it takes calls again");
+                    }
                     return;
                 }
             }
@@ -253,13 +261,14 @@ impl Suspects {
 
     /// The workers suspect now.
     pub fn all(&self) -> BTreeSet<WorkerId> {
-        Self::lock(&self.set).clone()
+        Self::lock(&self.set).keys().copied().collect()
     }
 
-    /// Forgets (and stops probing) every suspect `keep` refuses: workers no placement names.
-    pub fn retain(&self, keep: impl Fn(WorkerId) -> bool) {
+    /// Forgets (and stops probing) every suspect whose link `links` no longer holds: workers
+    /// no placement names, or names at a new address.
+    pub fn retain(&self, links: &BTreeMap<WorkerId, Arc<dyn WorkerLink>>) {
         let mut set = Self::lock(&self.set);
-        set.retain(|w| keep(*w));
+        set.retain(|id, link| links.get(id).is_some_and(|l| Arc::ptr_eq(l, link)));
         self.gauge.set(set.len() as i64);
     }
 }
@@ -353,6 +362,55 @@ mod tests {
         }
         assert!(t.take_hedge());
         assert!(!t.take_hedge());
+    }
+
+    #[test]
+    fn a_suspect_is_probed_on_its_newest_link_and_cleared_when_that_answers() {
+        use super::super::transport::{Fault, LocalWorker, MemoryTransport, Transport};
+        use switchyard_proto::v1::{self, ForwardRequest, InfoResponse};
+
+        struct Idle;
+        impl LocalWorker for Idle {
+            fn forward(&self, _: &ForwardRequest) -> Result<v1::Tensor, tonic::Status> {
+                Err(tonic::Status::unimplemented("probes only"))
+            }
+            fn info(&self) -> InfoResponse {
+                InfoResponse::default()
+            }
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let net = MemoryTransport::new();
+        net.serve("old", Arc::new(Idle));
+        net.serve("new", Arc::new(Idle));
+        net.set_fault("old", Some(Fault::Hang));
+        let (old, new) = {
+            let _in = rt.enter();
+            (
+                net.connect(WorkerId(4), "old").unwrap(),
+                net.connect(WorkerId(4), "new").unwrap(),
+            )
+        };
+        let suspects = Suspects::default();
+        assert!(suspects.mark(old.clone(), rt.handle()));
+        assert!(!suspects.mark(old, rt.handle()), "one probe per link");
+        std::thread::sleep(3 * PROBE_EVERY);
+        assert_eq!(
+            suspects.all(),
+            [WorkerId(4)].into(),
+            "the stopped link never answers"
+        );
+        // The worker moved: probed at its new address, it is cleared.
+        assert!(suspects.mark(new, rt.handle()));
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while !suspects.all().is_empty() {
+            assert!(std::time::Instant::now() < until, "never cleared");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(suspects.gauge.get(), 0);
     }
 
     #[test]

@@ -718,3 +718,26 @@ fn with_no_replica_a_stalled_worker_fails_at_the_adaptive_deadline() {
     wait_unsuspected(&pool);
     f.check(&pool).unwrap();
 }
+
+#[test]
+fn a_stalled_worker_and_a_failing_replica_leave_the_third_holder_to_answer() {
+    let f = fixture();
+    f.serve("a", "all");
+    f.serve("b", "all");
+    f.serve("c", "all");
+    let pool = tail_pool(&f, Duration::from_millis(300));
+    switch(
+        &pool,
+        map(1, &[(0, "a"), (1, "b"), (2, "c")], |_| vec![0, 1, 2]),
+    )
+    .unwrap();
+    warm_up(&f, &pool);
+    // a stalls; its hedge goes to b and c, and b's part fails; a's call then ends at its
+    // deadline, and the failover must send everything to c alone.
+    f.net.set_fault("a", Some(Fault::Hang));
+    f.net
+        .set_fault("b", Some(Fault::Fail(tonic::Code::Unavailable)));
+    f.check(&pool).unwrap();
+    f.net.set_fault("b", None);
+    f.net.set_fault("a", None);
+}

@@ -572,12 +572,17 @@ impl StepLoop {
                 seq.fail_shared(error.clone());
             }
         }
+        self.metrics.retried_steps.inc();
+        if retried == 0 {
+            // Nothing waits for a retry: the requests not in this step need no pause.
+            warn!(error = %error, failed, "step failed for want of an expert worker; its sequences are past --step-retry-ms");
+            return;
+        }
         let pause = RETRY_PAUSE
             .saturating_mul(1 << self.failed_in_a_row.min(10))
             .min(RETRY_PAUSE_MAX);
         self.failed_in_a_row += 1;
         self.paused_until = Some(now + pause);
-        self.metrics.retried_steps.inc();
         warn!(error = %error, retried, failed, pause_ms = pause.as_millis() as u64, "step failed for want of an expert worker; its sequences wait and are recomputed");
     }
 
