@@ -61,8 +61,12 @@ struct Load {
 
 impl Load {
     fn start(router: &str, want: &[Vec<u32>]) -> Load {
+        Load::start_n(router, want, CLIENTS)
+    }
+
+    fn start_n(router: &str, want: &[Vec<u32>], clients: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
-        let clients = (0..CLIENTS)
+        let clients = (0..clients)
             .map(|i| {
                 let (stop, url) = (stop.clone(), format!("http://{router}"));
                 let (prompt, want) = (PROMPTS[i % PROMPTS.len()], want[i % want.len()].clone());
@@ -479,4 +483,63 @@ fn wait_exit(child: &mut Child, within: Duration) {
         assert!(Instant::now() < until, "did not exit within {within:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The resident set of process `pid`, in KiB (Linux).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn overload_at_ten_times_the_admission_limit_is_answered_or_refused_and_memory_stays_bounded() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (dir, want) = model();
+    let model = dir.path().to_str().unwrap();
+    // Admission: 4 running and 4 waiting; 80 clients push 10x that.
+    let limits = ["--max-batch-size", "4", "--max-waiting", "4"];
+    let cluster = Cluster::start(model, dir.path(), 2, 2, &limits);
+    let pid = cluster._router.as_ref().map(|c| c.0.id()).unwrap();
+    let warm = Load::start(&cluster.router, &want);
+    std::thread::sleep(Duration::from_secs(1));
+    warm.stop();
+    let idle = rss_kib(pid);
+    let started = Instant::now();
+    let load = Load::start_n(&cluster.router, &want, 80);
+    let mut peak = idle;
+    while started.elapsed() < Duration::from_secs(8) {
+        peak = peak.max(rss_kib(pid));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let outcomes = load.stop();
+    let f = Figures::of(&outcomes, started);
+    f.print("overload_10x_admission", "now");
+    println!(
+        "chaos overload_10x_admission: router RSS idle {} MiB, peak {} MiB",
+        idle / 1024,
+        peak / 1024
+    );
+    cluster.assert_no_panic();
+    assert_eq!(f.inexact, 0, "{f:?}");
+    // Answered, or refused at once with RESOURCE_EXHAUSTED (HTTP 429): nothing admitted is lost.
+    assert!(
+        f.failed.keys().all(|code| code == "ResourceExhausted"),
+        "{f:?}"
+    );
+    assert!(
+        f.failed.contains_key("ResourceExhausted"),
+        "never overloaded: {f:?}"
+    );
+    assert!(f.succeeded >= 40, "{f:?}");
+    assert!(
+        peak <= 2 * idle,
+        "RSS {idle} KiB idle, {peak} KiB under overload"
+    );
 }
