@@ -473,14 +473,19 @@ impl<'a> PoolStep<'a> {
         Ok(())
     }
 
-    /// Counts a failed call, and marks its worker down (unreachable) or suspect (too slow).
-    fn call_failed(&self, route: &Route, call: &WorkerCall, e: &RouterError) {
-        let label = match route.links.get(&call.worker) {
+    /// How `worker` of `route` is named in the dispatch metrics.
+    fn worker_label(&self, route: &Route, worker: WorkerId) -> crate::metrics::WorkerLabel {
+        match route.links.get(&worker) {
             Some(link) => self.pool.label(link.as_ref()),
             None => crate::metrics::WorkerLabel {
-                worker: call.worker.0.to_string(),
+                worker: worker.0.to_string(),
             },
-        };
+        }
+    }
+
+    /// Counts a failed call, and marks its worker down (unreachable) or suspect (too slow).
+    fn call_failed(&self, route: &Route, call: &WorkerCall, e: &RouterError) {
+        let label = self.worker_label(route, call.worker);
         self.pool
             .options
             .metrics
@@ -509,12 +514,7 @@ impl<'a> PoolStep<'a> {
         let options = &self.pool.options;
         let hidden = self.pool.hidden;
         let call = &round.calls[k];
-        let label = match round.route.links.get(&call.worker) {
-            Some(link) => self.pool.label(link.as_ref()),
-            None => crate::metrics::WorkerLabel {
-                worker: call.worker.0.to_string(),
-            },
-        };
+        let label = self.worker_label(&round.route, call.worker);
         self.pool
             .call_times()
             .record(layer, call.rows.len(), round_trip);
