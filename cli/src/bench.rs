@@ -171,6 +171,7 @@ fn spawn_workers(
 fn bench_serving() -> ServingOptions {
     ServingOptions {
         model_name: "bench".into(),
+        metrics_auth: false,
         api_key: None,
         kv_cache_bytes: 64 << 20,
         block_size: 16,

@@ -5,6 +5,7 @@ use anyhow::Context;
 use switchyard_coordinator::capacity::{self, WeightDType};
 use switchyard_coordinator::membership::ModelShape;
 use switchyard_coordinator::service::{self, Balancing, CoordinatorNode};
+use switchyard_proto::tls::Role;
 use switchyard_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use switchyard_proto::v1::{ClusterStatusRequest, LayerBalance, RebalanceRequest};
 
@@ -32,6 +33,10 @@ pub struct CoordinatorArgs {
     metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     balancing: BalancingArgs,
+    #[command(flatten)]
+    cluster: crate::cluster_tls::ClusterTlsArgs,
+    #[command(flatten)]
+    metrics_auth: crate::metrics_http::MetricsAuthArgs,
 }
 
 /// Load balancing flags, shared by `coordinator` and `up` (which passes them on).
@@ -116,6 +121,8 @@ impl BalancingArgs {
 }
 
 pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let links = args.cluster.links(Role::Coordinator)?;
+    let metrics_key = args.metrics_auth.key()?;
     let config = crate::plan::load_config(&args.model)?;
     let moe = config
         .moe
@@ -132,7 +139,8 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         args.replicas,
         Duration::from_millis(args.lease_ms.max(10)),
         args.balancing.balancing()?,
-    );
+    )
+    .with_links(links);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -142,10 +150,12 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
-        let n = node.clone();
+        let (n, checked) = (node.clone(), node.clone());
         let metrics_line = crate::metrics_http::listen(
             args.metrics_listen,
             std::sync::Arc::new(move || n.render_metrics()),
+            std::sync::Arc::new(move || checked.ready()),
+            metrics_key,
         )
         .await?;
         println!(
@@ -166,27 +176,28 @@ pub struct StatusArgs {
     /// Print the status as JSON.
     #[arg(long)]
     json: bool,
+    /// An `admin` (or any cluster) certificate to ask with, e.g. `switchyard certs`' admin.
+    #[command(flatten)]
+    cluster: crate::cluster_tls::ClusterTlsArgs,
 }
 
-/// Runs `f` on a client of the coordinator at `addr` (`HOST:PORT` or a URL).
-fn with_client<T>(
+/// Runs `f` on a client of the coordinator at `addr` (`HOST:PORT`), over `cluster`'s links
+/// with an admin certificate.
+pub(crate) fn with_client<T>(
     addr: &str,
+    cluster: &crate::cluster_tls::ClusterTlsArgs,
     f: impl AsyncFnOnce(
         &mut CoordinatorServiceClient<tonic::transport::Channel>,
     ) -> Result<T, tonic::Status>,
 ) -> anyhow::Result<T> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
+    let links = cluster.client_links()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let mut client = CoordinatorServiceClient::connect(url.clone())
+        let mut client = switchyard_proto::client::coordinator(addr, &links)
             .await
-            .with_context(|| format!("connecting to the coordinator at {url}"))?;
+            .map_err(|e| anyhow::anyhow!("connecting to the coordinator at {addr}: {e}"))?;
         f(&mut client)
             .await
             .map_err(|s| anyhow::anyhow!("coordinator returned {:?}: {}", s.code(), s.message()))
@@ -205,7 +216,7 @@ fn balance_json(rows: &[LayerBalance]) -> Vec<serde_json::Value> {
 }
 
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let s = with_client(&args.coordinator, async |c| {
+    let s = with_client(&args.coordinator, &args.cluster, async |c| {
         Ok(c.cluster_status(ClusterStatusRequest {})
             .await?
             .into_inner())
@@ -312,6 +323,9 @@ pub struct RebalanceArgs {
     /// The coordinator's address.
     #[arg(long, env = "SWITCHYARD_COORDINATOR")]
     coordinator: String,
+    /// An `admin` certificate to ask with (`switchyard certs` issues one).
+    #[command(flatten)]
+    cluster: crate::cluster_tls::ClusterTlsArgs,
     /// Print the plan, change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -328,7 +342,7 @@ pub struct RebalanceArgs {
 }
 
 pub fn rebalance(args: RebalanceArgs) -> anyhow::Result<()> {
-    let r = with_client(&args.coordinator, async |c| {
+    let r = with_client(&args.coordinator, &args.cluster, async |c| {
         Ok(c.rebalance(RebalanceRequest {
             dry_run: args.dry_run,
             max_moves: args.max_moves,

@@ -219,6 +219,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let options = ServingOptions {
         model_name: String::new(),
+        metrics_auth: false,
         api_key: None,
         kv_cache_bytes: 64 << 30,
         block_size: 16,

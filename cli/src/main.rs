@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod addr;
 mod bench;
 mod cluster_file;
+mod cluster_tls;
 mod coordinator;
 mod generate;
 mod loadtest;
@@ -70,6 +71,9 @@ enum Command {
     /// Start a whole local cluster — expert workers and a router — on a synthetic model unless
     /// --model names one; Ctrl-C stops it.
     Up(up::UpArgs),
+    /// Issue a cluster CA and node certificates, for the mutual TLS of a cluster started by
+    /// hand (`--cluster-ca`, `--cert`, `--key` on each node).
+    Certs(cluster_tls::CertsArgs),
     /// Serve a model the way `vllm serve` does: a local cluster with the OpenAI-compatible
     /// HTTP API on --host/--port (127.0.0.1:8000) and gRPC on --grpc-port; Ctrl-C stops it.
     Serve(serve::ServeCmdArgs),
@@ -126,6 +130,7 @@ fn main() -> ExitCode {
         Command::Router(args) => router::run(args),
         Command::Up(args) => up::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Certs(args) => cluster_tls::certs(args),
         Command::Plan(args) => plan::run(args),
         Command::Coordinator(args) => coordinator::run(args),
         Command::Status(args) => coordinator::status(args),

@@ -151,6 +151,10 @@ pub struct ServeArgs {
     /// Read the API key from this file (surrounding whitespace is dropped).
     #[arg(long, env = "SWITCHYARD_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// Require the API key on `/metrics` too (the HTTP API's and `--metrics-listen`'s), which
+    /// is otherwise open like `/health`.
+    #[arg(long, env = "SWITCHYARD_METRICS_AUTH")]
+    pub metrics_auth: bool,
     /// Memory for the paged KV cache, e.g. `512MiB`, `4GiB`. Admission and preemption work
     /// within it.
     #[arg(long, env = "SWITCHYARD_KV_CACHE_MEMORY", default_value = "1GiB", value_parser = switchyard_coordinator::capacity::parse_bytes)]
@@ -212,6 +216,9 @@ impl ServeArgs {
         if api_key.as_deref() == Some("") {
             anyhow::bail!("the API key must not be empty");
         }
+        if self.metrics_auth && api_key.is_none() {
+            anyhow::bail!("--metrics-auth needs --api-key or --api-key-file");
+        }
         let model_name = match &self.served_model_name {
             Some(n) => n.clone(),
             None => std::fs::canonicalize(model_dir)
@@ -222,6 +229,7 @@ impl ServeArgs {
         Ok(ServingOptions {
             model_name,
             api_key,
+            metrics_auth: self.metrics_auth,
             kv_cache_bytes: self.kv_cache_memory,
             block_size: self.kv_block_size,
             max_batch_size: self.max_batch_size,
@@ -232,6 +240,22 @@ impl ServeArgs {
             step_retry: Duration::from_millis(self.step_retry_ms),
             metrics,
         })
+    }
+
+    /// `--metrics-auth` and its key, for the workers and coordinator `up` starts beside the
+    /// router (empty without `--metrics-auth`).
+    pub fn metrics_auth_args(&self) -> Vec<String> {
+        if !self.metrics_auth {
+            return Vec::new();
+        }
+        let mut a = vec!["--metrics-auth".to_string()];
+        if let Some(k) = &self.api_key {
+            a.extend(["--api-key".into(), k.clone()]);
+        }
+        if let Some(f) = &self.api_key_file {
+            a.extend(["--api-key-file".into(), f.display().to_string()]);
+        }
+        a
     }
 
     /// The same settings as command-line flags, for child processes.
@@ -263,6 +287,9 @@ impl ServeArgs {
         }
         if let Some(f) = &self.api_key_file {
             a.extend(["--api-key-file".into(), f.display().to_string()]);
+        }
+        if self.metrics_auth {
+            a.push("--metrics-auth".into());
         }
         a
     }
@@ -316,6 +343,9 @@ pub struct RouterArgs {
     /// a second signal.
     #[arg(long, env = "SWITCHYARD_DRAIN_TIMEOUT_S", default_value_t = 30)]
     drain_timeout_s: u64,
+    /// Links to the workers and the coordinator (a dense model, run whole, has none).
+    #[command(flatten)]
+    cluster: crate::cluster_tls::ClusterTlsArgs,
 }
 
 pub fn run(args: RouterArgs) -> anyhow::Result<()> {
@@ -334,6 +364,11 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
     if !dense && args.coordinator.is_none() && args.workers.is_empty() {
         bail!("the model has routed experts: give --workers ADDR,... or --coordinator ADDR");
     }
+    let links = if dense {
+        switchyard_proto::tls::ClusterLinks::Insecure
+    } else {
+        args.cluster.links(switchyard_proto::tls::Role::Router)?
+    };
     let (experts, workers) = match &args.coordinator {
         _ if dense => (
             Experts::InProcess,
@@ -355,7 +390,10 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         &args.model,
         &compute,
         experts,
-        args.dispatch.options(),
+        DispatchOptions {
+            links,
+            ..args.dispatch.options()
+        },
         &options,
     )
     .with_context(|| match &args.coordinator {
@@ -390,9 +428,15 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         };
         let state = node.state();
         let metrics = state.metrics.clone();
-        let metrics_line =
-            crate::metrics_http::listen(args.metrics_listen, Arc::new(move || metrics.render()))
-                .await?;
+        let checked = state.clone();
+        let metrics_key = state.api_key.clone().filter(|_| state.metrics_auth);
+        let metrics_line = crate::metrics_http::listen(
+            args.metrics_listen,
+            Arc::new(move || metrics.render()),
+            Arc::new(move || checked.ready()),
+            metrics_key,
+        )
+        .await?;
         println!(
             "listening on {addr}{http_line}{metrics_line} · {workers} · model {} · kv cache {} blocks of {} tokens",
             state.limits.model_name,

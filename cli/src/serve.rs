@@ -67,6 +67,18 @@ pub struct ServeCmdArgs {
     dispatch: DispatchArgs,
     #[command(flatten)]
     serve: ServeArgs,
+    /// Nodes' certificates (a `switchyard certs` directory) for the mutual TLS between them;
+    /// default: a throw-away cluster CA for this run.
+    #[arg(
+        long,
+        env = "SWITCHYARD_CLUSTER_CERTS",
+        value_name = "DIR",
+        conflicts_with = "insecure_cluster"
+    )]
+    cluster_certs: Option<PathBuf>,
+    /// Run the links between the nodes in plaintext, unauthenticated.
+    #[arg(long, env = "SWITCHYARD_INSECURE_CLUSTER")]
+    insecure_cluster: bool,
 }
 
 /// What `MODEL_OR_PRESET` names: a checkpoint directory, or a preset to synthesise.
@@ -151,6 +163,8 @@ pub fn run(args: ServeCmdArgs) -> anyhow::Result<()> {
         serve: args.serve,
         demo_prompt_ids: Vec::new(),
         json: false,
+        cluster_certs: args.cluster_certs,
+        insecure_cluster: args.insecure_cluster,
     })
 }
 

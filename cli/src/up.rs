@@ -90,6 +90,19 @@ pub struct UpArgs {
     /// With --demo-prompt-ids: print the generation as JSON.
     #[arg(long)]
     pub(crate) json: bool,
+    /// Nodes' certificates for mutual TLS between them, as `switchyard certs` writes them
+    /// (`coordinator`, `router-N`, `worker-N`, `admin`). Default on one host: a throw-away
+    /// cluster CA for this run; a cluster file needs this (or --insecure-cluster).
+    #[arg(
+        long,
+        env = "SWITCHYARD_CLUSTER_CERTS",
+        value_name = "DIR",
+        conflicts_with = "insecure_cluster"
+    )]
+    pub(crate) cluster_certs: Option<PathBuf>,
+    /// Run the links between the nodes in plaintext, unauthenticated (see `worker --help`).
+    #[arg(long, env = "SWITCHYARD_INSECURE_CLUSTER")]
+    pub(crate) insecure_cluster: bool,
 }
 
 /// A child node; stopped (SIGTERM, then SIGKILL after a grace period) and reaped on drop.
@@ -354,6 +367,12 @@ pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
     }
     let shared_on_workers = args.dispatch.shared_expert_on == "workers";
     let model_arg = model.display().to_string();
+    // Kept to the end of the run: a throw-away CA's directory goes with it.
+    let certs = crate::cluster_tls::NodeCerts::for_up(
+        args.insecure_cluster,
+        args.cluster_certs.as_deref(),
+        Some((args.workers, args.routers)),
+    )?;
     let mut cluster = Cluster(Vec::new());
     let mut start = Startup {
         runtime: &runtime,
@@ -364,6 +383,7 @@ pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
             &args,
             &model_arg,
             shared_on_workers,
+            &certs,
             &mut cluster,
             &mut start,
         )?),
@@ -392,6 +412,7 @@ pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
         router_args.extend(args.dispatch.to_args());
         if let Some(coordinator) = &coordinator {
             router_args.extend(["--coordinator".to_string(), coordinator.clone()]);
+            router_args.extend(certs.node(&format!("router-{r}")).to_flags());
         }
         router_args.extend(args.serve.to_args());
         if r == 0
@@ -435,7 +456,8 @@ pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
     // The line scripts read: the router's address.
     match (&coordinator, experts) {
         (Some(coordinator), Some(experts)) => {
-            let held = experts_per_worker(coordinator).unwrap_or_default();
+            let held = experts_per_worker(coordinator, &certs).unwrap_or_default();
+            eprintln!("{}", certs.describe());
             eprintln!(
                 "switchyard up: router{s} {} · coordinator {coordinator} · {} workers holding {} of {} routed experts per MoE layer · model {}",
                 routers.join(", "),
@@ -459,6 +481,7 @@ fn start_experts(
     args: &UpArgs,
     model_arg: &str,
     shared_on_workers: bool,
+    certs: &crate::cluster_tls::NodeCerts,
     cluster: &mut Cluster,
     start: &mut Startup<'_>,
 ) -> anyhow::Result<String> {
@@ -479,6 +502,8 @@ fn start_experts(
     .map(String::from)
     .to_vec();
     coordinator_args.extend(args.balancing.to_flags());
+    coordinator_args.extend(certs.node("coordinator").to_flags());
+    coordinator_args.extend(args.serve.metrics_auth_args());
     cluster
         .0
         .push(spawn("coordinator".into(), &coordinator_args, 1, start)?);
@@ -505,6 +530,8 @@ fn start_experts(
         if shared_on_workers {
             worker_args.push("--with-shared-expert".into());
         }
+        worker_args.extend(certs.node(&format!("worker-{w}")).to_flags());
+        worker_args.extend(args.serve.metrics_auth_args());
         if let Some(gpu) = args.gpus.get(w) {
             worker_args.extend(["--device".to_string(), format!("cuda:{gpu}")]);
         }
@@ -573,6 +600,11 @@ fn run_file(
 ) -> anyhow::Result<()> {
     use crate::cluster_file::{ClusterFile, on_this_host};
     let file = ClusterFile::read(path)?;
+    let certs = crate::cluster_tls::NodeCerts::for_up(
+        args.insecure_cluster,
+        args.cluster_certs.as_deref(),
+        None,
+    )?;
     let model = file.model.display().to_string();
     let coordinator = file.coordinator.addr.clone();
     let mut cluster = Cluster(Vec::new());
@@ -595,6 +627,8 @@ fn run_file(
             &file.lease_ms.to_string(),
         ]);
         a.extend(args.balancing.to_flags());
+        a.extend(certs.node("coordinator").to_flags());
+        a.extend(args.serve.metrics_auth_args());
         cluster
             .0
             .push(spawn("coordinator".into(), &a, 1, &mut start)?);
@@ -605,7 +639,7 @@ fn run_file(
         .enumerate()
         .filter(|(_, w)| on_this_host(&w.host, &args.host))
     {
-        let a = strings(&[
+        let mut a = strings(&[
             "worker",
             "--model",
             &model,
@@ -620,6 +654,8 @@ fn run_file(
             "--device",
             &w.device,
         ]);
+        a.extend(certs.node(&format!("worker-{i}")).to_flags());
+        a.extend(args.serve.metrics_auth_args());
         cluster
             .0
             .push(spawn(format!("worker {i}"), &a, w.threads, &mut start)?);
@@ -642,6 +678,7 @@ fn run_file(
             &r.addr,
         ]);
         a.extend(args.dispatch.to_args());
+        a.extend(certs.node(&format!("router-{i}")).to_flags());
         a.extend(strings(&[
             "--device",
             &r.device
@@ -750,20 +787,15 @@ fn wait(
 }
 
 /// "16, 16": expert copies per worker (all layers), from the coordinator.
-fn experts_per_worker(coordinator: &str) -> anyhow::Result<String> {
+fn experts_per_worker(
+    coordinator: &str,
+    certs: &crate::cluster_tls::NodeCerts,
+) -> anyhow::Result<String> {
     use switchyard_proto::v1::ClusterStatusRequest;
-    use switchyard_proto::v1::coordinator_service_client::CoordinatorServiceClient;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let status = runtime.block_on(async {
-        let mut client = CoordinatorServiceClient::connect(format!("http://{coordinator}")).await?;
-        anyhow::Ok(
-            client
-                .cluster_status(ClusterStatusRequest {})
-                .await?
-                .into_inner(),
-        )
+    let status = crate::coordinator::with_client(coordinator, &certs.node("admin"), async |c| {
+        Ok(c.cluster_status(ClusterStatusRequest {})
+            .await?
+            .into_inner())
     })?;
     let counts: Vec<String> = status
         .workers

@@ -7,6 +7,7 @@ use anyhow::Context;
 use switchyard_engine::tensor::Compute;
 use switchyard_expert_worker::{ExpertSpec, ExpertWorker, agent, service};
 use switchyard_proto::health::Health;
+use switchyard_proto::tls::Role;
 
 #[derive(clap::Args, Debug)]
 pub struct WorkerArgs {
@@ -53,9 +54,17 @@ pub struct WorkerArgs {
     /// a second signal.
     #[arg(long, env = "SWITCHYARD_DRAIN_TIMEOUT_S", default_value_t = 30)]
     drain_timeout_s: u64,
+    #[command(flatten)]
+    cluster: crate::cluster_tls::ClusterTlsArgs,
+    #[command(flatten)]
+    metrics_auth: crate::metrics_http::MetricsAuthArgs,
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    // Before loading anything: a missing certificate is found in milliseconds, not after
+    // minutes of reading weights.
+    let links = args.cluster.links(Role::Worker)?;
+    let metrics_key = args.metrics_auth.key()?;
     crate::exit_watchdog(Duration::from_secs(args.drain_timeout_s + 10));
     let compute =
         Compute::open(args.device).with_context(|| format!("opening --device {}", args.device))?;
@@ -86,9 +95,18 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         let info = worker.info();
         let w = worker.clone();
-        let metrics_line =
-            crate::metrics_http::listen(args.metrics_listen, Arc::new(move || w.metrics.render()))
-                .await?;
+        let (health, health_service) = Health::new(service::SERVICE).await;
+        let seen = health.clone();
+        let metrics_line = crate::metrics_http::listen(
+            args.metrics_listen,
+            Arc::new(move || w.metrics.render()),
+            Arc::new(move || {
+                let now = seen.readiness();
+                if now.serving { Ok(()) } else { Err(now.reason) }
+            }),
+            metrics_key,
+        )
+        .await?;
         let agent = args.coordinator.as_ref().map(|coordinator| {
             agent::Agent::new(
                 worker.clone(),
@@ -98,6 +116,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                     memory_bytes: args.memory,
                     device: args.device.to_string(),
                     model,
+                    links: links.clone(),
                 },
             )
         });
@@ -112,7 +131,6 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             ),
         }
         tracing::info!(%addr, "expert worker serving");
-        let (health, health_service) = Health::new(service::SERVICE).await;
         let ready = {
             let agent = agent.clone();
             move || agent.as_ref().map_or(Ok(()), |a| a.ready())
@@ -129,7 +147,16 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 }
             }
         };
-        service::serve_with(worker, listener, health, health_service, ready, shutdown).await?;
+        service::serve_with(
+            worker,
+            listener,
+            links,
+            health,
+            health_service,
+            ready,
+            shutdown,
+        )
+        .await?;
         if let Some(m) = membership {
             m.abort();
         }

@@ -23,7 +23,7 @@ use switchyard_proto::v1::GenerateRequest;
 use switchyard_proto::v1::inference_service_client::InferenceServiceClient;
 
 mod common;
-use common::{Child, spawn_node_logged, switchyard, synth_tiny, wait_settled};
+use common::{Child, spawn_node_logged, status, switchyard, synth_tiny, wait_settled};
 
 const PROMPTS: [&[u32]; 4] = [
     &[1, 17, 42, 5, 9, 11, 300],
@@ -468,6 +468,83 @@ fn routers_keep_serving_while_the_coordinator_restarts() {
         c.restart_coordinator(Duration::from_secs(2));
         // The workers register again and a placement goes live on the new coordinator.
         wait_settled(&c.coordinator_addr, 2, "after the restart");
+    });
+    nothing_failed(&f);
+}
+
+#[test]
+fn rogue_workers_without_the_cluster_s_certificate_are_refused_and_change_no_token() {
+    let rogue_ca = tempfile::tempdir().unwrap();
+    let issued = switchyard(&[
+        "certs",
+        "--out",
+        rogue_ca.path().to_str().unwrap(),
+        "--workers",
+        "1",
+        "--routers",
+        "1",
+    ]);
+    assert!(
+        issued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&issued.stderr)
+    );
+    let file = |name: &str| rogue_ca.path().join(name).to_str().unwrap().to_string();
+    let (ca, cert, key) = (file("ca.pem"), file("worker-0.pem"), file("worker-0.key"));
+    let f = scenario("rogue_workers", 2, 1, |c| {
+        let before = status(&c.coordinator_addr);
+        // One in plaintext, one with a worker certificate of a CA of its own: both try to
+        // join and be sent hidden states. (A direct `Forward` without a router certificate is
+        // refused too: tests/tests/cluster_tls.rs.)
+        let mut rogues = Vec::new();
+        for (name, flags) in [
+            ("rogue-plaintext", vec!["--insecure-cluster"]),
+            (
+                "rogue-foreign-ca",
+                vec!["--cluster-ca", &ca, "--cert", &cert, "--key", &key],
+            ),
+        ] {
+            let log = c.log_dir.join(format!("{name}.log"));
+            let args = [
+                &[
+                    "worker",
+                    "--model",
+                    c.model.as_str(),
+                    "--coordinator",
+                    c.coordinator_addr.as_str(),
+                    "--listen",
+                    "127.0.0.1:0",
+                ][..],
+                &flags[..],
+            ]
+            .concat();
+            let (child, addr) = spawn_node_logged(&args, &log);
+            rogues.push((name, child, addr, log));
+        }
+        // Three leases: long enough for either rogue to have joined, had it been let in.
+        std::thread::sleep(Duration::from_secs(3));
+        let after = status(&c.coordinator_addr);
+        let members: Vec<&str> = after["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["address"].as_str().unwrap())
+            .collect();
+        for (name, _, addr, log) in &rogues {
+            assert!(!members.contains(&addr.as_str()), "{name} joined: {after}");
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            // Refused at the TLS handshake (a foreign CA), or its plaintext read as garbage.
+            assert!(
+                text.contains("coordinator unreachable") || text.contains("registration refused"),
+                "{name} was not refused: {text}"
+            );
+        }
+        assert_eq!(members.len(), 2, "{after}");
+        assert_eq!(after["live_version"], before["live_version"], "{after}");
+        println!(
+            "rogue_workers: 2 rogue workers (plaintext; a foreign CA's certificate) refused, 0 joined, live version unchanged"
+        );
+        c.logs.extend(rogues.iter().map(|r| r.3.clone()));
     });
     nothing_failed(&f);
 }

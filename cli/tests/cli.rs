@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 mod common;
-use common::{Child, spawn_node, status, switchyard, synth_tiny, wait_settled};
+use common::{Child, cluster_certs, spawn_node, status, switchyard, synth_tiny, wait_settled};
 
 #[test]
 fn generate_json_prints_the_generated_token_ids() {
@@ -724,6 +724,8 @@ fn up_starts_the_cluster_a_cluster_file_describes() {
         file.to_str().unwrap(),
         "--host",
         "a",
+        "--cluster-certs",
+        cluster_certs().to_str().unwrap(),
         "--demo-prompt-ids",
         "1,17,42",
         "--json",
@@ -749,7 +751,14 @@ fn up_starts_the_cluster_a_cluster_file_describes() {
     };
     assert_eq!(ids(&out), ids(&local));
     // A host the file places nothing on is an error, not an empty cluster.
-    let out = switchyard(&["up", "--cluster", file.to_str().unwrap(), "--host", "b"]);
+    let out = switchyard(&[
+        "up",
+        "--cluster",
+        file.to_str().unwrap(),
+        "--host",
+        "b",
+        "--insecure-cluster",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && stderr.contains("places no node"),
@@ -1161,13 +1170,18 @@ fn rebalance_acts_on_the_load_a_router_process_reports() {
 
 /// One HTTP/1.1 exchange over a fresh connection: the status code and the body.
 fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    http_with(addr, method, path, body, "")
+}
+
+/// [`http`] with extra header lines (each ending in `\r\n`).
+fn http_with(addr: &str, method: &str, path: &str, body: &str, headers: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
         .unwrap();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{headers}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -1313,4 +1327,58 @@ fn sigterm_while_up_starts_stops_every_node_without_an_error() {
         let alive = unsafe { libc::kill(pid, 0) } == 0;
         assert!(!alive, "node {pid} outlived `up`");
     }
+}
+
+#[test]
+fn metrics_auth_puts_every_node_s_metrics_behind_the_api_key_and_leaves_health_open() {
+    let cache = tempfile::tempdir().unwrap();
+    let (mut up, rx) = up_on_loopback(
+        cache.path(),
+        &[
+            "--http-addr",
+            "127.0.0.1:0",
+            "--api-key",
+            "sekrit",
+            "--metrics-auth",
+        ],
+    );
+    let (mut http_api, mut metrics) = (None, Vec::new());
+    loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("up reports its nodes");
+        if let Some(addr) = line.split(" · ").find_map(|p| p.strip_prefix("http ")) {
+            http_api = Some(addr.trim().to_string());
+        }
+        if let Some(m) = line
+            .split(" · ")
+            .find_map(|p| p.strip_prefix("metrics http://"))
+        {
+            metrics.push(m.trim().trim_end_matches("/metrics").to_string());
+        }
+        if line.starts_with("serving") {
+            break;
+        }
+    }
+    let http_api = http_api.expect("the router's HTTP address");
+    // The coordinator's and the workers' metrics listeners, and the router's HTTP API.
+    assert_eq!(metrics.len(), 3, "{metrics:?}");
+    for addr in metrics.iter().chain([&http_api]) {
+        let (code, body) = http(addr, "GET", "/metrics", "");
+        assert_eq!(code, 401, "{addr}: {body}");
+        let (code, body) = http_with(addr, "GET", "/metrics", "", "x-api-key: wrong\r\n");
+        assert_eq!(code, 401, "{addr}: {body}");
+        let (code, body) = http_with(
+            addr,
+            "GET",
+            "/metrics",
+            "",
+            "authorization: Bearer sekrit\r\n",
+        );
+        assert_eq!(code, 200, "{addr}: {body}");
+        assert!(body.contains("switchyard_"), "{addr}: {body}");
+        let (code, body) = http(addr, "GET", "/health", "");
+        assert_eq!(code, 200, "{addr}: health stays open: {body}");
+    }
+    assert!(sigterm_and_wait(&mut up, "up").success());
 }

@@ -45,6 +45,9 @@ pub struct Member {
     pub draining: bool,
     /// Why it could not load its assignment; it is then placed on nothing.
     pub load_error: Option<String>,
+    /// The name in the certificate it registered with (mutual TLS): only that certificate
+    /// may heartbeat or leave for this id. None over insecure links.
+    pub identity: Option<String>,
 }
 
 impl Member {
@@ -80,6 +83,13 @@ pub enum MembershipError {
     /// Asked of a placement that is not there yet or is still changing; retry later.
     #[error("{0}")]
     NotReady(String),
+    /// A caller acting for a worker (or an address) another worker's certificate registered.
+    #[error("{what} belongs to worker `{holder}`, not to the caller, worker `{caller}`")]
+    NotYours {
+        what: String,
+        holder: String,
+        caller: String,
+    },
 }
 
 /// What [`ClusterState::rebalance`] did.
@@ -198,6 +208,24 @@ impl ClusterState {
         previous: Option<WorkerId>,
         now_ms: u64,
     ) -> Result<WorkerId, MembershipError> {
+        self.register_as(None, address, memory_bytes, device, model, previous, now_ms)
+    }
+
+    /// [`ClusterState::register`] for a worker whose certificate names it `identity`: it may
+    /// not take an address another identity holds, and only `identity` may heartbeat or leave
+    /// for the id it gets. Workers may share a certificate (one Kubernetes Secret for a
+    /// Deployment's pods): they are told apart by address, as without TLS.
+    #[allow(clippy::too_many_arguments)]
+    pub fn register_as(
+        &mut self,
+        identity: Option<&str>,
+        address: &str,
+        memory_bytes: u64,
+        device: &str,
+        model: &str,
+        previous: Option<WorkerId>,
+        now_ms: u64,
+    ) -> Result<WorkerId, MembershipError> {
         if model != self.model.identity {
             return Err(MembershipError::WrongModel {
                 got: model.into(),
@@ -210,11 +238,26 @@ impl ClusterState {
                 reason: "must not be empty".into(),
             });
         }
-        // A worker re-registering from the same address replaces its old entry.
+        if let Some(caller) = identity
+            && let Some(other) = self
+                .members
+                .values()
+                .find(|m| m.address == address && m.identity.as_deref() != Some(caller))
+        {
+            return Err(MembershipError::NotYours {
+                what: format!("address {address}"),
+                holder: other.identity.clone().unwrap_or_default(),
+                caller: caller.into(),
+            });
+        }
+        // A worker re-registering (from the same address, or with the same certificate)
+        // replaces its old entry.
         let stale: Vec<WorkerId> = self
             .members
             .values()
-            .filter(|m| m.address == address)
+            .filter(|m| {
+                m.address == address || (identity.is_some() && m.identity.as_deref() == identity)
+            })
             .map(|m| m.id)
             .collect();
         for id in stale {
@@ -242,10 +285,32 @@ impl ClusterState {
                 loaded_version: 0,
                 draining: false,
                 load_error: None,
+                identity: identity.map(String::from),
             },
         );
         self.replan();
         Ok(id)
+    }
+
+    /// Fails if `id` is a member registered by another certificate than `identity`'s. Unknown
+    /// ids and insecure links (no identity) pass: the call then answers as it would.
+    pub fn check_caller(
+        &self,
+        id: WorkerId,
+        identity: Option<&str>,
+    ) -> Result<(), MembershipError> {
+        let (Some(caller), Some(m)) = (identity, self.members.get(&id)) else {
+            return Ok(());
+        };
+        if m.identity.as_deref() == Some(caller) {
+            Ok(())
+        } else {
+            Err(MembershipError::NotYours {
+                what: id.to_string(),
+                holder: m.identity.clone().unwrap_or_default(),
+                caller: caller.into(),
+            })
+        }
     }
 
     /// Records a heartbeat; false if the worker is unknown (it must register again).

@@ -27,6 +27,7 @@ use crate::load::RouterCounts;
 use crate::membership::{ClusterState, MembershipError, ModelShape, RebalanceOutcome, Versioned};
 use crate::placement::{self, RebalanceOptions, Slot, WorkerId};
 use switchyard_proto::health::Health;
+use switchyard_proto::tls::{ClusterLinks, Role, TlsError};
 
 impl From<MembershipError> for Status {
     fn from(e: MembershipError) -> Self {
@@ -34,6 +35,7 @@ impl From<MembershipError> for Status {
             MembershipError::WrongModel { .. } => Status::failed_precondition(e.to_string()),
             MembershipError::Invalid { .. } => Status::invalid_argument(e.to_string()),
             MembershipError::NotReady(_) => Status::unavailable(e.to_string()),
+            MembershipError::NotYours { .. } => Status::permission_denied(e.to_string()),
         }
     }
 }
@@ -79,6 +81,9 @@ pub struct CoordinatorNode {
     start: Instant,
     metrics: Arc<crate::metrics::CoordinatorMetrics>,
     balancing: Balancing,
+    /// Over TLS: who may call what (workers register and heartbeat for their own id, routers
+    /// report, admins rebalance), and the server's certificate.
+    links: ClusterLinks,
 }
 
 fn to_map(model: &ModelShape, v: &Versioned) -> PlacementMap {
@@ -149,7 +154,22 @@ impl CoordinatorNode {
             start: Instant::now(),
             metrics: Arc::new(crate::metrics::CoordinatorMetrics::new()),
             balancing,
+            links: ClusterLinks::Insecure,
         }
+    }
+
+    /// Serves and checks callers over `links` (mutual TLS with the coordinator's certificate).
+    pub fn with_links(mut self, links: ClusterLinks) -> CoordinatorNode {
+        self.links = links;
+        self
+    }
+
+    /// The worker a call comes from (its certificate's name), refused unless it is one.
+    fn worker_caller<T>(&self, request: &Request<T>, call: &str) -> Result<Option<String>, Status> {
+        Ok(self
+            .links
+            .authorize(request, &[Role::Worker], call)?
+            .map(|id| id.name))
     }
 
     /// Prometheus text of the coordinator's metrics, gauges read from the state now.
@@ -289,7 +309,7 @@ impl CoordinatorNode {
     }
 
     /// Whether the state can be read (it cannot after a panic while it was held).
-    fn ready(&self) -> Result<(), String> {
+    pub fn ready(&self) -> Result<(), String> {
         self.state
             .lock()
             .map(|_| ())
@@ -308,10 +328,12 @@ impl CoordinatorService for CoordinatorNode {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let caller = self.worker_caller(&request, "Register")?;
         let r = request.into_inner();
         let previous = r.previous_worker_id.map(WorkerId);
         let (id, lease) = self.with_state(|s, now| {
-            s.register(
+            s.register_as(
+                caller.as_deref(),
                 &r.address,
                 r.memory_bytes,
                 &r.device,
@@ -322,7 +344,7 @@ impl CoordinatorService for CoordinatorNode {
             .map(|id| (id, s.lease_ms()))
         })??;
         self.metrics.registrations.inc();
-        tracing::info!(worker = %id, address = %r.address, "worker registered");
+        tracing::info!(worker = %id, address = %r.address, identity = caller.as_deref().unwrap_or(""), "worker registered");
         Ok(Response::new(RegisterResponse {
             worker_id: id.0,
             lease_ms: lease,
@@ -333,6 +355,7 @@ impl CoordinatorService for CoordinatorNode {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        let caller = self.worker_caller(&request, "Heartbeat")?;
         let r = request.into_inner();
         let failed = (r.failed_version > 0).then_some((r.failed_version, r.load_error.as_str()));
         if let Some((version, why)) = failed {
@@ -343,9 +366,11 @@ impl CoordinatorService for CoordinatorNode {
                 "worker cannot load its placement; placing its experts elsewhere"
             );
         }
+        let id = WorkerId(r.worker_id);
         let known = self.with_state(|s, now| {
-            s.heartbeat(WorkerId(r.worker_id), r.loaded_version, failed, now)
-        })?;
+            s.check_caller(id, caller.as_deref())?;
+            Ok::<_, MembershipError>(s.heartbeat(id, r.loaded_version, failed, now))
+        })??;
         Ok(Response::new(HeartbeatResponse { known }))
     }
 
@@ -354,8 +379,13 @@ impl CoordinatorService for CoordinatorNode {
         &self,
         request: Request<LeaveRequest>,
     ) -> Result<Response<LeaveResponse>, Status> {
+        let caller = self.worker_caller(&request, "Leave")?;
         let r = request.into_inner();
-        let known = self.with_state(|s, now| s.leave(WorkerId(r.worker_id), r.done, now))?;
+        let id = WorkerId(r.worker_id);
+        let known = self.with_state(|s, now| {
+            s.check_caller(id, caller.as_deref())?;
+            Ok::<_, MembershipError>(s.leave(id, r.done, now))
+        })??;
         if r.done {
             tracing::info!(worker = r.worker_id, "worker left");
         } else {
@@ -371,6 +401,8 @@ impl CoordinatorService for CoordinatorNode {
         &self,
         request: Request<RouterReport>,
     ) -> Result<Response<RouterReportResponse>, Status> {
+        self.links
+            .authorize(&request, &[Role::Router], "ReportRouter")?;
         let r = request.into_inner();
         if r.router_id.is_empty() || r.router_id.len() > 128 {
             return Err(Status::invalid_argument(format!(
@@ -395,16 +427,22 @@ impl CoordinatorService for CoordinatorNode {
 
     async fn get_placement(
         &self,
-        _request: Request<GetPlacementRequest>,
+        request: Request<GetPlacementRequest>,
     ) -> Result<Response<PlacementUpdate>, Status> {
+        self.links.authorize(&request, &Role::ALL, "GetPlacement")?;
         Ok(Response::new(self.updates.borrow().clone()))
     }
 
     #[instrument(skip_all)]
     async fn watch_placement(
         &self,
-        _request: Request<WatchPlacementRequest>,
+        request: Request<WatchPlacementRequest>,
     ) -> Result<Response<UpdateStream>, Status> {
+        self.links.authorize(
+            &request,
+            &[Role::Router, Role::Worker, Role::Admin],
+            "WatchPlacement",
+        )?;
         // Ends when the coordinator shuts down, so a graceful shutdown does not wait forever on
         // watchers and they reconnect to whoever serves next.
         let mut closing = self.closing.subscribe();
@@ -442,8 +480,10 @@ impl CoordinatorService for CoordinatorNode {
 
     async fn cluster_status(
         &self,
-        _request: Request<ClusterStatusRequest>,
+        request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
+        self.links
+            .authorize(&request, &Role::ALL, "ClusterStatus")?;
         let now = self.now_ms();
         let state = self
             .state
@@ -495,6 +535,8 @@ impl CoordinatorService for CoordinatorNode {
         &self,
         request: Request<RebalanceRequest>,
     ) -> Result<Response<RebalanceResponse>, Status> {
+        self.links
+            .authorize(&request, &[Role::Admin, Role::Router], "Rebalance")?;
         let r = request.into_inner();
         let out = self.rebalance_now(r.dry_run, r.max_moves.map(|m| m as usize), r.threshold)?;
         let observed = self
@@ -577,12 +619,21 @@ fn router_counts(model: &ModelShape, r: &RouterReport) -> Result<Option<RouterCo
     Ok(Some(counts))
 }
 
+/// Why the coordinator could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cluster TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("serving failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
 /// Serves the coordinator on `listener` (TCP_NODELAY) until `shutdown`, sweeping leases.
 pub async fn serve(
     node: CoordinatorNode,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), ServeError> {
     let sweeper = tokio::spawn(node.clone().sweep());
     let rebalancer = node
         .balancing
@@ -601,13 +652,15 @@ pub async fn serve(
         health.close().await;
         closing.send_replace(true);
     };
-    let result = tonic::transport::Server::builder()
+    let mut server = node.links.server()?;
+    let result = server
         .add_service(health_service)
         .add_service(node.into_server())
         .add_optional_service(switchyard_proto::reflection::v1())
         .add_optional_service(switchyard_proto::reflection::v1alpha())
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .await
+        .map_err(ServeError::from);
     sweeper.abort();
     if let Some(r) = rebalancer {
         r.abort();

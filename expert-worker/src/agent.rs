@@ -15,6 +15,7 @@ use std::time::Duration;
 use switchyard_proto::WorkerId;
 use switchyard_proto::backoff::Backoff;
 use switchyard_proto::client;
+use switchyard_proto::tls::ClusterLinks;
 use switchyard_proto::v1::{
     HeartbeatRequest, LeaveRequest, PlacementMap, PlacementUpdate, RegisterRequest,
 };
@@ -34,6 +35,9 @@ pub struct Membership {
     pub memory_bytes: u64,
     pub device: String,
     pub model: String,
+    /// How links to the coordinator run: mutual TLS with this worker's certificate (whose
+    /// name the coordinator binds to the id it assigns), or plaintext.
+    pub links: ClusterLinks,
 }
 
 /// Versions of this worker's own assignment kept at most; older ones are dropped (with a
@@ -151,7 +155,12 @@ impl Agent {
     pub async fn run(self: Arc<Self>) {
         let mut backoff = Backoff::new(Duration::from_secs(5));
         loop {
-            let mut client = match client::coordinator(&self.membership.coordinator).await {
+            let mut client = match client::coordinator(
+                &self.membership.coordinator,
+                &self.membership.links,
+            )
+            .await
+            {
                 Ok(c) => c,
                 Err(e) => {
                     let wait = backoff.next_delay();
@@ -240,7 +249,12 @@ impl Agent {
     pub async fn follow(self: Arc<Self>) {
         let mut backoff = Backoff::new(Duration::from_secs(5));
         loop {
-            let mut stream = match client::watch_placement(&self.membership.coordinator).await {
+            let mut stream = match client::watch_placement(
+                &self.membership.coordinator,
+                &self.membership.links,
+            )
+            .await
+            {
                 Ok(s) => s,
                 Err(e) => {
                     let wait = backoff.next_delay();
@@ -427,7 +441,7 @@ impl Agent {
     }
 
     async fn leave(&self, id: WorkerId, done: bool) -> Result<bool, String> {
-        client::coordinator(&self.membership.coordinator)
+        client::coordinator(&self.membership.coordinator, &self.membership.links)
             .await?
             .leave(LeaveRequest {
                 worker_id: id.0,

@@ -9,6 +9,7 @@ use switchyard_proto::v1::expert_service_server::{ExpertService, ExpertServiceSe
 use switchyard_proto::v1::{ForwardRequest, ForwardResponse, InfoRequest, InfoResponse};
 
 use switchyard_proto::health::Health;
+use switchyard_proto::tls::{ClusterLinks, Role};
 use tokio::net::TcpListener;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -25,13 +26,16 @@ pub struct ExpertServiceImpl {
     worker: Arc<ExpertWorker>,
     /// Turns true when serving stops: open call streams end so shutdown does not wait on them.
     closing: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Over TLS, only routers may send hidden states (and operators ask for `Info`).
+    links: ClusterLinks,
 }
 
 impl ExpertServiceImpl {
-    pub fn new(worker: Arc<ExpertWorker>) -> Self {
+    pub fn new(worker: Arc<ExpertWorker>, links: ClusterLinks) -> Self {
         ExpertServiceImpl {
             worker,
             closing: Arc::new(tokio::sync::watch::channel(false).0),
+            links,
         }
     }
 
@@ -89,6 +93,8 @@ impl ExpertService for ExpertServiceImpl {
         &self,
         request: Request<Streaming<ForwardRequest>>,
     ) -> Result<Response<ReplyStream>, Status> {
+        self.links
+            .authorize(&request, &[Role::Router], "ForwardStream")?;
         let mut inbound = request.into_inner();
         let worker = self.worker.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -126,12 +132,15 @@ impl ExpertService for ExpertServiceImpl {
         &self,
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
+        self.links.authorize(&request, &[Role::Router], "Forward")?;
         let reply = run_call(self.worker.clone(), request.into_inner()).await?;
         Ok(Response::new(reply))
     }
 
     #[instrument(skip_all)]
-    async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+    async fn info(&self, request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        self.links
+            .authorize(&request, &[Role::Router, Role::Admin], "Info")?;
         Ok(Response::new(self.worker.info()))
     }
 }
@@ -141,6 +150,7 @@ impl ExpertService for ExpertServiceImpl {
 pub async fn serve(
     worker: Arc<ExpertWorker>,
     listener: TcpListener,
+    links: ClusterLinks,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), WorkerError> {
     let (health, health_service) = Health::new(SERVICE).await;
@@ -152,6 +162,7 @@ pub async fn serve(
     serve_with(
         worker,
         listener,
+        links,
         health,
         health_service,
         || Ok(()),
@@ -173,6 +184,7 @@ pub const SERVICE: &str = "switchyard.v1.ExpertService";
 pub async fn serve_with<H: tonic_health::pb::health_server::Health>(
     worker: Arc<ExpertWorker>,
     listener: TcpListener,
+    links: ClusterLinks,
     health: Health,
     health_service: HealthServer<H>,
     ready: impl Fn() -> Result<(), String> + Send + 'static,
@@ -181,7 +193,10 @@ pub async fn serve_with<H: tonic_health::pb::health_server::Health>(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     health.set(ready()).await;
     let monitor = health.watch(Duration::from_millis(250), ready);
-    let service = ExpertServiceImpl::new(worker);
+    let mut server = links
+        .server()
+        .map_err(|e| WorkerError::Transport(e.to_string()))?;
+    let service = ExpertServiceImpl::new(worker, links);
     let closing = service.closing.clone();
     let shutdown = async move {
         shutdown.await;
@@ -189,7 +204,7 @@ pub async fn serve_with<H: tonic_health::pb::health_server::Health>(
         health.close().await;
         closing.send_replace(true);
     };
-    let result = tonic::transport::Server::builder()
+    let result = server
         .add_service(health_service)
         .add_service(service.into_server())
         .add_optional_service(switchyard_proto::reflection::v1())

@@ -34,15 +34,6 @@ impl Backoff {
     }
 }
 
-/// `http://ADDR` for a bare `host:port`; an address with a scheme as it is.
-pub fn url(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,11 +46,5 @@ mod tests {
         assert_eq!(b.peek().as_millis(), 500);
         b.reset();
         assert_eq!(b.next_delay().as_millis(), 100);
-    }
-
-    #[test]
-    fn bare_addresses_get_a_scheme() {
-        assert_eq!(url("127.0.0.1:1"), "http://127.0.0.1:1");
-        assert_eq!(url("https://h:1"), "https://h:1");
     }
 }

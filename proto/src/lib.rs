@@ -12,6 +12,7 @@ pub mod grpc_codec;
 pub mod health;
 pub mod ids;
 pub mod reflection;
+pub mod tls;
 
 /// Generated code for package `switchyard.v1`.
 #[allow(clippy::all, missing_debug_implementations, rust_2018_idioms)]

@@ -41,6 +41,8 @@ pub struct ServingState {
     pub config: Arc<ModelConfig>,
     /// When set, client APIs require it (`authorization: Bearer KEY`); health stays open.
     pub api_key: Option<Arc<str>>,
+    /// `/metrics` requires the API key too (`--metrics-auth`).
+    pub metrics_auth: bool,
     pub metrics: Arc<RouterMetrics>,
     /// Tokens per expert and worker (absent for backends that do not count them).
     pub expert_load: Option<Arc<ExpertLoad>>,
@@ -55,6 +57,8 @@ pub struct ServingOptions {
     /// The name clients use for the model.
     pub model_name: String,
     pub api_key: Option<String>,
+    /// Require the API key on `/metrics` as well (it is open by default, like health).
+    pub metrics_auth: bool,
     /// Memory for the paged KV cache.
     pub kv_cache_bytes: u64,
     pub block_size: usize,
@@ -151,6 +155,7 @@ impl ServingState {
             tokenizer,
             config,
             api_key: o.api_key.as_deref().map(Arc::from),
+            metrics_auth: o.metrics_auth,
             metrics: o.metrics.clone(),
             expert_load,
             backend,
@@ -225,14 +230,9 @@ impl ServingState {
 
     /// Checks an `authorization: Bearer KEY` (or `x-api-key: KEY`) header value.
     pub fn authorized(&self, authorization: Option<&str>, x_api_key: Option<&str>) -> bool {
-        let Some(key) = &self.api_key else {
-            return true;
-        };
-        let bearer = authorization.and_then(|v| v.strip_prefix("Bearer "));
-        [bearer, x_api_key]
-            .into_iter()
-            .flatten()
-            .any(|given| constant_time_eq(given.trim().as_bytes(), key.as_bytes()))
+        self.api_key
+            .as_deref()
+            .is_none_or(|key| key_matches(key, authorization, x_api_key))
     }
 
     pub fn model_info(&self) -> ModelInfoResponse {
@@ -309,6 +309,16 @@ impl ServingState {
             })
             .collect()
     }
+}
+
+/// Whether an `authorization: Bearer KEY` or `x-api-key: KEY` header value carries `key`
+/// (compared in constant time).
+pub fn key_matches(key: &str, authorization: Option<&str>, x_api_key: Option<&str>) -> bool {
+    let bearer = authorization.and_then(|v| v.strip_prefix("Bearer "));
+    [bearer, x_api_key]
+        .into_iter()
+        .flatten()
+        .any(|given| constant_time_eq(given.trim().as_bytes(), key.as_bytes()))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -26,8 +26,20 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def check(addr, service):
-    with grpc.insecure_channel(addr) as channel:
+def channel_to(addr, kind=None, ca=None):
+    """Plaintext, or (for a coordinator or worker of a cluster on mutual TLS) TLS that trusts
+    the cluster CA and checks the node's role name; health needs no client certificate."""
+    if ca is None or kind == "router":
+        return grpc.insecure_channel(addr)
+    with open(ca, "rb") as f:
+        credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+    return grpc.secure_channel(
+        addr, credentials,
+        options=[("grpc.ssl_target_name_override", f"{kind}.switchyard.cluster")])
+
+
+def check(addr, service, kind=None, ca=None):
+    with channel_to(addr, kind, ca) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
 
@@ -42,7 +54,8 @@ def worker_without_coordinator(binary, model):
     """A worker whose coordinator is not there: up, but holding nothing it was assigned."""
     dead = f"127.0.0.1:{free_port()}"
     w = subprocess.Popen(
-        [binary, "worker", "--model", model, "--coordinator", dead, "--listen", "127.0.0.1:0"],
+        [binary, "worker", "--model", model, "--coordinator", dead, "--listen", "127.0.0.1:0",
+         "--insecure-cluster"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = w.stdout.readline()
@@ -61,7 +74,7 @@ def main():
     up = subprocess.Popen(
         [binary, "up", "--workers", "2", "--router-addr", "127.0.0.1:0", "--cache-dir", cache],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    nodes, model = [], None
+    nodes, model, ca = [], None, None
     stopped = False
     try:
         deadline = time.time() + 120
@@ -69,6 +82,9 @@ def main():
             m = re.match(r"(coordinator|worker \d+|router) · pid \d+ · (127\.0\.0\.1:\d+)", line)
             if m:
                 nodes.append((m.group(1).split()[0], m.group(2)))
+            m = re.search(r"admin certificate (\S+)/admin\.pem", line)
+            if m:
+                ca = m.group(1) + "/ca.pem"
             m = re.search(r" · model (\S+)$", line.strip())
             if line.startswith("switchyard up:") and m:
                 model = m.group(1)
@@ -78,16 +94,24 @@ def main():
                 raise SystemExit("switchyard up did not come up in 120 s")
         assert len(nodes) == 4, nodes
         assert model, "switchyard up did not name its model"
+        assert ca, "switchyard up did not say where its cluster CA is"
         for kind, addr in nodes:
             for service in ("", SERVICES[kind]):
-                status = check(addr, service)
+                status = check(addr, service, kind, ca)
                 assert status == SERVING, (kind, service, status)
+            if kind != "router":
+                # The cluster's own gRPC ports take only TLS.
+                try:
+                    check(addr, "")
+                    raise SystemExit(f"{kind}: answered plaintext health checks")
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE, e
             try:
-                check(addr, "no.such.Service")
+                check(addr, "no.such.Service", kind, ca)
                 raise SystemExit(f"{kind}: unknown service reported healthy")
             except grpc.RpcError as e:
                 assert e.code() == grpc.StatusCode.NOT_FOUND, e
-        print(f"grpc health: {len(nodes)} nodes SERVING")
+        print(f"grpc health: {len(nodes)} nodes SERVING (coordinator and workers over TLS)")
 
         worker_without_coordinator(binary, model)
 

@@ -52,9 +52,14 @@ impl Sandbox {
                 .expect("bind an ephemeral loopback port");
             let addr = listener.local_addr().expect("bound address").to_string();
             let (tx, rx) = oneshot::channel::<()>();
-            runtime.spawn(service::serve(worker.clone(), listener, async {
-                let _ = rx.await;
-            }));
+            runtime.spawn(service::serve(
+                worker.clone(),
+                listener,
+                ClusterLinks::Insecure,
+                async {
+                    let _ = rx.await;
+                },
+            ));
             workers.push(LocalWorker {
                 addr,
                 worker,
@@ -94,9 +99,14 @@ impl Sandbox {
             }
         };
         let (tx, rx) = oneshot::channel::<()>();
-        runtime.spawn(service::serve(worker, listener, async {
-            let _ = rx.await;
-        }));
+        runtime.spawn(service::serve(
+            worker,
+            listener,
+            ClusterLinks::Insecure,
+            async {
+                let _ = rx.await;
+            },
+        ));
         self.workers[i].shutdown = Some(tx);
     }
 
@@ -126,6 +136,17 @@ impl Drop for Sandbox {
     }
 }
 
+async fn coordinator_client(
+    addr: &str,
+    links: &ClusterLinks,
+) -> switchyard_proto::v1::coordinator_service_client::CoordinatorServiceClient<
+    tonic::transport::Channel,
+> {
+    switchyard_proto::client::coordinator(addr, links)
+        .await
+        .expect("the coordinator is reachable")
+}
+
 /// A coordinated cluster in this process — a coordinator and expert workers that register
 /// with it, each a gRPC server on an ephemeral loopback port — whose membership tests change
 /// while it serves: workers added, drained (as SIGTERM does), killed, the coordinator
@@ -140,6 +161,8 @@ pub struct Cluster {
     coordinator: Option<(CoordinatorNode, oneshot::Sender<()>)>,
     balancing: Balancing,
     pub workers: Vec<ClusterWorker>,
+    /// With mutual TLS: the cluster CA every node's certificate comes from.
+    ca: Option<Arc<ClusterCa>>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -157,6 +180,7 @@ pub struct ClusterWorker {
 use switchyard_coordinator::membership::ModelShape;
 use switchyard_coordinator::service::{Balancing, CoordinatorNode};
 use switchyard_expert_worker::agent::{self, Agent, Membership};
+use switchyard_proto::tls::{ClusterCa, ClusterLinks, NodeIdentity, Role};
 use switchyard_proto::v1::PlacementUpdate;
 use switchyard_proto::v1::coordinator_service_server::CoordinatorService;
 
@@ -174,6 +198,23 @@ impl Cluster {
         lease: Duration,
         workers: usize,
         balancing: Balancing,
+    ) -> Cluster {
+        Cluster::start_with_links(model, replicas, lease, workers, balancing, false)
+    }
+
+    /// Like [`Cluster::start`], every link over mutual TLS: a cluster CA issues the
+    /// coordinator's certificate and each worker's (`worker-<index>`).
+    pub fn start_tls(model: &Path, replicas: usize, lease: Duration, workers: usize) -> Cluster {
+        Cluster::start_with_links(model, replicas, lease, workers, Balancing::default(), true)
+    }
+
+    fn start_with_links(
+        model: &Path,
+        replicas: usize,
+        lease: Duration,
+        workers: usize,
+        balancing: Balancing,
+        tls: bool,
     ) -> Cluster {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -203,6 +244,9 @@ impl Cluster {
             coordinator: None,
             balancing,
             workers: Vec::new(),
+            ca: tls.then(|| {
+                Arc::new(ClusterCa::generate(Duration::from_secs(3600)).expect("a cluster CA"))
+            }),
             runtime: Some(runtime),
         };
         cluster.serve_coordinator(listener);
@@ -215,6 +259,14 @@ impl Cluster {
         cluster
     }
 
+    /// The links of `node`: its certificate from the cluster CA, or plaintext without one.
+    pub fn links_for(&self, node: &NodeIdentity) -> ClusterLinks {
+        match &self.ca {
+            Some(ca) => ClusterLinks::tls(ca.node_tls(node).expect("a node certificate")),
+            None => ClusterLinks::Insecure,
+        }
+    }
+
     fn rt(&self) -> &tokio::runtime::Runtime {
         self.runtime.as_ref().expect("runtime lives until drop")
     }
@@ -225,7 +277,8 @@ impl Cluster {
             self.replicas,
             self.lease,
             self.balancing.clone(),
-        );
+        )
+        .with_links(self.links_for(&NodeIdentity::new(Role::Coordinator, "coordinator")));
         let (tx, rx) = oneshot::channel::<()>();
         self.rt().spawn(switchyard_coordinator::service::serve(
             node.clone(),
@@ -273,6 +326,10 @@ impl Cluster {
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .expect("bind an ephemeral loopback port");
         let addr = listener.local_addr().expect("bound address").to_string();
+        let links = self.links_for(&NodeIdentity::new(
+            Role::Worker,
+            format!("worker-{}", self.workers.len()),
+        ));
         let agent = Agent::new(
             worker.clone(),
             Membership {
@@ -281,6 +338,7 @@ impl Cluster {
                 memory_bytes: 1 << 40,
                 device: "cpu".into(),
                 model: self.shape.identity.clone(),
+                links: links.clone(),
             },
         );
         let (tx, rx) = oneshot::channel::<()>();
@@ -291,6 +349,7 @@ impl Cluster {
         rt.spawn(service::serve_with(
             worker.clone(),
             listener,
+            links,
             health.0,
             health.1,
             move || ready.ready(),
@@ -365,12 +424,19 @@ impl Cluster {
     /// The coordinator's placement now.
     pub fn placement(&self) -> PlacementUpdate {
         let node = self.coordinator().clone();
+        let admin = self.admin();
         self.rt()
             .block_on(async move {
-                node.get_placement(tonic::Request::new(
-                    switchyard_proto::v1::GetPlacementRequest {},
-                ))
-                .await
+                let request = switchyard_proto::v1::GetPlacementRequest {};
+                match admin {
+                    Some((addr, links)) => {
+                        coordinator_client(&addr, &links)
+                            .await
+                            .get_placement(request)
+                            .await
+                    }
+                    None => node.get_placement(tonic::Request::new(request)).await,
+                }
             })
             .expect("GetPlacement answers")
             .into_inner()
@@ -379,15 +445,32 @@ impl Cluster {
     /// The coordinator's view of the cluster now (`switchyard status`).
     pub fn status(&self) -> switchyard_proto::v1::ClusterStatusResponse {
         let node = self.coordinator().clone();
+        let admin = self.admin();
         self.rt()
             .block_on(async move {
-                node.cluster_status(tonic::Request::new(
-                    switchyard_proto::v1::ClusterStatusRequest {},
-                ))
-                .await
+                let request = switchyard_proto::v1::ClusterStatusRequest {};
+                match admin {
+                    Some((addr, links)) => {
+                        coordinator_client(&addr, &links)
+                            .await
+                            .cluster_status(request)
+                            .await
+                    }
+                    None => node.cluster_status(tonic::Request::new(request)).await,
+                }
             })
             .expect("ClusterStatus answers")
             .into_inner()
+    }
+
+    /// With mutual TLS, where and how an operator reaches the coordinator (its calls check the
+    /// caller's certificate, so they go over the network with an admin one).
+    fn admin(&self) -> Option<(String, ClusterLinks)> {
+        self.ca.as_ref()?;
+        Some((
+            self.coordinator_addr.clone(),
+            self.links_for(&NodeIdentity::new(Role::Admin, "admin")),
+        ))
     }
 
     /// Waits (bounded: panics with `what` past `limit`) until `done` holds for the placement.
@@ -425,6 +508,32 @@ impl Cluster {
 
 /// Whether `u`'s target is live, gives every expert `copies` holders or more, and nothing
 /// older is still retained.
+/// Every position's logits of one forward pass over `prompt`, routed experts run by
+/// `experts` (the model itself, or a pool of workers).
+pub fn prompt_logits(
+    model: &switchyard_engine::model::CausalLm,
+    experts: &dyn switchyard_engine::model::ExpertExecutor,
+    prompt: &[u32],
+) -> Vec<f32> {
+    use switchyard_engine::model::{ForwardOptions, LogitsFor, SeqInput};
+    let mut cache = model.new_cache(prompt.len());
+    model
+        .forward_with(
+            &mut [SeqInput {
+                tokens: prompt,
+                cache: &mut cache,
+            }],
+            &ForwardOptions {
+                logits: LogitsFor::All,
+                ..Default::default()
+            },
+            experts,
+        )
+        .expect("the forward pass runs")
+        .logits
+        .into_f32_vec()
+}
+
 pub fn settled(u: &PlacementUpdate, copies: usize) -> bool {
     let (Some(t), Some(l)) = (&u.target, &u.live) else {
         return false;

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard_engine::ModelConfig;
-use switchyard_engine::model::{
-    CausalLm, ExpertExecutor, ExpertSelection, ForwardOptions, LoadOptions, LogitsFor, SeqInput,
-};
+use switchyard_engine::model::{CausalLm, ExpertExecutor, ExpertSelection, LoadOptions};
 use switchyard_engine::synth::{self, SynthDType, SynthOptions};
 use switchyard_proto::v1::Dtype;
 use switchyard_router::ExpertPool;
@@ -21,22 +19,7 @@ use switchyard_tests::Cluster;
 const PROMPT: &[u32] = &[1, 17, 42, 99, 3, 250, 7];
 
 fn logits(model: &CausalLm, experts: &dyn ExpertExecutor) -> Vec<f32> {
-    let mut cache = model.new_cache(PROMPT.len());
-    model
-        .forward_with(
-            &mut [SeqInput {
-                tokens: PROMPT,
-                cache: &mut cache,
-            }],
-            &ForwardOptions {
-                logits: LogitsFor::All,
-                ..Default::default()
-            },
-            experts,
-        )
-        .unwrap()
-        .logits
-        .into_f32_vec()
+    switchyard_tests::prompt_logits(model, experts, PROMPT)
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -302,6 +285,7 @@ fn a_router_that_cannot_switch_retries_says_why_and_switches_once_it_can() {
         Arc::new(switchyard_router::experts::GrpcTransport::new(
             options.max_message_bytes,
             options.call_mode,
+            options.links.clone(),
         )),
         options,
         switchyard_router::experts::Labels::WorkerId,

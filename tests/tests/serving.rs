@@ -36,6 +36,7 @@ fn tiny_f32(dir: &Path) {
 fn options() -> ServingOptions {
     ServingOptions {
         model_name: "tiny".into(),
+        metrics_auth: false,
         api_key: None,
         kv_cache_bytes: 64 << 20,
         block_size: 16,

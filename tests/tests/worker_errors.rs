@@ -136,7 +136,7 @@ fn a_failed_call_on_the_stream_keeps_the_stream_open() {
     let sandbox = Sandbox::start(dir.path(), &["0-7"]);
     let addrs = sandbox.addrs();
     sandbox.block_on(async {
-        let t = GrpcTransport::new(1 << 20, CallMode::Stream)
+        let t = GrpcTransport::new(1 << 20, CallMode::Stream, Default::default())
             .connect(WorkerId(0), &addrs[0])
             .unwrap();
         let deadline = std::time::Duration::from_secs(5);
@@ -179,7 +179,7 @@ fn links_heal_when_a_worker_restarts_at_the_same_address() {
         [CallMode::Stream, CallMode::Unary]
             .into_iter()
             .map(|mode| {
-                GrpcTransport::new(1 << 20, mode)
+                GrpcTransport::new(1 << 20, mode, Default::default())
                     .connect(WorkerId(0), &addr)
                     .unwrap()
             })

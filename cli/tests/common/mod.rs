@@ -9,10 +9,77 @@ use std::process::{Command, Output};
 
 pub fn switchyard(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(args)
+        .args(with_cluster_tls(args))
         .env("SWITCHYARD_THREADS", "2")
         .output()
         .expect("the switchyard binary runs")
+}
+
+/// Worker certificates in [`cluster_certs`]: more than any test starts.
+pub const WORKER_CERTS: usize = 128;
+
+/// A cluster CA and node certificates (`switchyard certs`), issued once per test binary and
+/// kept for its life: `coordinator`, `router-0..3`, `worker-0..127`, `admin`.
+pub fn cluster_certs() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["certs", "--out"])
+            .arg(dir.path().join("certs"))
+            .args(["--workers", &WORKER_CERTS.to_string(), "--routers", "4"])
+            .output()
+            .expect("switchyard certs runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+    .path()
+    .join("certs")
+    .leak()
+}
+
+/// The flags that give node `name` its certificate from [`cluster_certs`].
+pub fn tls_flags(name: &str) -> Vec<String> {
+    let dir = cluster_certs();
+    let path = |f: String| dir.join(f).to_str().expect("UTF-8 paths").to_string();
+    vec![
+        "--cluster-ca".into(),
+        path("ca.pem".into()),
+        "--cert".into(),
+        path(format!("{name}.pem")),
+        "--key".into(),
+        path(format!("{name}.key")),
+    ]
+}
+
+/// `args` with a node certificate of the command's role added (each worker its own), unless
+/// they already say how cluster links run: every node started by hand needs one.
+pub fn with_cluster_tls(args: &[&str]) -> Vec<String> {
+    static NEXT_WORKER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let mut out: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    if args
+        .iter()
+        .any(|a| *a == "--insecure-cluster" || *a == "--cluster-ca" || *a == "--help")
+    {
+        return out;
+    }
+    let name = match args.first().copied() {
+        Some("coordinator") => "coordinator".to_string(),
+        Some("router") => "router-0".to_string(),
+        Some("status" | "rebalance") => "admin".to_string(),
+        Some("worker") => {
+            let n = NEXT_WORKER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            assert!(n < WORKER_CERTS, "more workers than certificates");
+            format!("worker-{n}")
+        }
+        _ => return out,
+    };
+    out.extend(tls_flags(&name));
+    out
 }
 
 pub fn synth_tiny(dir: &Path, dtype: &str) {
@@ -61,7 +128,7 @@ pub fn spawn_node_logged(args: &[&str], log: &Path) -> (Child, String) {
 fn spawn_node_with(args: &[&str], stderr: std::process::Stdio) -> (Child, String) {
     use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(args)
+        .args(with_cluster_tls(args))
         .env("SWITCHYARD_THREADS", "1")
         .stdout(std::process::Stdio::piped())
         .stderr(stderr)

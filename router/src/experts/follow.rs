@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use switchyard_proto::backoff::Backoff;
 use switchyard_proto::client;
+use switchyard_proto::tls::ClusterLinks;
 use switchyard_proto::v1::{ExpertTokens, PlacementMap, RouterReport, WorkerAssignments};
 
 use super::ExpertPool;
@@ -33,9 +34,9 @@ pub fn router_id() -> String {
 
 /// Tells the coordinator this router is gone, so workers need not keep the experts of its
 /// version for it (best effort, bounded: a router that cannot is forgotten after its grace).
-pub async fn leave(coordinator: &str, router_id: &str) {
+pub async fn leave(coordinator: &str, router_id: &str, links: &ClusterLinks) {
     let sent = tokio::time::timeout(Duration::from_secs(2), async {
-        let mut client = client::coordinator(coordinator).await?;
+        let mut client = client::coordinator(coordinator, links).await?;
         client
             .report_router(RouterReport {
                 router_id: router_id.to_string(),
@@ -64,12 +65,18 @@ pub fn start(pool: &Arc<ExpertPool>, coordinator: &str, router_id: &str) {
         .following
         .set((coordinator.to_string(), router_id.to_string()));
     let handle = pool.handle();
-    handle.spawn(watch(Arc::downgrade(pool), coordinator.to_string()));
+    let links = pool.options().links.clone();
+    handle.spawn(watch(
+        Arc::downgrade(pool),
+        coordinator.to_string(),
+        links.clone(),
+    ));
     handle.spawn(report(
         Arc::downgrade(pool),
         pool.in_use_changed.clone(),
         coordinator.to_string(),
         router_id.to_string(),
+        links,
     ));
 }
 
@@ -94,13 +101,13 @@ async fn try_switch(pool: &ExpertPool, map: &PlacementMap) -> bool {
     }
 }
 
-async fn watch(pool: Weak<ExpertPool>, coordinator: String) {
+async fn watch(pool: Weak<ExpertPool>, coordinator: String, links: ClusterLinks) {
     let mut reconnect = Backoff::new(Duration::from_secs(5));
     // The newest live map not switched to yet, and when to try it again.
     let mut pending: Option<PlacementMap> = None;
     let mut retry = Backoff::new(Duration::from_secs(5));
     loop {
-        let mut stream = match client::watch_placement(&coordinator).await {
+        let mut stream = match client::watch_placement(&coordinator, &links).await {
             Ok(s) => s,
             Err(e) => {
                 let wait = reconnect.next_delay();
@@ -152,6 +159,7 @@ async fn report(
     changed: Arc<tokio::sync::Notify>,
     coordinator: String,
     router_id: String,
+    links: ClusterLinks,
 ) {
     let mut backoff = Backoff::new(Duration::from_secs(5));
     let mut period = Duration::from_millis(500);
@@ -180,7 +188,7 @@ async fn report(
             })
             .collect();
         if client.is_none() {
-            client = client::coordinator(&coordinator).await.ok();
+            client = client::coordinator(&coordinator, &links).await.ok();
         }
         let sent = match client.as_mut() {
             Some(c) => c

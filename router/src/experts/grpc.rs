@@ -9,11 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchyard_proto::WorkerId;
+use switchyard_proto::tls::{ClusterLinks, Role};
 use switchyard_proto::v1::expert_service_client::ExpertServiceClient;
 use switchyard_proto::v1::{ForwardRequest, ForwardResponse, InfoRequest};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::transport::{
     ForwardFuture, InfoFuture, Transport, WorkerLink, WorkerReply, call_failed,
@@ -33,28 +34,26 @@ pub enum CallMode {
 pub struct GrpcTransport {
     max_message_bytes: usize,
     mode: CallMode,
+    links: ClusterLinks,
 }
 
 impl GrpcTransport {
-    pub fn new(max_message_bytes: usize, mode: CallMode) -> GrpcTransport {
+    /// Links to workers over `links`: mutual TLS (each worker must present a worker
+    /// certificate of the cluster CA) or plaintext.
+    pub fn new(max_message_bytes: usize, mode: CallMode, links: ClusterLinks) -> GrpcTransport {
         GrpcTransport {
             max_message_bytes,
             mode,
+            links,
         }
-    }
-}
-
-fn url(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
     }
 }
 
 impl Transport for GrpcTransport {
     fn connect(&self, worker: WorkerId, addr: &str) -> Result<Arc<dyn WorkerLink>, RouterError> {
-        let channel = Endpoint::from_shared(url(addr))
+        let channel = self
+            .links
+            .endpoint(addr, Role::Worker)
             .map_err(|e| RouterError::Connect {
                 worker,
                 addr: addr.to_string(),

@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use switchyard_engine::ModelConfig;
 use switchyard_proto::WorkerId;
+use switchyard_proto::tls::ClusterLinks;
 use switchyard_proto::v1::{Dtype, InfoResponse, PlacementMap};
 
 pub use dispatch::PoolStep;
@@ -69,6 +70,9 @@ pub struct DispatchOptions {
     pub micro_batch_min_tokens: usize,
     /// Where per-layer latency, per-worker traffic and placement switches are recorded.
     pub metrics: DispatchMetrics,
+    /// How worker and coordinator links run: mutual TLS with this router's certificate, or
+    /// plaintext.
+    pub links: ClusterLinks,
 }
 
 /// Steps below this many tokens run whole by default: measured on `mini` (2-core AVX2 EPYC,
@@ -88,6 +92,7 @@ impl Default for DispatchOptions {
             micro_batches: 2,
             micro_batch_min_tokens: DEFAULT_MICRO_BATCH_MIN_TOKENS,
             metrics: DispatchMetrics::default(),
+            links: ClusterLinks::Insecure,
         }
     }
 }
@@ -236,6 +241,7 @@ impl ExpertPool {
         let transport = Arc::new(GrpcTransport::new(
             options.max_message_bytes,
             options.call_mode,
+            options.links.clone(),
         ));
         Self::from_workers(config, transport, addrs, options)
     }
@@ -537,6 +543,7 @@ impl ExpertPool {
         let transport = Arc::new(GrpcTransport::new(
             options.max_message_bytes,
             options.call_mode,
+            options.links.clone(),
         ));
         let pool = ExpertPool::new(config, transport, options, Labels::WorkerId)?;
         follow::start(&pool, coordinator, &follow::router_id());
@@ -551,7 +558,7 @@ impl ExpertPool {
     /// On shutdown: tells the coordinator followed (if any) that this router is gone.
     pub async fn leave(&self) {
         if let Some((coordinator, id)) = self.following.get() {
-            follow::leave(coordinator, id).await;
+            follow::leave(coordinator, id, &self.options.links).await;
         }
     }
 

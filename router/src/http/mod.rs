@@ -192,14 +192,20 @@ async fn health(State(state): State<ServingState>) -> impl IntoResponse {
 }
 
 /// Every router metric as Prometheus text.
-async fn metrics(State(state): State<ServingState>) -> impl IntoResponse {
-    (
+async fn metrics(
+    State(state): State<ServingState>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    if state.metrics_auth {
+        authorize(&state, &headers)?;
+    }
+    Ok((
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         state.render_metrics(),
-    )
+    ))
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -12,6 +12,7 @@ use switchyard_router::server::{ServingOptions, ServingState};
 pub fn serving() -> ServingOptions {
     ServingOptions {
         model_name: "tiny".into(),
+        metrics_auth: false,
         api_key: None,
         kv_cache_bytes: 64 << 20,
         block_size: 16,
