@@ -172,6 +172,7 @@ fn bench_serving() -> ServingOptions {
     ServingOptions {
         model_name: "bench".into(),
         metrics_auth: false,
+        api_tls: None,
         api_key: None,
         kv_cache_bytes: 64 << 20,
         block_size: 16,

@@ -124,6 +124,11 @@ pub struct CertsArgs {
     /// Replace certificates already in --out.
     #[arg(long)]
     pub force: bool,
+    /// Also issue `api.pem` / `api.key`, a server certificate for the router's client APIs
+    /// (`router --tls-cert`) valid for these DNS names or IP addresses; clients then trust
+    /// `ca.pem` (`generate --tls-ca`). Repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub api_name: Vec<String>,
 }
 
 /// The node names `switchyard certs` and `up` issue, in order: the coordinator, the
@@ -148,7 +153,23 @@ pub fn certs(args: CertsArgs) -> anyhow::Result<()> {
     }
     let ca = ClusterCa::generate(std::time::Duration::from_secs(args.days * 86_400))?;
     let nodes = cluster_nodes(args.workers, args.routers);
-    let written = switchyard_proto::tls::write_cluster_certs(&args.out, &ca, &nodes, true)?;
+    let mut written = switchyard_proto::tls::write_cluster_certs(&args.out, &ca, &nodes, true)?;
+    if !args.api_name.is_empty() {
+        let api = ca.issue_server(&args.api_name)?;
+        for (file, text, secret) in [
+            ("api.pem", &api.cert_pem, false),
+            ("api.key", &api.key_pem, true),
+        ] {
+            let path = args.out.join(file);
+            switchyard_proto::tls::write_pem(&path, text.as_bytes(), secret)
+                .with_context(|| format!("writing {}", path.display()))?;
+            written.push(path);
+        }
+        eprintln!(
+            "wrote api.pem / api.key for the client APIs, valid for {}",
+            args.api_name.join(", ")
+        );
+    }
     eprintln!(
         "wrote a cluster CA and {} node certificates (valid {} days) to {}: {}",
         nodes.len(),

@@ -40,6 +40,14 @@ pub struct GenerateArgs {
     /// The API key of a router started with --api-key.
     #[arg(long, env = "SWITCHYARD_API_KEY")]
     api_key: Option<String>,
+    /// With --router: connect over TLS, trusting the CA certificate (PEM) in this file (a
+    /// router started with --tls-cert).
+    #[arg(long, env = "SWITCHYARD_TLS_CA", requires = "router")]
+    tls_ca: Option<PathBuf>,
+    /// With --tls-ca: the name to check the router's certificate for (default: the host of
+    /// --router).
+    #[arg(long, requires = "tls_ca")]
+    tls_server_name: Option<String>,
     #[command(flatten)]
     sampling: SamplingArgs,
     /// Print one JSON object (`token_ids`, `text`, `finish_reason`, timings) instead of text.
@@ -220,6 +228,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let options = ServingOptions {
         model_name: String::new(),
         metrics_auth: false,
+        api_tls: None,
         api_key: None,
         kv_cache_bytes: 64 << 30,
         block_size: 16,
@@ -371,12 +380,10 @@ fn report(args: &GenerateArgs, out: &Output, load_s: Option<f64>, gen_s: f64, vi
     );
 }
 
-fn router_url(router: &str) -> String {
-    if router.contains("://") {
-        router.to_string()
-    } else {
-        format!("http://{router}")
-    }
+/// `--router` as a URL: `https://` with `--tls-ca`, whatever scheme was given.
+fn router_url(router: &str, tls: bool) -> String {
+    let hostport = router.split_once("://").map_or(router, |(_, rest)| rest);
+    format!("{}://{hostport}", if tls { "https" } else { "http" })
 }
 
 /// `--router`: the same request through a router's streaming gRPC API.
@@ -388,15 +395,31 @@ fn run_remote(args: &GenerateArgs) -> anyhow::Result<()> {
         args.prompt_ids.clone(),
         args.prompt.clone().unwrap_or_default(),
     )?;
-    let url = router_url(router);
+    let url = router_url(router, args.tls_ca.is_some());
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
+        .with_context(|| format!("--router {router}"))?;
+    if let Some(ca) = &args.tls_ca {
+        let pem =
+            std::fs::read(ca).with_context(|| format!("reading --tls-ca {}", ca.display()))?;
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        if let Some(name) = &args.tls_server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        endpoint = endpoint.tls_config(tls).context("--tls-ca")?;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let start = Instant::now();
     let out = runtime.block_on(async {
-        let mut client = InferenceServiceClient::connect(url.clone())
-            .await
-            .with_context(|| format!("connecting to the router at {url}"))?;
+        let channel = endpoint.connect().await.map_err(|e| {
+            anyhow::anyhow!(
+                "connecting to the router at {url}: {}",
+                switchyard_proto::client::connect_error(&e)
+            )
+        })?;
+        let mut client = InferenceServiceClient::new(channel);
         let mut request = tonic::Request::new(request);
         if let Some(key) = &args.api_key {
             request.metadata_mut().insert(
@@ -445,7 +468,7 @@ fn run_remote(args: &GenerateArgs) -> anyhow::Result<()> {
 pub fn generate_via_router(router: &str, request: Wire) -> anyhow::Result<GenerateResponse> {
     use switchyard_proto::v1::inference_service_client::InferenceServiceClient;
 
-    let url = router_url(router);
+    let url = router_url(router, false);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

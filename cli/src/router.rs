@@ -155,6 +155,25 @@ pub struct ServeArgs {
     /// is otherwise open like `/health`.
     #[arg(long, env = "SWITCHYARD_METRICS_AUTH")]
     pub metrics_auth: bool,
+    /// Serve the client APIs (gRPC and HTTP) over TLS with this certificate chain (PEM, leaf
+    /// first); vLLM's `--ssl-certfile` is the same flag.
+    #[arg(
+        long,
+        env = "SWITCHYARD_TLS_CERT",
+        alias = "ssl-certfile",
+        requires = "tls_key",
+        value_name = "PEM"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM); `--ssl-keyfile`.
+    #[arg(
+        long,
+        env = "SWITCHYARD_TLS_KEY",
+        alias = "ssl-keyfile",
+        requires = "tls_cert",
+        value_name = "PEM"
+    )]
+    pub tls_key: Option<PathBuf>,
     /// Memory for the paged KV cache, e.g. `512MiB`, `4GiB`. Admission and preemption work
     /// within it.
     #[arg(long, env = "SWITCHYARD_KV_CACHE_MEMORY", default_value = "1GiB", value_parser = switchyard_coordinator::capacity::parse_bytes)]
@@ -226,10 +245,15 @@ impl ServeArgs {
                 .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
                 .unwrap_or_else(|| "switchyard".into()),
         };
+        let api_tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(switchyard_router::api_tls::ApiTls::load(cert, key)?),
+            _ => None,
+        };
         Ok(ServingOptions {
             model_name,
             api_key,
             metrics_auth: self.metrics_auth,
+            api_tls,
             kv_cache_bytes: self.kv_cache_memory,
             block_size: self.kv_block_size,
             max_batch_size: self.max_batch_size,
@@ -290,6 +314,11 @@ impl ServeArgs {
         }
         if self.metrics_auth {
             a.push("--metrics-auth".into());
+        }
+        for (flag, path) in [("--tls-cert", &self.tls_cert), ("--tls-key", &self.tls_key)] {
+            if let Some(p) = path {
+                a.extend([flag.to_string(), p.display().to_string()]);
+            }
         }
         a
     }

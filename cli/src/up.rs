@@ -344,6 +344,11 @@ pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
     if args.routers == 0 {
         bail!("--routers must be >= 1, got 0");
     }
+    if !args.demo_prompt_ids.is_empty() && args.serve.tls_cert.is_some() {
+        bail!(
+            "--demo-prompt-ids calls the router in plaintext; drop --tls-cert, or generate with `switchyard generate --router ADDR --tls-ca CA.pem`"
+        );
+    }
     // Catch Ctrl-C and SIGTERM from the start, so one that arrives while nodes are starting
     // still stops them all cleanly instead of killing `up` outright.
     let runtime = tokio::runtime::Builder::new_current_thread()

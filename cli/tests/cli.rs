@@ -1382,3 +1382,107 @@ fn metrics_auth_puts_every_node_s_metrics_behind_the_api_key_and_leaves_health_o
     }
     assert!(sigterm_and_wait(&mut up, "up").success());
 }
+
+#[test]
+fn client_apis_over_tls_serve_clients_that_trust_the_issuing_ca() {
+    let cache = tempfile::tempdir().unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let dir = certs.path().join("tls");
+    let out = switchyard(&[
+        "certs",
+        "--out",
+        dir.to_str().unwrap(),
+        "--api-name",
+        "127.0.0.1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    // Asking for a generation in plaintext from a TLS router is refused before anything starts.
+    let out = switchyard(&[
+        "up",
+        "--tls-cert",
+        &file("api.pem"),
+        "--tls-key",
+        &file("api.key"),
+        "--demo-prompt-ids",
+        "1,2",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--tls-ca"),
+        "{stderr}"
+    );
+    let (mut up, rx) = up_on_loopback(
+        cache.path(),
+        &[
+            "--tls-cert",
+            &file("api.pem"),
+            "--tls-key",
+            &file("api.key"),
+        ],
+    );
+    let mut router = None;
+    loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("up reports its nodes");
+        if line.starts_with("router · pid") {
+            router = line.split(" · ").nth(2).map(|a| a.trim().to_string());
+        }
+        if line.starts_with("serving") {
+            break;
+        }
+    }
+    let router = router.expect("the router's address");
+    let generate = |extra: &[&str]| {
+        switchyard(
+            &[
+                &[
+                    "generate",
+                    "--router",
+                    router.as_str(),
+                    "--prompt-ids",
+                    "1,17,42",
+                    "--max-new-tokens",
+                    "4",
+                    "--ignore-eos",
+                    "--json",
+                ][..],
+                extra,
+            ]
+            .concat(),
+        )
+    };
+    let ok = generate(&["--tls-ca", &file("ca.pem")]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let ids = serde_json::from_slice::<serde_json::Value>(&ok.stdout).unwrap()["token_ids"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(ids, 4);
+    // Plaintext, and TLS trusting another CA, both fail clearly.
+    let plain = generate(&[]);
+    assert!(!plain.status.success());
+    let other = tempfile::tempdir().unwrap();
+    let other_dir = other.path().join("tls");
+    assert!(
+        switchyard(&["certs", "--out", other_dir.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let foreign = generate(&["--tls-ca", other_dir.join("ca.pem").to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&foreign.stderr);
+    assert!(
+        !foreign.status.success() && stderr.contains("connecting to the router"),
+        "{stderr}"
+    );
+    assert!(sigterm_and_wait(&mut up, "up").success());
+}

@@ -436,6 +436,24 @@ impl ClusterCa {
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
         ];
+        self.sign(params)
+    }
+
+    /// A server certificate for a client API (`--tls-cert`) answering to `names` (DNS names
+    /// or IP addresses), for clients that trust this CA.
+    pub fn issue_server(&self, names: &[String]) -> Result<IssuedCert, TlsError> {
+        let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(issue_error)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "switchyard API");
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(params)
+    }
+
+    /// Signs `params` with a fresh key, valid from an hour ago (for clocks a little behind) to
+    /// the CA's own end.
+    fn sign(&self, mut params: rcgen::CertificateParams) -> Result<IssuedCert, TlsError> {
         params.use_authority_key_identifier_extension = true;
         params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
         params.not_after = self.not_after;
@@ -482,7 +500,7 @@ pub fn write_cluster_certs(
     let mut written = Vec::new();
     let mut write = |name: String, text: &str, secret: bool| -> Result<(), TlsError> {
         let path = dir.join(name);
-        write_file(&path, text.as_bytes(), secret).map_err(|e| io(&path, e))?;
+        write_pem(&path, text.as_bytes(), secret).map_err(|e| io(&path, e))?;
         written.push(path);
         Ok(())
     };
@@ -505,7 +523,8 @@ pub fn write_cluster_certs(
     Ok(written)
 }
 
-fn write_file(path: &Path, bytes: &[u8], secret: bool) -> std::io::Result<()> {
+/// Writes a PEM file: mode 0600 when it is `secret` (a key), 0644 otherwise.
+pub fn write_pem(path: &Path, bytes: &[u8], secret: bool) -> std::io::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);

@@ -10,11 +10,12 @@
 //! - [`scheduler`]: continuous batching with chunked prefill over the paged KV cache,
 //!   admission control, preemption, cancellation and deadlines, behind [`backend::Backend`];
 //! - [`server`]: the gRPC client API (`InferenceService`, health, reflection) and the state the
-//!   APIs share; [`http`]: the OpenAI-compatible HTTP API;
+//!   APIs share; [`http`]: the OpenAI-compatible HTTP API; [`api_tls`]: TLS for both;
 //! - [`node`]: one way to assemble a router node — model, expert pool, scheduler, APIs;
 //! - [`metrics`]: the Prometheus metrics; [`expert_load`]: exact per-(layer, expert) token
 //!   counts.
 
+pub mod api_tls;
 pub mod backend;
 pub mod error;
 pub mod expert_load;

@@ -43,6 +43,8 @@ pub struct ServingState {
     pub api_key: Option<Arc<str>>,
     /// `/metrics` requires the API key too (`--metrics-auth`).
     pub metrics_auth: bool,
+    /// TLS for both client APIs (`--tls-cert` / `--tls-key`).
+    pub api_tls: Option<crate::api_tls::ApiTls>,
     pub metrics: Arc<RouterMetrics>,
     /// Tokens per expert and worker (absent for backends that do not count them).
     pub expert_load: Option<Arc<ExpertLoad>>,
@@ -59,6 +61,8 @@ pub struct ServingOptions {
     pub api_key: Option<String>,
     /// Require the API key on `/metrics` as well (it is open by default, like health).
     pub metrics_auth: bool,
+    /// Serve the client APIs over TLS with this certificate.
+    pub api_tls: Option<crate::api_tls::ApiTls>,
     /// Memory for the paged KV cache.
     pub kv_cache_bytes: u64,
     pub block_size: usize,
@@ -156,6 +160,7 @@ impl ServingState {
             config,
             api_key: o.api_key.as_deref().map(Arc::from),
             metrics_auth: o.metrics_auth,
+            api_tls: o.api_tls.clone(),
             metrics: o.metrics.clone(),
             expert_load,
             backend,
@@ -552,6 +557,7 @@ pub async fn serve(
         health.close().await;
     };
     let auth = state.clone();
+    let tls = state.api_tls.clone();
     let api = InferenceServiceServer::with_interceptor(
         InferenceApi::new(state),
         move |req: Request<()>| {
@@ -563,7 +569,13 @@ pub async fn serve(
             }
         },
     );
-    let result = tonic::transport::Server::builder()
+    let mut server = match &tls {
+        Some(t) => tonic::transport::Server::builder()
+            .tls_config(t.grpc())
+            .map_err(|e| RouterError::Runtime(format!("TLS for the gRPC API: {e}")))?,
+        None => tonic::transport::Server::builder(),
+    };
+    let result = server
         .add_service(health_service)
         .add_optional_service(switchyard_proto::reflection::v1())
         .add_optional_service(switchyard_proto::reflection::v1alpha())

@@ -236,6 +236,60 @@ def check_metrics(urls):
     print(f"prometheus: {len(urls)} nodes, {len(seen)} metric families parse")
 
 
+def check_tls(binary, cache):
+    """The client APIs over TLS (`--tls-cert`, from `switchyard certs --api-name`): the openai
+    client trusting only the issuing CA, the grpcio health client over TLS, and a plaintext
+    request getting no answer."""
+    try:  # the HTTP client the openai package is built on
+        import httpx
+    except ImportError:
+        import httpx2 as httpx
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    with tempfile.TemporaryDirectory() as certs:
+        subprocess.run([binary, "certs", "--out", certs, "--api-name", "127.0.0.1",
+                        "--api-name", "localhost"], check=True, capture_output=True)
+        up = subprocess.Popen(
+            [binary, "up", "--workers", "1", "--router-addr", "127.0.0.1:0",
+             "--http-addr", "127.0.0.1:0", "--cache-dir", cache, "--served-model-name", "tiny",
+             "--tls-cert", f"{certs}/api.pem", "--tls-key", f"{certs}/api.key"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            grpc_addr = http_addr = None
+            for line in up.stderr:
+                m = re.match(r"router · pid \d+ · (127\.0\.0\.1:\d+) · http (127\.0\.0\.1:\d+)",
+                             line)
+                if m:
+                    grpc_addr, http_addr = m.group(1), m.group(2)
+                if line.startswith("serving"):
+                    break
+            assert http_addr, "the TLS router printed no HTTP address"
+            client = openai.OpenAI(base_url=f"https://{http_addr}/v1", api_key="unused",
+                                   max_retries=0, timeout=60,
+                                   http_client=httpx.Client(verify=f"{certs}/ca.pem"))
+            assert [m.id for m in client.models.list().data] == ["tiny"]
+            done = client.completions.create(model="tiny", prompt="Hello", max_tokens=4,
+                                             temperature=0, extra_body={"ignore_eos": True})
+            assert done.usage.completion_tokens == 4, done.usage
+            try:
+                urllib.request.urlopen(f"http://{http_addr}/v1/models", timeout=10).read()
+                raise SystemExit("the TLS router answered plaintext HTTP")
+            except SystemExit:
+                raise
+            except Exception:
+                pass
+            with open(f"{certs}/ca.pem", "rb") as f:
+                credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+            with grpc.secure_channel(grpc_addr, credentials) as channel:
+                status = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=10).status
+                assert status == health_pb2.HealthCheckResponse.SERVING, status
+            print("tls: the openai client (HTTPS, trusting only the issuing CA) and grpcio "
+                  "(gRPC over TLS) served; plaintext refused")
+        finally:
+            up.send_signal(signal.SIGTERM)
+            up.wait(timeout=60)
+
+
 def main():
     binary, cache = sys.argv[1], sys.argv[2]
     up, grpc_addr, http_addr, metrics_urls = start(binary, cache)
@@ -247,6 +301,7 @@ def main():
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(timeout=60)
+    check_tls(binary, cache)
 
 
 if __name__ == "__main__":

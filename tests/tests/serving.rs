@@ -37,6 +37,7 @@ fn options() -> ServingOptions {
     ServingOptions {
         model_name: "tiny".into(),
         metrics_auth: false,
+        api_tls: None,
         api_key: None,
         kv_cache_bytes: 64 << 20,
         block_size: 16,

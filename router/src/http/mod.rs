@@ -101,10 +101,20 @@ pub async fn serve(
         shutdown.await;
         draining.start_draining();
     };
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| RouterError::Runtime(format!("http serving failed: {e}")))
+    let failed = |e: std::io::Error| RouterError::Runtime(format!("http serving failed: {e}"));
+    match state.api_tls.clone() {
+        Some(tls) => {
+            let listener = tls.listener(listener).map_err(failed)?;
+            axum::serve(listener, router(state))
+                .with_graceful_shutdown(shutdown)
+                .await
+                .map_err(failed)
+        }
+        None => axum::serve(listener, router(state))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(failed),
+    }
 }
 
 fn authorize(state: &ServingState, headers: &HeaderMap) -> Result<(), ApiError> {

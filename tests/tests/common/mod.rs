@@ -13,6 +13,7 @@ pub fn serving() -> ServingOptions {
     ServingOptions {
         model_name: "tiny".into(),
         metrics_auth: false,
+        api_tls: None,
         api_key: None,
         kv_cache_bytes: 64 << 20,
         block_size: 16,
