@@ -253,12 +253,18 @@ impl NodeCerts {
                     dir.display()
                 );
             }
+            if dir.join("ca.key").exists() {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "--cluster-certs holds ca.key, which can issue any node's certificate: keep it off the nodes' hosts"
+                );
+            }
             return Ok(NodeCerts::Dir(dir.to_path_buf()));
         }
         match throw_away {
             Some((workers, routers)) => Ok(NodeCerts::Local(LocalCerts::issue(workers, routers)?)),
             None => bail!(
-                "a cluster file spans hosts, which must share a cluster CA: give --cluster-certs DIR (from `switchyard certs`, copied to every host), or --insecure-cluster"
+                "a cluster file spans hosts, which must share a cluster CA: give --cluster-certs DIR (from `switchyard certs`: on each host, ca.pem and the pairs of the nodes it runs), or --insecure-cluster"
             ),
         }
     }

@@ -29,6 +29,9 @@ impl MetricsAuthArgs {
     /// The key `/metrics` requires, if any.
     pub fn key(&self) -> anyhow::Result<Option<Arc<str>>> {
         if !self.metrics_auth {
+            if self.api_key.is_some() || self.api_key_file.is_some() {
+                tracing::warn!("an API key was given without --metrics-auth: /metrics stays open");
+            }
             return Ok(None);
         }
         let key = match (&self.api_key, &self.api_key_file) {

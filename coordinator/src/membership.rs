@@ -64,6 +64,9 @@ pub struct RouterMember {
     /// The live version it dispatches with (0: none yet).
     pub live_version: u64,
     pub last_seen_ms: u64,
+    /// The name in the certificate its first report came with (mutual TLS): only that
+    /// certificate may report, or leave, for this router id.
+    pub identity: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -250,14 +253,12 @@ impl ClusterState {
                 caller: caller.into(),
             });
         }
-        // A worker re-registering (from the same address, or with the same certificate)
-        // replaces its old entry.
+        // A worker re-registering from the same address replaces its old entry (of the same
+        // identity: another one's address was refused above).
         let stale: Vec<WorkerId> = self
             .members
             .values()
-            .filter(|m| {
-                m.address == address || (identity.is_some() && m.identity.as_deref() == identity)
-            })
+            .filter(|m| m.address == address)
             .map(|m| m.id)
             .collect();
         for id in stale {
@@ -379,6 +380,19 @@ impl ClusterState {
         counts: Option<RouterCounts>,
         now_ms: u64,
     ) {
+        self.report_router_as(None, id, live_version, counts, now_ms);
+    }
+
+    /// [`ClusterState::report_router`] from a router whose certificate names it `identity`
+    /// (checked first with [`ClusterState::check_router`]).
+    pub fn report_router_as(
+        &mut self,
+        identity: Option<&str>,
+        id: &str,
+        live_version: u64,
+        counts: Option<RouterCounts>,
+        now_ms: u64,
+    ) {
         if let Some(counts) = counts {
             self.load.add(id, counts, now_ms);
         }
@@ -388,8 +402,26 @@ impl ClusterState {
                 id: id.to_string(),
                 live_version,
                 last_seen_ms: now_ms,
+                identity: identity.map(String::from),
             },
         );
+    }
+
+    /// Fails if router `id` first reported with another certificate than `identity`'s: one
+    /// router may not report load, or leave, for another (leaving would let workers drop
+    /// versions that router still dispatches with).
+    pub fn check_router(&self, id: &str, identity: Option<&str>) -> Result<(), MembershipError> {
+        let (Some(caller), Some(r)) = (identity, self.routers.get(id)) else {
+            return Ok(());
+        };
+        match r.identity.as_deref() {
+            Some(holder) if holder != caller => Err(MembershipError::NotYours {
+                what: format!("router id {id:?}"),
+                holder: holder.to_string(),
+                caller: caller.into(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The oldest placement version a router may still dispatch with: workers keep the
@@ -595,6 +627,50 @@ mod tests {
             experts_per_layer: 8,
             expert_bytes: 10,
         }
+    }
+
+    #[test]
+    fn workers_sharing_a_certificate_are_told_apart_by_address() {
+        let mut c = ClusterState::new(shape(), 1, 1000);
+        let reg = |c: &mut ClusterState, who: &str, addr: &str| {
+            c.register_as(Some(who), addr, 1000, "cpu", "m", None, 0)
+        };
+        let a = reg(&mut c, "worker-0", "a:1").unwrap();
+        let b = reg(&mut c, "worker-0", "b:1").unwrap();
+        assert_ne!(a, b);
+        assert_eq!(
+            c.members().count(),
+            2,
+            "one shared certificate, two workers"
+        );
+        assert!(c.check_caller(a, Some("worker-0")).is_ok());
+        assert!(c.check_caller(b, Some("worker-0")).is_ok());
+        let err = c.check_caller(a, Some("rogue")).unwrap_err();
+        assert!(matches!(err, MembershipError::NotYours { .. }), "{err}");
+        assert!(err.to_string().contains("worker-0") && err.to_string().contains("rogue"));
+        // Another certificate may not take an address to receive its calls.
+        assert!(matches!(
+            reg(&mut c, "rogue", "a:1"),
+            Err(MembershipError::NotYours { .. })
+        ));
+        // The same worker re-registering from its address replaces its old entry.
+        let a2 = reg(&mut c, "worker-0", "a:1").unwrap();
+        assert_eq!(c.members().count(), 2);
+        assert!(c.members().any(|m| m.id == a2 && m.address == "a:1"));
+        // Unknown ids and insecure links (no identity) pass: the call answers as it would.
+        assert!(c.check_caller(WorkerId(99), Some("rogue")).is_ok());
+        assert!(c.check_caller(b, None).is_ok());
+    }
+
+    #[test]
+    fn a_router_id_answers_only_to_the_certificate_it_first_reported_with() {
+        let mut c = ClusterState::new(shape(), 1, 1000);
+        assert!(c.check_router("r1", Some("router-0")).is_ok());
+        c.report_router_as(Some("router-0"), "r1", 0, None, 0);
+        assert!(c.check_router("r1", Some("router-0")).is_ok());
+        let err = c.check_router("r1", Some("router-1")).unwrap_err();
+        assert!(err.to_string().contains("r1"), "{err}");
+        assert!(c.check_router("r2", Some("router-1")).is_ok());
     }
 
     #[test]

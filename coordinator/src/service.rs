@@ -358,6 +358,12 @@ impl CoordinatorService for CoordinatorNode {
         let caller = self.worker_caller(&request, "Heartbeat")?;
         let r = request.into_inner();
         let failed = (r.failed_version > 0).then_some((r.failed_version, r.load_error.as_str()));
+        let id = WorkerId(r.worker_id);
+        let known = self.with_state(|s, now| {
+            s.check_caller(id, caller.as_deref())?;
+            Ok::<_, MembershipError>(s.heartbeat(id, r.loaded_version, failed, now))
+        })??;
+        // Logged once the caller is known to speak for this worker.
         if let Some((version, why)) = failed {
             tracing::warn!(
                 worker = r.worker_id,
@@ -366,11 +372,6 @@ impl CoordinatorService for CoordinatorNode {
                 "worker cannot load its placement; placing its experts elsewhere"
             );
         }
-        let id = WorkerId(r.worker_id);
-        let known = self.with_state(|s, now| {
-            s.check_caller(id, caller.as_deref())?;
-            Ok::<_, MembershipError>(s.heartbeat(id, r.loaded_version, failed, now))
-        })??;
         Ok(Response::new(HeartbeatResponse { known }))
     }
 
@@ -401,8 +402,10 @@ impl CoordinatorService for CoordinatorNode {
         &self,
         request: Request<RouterReport>,
     ) -> Result<Response<RouterReportResponse>, Status> {
-        self.links
-            .authorize(&request, &[Role::Router], "ReportRouter")?;
+        let caller = self
+            .links
+            .authorize(&request, &[Role::Router], "ReportRouter")?
+            .map(|id| id.name);
         let r = request.into_inner();
         if r.router_id.is_empty() || r.router_id.len() > 128 {
             return Err(Status::invalid_argument(format!(
@@ -411,11 +414,12 @@ impl CoordinatorService for CoordinatorNode {
             )));
         }
         let lease_ms = self.with_state(|s, now| {
+            s.check_router(&r.router_id, caller.as_deref())?;
             if r.leaving {
                 s.router_left(&r.router_id);
             } else {
                 let counts = router_counts(s.model(), &r)?;
-                s.report_router(&r.router_id, r.live_version, counts, now);
+                s.report_router_as(caller.as_deref(), &r.router_id, r.live_version, counts, now);
             }
             Ok::<_, Status>(s.lease_ms())
         })??;

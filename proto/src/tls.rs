@@ -26,6 +26,9 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server,
 /// The SPIFFE trust domain of every Switchyard cluster, and the DNS suffix of its server names.
 pub const TRUST_DOMAIN: &str = "switchyard.cluster";
 
+/// How long a peer may take over its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What a node is, as its certificate says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
@@ -294,7 +297,9 @@ impl ClusterLinks {
                     ServerTlsConfig::new()
                         .identity(t.own())
                         .client_ca_root(Certificate::from_pem(&t.ca_pem))
-                        .client_auth_optional(true),
+                        .client_auth_optional(true)
+                        // A peer that connects and never finishes its handshake is dropped.
+                        .timeout(HANDSHAKE_TIMEOUT),
                 )
                 .map_err(|e| TlsError::Config(e.to_string())),
         }
@@ -442,6 +447,16 @@ impl ClusterCa {
     /// A server certificate for a client API (`--tls-cert`) answering to `names` (DNS names
     /// or IP addresses), for clients that trust this CA.
     pub fn issue_server(&self, names: &[String]) -> Result<IssuedCert, TlsError> {
+        // Cluster clients accept any certificate of this CA that carries a role's server
+        // name: a client-API certificate (its key on a client-facing host) must carry none.
+        if let Some(n) = names.iter().find(|n| {
+            let n = n.trim_end_matches('.').to_ascii_lowercase();
+            n == TRUST_DOMAIN || n.ends_with(&format!(".{TRUST_DOMAIN}"))
+        }) {
+            return Err(TlsError::BadName(format!(
+                "{n} (names under {TRUST_DOMAIN} are the cluster's own)"
+            )));
+        }
         let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(issue_error)?;
         params
             .distinguished_name
@@ -490,12 +505,16 @@ pub fn write_cluster_certs(
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
-    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| io(dir, e))?;
+    // Only a directory made here is made private: an existing one (`--out .`) is the
+    // user's, and keeps its mode.
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| io(dir, e))?;
+        }
     }
     let mut written = Vec::new();
     let mut write = |name: String, text: &str, secret: bool| -> Result<(), TlsError> {
@@ -534,6 +553,12 @@ pub fn write_pem(path: &Path, bytes: &[u8], secret: bool) -> std::io::Result<()>
         options.mode(if secret { 0o600 } else { 0o644 });
     }
     let mut file = options.open(path)?;
+    // The mode above applies only to a new file; a key written over an old one gets it too.
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
     file.write_all(bytes)
 }
 
@@ -589,6 +614,23 @@ mod tests {
         ] {
             assert_eq!(NodeIdentity::from_uri(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn an_api_certificate_may_not_carry_a_cluster_server_name() {
+        let ca = ca();
+        for name in [
+            "worker.switchyard.cluster",
+            "*.SWITCHYARD.cluster",
+            "switchyard.cluster.",
+        ] {
+            let err = ca.issue_server(&[name.to_string()]).expect_err(name);
+            assert!(err.to_string().contains("the cluster's own"), "{err}");
+        }
+        assert!(
+            ca.issue_server(&["api.example.com".into(), "10.0.0.3".into()])
+                .is_ok()
+        );
     }
 
     #[test]

@@ -74,10 +74,12 @@ impl ApiTls {
 
     /// The gRPC API's server configuration.
     pub fn grpc(&self) -> tonic::transport::ServerTlsConfig {
-        tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
-            &self.cert_pem,
-            &self.key_pem,
-        ))
+        tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ))
+            .timeout(HANDSHAKE_TIMEOUT)
     }
 
     /// `listener`'s connections, TLS done, for the HTTP API.

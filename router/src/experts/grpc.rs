@@ -343,6 +343,11 @@ fn call_code(status: &tonic::Status) -> tonic::Code {
         {
             tonic::Code::Unavailable
         }
+        // hyper's "connection closed" under a call in flight (the worker stopped), which
+        // tonic reports as CANCELLED: the worker is gone, not the call given up.
+        tonic::Code::Cancelled if message.starts_with("operation was canceled") => {
+            tonic::Code::Unavailable
+        }
         code => code,
     }
 }
@@ -357,6 +362,8 @@ mod tests {
         assert_eq!(call_code(&broken), tonic::Code::Unavailable);
         let transport = tonic::Status::unknown("transport error");
         assert_eq!(call_code(&transport), tonic::Code::Unavailable);
+        let closed = tonic::Status::cancelled("operation was canceled");
+        assert_eq!(call_code(&closed), tonic::Code::Unavailable);
         // A worker's own internal error is not a lost connection.
         let bug = tonic::Status::internal("expert 3 failed: shape error");
         assert_eq!(call_code(&bug), tonic::Code::Internal);
