@@ -234,6 +234,24 @@ def check_metrics(urls):
     missing = expected - seen
     assert not missing, f"missing metric families {missing}; saw {sorted(seen)}"
     print(f"prometheus: {len(urls)} nodes, {len(seen)} metric families parse")
+    check_dashboard(seen)
+
+
+def check_dashboard(seen):
+    """Every metric the Grafana dashboard (deploy/grafana/switchyard.json) queries is one the
+    nodes export, so the dashboard cannot drift from the metrics."""
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "grafana",
+                        "switchyard.json")
+    with open(path) as f:
+        dashboard = json.load(f)
+    used = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for name in re.findall(r"switchyard_[a-z0-9_]+", target["expr"]):
+                used.add(re.sub(r"_(total|bucket|count|sum)$", "", name))
+    unknown = used - seen
+    assert not unknown, f"the dashboard queries metrics no node exports: {sorted(unknown)}"
+    print(f"grafana: {len(dashboard['panels'])} panels, {len(used)} metrics, all exported")
 
 
 def check_tls(binary, cache):
