@@ -4,11 +4,16 @@
     python3 tools/bench_llamacpp.py --model /tmp/models/mini --model /tmp/models/qwen3-0.6b
 
 For each checkpoint directory (Hugging Face layout, e.g. from `switchyard synth --preset
-mini`): converts it to a bf16 GGUF with llama.cpp's own `convert_hf_to_gguf.py`, then runs
+mini`): converts it to a GGUF with llama.cpp's own `convert_hf_to_gguf.py`, then runs
 `switchyard bench`, `llama-bench`, and `switchyard bench` again (batch 1, `--prompt-len`,
 `--gen-len`, `--threads`), and prints one table: llama.cpp's figure, switchyard's two, and
 their ratio to llama.cpp. The machines are shared and noisy: only figures from one run compare,
 and switchyard runs on both sides of llama.cpp so a drift shows as a spread.
+
+A bf16 checkpoint becomes a bf16 GGUF. An FP8 one (`switchyard synth --dtype fp8`, DeepSeek's
+layout) is converted with `--fp8-as-q8`: every tensor stored in FP8 becomes Q8_0 (one byte per
+weight plus a scale per 32, the nearest GGUF type in bytes) and the rest stays bf16, while
+switchyard keeps those tensors FP8 (`--weight-dtype`, default `fp8` for such a checkpoint).
 
 llama.cpp is built once into `--cache` (default ~/.cache/switchyard/llama.cpp) from the
 `llama-cpp-python` source package on PyPI, whose `vendor/llama.cpp` is a whole llama.cpp tree
@@ -37,7 +42,10 @@ SDIST_URL = (
     f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
 )
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-CONVERTER_NEEDS = ["cmake", "numpy", "torch", "transformers", "sentencepiece", "safetensors", "protobuf"]
+CONVERTER_NEEDS = ["cmake", "numpy", "transformers", "sentencepiece", "safetensors", "protobuf",
+                   # torch's own needs: torch itself goes in without its dependencies, as PyPI's
+                   # Linux wheel would pull ~3 GB of CUDA libraries the converter never loads.
+                   "filelock", "sympy", "networkx", "jinja2", "fsspec", "typing-extensions"]
 
 # Runs llama.cpp's converter with an unknown BPE pre-tokenizer read as gpt-2.
 CONVERT_SHIM = r"""
@@ -90,6 +98,7 @@ def ensure_llamacpp(cache: Path) -> tuple[Path, Path]:
     if not py.exists():
         run([sys.executable, "-m", "venv", venv])
         run([py, "-m", "pip", "install", "-q", *CONVERTER_NEEDS])
+        run([py, "-m", "pip", "install", "-q", "--no-deps", "torch"])
     cmake = venv / "bin" / "cmake"
     if not (tree / "build" / "bin" / "llama-bench").exists():
         run([cmake, "-S", tree, "-B", tree / "build", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
@@ -99,18 +108,28 @@ def ensure_llamacpp(cache: Path) -> tuple[Path, Path]:
     return tree, py
 
 
+def is_fp8(model: Path) -> bool:
+    config = json.loads((model / "config.json").read_text())
+    return (config.get("quantization_config") or {}).get("quant_method") == "fp8"
+
+
+def gguf_type(model: Path) -> str:
+    return "q8_0+bf16" if is_fp8(model) else "bf16"
+
+
 def gguf_for(model: Path, tree: Path, py: Path, cache: Path) -> Path:
-    """A bf16 GGUF of `model`, converted once per checkpoint (keyed by path and contents' times)."""
+    """A GGUF of `model`, converted once per checkpoint (keyed by path and contents' times)."""
     stamp = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(model.iterdir()))
     key = hashlib.sha256(f"{model.resolve()}|{stamp}".encode()).hexdigest()[:12]
-    out = cache / "gguf" / f"{model.name}-{key}.bf16.gguf"
+    out = cache / "gguf" / f"{model.name}-{key}.{gguf_type(model)}.gguf"
+    extra = ["--fp8-as-q8"] if is_fp8(model) else []
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.with_suffix(".partial")
         convert_log = out.with_suffix(".log")
         with open(convert_log, "w") as f:
             try:
-                run([py, "-c", CONVERT_SHIM, tree, model, "--outtype", "bf16", "--outfile", partial],
+                run([py, "-c", CONVERT_SHIM, tree, model, "--outtype", "bf16", *extra, "--outfile", partial],
                     stdout=f, stderr=subprocess.STDOUT)
             except subprocess.CalledProcessError:
                 sys.exit(f"bench_llamacpp: converting {model} failed; its output is in {convert_log}")
@@ -119,8 +138,9 @@ def gguf_for(model: Path, tree: Path, py: Path, cache: Path) -> Path:
 
 
 def switchyard_bench(binary: str, model: Path, args) -> dict:
+    weights = ["--weight-dtype", args.weight_dtype] if args.weight_dtype else []
     out = run([binary, "bench", "--model", model, "--batch", "1", "--prompt-len", args.prompt_len,
-               "--gen-len", args.gen_len, "--threads", args.threads, "--json"],
+               "--gen-len", args.gen_len, "--threads", args.threads, *weights, "--json"],
               capture_output=True, text=True).stdout
     row = json.loads(out)["rows"][0]
     return {"prefill": row["prefill_tok_s"], "decode": row["decode_tok_s"], "kernels": json.loads(out)["kernels"]}
@@ -161,6 +181,8 @@ def main():
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3, help="llama-bench repetitions")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "switchyard" / "llama.cpp")
+    ap.add_argument("--weight-dtype", choices=["auto", "fp8", "bf16"],
+                    help="switchyard bench --weight-dtype (default: its own, as stored)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = ap.parse_args()
     for m in args.model:
@@ -175,16 +197,17 @@ def main():
         before = switchyard_bench(args.switchyard, model, args)
         llama = llama_bench(tree, gguf, args)
         after = switchyard_bench(args.switchyard, model, args)
-        results.append({"model": model.name, "llama_cpp": llama, "switchyard": [before, after]})
+        results.append({"model": model.name, "gguf": gguf_type(model), "llama_cpp": llama,
+                        "switchyard": [before, after]})
     print(f"{cpu_name()}, {args.threads} threads, batch 1, prompt {args.prompt_len}, "
           f"{args.gen_len} generated; switchyard kernels {results[0]['switchyard'][0]['kernels']}, "
-          f"llama.cpp from llama-cpp-python {LLAMA_CPP_PYTHON} (bf16 GGUF)")
-    print(f"{'model':<16} {'tok/s':<8} {'llama.cpp':>16} {'switchyard':>16} {'ratio':>13}")
+          f"llama.cpp from llama-cpp-python {LLAMA_CPP_PYTHON}")
+    print(f"{'model':<16} {'gguf':<10} {'tok/s':<8} {'llama.cpp':>16} {'switchyard':>16} {'ratio':>13}")
     for r in results:
         for kind in ("prefill", "decode"):
             ll = r["llama_cpp"][kind]
             sy = sorted(s[kind] for s in r["switchyard"])
-            print(f"{r['model']:<16} {kind:<8} {ll:>9.1f} ± {r['llama_cpp'][kind + '_sd']:<4.1f} "
+            print(f"{r['model']:<16} {r['gguf']:<10} {kind:<8} {ll:>9.1f} ± {r['llama_cpp'][kind + '_sd']:<4.1f} "
                   f"{sy[0]:>7.1f} – {sy[1]:<6.1f} {sy[0] / ll:>5.2f} – {sy[1] / ll:<5.2f}")
     if args.json:
         print(json.dumps(results, indent=2))

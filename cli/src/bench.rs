@@ -47,6 +47,8 @@ pub struct BenchArgs {
     router_device: switchyard_engine::Devices,
     #[command(flatten)]
     dispatch: DispatchArgs,
+    #[command(flatten)]
+    weights: crate::weights::WeightArgs,
     /// With --workers: give the router (this process) and the workers cores of their own, so
     /// the overlap shows as it would on separate machines: the router core 0, every worker
     /// core 1 (sched_setaffinity; Linux). Use with `--threads 1`.
@@ -141,6 +143,7 @@ fn spawn_workers(
             .args(shared.then_some("--with-shared-expert"))
             .args(["--device", &args.worker_device.to_string()])
             .env("SWITCHYARD_THREADS", args.worker_threads.to_string())
+            .env(crate::weights::ENV, args.weights.value())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -270,7 +273,11 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     };
     let compute = switchyard_engine::tensor::Compute::open_all(&args.router_device)
         .with_context(|| format!("opening --router-device {}", args.router_device))?;
-    let mut model = CausalLm::load(&args.model, &LoadOptions::default())
+    let load = LoadOptions {
+        weights: args.weights.weight_dtype,
+        ..LoadOptions::default()
+    };
+    let mut model = CausalLm::load(&args.model, &load)
         .with_context(|| format!("loading {}", args.model.display()))?;
     model.offload(&compute)?;
     let local = bench::run(&model, &bench_options)?;
@@ -320,6 +327,7 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
                 &args.model,
                 &compute,
                 Experts::Workers(addrs.clone()),
+                args.weights.weight_dtype,
                 options,
                 &serving,
             )?;

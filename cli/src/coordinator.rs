@@ -1,4 +1,5 @@
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -24,10 +25,11 @@ pub struct CoordinatorArgs {
     /// A worker silent this long (milliseconds) is dropped and its experts re-placed.
     #[arg(long, env = "SWITCHYARD_LEASE_MS", default_value_t = 3000)]
     lease_ms: u64,
-    /// How workers keep expert weights in memory, for sizing: f32, bf16 (FP8 checkpoints are
-    /// held as bf16 today), fp8.
-    #[arg(long, env = "SWITCHYARD_WEIGHT_DTYPE", default_value = "bf16")]
-    weight_dtype: WeightDType,
+    /// How workers keep expert weights in memory, for sizing: f32, bf16, fp8, or auto — as
+    /// stored (fp8 for a checkpoint with a `quantization_config`, the workers' `--weight-dtype
+    /// auto` on CPUs with AVX512-BF16; f32 for an f32 one; bf16 otherwise).
+    #[arg(long, env = crate::weights::ENV, default_value = "auto")]
+    weight_dtype: SizingDType,
     /// Serve Prometheus metrics at `http://ADDR/metrics`; port 0 picks a free port (printed).
     #[arg(long, env = "SWITCHYARD_METRICS_LISTEN", value_parser = crate::addr::socket_addr)]
     metrics_listen: Option<SocketAddr>,
@@ -120,6 +122,46 @@ impl BalancingArgs {
     }
 }
 
+/// `--weight-dtype` as the coordinator sizes experts by it.
+#[derive(Clone, Copy, Debug)]
+pub enum SizingDType {
+    /// As the checkpoint stores them.
+    Auto,
+    Exact(WeightDType),
+}
+
+impl std::str::FromStr for SizingDType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(SizingDType::Auto),
+            other => other
+                .parse()
+                .map(SizingDType::Exact)
+                .map_err(|e| format!("{e} (or auto)")),
+        }
+    }
+}
+
+impl SizingDType {
+    /// The dtype of `model`'s experts (a checkpoint directory or a preset, which is bf16).
+    fn resolve(self, model: &str) -> WeightDType {
+        if let SizingDType::Exact(d) = self {
+            return d;
+        }
+        let config = std::fs::read_to_string(Path::new(model).join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        match config {
+            Some(c) if c.get("quantization_config").is_some() => WeightDType::Fp8,
+            Some(c) if c.get("torch_dtype").and_then(|d| d.as_str()) == Some("float32") => {
+                WeightDType::F32
+            }
+            _ => WeightDType::Bf16,
+        }
+    }
+}
+
 pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     let links = args.cluster.links(Role::Coordinator)?;
     let metrics_key = args.metrics_auth.key()?;
@@ -132,7 +174,7 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         identity: config.identity(),
         layers: config.moe_layers().iter().map(|&l| l as u32).collect(),
         experts_per_layer: moe.n_routed_experts as u32,
-        expert_bytes: capacity::expert_bytes(&config, args.weight_dtype),
+        expert_bytes: capacity::expert_bytes(&config, args.weight_dtype.resolve(&args.model)),
     };
     let node = CoordinatorNode::with_balancing(
         shape,

@@ -17,6 +17,7 @@ mod router;
 mod serve;
 mod synth;
 mod up;
+mod weights;
 mod worker;
 
 #[derive(Parser, Debug)]

@@ -367,6 +367,8 @@ pub struct RouterArgs {
     dispatch: DispatchArgs,
     #[command(flatten)]
     serve: ServeArgs,
+    #[command(flatten)]
+    weights: crate::weights::WeightArgs,
     /// On SIGTERM: seconds to finish the requests in flight (health says NOT_SERVING from the
     /// signal on). The process exits at the latest this long plus 10 s after the signal, or at
     /// a second signal.
@@ -419,6 +421,7 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         &args.model,
         &compute,
         experts,
+        args.weights.weight_dtype,
         DispatchOptions {
             links,
             ..args.dispatch.options()

@@ -67,6 +67,8 @@ pub struct ServeCmdArgs {
     dispatch: DispatchArgs,
     #[command(flatten)]
     serve: ServeArgs,
+    #[command(flatten)]
+    weights: crate::weights::WeightArgs,
     /// Nodes' certificates (a `switchyard certs` directory) for the mutual TLS between them;
     /// default: a throw-away cluster CA for this run.
     #[arg(
@@ -161,6 +163,7 @@ pub fn run(args: ServeCmdArgs) -> anyhow::Result<()> {
         http_addr: Some(http_addr),
         dispatch: args.dispatch,
         serve: args.serve,
+        weights: args.weights,
         demo_prompt_ids: Vec::new(),
         json: false,
         cluster_certs: args.cluster_certs,

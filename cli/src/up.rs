@@ -83,6 +83,9 @@ pub struct UpArgs {
     pub(crate) dispatch: DispatchArgs,
     #[command(flatten)]
     pub(crate) serve: ServeArgs,
+    /// Every node's `--weight-dtype` (the coordinator sizes experts by it too).
+    #[command(flatten)]
+    pub(crate) weights: crate::weights::WeightArgs,
     /// Once the cluster is up, generate 16 greedy tokens from these prompt ids through the
     /// router, print them, and shut the cluster down (a smoke test of the whole path).
     #[arg(long, value_delimiter = ',')]
@@ -218,6 +221,8 @@ pub struct StoppedDuringStartup(pub i32);
 struct Startup<'a> {
     runtime: &'a tokio::runtime::Runtime,
     signals: &'a mut Signals,
+    /// Every node's `--weight-dtype`, handed over in its variable.
+    weight_dtype: &'static str,
 }
 
 impl Startup<'_> {
@@ -242,6 +247,7 @@ fn spawn(
     command
         .args(args)
         .env("SWITCHYARD_THREADS", threads.max(1).to_string())
+        .env(crate::weights::ENV, start.weight_dtype)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     #[cfg(target_os = "linux")]
@@ -382,6 +388,7 @@ pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
     let mut start = Startup {
         runtime: &runtime,
         signals: &mut signals,
+        weight_dtype: args.weights.value(),
     };
     let coordinator = match experts {
         Some(_) => Some(start_experts(
@@ -616,6 +623,7 @@ fn run_file(
     let mut start = Startup {
         runtime: &runtime,
         signals: &mut signals,
+        weight_dtype: args.weights.value(),
     };
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     if on_this_host(&file.coordinator.host, &args.host) {

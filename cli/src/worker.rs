@@ -55,6 +55,8 @@ pub struct WorkerArgs {
     #[arg(long, env = "SWITCHYARD_DRAIN_TIMEOUT_S", default_value_t = 30)]
     drain_timeout_s: u64,
     #[command(flatten)]
+    weights: crate::weights::WeightArgs,
+    #[command(flatten)]
     cluster: crate::cluster_tls::ClusterTlsArgs,
     #[command(flatten)]
     metrics_auth: crate::metrics_http::MetricsAuthArgs,
@@ -70,7 +72,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         Compute::open(args.device).with_context(|| format!("opening --device {}", args.device))?;
     let worker = match &args.experts {
         Some(spec) => load(&args, spec, compute)?,
-        None => ExpertWorker::empty_on(&args.model, compute)
+        None => ExpertWorker::empty_on(&args.model, compute, args.weights.weight_dtype)
             .with_context(|| format!("opening {}", args.model.display()))?,
     }
     .with_max_message_bytes(args.max_message_bytes);
@@ -171,10 +173,16 @@ fn load(args: &WorkerArgs, spec: &ExpertSpec, compute: Compute) -> anyhow::Resul
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let worker = ExpertWorker::load_on(&args.model, spec, compute, &|done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    })
+    let worker = ExpertWorker::load_on(
+        &args.model,
+        spec,
+        compute,
+        args.weights.weight_dtype,
+        &|done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )
     .with_context(|| format!("loading experts {spec:?} from {}", args.model.display()))?;
     bar.finish_and_clear();
     Ok(worker)

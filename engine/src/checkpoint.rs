@@ -4,7 +4,9 @@
 //! A shard is mapped the first time one of its tensors is asked for, so a process that loads a
 //! subset (an expert worker holding experts 0–7 of layers 3–5) never opens, let alone reads, the
 //! shards it does not need; within a shard only the pages of the requested tensors are touched.
-//! FP8 e4m3 weights are dequantised with their block `*_scale_inv` tensors here.
+//! FP8 e4m3 weights are dequantised with their block `*_scale_inv` tensors here, or, for the
+//! linear layers and as [`WeightFormat`] says, kept FP8 with their scales for the kernels
+//! that widen them in registers.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -15,6 +17,7 @@ use half::bf16;
 use memmap2::Mmap;
 use serde::Deserialize;
 
+use crate::cpu::packed::{Fp8PackError, PackedFp8};
 use crate::dtype::{self, DType};
 use crate::error::{EngineError, Result};
 use crate::tensor::Tensor;
@@ -27,6 +30,33 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub enum Precision {
     F32,
     Bf16,
+}
+
+/// How FP8 linear weights are held once loaded (`--weight-dtype`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// As stored: FP8 stays FP8 where this CPU has the kernels for it (AVX512-BF16), and is
+    /// widened to bf16 elsewhere.
+    #[default]
+    AsStored,
+    /// Every weight in bf16 (FP8 widened at load: twice the memory and decode bytes).
+    Bf16,
+    /// FP8 stays FP8; refused for a checkpoint that is not FP8, or a CPU without the kernels.
+    Fp8,
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(WeightFormat::AsStored),
+            "bf16" => Ok(WeightFormat::Bf16),
+            "fp8" => Ok(WeightFormat::Fp8),
+            other => Err(format!(
+                "must be fp8, bf16 or auto (as stored); got {other:?}"
+            )),
+        }
+    }
 }
 
 /// Where one tensor lives and what it holds.
@@ -53,6 +83,9 @@ pub struct Checkpoint {
     weight_map: HashMap<String, String>,
     shards: Mutex<HashMap<String, Arc<Shard>>>,
     fp8_block: [usize; 2],
+    /// `config.json` has a `quantization_config` (the checkpoint is FP8).
+    quantized: bool,
+    weights: WeightFormat,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -168,6 +201,8 @@ impl Checkpoint {
             weight_map: HashMap::new(),
             shards: Mutex::new(HashMap::new()),
             fp8_block: [128, 128],
+            quantized: false,
+            weights: WeightFormat::AsStored,
         };
         if index_path.exists() {
             let text = std::fs::read_to_string(&index_path)
@@ -202,15 +237,18 @@ impl Checkpoint {
         let config_path = dir.join("config.json");
         if let Ok(text) = std::fs::read_to_string(&config_path)
             && let Ok(q) = serde_json::from_str::<QuantConfigFile>(&text)
-            && let Some(block) = q.quantization_config.and_then(|q| q.weight_block_size)
+            && let Some(quant) = q.quantization_config
         {
-            if block[0] == 0 || block[1] == 0 {
-                return Err(EngineError::config(
-                    "quantization_config.weight_block_size",
-                    format!("must be positive, got {block:?}"),
-                ));
+            checkpoint.quantized = true;
+            if let Some(block) = quant.weight_block_size {
+                if block[0] == 0 || block[1] == 0 {
+                    return Err(EngineError::config(
+                        "quantization_config.weight_block_size",
+                        format!("must be positive, got {block:?}"),
+                    ));
+                }
+                checkpoint.fp8_block = block;
             }
-            checkpoint.fp8_block = block;
         }
         Ok(checkpoint)
     }
@@ -231,6 +269,8 @@ impl Checkpoint {
             weight_map: HashMap::new(),
             shards: Mutex::new(HashMap::new()),
             fp8_block: [128, 128],
+            quantized: false,
+            weights: WeightFormat::AsStored,
         };
         let shard = checkpoint.open_shard(&file)?;
         checkpoint.weight_map = shard
@@ -387,6 +427,72 @@ impl Checkpoint {
             Precision::Bf16
         };
         self.load(name, shape, precision)
+    }
+
+    /// Sets how FP8 linear weights are held from now on. [`WeightFormat::Fp8`] is refused
+    /// for a checkpoint without a `quantization_config` and on a CPU without AVX512-BF16.
+    pub fn set_weight_format(&mut self, format: WeightFormat) -> Result<()> {
+        if format == WeightFormat::Fp8 {
+            if !self.quantized {
+                return Err(EngineError::input(
+                    "weight-dtype",
+                    format!(
+                        "fp8 keeps an FP8 checkpoint's weights FP8, but {} has no \
+                         quantization_config (its weights are not FP8; quantising at load is \
+                         not done): use bf16, or a checkpoint made with `synth --dtype fp8`",
+                        self.dir.join("config.json").display()
+                    ),
+                ));
+            }
+            if !crate::cpu::matmul::fp8_kernels_available() {
+                return Err(EngineError::input(
+                    "weight-dtype",
+                    format!(
+                        "fp8 needs AVX512-BF16 and AVX512-VBMI for its kernels; this CPU's \
+                         kernels are {}: use bf16",
+                        crate::cpu::matmul::kernels()
+                    ),
+                ));
+            }
+        }
+        self.weights = format;
+        Ok(())
+    }
+
+    /// Loads the weight of a linear layer `[out, in]`: an FP8 one stays FP8 (packed for the
+    /// kernels, with its block scales) when the weight format allows and this CPU can, and is
+    /// otherwise [`load_weight`](Self::load_weight)'s bf16.
+    pub fn load_linear(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let keep = match self.weights {
+            WeightFormat::Bf16 => false,
+            WeightFormat::Fp8 => true,
+            WeightFormat::AsStored => crate::cpu::matmul::fp8_kernels_available(),
+        };
+        let (shard, dtype, found_shape, range) = self.locate(name)?;
+        let &[rows, cols] = shape else {
+            return self.load_weight(name, shape);
+        };
+        if !keep || dtype != DType::F8E4M3 || found_shape != shape {
+            return self.load_weight(name, shape);
+        }
+        let [br, bc] = self.fp8_block;
+        let scale_shape = [rows.div_ceil(br), cols.div_ceil(bc)];
+        let scales = self.load(&format!("{name}_scale_inv"), &scale_shape, Precision::F32)?;
+        let bytes = &shard.mmap[range.clone()];
+        let packed = PackedFp8::pack(bytes, rows, cols, scales.as_f32()?, self.fp8_block);
+        shard.release(range);
+        match packed {
+            Ok(w) => Ok(Tensor::from_fp8_packed(w)),
+            // Blocks the kernels cannot scale tile by tile: as stored means bf16 then.
+            Err(Fp8PackError::Block(_)) if self.weights == WeightFormat::AsStored => {
+                self.load_weight(name, shape)
+            }
+            Err(e) => Err(EngineError::TensorMismatch {
+                name: name.to_string(),
+                expected: "FP8 codes the kernels can keep FP8".into(),
+                found: e.to_string(),
+            }),
+        }
     }
 
     fn load_fp8(

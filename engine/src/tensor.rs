@@ -10,7 +10,7 @@ use std::fmt;
 
 use half::bf16;
 
-use crate::cpu::packed::PackedBf16;
+use crate::cpu::packed::{PackedBf16, PackedFp8};
 use crate::dtype::DType;
 use crate::error::{EngineError, Result};
 
@@ -195,6 +195,9 @@ pub enum CpuStorage {
     Bf16(Vec<bf16>),
     /// bf16 weights in the blocked layout of [`crate::cpu::packed`]; logically `[n, k]`.
     Bf16Packed(PackedBf16),
+    /// FP8 e4m3 weights with block scales in the same layout; logically `[n, k]`. Boxed: a
+    /// tensor stays as small as the other variants make it.
+    Fp8Packed(Box<PackedFp8>),
 }
 
 impl fmt::Debug for CpuStorage {
@@ -203,6 +206,7 @@ impl fmt::Debug for CpuStorage {
             CpuStorage::F32(v) => write!(f, "F32(len={})", v.len()),
             CpuStorage::Bf16(v) => write!(f, "Bf16(len={})", v.len()),
             CpuStorage::Bf16Packed(p) => write!(f, "{p:?}"),
+            CpuStorage::Fp8Packed(p) => write!(f, "{p:?}"),
         }
     }
 }
@@ -257,6 +261,7 @@ impl Tensor {
         match &self.storage {
             Storage::Cpu(CpuStorage::F32(_)) => DType::F32,
             Storage::Cpu(CpuStorage::Bf16(_) | CpuStorage::Bf16Packed(_)) => DType::Bf16,
+            Storage::Cpu(CpuStorage::Fp8Packed(_)) => DType::F8E4M3,
         }
     }
 
@@ -265,7 +270,11 @@ impl Tensor {
     }
 
     pub fn size_in_bytes(&self) -> usize {
-        self.elem_count() * self.dtype().size_in_bytes()
+        match self.cpu_storage() {
+            // The codes and their block scales.
+            CpuStorage::Fp8Packed(p) => p.size_in_bytes(),
+            _ => self.elem_count() * self.dtype().size_in_bytes(),
+        }
     }
 
     /// `(rows, cols)` of a rank-2 tensor.
@@ -289,10 +298,9 @@ impl Tensor {
     pub fn as_f32(&self) -> Result<&[f32]> {
         match self.cpu_storage() {
             CpuStorage::F32(v) => Ok(v),
-            CpuStorage::Bf16(_) | CpuStorage::Bf16Packed(_) => Err(EngineError::Shape(format!(
-                "expected f32 storage, got {}",
-                self.dtype()
-            ))),
+            CpuStorage::Bf16(_) | CpuStorage::Bf16Packed(_) | CpuStorage::Fp8Packed(_) => Err(
+                EngineError::Shape(format!("expected f32 storage, got {}", self.dtype())),
+            ),
         }
     }
 
@@ -314,6 +322,14 @@ impl Tensor {
                 "expected row-major bf16 storage, got {:?}",
                 self.cpu_storage()
             ))),
+        }
+    }
+
+    /// A packed FP8 weight as a `[n, k]` tensor.
+    pub fn from_fp8_packed(w: PackedFp8) -> Tensor {
+        Tensor {
+            shape: vec![w.n(), w.k()],
+            storage: Storage::Cpu(CpuStorage::Fp8Packed(Box::new(w))),
         }
     }
 
@@ -347,6 +363,12 @@ impl Tensor {
                 .into_iter()
                 .map(|b| bf16::from_bits(b).to_f32())
                 .collect(),
+            Storage::Cpu(CpuStorage::Fp8Packed(p)) => p
+                .to_bf16()
+                .unpack()
+                .into_iter()
+                .map(|b| bf16::from_bits(b).to_f32())
+                .collect(),
         }
     }
 
@@ -364,6 +386,12 @@ impl Tensor {
             CpuStorage::F32(v) => v.iter().map(|&x| bf16::from_f32(x)).collect(),
             CpuStorage::Bf16(v) => v.clone(),
             CpuStorage::Bf16Packed(p) => p.unpack().into_iter().map(bf16::from_bits).collect(),
+            CpuStorage::Fp8Packed(p) => p
+                .to_bf16()
+                .unpack()
+                .into_iter()
+                .map(bf16::from_bits)
+                .collect(),
         };
         Tensor {
             shape: self.shape.clone(),
@@ -386,7 +414,9 @@ impl Tensor {
         let storage = match self.cpu_storage() {
             CpuStorage::F32(v) => CpuStorage::F32(v[start * row..end * row].to_vec()),
             CpuStorage::Bf16(v) => CpuStorage::Bf16(v[start * row..end * row].to_vec()),
-            CpuStorage::Bf16Packed(_) => return self.to_bf16().narrow_rows(start, end),
+            CpuStorage::Bf16Packed(_) | CpuStorage::Fp8Packed(_) => {
+                return self.to_bf16().narrow_rows(start, end);
+            }
         };
         Ok(Tensor {
             shape,
@@ -429,6 +459,16 @@ pub fn concat_rows(parts: &[&Tensor]) -> Result<Tensor> {
         }
         rows += r;
     }
+    let fp8: Option<Vec<&PackedFp8>> = parts
+        .iter()
+        .map(|p| match p.cpu_storage() {
+            CpuStorage::Fp8Packed(w) => Some(&**w),
+            _ => None,
+        })
+        .collect();
+    if let Some(joined) = fp8.and_then(|w| PackedFp8::concat_rows(&w)) {
+        return Ok(Tensor::from_fp8_packed(joined));
+    }
     match first.cpu_storage() {
         CpuStorage::F32(_) => {
             let mut data = Vec::with_capacity(rows * cols);
@@ -437,7 +477,8 @@ pub fn concat_rows(parts: &[&Tensor]) -> Result<Tensor> {
             }
             Tensor::from_f32(&[rows, cols], data)
         }
-        CpuStorage::Bf16(_) | CpuStorage::Bf16Packed(_) => {
+        // FP8 parts whose rows do not end on a whole block are widened.
+        CpuStorage::Bf16(_) | CpuStorage::Bf16Packed(_) | CpuStorage::Fp8Packed(_) => {
             let mut data = Vec::with_capacity(rows * cols);
             for p in parts {
                 match p.cpu_storage() {

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use switchyard_engine::checkpoint::Checkpoint;
+use switchyard_engine::checkpoint::{Checkpoint, WeightFormat};
 use switchyard_engine::config::MoeNaming;
 use switchyard_engine::model::ExpertSelection;
 use switchyard_engine::model::experts::{ExpertGroup, RoutedExperts};
@@ -70,6 +70,8 @@ pub struct ExpertWorker {
     naming: MoeNaming,
     /// Where the routed experts (and any shared experts) live and run.
     compute: Compute,
+    /// How FP8 weights are held, for every load after the first too.
+    weights: WeightFormat,
     /// Shared experts of the held layers, when this worker also runs them.
     shared: BTreeMap<usize, SharedExpert>,
     max_message_bytes: usize,
@@ -104,15 +106,16 @@ impl ExpertWorker {
         spec: &ExpertSpec,
         progress: &dyn Fn(usize, usize),
     ) -> Result<ExpertWorker, WorkerError> {
-        Self::load_on(dir, spec, Compute::Cpu, progress)
+        Self::load_on(dir, spec, Compute::Cpu, WeightFormat::AsStored, progress)
     }
 
     /// Loads the experts `spec` names onto `compute` (host memory or a CUDA device), where
-    /// this worker then runs them.
+    /// this worker then runs them, FP8 weights held as `weights` says.
     pub fn load_on(
         dir: &Path,
         spec: &ExpertSpec,
         compute: Compute,
+        weights: WeightFormat,
         progress: &dyn Fn(usize, usize),
     ) -> Result<ExpertWorker, WorkerError> {
         let config = ModelConfig::from_dir(dir)?;
@@ -125,7 +128,8 @@ impl ExpertWorker {
             .moe
             .as_ref()
             .ok_or_else(|| WorkerError::Spec("the model has no routed experts".into()))?;
-        let ck = Checkpoint::open(dir)?;
+        let mut ck = Checkpoint::open(dir)?;
+        ck.set_weight_format(weights)?;
         let mut layers = BTreeMap::new();
         let total = selection.values().filter(|e| !e.is_empty()).count();
         progress(0, total);
@@ -161,6 +165,7 @@ impl ExpertWorker {
             intermediate: moe.moe_intermediate_size,
             naming: moe.naming,
             compute,
+            weights,
             shared: BTreeMap::new(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         })
@@ -177,7 +182,8 @@ impl ExpertWorker {
         if moe.n_shared_experts == 0 {
             return Err(WorkerError::Spec("the model has no shared experts".into()));
         }
-        let ck = Checkpoint::open(dir)?;
+        let mut ck = Checkpoint::open(dir)?;
+        ck.set_weight_format(self.weights)?;
         let (hidden, intermediate) = (
             config.hidden_size,
             moe.moe_intermediate_size * moe.n_shared_experts,
@@ -244,7 +250,9 @@ impl ExpertWorker {
             }
             if !missing.is_empty() {
                 if ck.is_none() {
-                    ck = Some(Checkpoint::open(&self.dir)?);
+                    let mut opened = Checkpoint::open(&self.dir)?;
+                    opened.set_weight_format(self.weights)?;
+                    ck = Some(opened);
                 }
                 let Some(ck) = ck.as_ref() else { continue };
                 let loaded = RoutedExperts::load_on(
@@ -278,15 +286,21 @@ impl ExpertWorker {
 
     /// An empty worker for `dir`'s model, to be filled by [`ExpertWorker::apply`].
     pub fn empty(dir: &Path) -> Result<ExpertWorker, WorkerError> {
-        Self::empty_on(dir, Compute::Cpu)
+        Self::empty_on(dir, Compute::Cpu, WeightFormat::AsStored)
     }
 
-    /// An empty worker whose experts will live on `compute`.
-    pub fn empty_on(dir: &Path, compute: Compute) -> Result<ExpertWorker, WorkerError> {
+    /// An empty worker whose experts will live on `compute`, FP8 weights held as `weights`
+    /// says.
+    pub fn empty_on(
+        dir: &Path,
+        compute: Compute,
+        weights: WeightFormat,
+    ) -> Result<ExpertWorker, WorkerError> {
         Self::load_on(
             dir,
             &ExpertSpec::PerLayer(BTreeMap::new()),
             compute,
+            weights,
             &|_, _| {},
         )
     }

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchyard_engine::checkpoint::WeightFormat;
 use switchyard_engine::model::{CausalLm, ExpertSelection, LoadOptions};
 use switchyard_engine::tensor::Compute;
 use switchyard_engine::tokenizer::TextTokenizer;
@@ -51,6 +52,7 @@ impl RouterNode {
         dir: &Path,
         compute: &Compute,
         experts: Experts,
+        weights: WeightFormat,
         dispatch: DispatchOptions,
         serving: &ServingOptions,
     ) -> Result<RouterNode, RouterError> {
@@ -59,7 +61,13 @@ impl RouterNode {
         } else {
             ExpertSelection::None
         };
-        let mut model = CausalLm::load(dir, &LoadOptions { experts: selection })?;
+        let mut model = CausalLm::load(
+            dir,
+            &LoadOptions {
+                experts: selection,
+                weights,
+            },
+        )?;
         model.offload(compute)?;
         let tokenizer = TextTokenizer::from_dir(dir)?.map(Arc::new);
         RouterNode::start(model, tokenizer, experts, dispatch, serving)

@@ -141,6 +141,7 @@ fn router(dir: &std::path::Path, cluster: &Cluster, options: &ServingOptions) ->
         dir,
         &LoadOptions {
             experts: ExpertSelection::None,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -123,6 +123,7 @@ fn a_cluster_over_mutual_tls_serves_what_a_local_model_computes() {
         dir.path(),
         &LoadOptions {
             experts: ExpertSelection::None,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -56,6 +56,7 @@ fn setup(workers: usize) -> Setup {
         dir.path(),
         &LoadOptions {
             experts: ExpertSelection::None,
+            ..Default::default()
         },
     )
     .unwrap();

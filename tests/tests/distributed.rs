@@ -88,6 +88,7 @@ fn router_with_1_2_and_4_workers_matches_the_single_process_engine() {
         dir.path(),
         &LoadOptions {
             experts: ExpertSelection::None,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -148,6 +149,7 @@ fn shared_experts_on_the_workers_give_the_same_result() {
         dir.path(),
         &LoadOptions {
             experts: ExpertSelection::None,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -189,6 +191,7 @@ fn a_token_crosses_the_wire_once_per_worker_per_layer() {
         dir.path(),
         &LoadOptions {
             experts: ExpertSelection::None,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -251,6 +254,7 @@ fn several_routers_share_one_worker_pool() {
         dir.path(),
         &LoadOptions {
             experts: ExpertSelection::None,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -297,6 +301,7 @@ fn calls_to_a_lost_worker_fail_over_to_replicas() {
         dir.path(),
         &LoadOptions {
             experts: ExpertSelection::None,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -379,6 +384,7 @@ fn qwen3_moe_and_mixtral_through_router_and_workers_match_transformers() {
             &dir,
             &LoadOptions {
                 experts: ExpertSelection::None,
+                ..Default::default()
             },
         )
         .unwrap();

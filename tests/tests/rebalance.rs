@@ -93,6 +93,7 @@ fn rebalances_under_load_lose_no_request_and_lower_the_imbalance() {
         dir.path(),
         &LoadOptions {
             experts: ExpertSelection::None,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -71,6 +71,7 @@ impl Served {
             dir.path(),
             &LoadOptions {
                 experts: ExpertSelection::None,
+                ..Default::default()
             },
         )
         .unwrap();

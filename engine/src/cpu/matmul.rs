@@ -14,7 +14,7 @@ use std::cell::RefCell;
 
 use half::bf16;
 
-use crate::cpu::packed::{BLOCK_K, PackedBf16, PackedCall};
+use crate::cpu::packed::{BLOCK_K, BLOCK_N, PackedBf16, PackedCall, PackedFp8};
 use crate::error::{EngineError, Result};
 use crate::tensor::{CpuStorage, Tensor};
 
@@ -37,6 +37,8 @@ impl OutPtr {
 
 thread_local! {
     static BF16_SCRATCH: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    /// A pool thread's panel of FP8 weight widened to bf16 for the GEMMs of larger batches.
+    static FP8_PANEL: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Kernel sets, best first (the derived order is that ranking).
@@ -113,6 +115,21 @@ pub fn packed_kernels_available() -> bool {
     isa() == Isa::Avx512Bf16
 }
 
+/// Whether FP8 weights can stay FP8 here: the packed kernels, and AVX512-VBMI for the byte
+/// lookups that widen the codes (every AVX512-BF16 CPU but Intel's Cooper Lake has it).
+pub fn fp8_kernels_available() -> bool {
+    use std::sync::OnceLock;
+    static FP8: OnceLock<bool> = OnceLock::new();
+    *FP8.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            packed_kernels_available() && is_x86_feature_detected!("avx512vbmi")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
 /// Whether AMX tiles are usable (CPU support, and the kernel granted this process the tile
 /// state). Batches of [`AMX_MIN_ROWS`] rows or more then run on the tile units.
 pub fn amx_available() -> bool {
@@ -140,7 +157,7 @@ pub const AMX_MIN_ROWS: usize = 3;
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum PackedPath {
     /// AVX512-BF16, the weight streamed once per 4 rows: below [`AMX_MIN_ROWS`] on AMX CPUs,
-    /// where it was measured against the tiles.
+    /// where it was measured against the tiles, and FP8 weights up to [`FP8_STREAM_MAX_ROWS`].
     FewRows,
     /// AVX512-BF16, register-blocked over panels kept in cache: every batch without AMX. At
     /// one row it streams the weight as fast as [`PackedPath::FewRows`] or faster (Zen 4,
@@ -150,8 +167,15 @@ enum PackedPath {
     Amx,
 }
 
+/// Rows up to which an FP8 weight is streamed and widened in registers; above, each panel is
+/// widened to bf16 once in cache and every row tile of the GEMM reuses it.
+pub const FP8_STREAM_MAX_ROWS: usize = 4;
+
 impl PackedPath {
-    fn for_rows(m: usize) -> PackedPath {
+    fn for_rows(m: usize, fp8: bool) -> PackedPath {
+        if fp8 && m <= FP8_STREAM_MAX_ROWS {
+            return PackedPath::FewRows;
+        }
         match (amx_available(), m >= AMX_MIN_ROWS) {
             (true, true) => PackedPath::Amx,
             (true, false) => PackedPath::FewRows,
@@ -160,21 +184,42 @@ impl PackedPath {
     }
 }
 
-/// `x: [m, k]` f32 times a packed bf16 weight into `out: [m, n]`, every element written
-/// (stored, never read), so `out` may be uninitialised.
+/// A weight in one of the packed layouts.
+#[derive(Clone, Copy)]
+enum Packed<'a> {
+    Bf16(&'a PackedBf16),
+    Fp8(&'a PackedFp8),
+}
+
+impl Packed<'_> {
+    fn dims(self) -> (usize, usize, usize, usize) {
+        match self {
+            Packed::Bf16(w) => (w.n(), w.k(), w.k_padded(), w.row_blocks()),
+            Packed::Fp8(w) => (w.n(), w.k(), w.k_padded(), w.row_blocks()),
+        }
+    }
+}
+
+/// Bytes of bf16 weight one widened FP8 panel takes: it stays in L2 while the GEMM's row
+/// tiles pass over it.
+const FP8_PANEL_BYTES: usize = 512 << 10;
+
+/// `x: [m, k]` f32 times a packed weight into `out: [m, n]`, every element written (stored,
+/// never read), so `out` may be uninitialised.
 ///
 /// # Safety
-/// `out` is valid for writes of `m · w.n()` f32s and not otherwise accessed meanwhile.
-unsafe fn matmul_packed(x: &[f32], m: usize, w: &PackedBf16, out: *mut f32) {
+/// `out` is valid for writes of `m · n` f32s and not otherwise accessed meanwhile.
+unsafe fn matmul_packed(x: &[f32], m: usize, w: Packed<'_>, out: *mut f32) {
+    let path = PackedPath::for_rows(m, matches!(w, Packed::Fp8(_)));
     // SAFETY: guaranteed by the caller.
-    unsafe { matmul_packed_with(x, m, w, out, PackedPath::for_rows(m)) }
+    unsafe { matmul_packed_with(x, m, w, out, path) }
 }
 
 /// # Safety
 /// As [`matmul_packed`]; `path` is [`PackedPath::Amx`] only where [`amx_available`].
-unsafe fn matmul_packed_with(x: &[f32], m: usize, w: &PackedBf16, out: *mut f32, path: PackedPath) {
+unsafe fn matmul_packed_with(x: &[f32], m: usize, w: Packed<'_>, out: *mut f32, path: PackedPath) {
     let use_amx = path == PackedPath::Amx;
-    let (n, k, kp) = (w.n(), w.k(), w.k_padded());
+    let (n, k, kp, blocks) = w.dims();
     // Activations as bf16, each row padded with zeros to the packed width. For AMX the rows are
     // padded to whole 16-row tiles and laid out tile by tile — `[row tile][k block][16 rows ×
     // 32]` — so each tile load reads 1 KiB of consecutive memory instead of 16 rows a whole
@@ -200,7 +245,6 @@ unsafe fn matmul_packed_with(x: &[f32], m: usize, w: &PackedBf16, out: *mut f32,
         }
         let xb = &xb[..];
         let ptr = OutPtr(out);
-        let blocks = w.row_blocks();
         let pool = super::pool::global();
         let tasks = if m * n * k < PARALLEL_MIN_MACS {
             1
@@ -221,26 +265,78 @@ unsafe fn matmul_packed_with(x: &[f32], m: usize, w: &PackedBf16, out: *mut f32,
             // SAFETY: AVX512-BF16 (and AMX when chosen) are present; `xb` holds `rows` padded
             // rows; this task owns output columns of blocks b0..b1.
             unsafe {
-                let call = PackedCall {
-                    x: xb,
-                    m,
-                    kp,
-                    w,
-                    b0,
-                    b1,
-                    n,
-                    out: ptr.get(),
-                };
-                match path {
-                    PackedPath::Amx => amx::gemm_packed(&call),
-                    PackedPath::Blocked => super::packed_avx512::blocked(&call),
-                    PackedPath::FewRows => super::packed_avx512::few_rows(&call),
+                match w {
+                    Packed::Bf16(w) => packed_kernel(
+                        path,
+                        &PackedCall {
+                            x: xb,
+                            m,
+                            kp,
+                            w,
+                            b0,
+                            b1,
+                            n,
+                            out: ptr.get(),
+                        },
+                    ),
+                    Packed::Fp8(w) if path == PackedPath::FewRows => {
+                        super::packed_avx512::few_rows_fp8(xb, m, kp, w, b0, b1, n, ptr.get())
+                    }
+                    Packed::Fp8(w) => {
+                        let panel = (FP8_PANEL_BYTES / (kp * BLOCK_N * 2))
+                            .max(1)
+                            .next_multiple_of(unit);
+                        FP8_PANEL.with(|buf| {
+                            let mut buf = buf.borrow_mut();
+                            let mut p0 = b0;
+                            while p0 < b1 {
+                                let p1 = (p0 + panel).min(b1);
+                                w.widen_blocks(p0, p1, &mut buf);
+                                // The panel as a weight of its own: block 0 is block p0, and
+                                // its rows are the outputs from column p0 · 16 on.
+                                let part = PackedBf16 {
+                                    data: std::mem::take(&mut *buf),
+                                    n: (n - p0 * BLOCK_N).min((p1 - p0) * BLOCK_N),
+                                    k,
+                                };
+                                let call = PackedCall {
+                                    x: xb,
+                                    m,
+                                    kp,
+                                    w: &part,
+                                    b0: 0,
+                                    b1: p1 - p0,
+                                    n,
+                                    out: ptr.get().add(p0 * BLOCK_N),
+                                };
+                                packed_kernel(path, &call);
+                                *buf = part.data;
+                                p0 = p1;
+                            }
+                        });
+                    }
                 }
             }
             #[cfg(not(target_arch = "x86_64"))]
-            let _ = (t, b0, b1, xb, ptr);
+            let _ = (t, b0, b1, xb, ptr, unit);
         });
     });
+}
+
+/// Runs `path`'s bf16 kernel on one task's share.
+///
+/// # Safety
+/// As the kernels: AVX512-BF16 (and AMX for [`PackedPath::Amx`]) present, `call` in bounds.
+#[cfg(target_arch = "x86_64")]
+unsafe fn packed_kernel(path: PackedPath, call: &PackedCall<'_>) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match path {
+            PackedPath::Amx => amx::gemm_packed(call),
+            PackedPath::Blocked => super::packed_avx512::blocked(call),
+            PackedPath::FewRows => super::packed_avx512::few_rows(call),
+        }
+    }
 }
 
 /// `dst[i] = bf16(src[i])` as bits, rounded to nearest even, NaNs kept quiet — bit for bit
@@ -330,7 +426,13 @@ pub fn matmul_t(x: &[f32], m: usize, w: &Tensor, out: &mut [f32]) -> Result<()> 
             gemm_f32(isa(), x, m, k, wd, n0, n1, n, o)
         }),
         // SAFETY: `out` holds m · n elements (checked above).
-        CpuStorage::Bf16Packed(pw) => unsafe { matmul_packed(x, m, pw, out.as_mut_ptr()) },
+        CpuStorage::Bf16Packed(pw) => unsafe {
+            matmul_packed(x, m, Packed::Bf16(pw), out.as_mut_ptr())
+        },
+        // SAFETY: as above.
+        CpuStorage::Fp8Packed(pw) => unsafe {
+            matmul_packed(x, m, Packed::Fp8(pw), out.as_mut_ptr())
+        },
         CpuStorage::Bf16(wd) => {
             // SAFETY: bf16 is a transparent u16.
             let wbits: &[u16] =
@@ -366,7 +468,12 @@ pub fn matmul_t_uninit(
 ) -> Result<()> {
     let (n, k) = w.dims2()?;
     check_shapes(x.len(), m, n, k, out.len())?;
-    if let CpuStorage::Bf16Packed(pw) = w.cpu_storage() {
+    let packed = match w.cpu_storage() {
+        CpuStorage::Bf16Packed(pw) => Some(Packed::Bf16(pw)),
+        CpuStorage::Fp8Packed(pw) => Some(Packed::Fp8(pw)),
+        CpuStorage::F32(_) | CpuStorage::Bf16(_) => None,
+    };
+    if let Some(pw) = packed {
         if m > 0 && n > 0 {
             // SAFETY: `out` holds m · n elements, all of which the packed kernels store.
             unsafe { matmul_packed(x, m, pw, out.as_mut_ptr().cast()) };
@@ -528,7 +635,7 @@ pub fn matmul_nn_rows(
         )));
     }
     match w.cpu_storage() {
-        CpuStorage::Bf16Packed(_) => {
+        CpuStorage::Bf16Packed(_) | CpuStorage::Fp8Packed(_) => {
             return Err(EngineError::Shape(
                 "matmul_nn_rows needs a row-major weight, got a packed one".into(),
             ));
@@ -1018,7 +1125,7 @@ mod amx {
                     // and are copied in part below.
                     let row_tiles = if pair { 2 } else { 1 };
                     let direct =
-                        (mt + row_tiles) * 16 <= m && nb2 != nb && (nb2 + 1) * BLOCK_N <= n;
+                        (mt + row_tiles) * 16 <= m && nb2 != nb && (nb2 + 1) * BLOCK_N <= w.n;
                     let (cp, cs) = if direct {
                         // SAFETY: row mt·16 < m and column nb·16 < n of the output.
                         (unsafe { out.add(mt * 16 * n + nb * BLOCK_N) }, n * 4)
@@ -1121,7 +1228,7 @@ mod amx {
                         let r0 = (mt + rt) * 16;
                         for (t, blk) in [nb, nb2].into_iter().enumerate().take(col_tiles) {
                             let tile = &c[(rt * 2 + t) * TILE..(rt * 2 + t + 1) * TILE];
-                            let cols = (n - blk * BLOCK_N).min(BLOCK_N);
+                            let cols = (w.n - blk * BLOCK_N).min(BLOCK_N);
                             for r in 0..16.min(m.saturating_sub(r0)) {
                                 let src = &tile[r * 16..r * 16 + cols];
                                 // SAFETY: row r0 + r < m, columns of block blk < n.
@@ -1327,7 +1434,7 @@ mod tests {
             for path in paths {
                 let mut c = vec![f32::NAN; m * n];
                 // SAFETY: c holds m · n elements.
-                unsafe { matmul_packed_with(&x, m, pw, c.as_mut_ptr(), path) };
+                unsafe { matmul_packed_with(&x, m, Packed::Bf16(pw), c.as_mut_ptr(), path) };
                 for (p, q) in a.iter().zip(&c) {
                     assert!(
                         (p - q).abs() < 1e-3 * (k as f32).sqrt(),
@@ -1335,6 +1442,93 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// An FP8 weight on every packed kernel: the GEMMs over panels widened in cache multiply
+    /// bit for bit as the checkpoint's bf16 dequantisation does; the stream that widens in
+    /// registers and scales per block in f32 is within f32 rounding of the exact products
+    /// (closer than the bf16 dequantisation, which rounds every weight).
+    #[test]
+    fn fp8_matmul_equals_its_bf16_dequantisation_on_every_kernel() {
+        if !fp8_kernels_available() {
+            eprintln!("SKIPPED: no AVX512-BF16 + VBMI here, FP8 weights are widened at load");
+            return;
+        }
+        for &(m, n, k) in &[
+            (1, 17, 40),
+            (2, 300, 256),
+            (3, 20, 2100),
+            (4, 40, 1600),
+            (5, 33, 96),
+            (13, 20, 2100),
+            (33, 300, 1600),
+            (100, 70, 4160),
+        ] {
+            let x = pseudo(m * k, 9);
+            let values = pseudo(n * k, 10);
+            let (codes, scales) = crate::synth::quantize_fp8_blocks(&values, n, k, 128);
+            let fp8 = PackedFp8::pack(&codes, n, k, &scales, [128, 128]).unwrap();
+            let bf16 = fp8.to_bf16();
+            let mut paths = vec![PackedPath::Blocked];
+            if amx_available() {
+                paths.push(PackedPath::Amx);
+            }
+            for path in paths {
+                let mut want = vec![f32::NAN; m * n];
+                let mut got = vec![f32::NAN; m * n];
+                // SAFETY: both hold m · n elements.
+                unsafe {
+                    matmul_packed_with(&x, m, Packed::Bf16(&bf16), want.as_mut_ptr(), path);
+                    matmul_packed_with(&x, m, Packed::Fp8(&fp8), got.as_mut_ptr(), path);
+                }
+                let same = want
+                    .iter()
+                    .zip(&got)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{path:?} {m}x{n}x{k}: FP8 and its bf16 differ");
+            }
+            // The stream against the exact products of bf16 activations and FP8 weights.
+            let mut got = vec![f32::NAN; m * n];
+            // SAFETY: got holds m · n elements.
+            unsafe {
+                matmul_packed_with(
+                    &x,
+                    m,
+                    Packed::Fp8(&fp8),
+                    got.as_mut_ptr(),
+                    PackedPath::FewRows,
+                )
+            };
+            let sc = k.div_ceil(128);
+            for i in 0..m {
+                for j in 0..n {
+                    let (mut exact, mut size) = (0f64, 0f64);
+                    for p in 0..k {
+                        let a = f64::from(bf16::from_f32(x[i * k + p]).to_f32());
+                        let w = f64::from(crate::dtype::f8e4m3_to_f32(codes[j * k + p]))
+                            * f64::from(scales[(j / 128) * sc + p / 128]);
+                        exact += a * w;
+                        size += (a * w).abs();
+                    }
+                    let g = f64::from(got[i * n + j]);
+                    assert!(
+                        (g - exact).abs() <= 1e-5 * size + 1e-6,
+                        "FewRows {m}x{n}x{k} [{i}, {j}]: {g} vs exact {exact}"
+                    );
+                }
+            }
+            // What the dispatcher picks, through the public entry point.
+            let t = Tensor::from_fp8_packed(fp8.clone());
+            let mut c = vec![0.0; m * n];
+            matmul_t(&x, m, &t, &mut c).unwrap();
+            let mut d = vec![0.0; m * n];
+            // SAFETY: d holds m · n elements.
+            unsafe {
+                let path = PackedPath::for_rows(m, true);
+                matmul_packed_with(&x, m, Packed::Fp8(&fp8), d.as_mut_ptr(), path)
+            };
+            assert_eq!(c, d, "{m}x{n}x{k}");
         }
     }
 

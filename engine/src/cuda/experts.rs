@@ -55,7 +55,7 @@ fn bf16_bits(t: Tensor) -> Result<Vec<u16>> {
     match t.cpu_storage() {
         CpuStorage::Bf16(v) => Ok(v.iter().map(|x| x.to_bits()).collect()),
         CpuStorage::F32(v) => Ok(v.iter().map(|x| bf16::from_f32(*x).to_bits()).collect()),
-        CpuStorage::Bf16Packed(_) => Err(EngineError::Shape(
+        CpuStorage::Bf16Packed(_) | CpuStorage::Fp8Packed(_) => Err(EngineError::Shape(
             "expert weights for the device must be row-major".into(),
         )),
     }

@@ -45,6 +45,8 @@ impl DeviceMatrix {
                 Data::Bf16(gpu.upload(&bits)?)
             }
             CpuStorage::Bf16Packed(p) => Data::Bf16(gpu.upload(&p.unpack())?),
+            // No FP8 GEMM on the device yet: widened to bf16 as the host kernels do.
+            CpuStorage::Fp8Packed(p) => Data::Bf16(gpu.upload(&p.to_bf16().unpack())?),
         };
         Ok(DeviceMatrix {
             gpu,

@@ -169,6 +169,7 @@ impl ShardedMatrix {
             CpuStorage::F32(_) => None,
             CpuStorage::Bf16(v) => Some(v.iter().map(|x| bf16::to_bits(*x)).collect()),
             CpuStorage::Bf16Packed(p) => Some(p.unpack()),
+            CpuStorage::Fp8Packed(p) => Some(p.to_bf16().unpack()),
         };
         let shards = shards
             .into_iter()

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, WeightFormat};
 use crate::config::{AttentionConfig, ModelConfig};
 use crate::cpu::ops;
 use crate::error::{EngineError, Result};
@@ -44,6 +44,8 @@ pub enum ExpertSelection {
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
     pub experts: ExpertSelection,
+    /// How FP8 linear weights are held.
+    pub weights: WeightFormat,
 }
 
 /// One sequence of a batch: its new tokens and its cache.
@@ -155,7 +157,8 @@ impl CausalLm {
     /// Loads the model from a checkpoint directory.
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<CausalLm> {
         let config = ModelConfig::from_dir(dir)?;
-        let ck = Checkpoint::open(dir)?;
+        let mut ck = Checkpoint::open(dir)?;
+        ck.set_weight_format(options.weights)?;
         CausalLm::new(config, &ck, options)
     }
 
@@ -633,6 +636,12 @@ impl CausalLm {
                 for id in ids {
                     p.row_into(id as usize, &mut out);
                 }
+            }
+            // Embedding tables load through `load_weight`, which widens FP8.
+            CpuStorage::Fp8Packed(_) => {
+                return Err(EngineError::Shape(
+                    "the embedding table is FP8; it is loaded as bf16".into(),
+                ));
             }
             CpuStorage::F32(e) => {
                 for id in ids {

@@ -44,9 +44,9 @@ impl GqaAttention {
         let h = config.hidden_size;
         let heads = config.num_attention_heads;
         let (kv_heads, d) = (g.num_key_value_heads, g.head_dim);
-        let q = ck.load_weight(&format!("{prefix}.q_proj.weight"), &[heads * d, h])?;
-        let k = ck.load_weight(&format!("{prefix}.k_proj.weight"), &[kv_heads * d, h])?;
-        let v = ck.load_weight(&format!("{prefix}.v_proj.weight"), &[kv_heads * d, h])?;
+        let q = ck.load_linear(&format!("{prefix}.q_proj.weight"), &[heads * d, h])?;
+        let k = ck.load_linear(&format!("{prefix}.k_proj.weight"), &[kv_heads * d, h])?;
+        let v = ck.load_linear(&format!("{prefix}.v_proj.weight"), &[kv_heads * d, h])?;
         let norm = |name: &str| {
             RmsNorm::load_styled(
                 ck,

@@ -40,7 +40,7 @@ impl Linear {
         out_features: usize,
         in_features: usize,
     ) -> Result<Linear> {
-        Linear::new(ck.load_weight(name, &[out_features, in_features])?)
+        Linear::new(ck.load_linear(name, &[out_features, in_features])?)
     }
 
     pub fn out_features(&self) -> usize {

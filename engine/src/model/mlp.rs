@@ -77,8 +77,8 @@ impl Mlp {
         intermediate: usize,
         act: Activation,
     ) -> Result<Mlp> {
-        let gate = ck.load_weight(&format!("{prefix}.{gate}.weight"), &[intermediate, hidden])?;
-        let up = ck.load_weight(&format!("{prefix}.{up}.weight"), &[intermediate, hidden])?;
+        let gate = ck.load_linear(&format!("{prefix}.{gate}.weight"), &[intermediate, hidden])?;
+        let up = ck.load_linear(&format!("{prefix}.{up}.weight"), &[intermediate, hidden])?;
         Ok(Mlp {
             gate_up: Linear::new(crate::tensor::concat_rows(&[&gate, &up])?)?,
             down: Linear::load(ck, &format!("{prefix}.{down}.weight"), hidden, intermediate)?,

@@ -62,6 +62,7 @@ fn fixture() -> Fixture {
         dir.path(),
         &LoadOptions {
             experts: ExpertSelection::None,
+            ..Default::default()
         },
     )
     .unwrap();
