@@ -42,10 +42,7 @@ SDIST_URL = (
     f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
 )
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-CONVERTER_NEEDS = ["cmake", "numpy", "transformers", "sentencepiece", "safetensors", "protobuf",
-                   # torch's own needs: torch itself goes in without its dependencies, as PyPI's
-                   # Linux wheel would pull ~3 GB of CUDA libraries the converter never loads.
-                   "filelock", "sympy", "networkx", "jinja2", "fsspec", "typing-extensions"]
+CONVERTER_NEEDS = ["cmake", "numpy", "torch", "transformers", "sentencepiece", "safetensors", "protobuf"]
 
 # Runs llama.cpp's converter with an unknown BPE pre-tokenizer read as gpt-2.
 CONVERT_SHIM = r"""
@@ -98,7 +95,6 @@ def ensure_llamacpp(cache: Path) -> tuple[Path, Path]:
     if not py.exists():
         run([sys.executable, "-m", "venv", venv])
         run([py, "-m", "pip", "install", "-q", *CONVERTER_NEEDS])
-        run([py, "-m", "pip", "install", "-q", "--no-deps", "torch"])
     cmake = venv / "bin" / "cmake"
     if not (tree / "build" / "bin" / "llama-bench").exists():
         run([cmake, "-S", tree, "-B", tree / "build", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
