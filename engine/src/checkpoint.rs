@@ -35,8 +35,8 @@ pub enum Precision {
 /// How FP8 linear weights are held once loaded (`--weight-dtype`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WeightFormat {
-    /// As stored: FP8 stays FP8 where this CPU has the kernels for it (AVX512-BF16), and is
-    /// widened to bf16 elsewhere.
+    /// As stored: FP8 stays FP8 where this CPU has the kernels for it (AVX512-BF16 and VBMI),
+    /// and is widened to bf16 elsewhere.
     #[default]
     AsStored,
     /// Every weight in bf16 (FP8 widened at load: twice the memory and decode bytes).
